@@ -1,0 +1,348 @@
+//! The policy YAML: raw serde structures (unknown keys rejected) turned into a validated
+//! [`PolicySet`]. Every problem is collected before failing, and each names the file, the field
+//! path, the namespace and the rule id.
+//!
+//! The format is the reference system's `policy.yaml`, unchanged, plus two optional per-rule keys:
+//!
+//! ```yaml
+//! version: "0.1.0"
+//! namespaces:
+//!   demo:
+//!     rules:
+//!       - id: "demo-hourly-cap"        # unique across the file
+//!         primitive: budget_threshold  # loads <policies-dir>/budget_threshold.wasm
+//!         mode: enforce                # enforce (default) | monitor: record, never act
+//!         failure_mode: closed         # closed (default): a failing rule denies | open: allows
+//!         period: hourly               # every other key is the primitive's settings
+//!         limit_usd: 1.00
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::component::{InstancePool, LoadedComponent, PolicyRuntime};
+use super::{Namespace, PolicySet, Rule};
+
+/// Whether a rule's verdict is enforced or only recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The verdict is applied.
+    #[default]
+    Enforce,
+    /// The verdict is recorded as what the rule would have done; the request is unaffected.
+    Monitor,
+}
+
+/// What a rule that fails (trap, deadline, memory cap, error value, invalid verdict) amounts to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Deny the request.
+    #[default]
+    Closed,
+    /// Allow the request.
+    Open,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyFile {
+    version: String,
+    namespaces: BTreeMap<String, RawNamespace>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+struct RawRule {
+    id: String,
+    primitive: String,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    failure_mode: FailureMode,
+    #[serde(flatten)]
+    settings: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One problem in a policy configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: a field path, with the rule id when there is one.
+    pub at: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+/// A policy configuration that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read policy config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file was read but is invalid; every problem found is listed.
+    #[error("{}", render_problems(path, problems))]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// All problems found.
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// The problems (empty for [`ConfigError::Read`]).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut out = format!(
+        "policy config {} is invalid ({} problem{}):",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        out.push_str(&format!("\n  - {}: {}", p.at, p.message));
+    }
+    out
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// Primitive names map to file names, so they are restricted to a safe alphabet.
+fn valid_primitive(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Names of the `.wasm` components in `dir`, sorted, for "did you mean" messages.
+pub(crate) fn available_components(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let path = e.path();
+            (path.extension()? == "wasm").then(|| path.file_stem()?.to_str().map(str::to_owned))?
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+impl PolicySet {
+    /// Load and validate the policy file at `path`, resolving primitives to components in
+    /// `policies_dir`. Every rule is configured once in its component; any problem anywhere
+    /// fails the whole load.
+    pub fn load(
+        path: &Path,
+        policies_dir: &Path,
+        runtime: &Arc<PolicyRuntime>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_yaml(&text, path, policies_dir, runtime)
+    }
+
+    /// Like [`load`](Self::load), from YAML text; `path` is used in messages.
+    pub fn from_yaml(
+        text: &str,
+        path: &Path,
+        policies_dir: &Path,
+        runtime: &Arc<PolicyRuntime>,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |problems| ConfigError::Invalid {
+            path: path.into(),
+            problems,
+        };
+        let de = serde_yaml::Deserializer::from_str(text);
+        let raw: RawPolicyFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let at = match e.path().to_string() {
+                p if p == "." || p.is_empty() => "(top level)".to_owned(),
+                p => p,
+            };
+            invalid(vec![Problem {
+                at,
+                message: e.into_inner().to_string(),
+            }])
+        })?;
+
+        let mut problems = Vec::new();
+        let mut components: BTreeMap<String, Arc<LoadedComponent>> = BTreeMap::new();
+        let mut component_errors: BTreeMap<String, String> = BTreeMap::new();
+        let mut seen_ids: BTreeMap<String, String> = BTreeMap::new();
+        let mut namespaces = BTreeMap::new();
+
+        if raw.version.trim().is_empty() {
+            problems.push(Problem {
+                at: "version".into(),
+                message: "must not be empty, e.g. \"0.1.0\"".into(),
+            });
+        }
+        if raw.namespaces.is_empty() {
+            problems.push(Problem {
+                at: "namespaces".into(),
+                message: "no namespaces defined; add at least `default:` with its rules".into(),
+            });
+        }
+
+        for (ns_name, raw_ns) in raw.namespaces {
+            if ns_name.trim().is_empty() {
+                problems.push(Problem {
+                    at: "namespaces".into(),
+                    message: "a namespace name is empty".into(),
+                });
+            }
+            let mut rules = Vec::new();
+            for (index, raw_rule) in raw_ns.rules.into_iter().enumerate() {
+                let at = format!("namespaces.{ns_name}.rules[{index}] (id {:?})", raw_rule.id);
+                let mut problem = |message: String| {
+                    problems.push(Problem {
+                        at: at.clone(),
+                        message,
+                    })
+                };
+
+                if raw_rule.id.trim().is_empty() {
+                    problem("id: must not be empty".into());
+                    continue;
+                }
+                if let Some(first) = seen_ids.get(&raw_rule.id) {
+                    problem(format!("id: duplicate rule id, already used at {first}; rule ids must be unique across the file"));
+                    continue;
+                }
+                seen_ids.insert(
+                    raw_rule.id.clone(),
+                    format!("namespaces.{ns_name}.rules[{index}]"),
+                );
+
+                if !valid_primitive(&raw_rule.primitive) {
+                    problem(format!(
+                        "primitive: {:?} is not a valid primitive name (lowercase letters, digits and `_`, e.g. budget_threshold)",
+                        raw_rule.primitive
+                    ));
+                    continue;
+                }
+                let component = match components.get(&raw_rule.primitive) {
+                    Some(c) => Arc::clone(c),
+                    None => {
+                        if let Some(err) = component_errors.get(&raw_rule.primitive) {
+                            problem(err.clone());
+                            continue;
+                        }
+                        match load_primitive(&raw_rule.primitive, policies_dir, runtime) {
+                            Ok(c) => {
+                                components.insert(raw_rule.primitive.clone(), Arc::clone(&c));
+                                c
+                            }
+                            Err(err) => {
+                                component_errors.insert(raw_rule.primitive.clone(), err.clone());
+                                problem(err);
+                                continue;
+                            }
+                        }
+                    }
+                };
+
+                let settings_json = serde_json::Value::Object(raw_rule.settings).to_string();
+                match component.configure(&settings_json) {
+                    Ok(aggregates) => rules.push(Rule {
+                        id: raw_rule.id,
+                        primitive: raw_rule.primitive,
+                        mode: raw_rule.mode,
+                        failure_mode: raw_rule.failure_mode,
+                        settings_json,
+                        aggregates,
+                        component,
+                        pool: InstancePool::default(),
+                    }),
+                    Err(err) => problem(format!(
+                        "invalid settings for {}: {err}",
+                        raw_rule.primitive
+                    )),
+                }
+            }
+            namespaces.insert(
+                ns_name.clone(),
+                Namespace {
+                    name: ns_name,
+                    rules,
+                },
+            );
+        }
+
+        if !problems.is_empty() {
+            return Err(invalid(problems));
+        }
+        Ok(PolicySet {
+            source: path.into(),
+            version: raw.version,
+            namespaces,
+            components,
+        })
+    }
+}
+
+fn load_primitive(
+    primitive: &str,
+    dir: &Path,
+    runtime: &Arc<PolicyRuntime>,
+) -> Result<Arc<LoadedComponent>, String> {
+    let file = dir.join(format!("{primitive}.wasm"));
+    if !file.exists() {
+        let available = available_components(dir);
+        return Err(format!(
+            "primitive: unknown primitive `{primitive}`: no {} (components in {}: {}); build the \
+             built-in ones with `cargo xtask build-policies` or copy the policy's .wasm there",
+            file.display(),
+            dir.display(),
+            if available.is_empty() {
+                "none".to_owned()
+            } else {
+                available.join(", ")
+            }
+        ));
+    }
+    let component = runtime.load(&file).map_err(|e| format!("primitive: {e}"))?;
+    if component.info().name != primitive {
+        return Err(format!(
+            "primitive: {} describes itself as `{}`, not `{primitive}`; rename the file to {}.wasm \
+             or use `primitive: {}`",
+            file.display(),
+            component.info().name,
+            component.info().name,
+            component.info().name
+        ));
+    }
+    Ok(component)
+}

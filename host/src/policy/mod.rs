@@ -1,0 +1,377 @@
+//! The policy runtime: load a policy YAML and its WebAssembly components, evaluate a request's
+//! namespace, and combine the rules' verdicts.
+//!
+//! Combination: every rule of the namespace is evaluated. Any enforced deny wins (the first
+//! deny's reason); otherwise the first enforced downgrade applies; alerts never block and are all
+//! recorded. A rule that fails becomes a deny (`failure_mode: closed`, the default) or an allow
+//! (`open`), with the error recorded. `mode: monitor` rules are recorded but never act.
+//!
+//! Namespace resolution follows the reference: an absent or unknown namespace resolves to
+//! `default`; with no `default` the request is allowed.
+
+mod bindings;
+mod component;
+mod config;
+mod snapshot;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use llmscope_sdk::types::{Aggregate, Decision, RequestContext, Verdict};
+use serde::Serialize;
+
+pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
+pub use config::{ConfigError, FailureMode, Mode, Problem};
+pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots};
+
+/// The namespace used when a request names none, or one that is not configured.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A validated, loaded policy configuration.
+pub struct PolicySet {
+    source: PathBuf,
+    version: String,
+    namespaces: BTreeMap<String, Namespace>,
+    components: BTreeMap<String, Arc<LoadedComponent>>,
+}
+
+/// A namespace's ordered rules.
+pub struct Namespace {
+    name: String,
+    rules: Vec<Rule>,
+}
+
+/// One configured rule: a primitive's component plus validated settings.
+pub struct Rule {
+    id: String,
+    primitive: String,
+    mode: Mode,
+    failure_mode: FailureMode,
+    settings_json: String,
+    aggregates: Vec<Aggregate>,
+    component: Arc<LoadedComponent>,
+    pool: component::InstancePool,
+}
+
+impl Rule {
+    /// Rule id (unique in the file).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Primitive name.
+    pub fn primitive(&self) -> &str {
+        &self.primitive
+    }
+    /// Enforce or monitor.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    /// Closed or open on failure.
+    pub fn failure_mode(&self) -> FailureMode {
+        self.failure_mode
+    }
+    /// The settings JSON the rule was configured with.
+    pub fn settings_json(&self) -> &str {
+        &self.settings_json
+    }
+    /// Aggregates the rule declared at configure time.
+    pub fn aggregates(&self) -> &[Aggregate] {
+        &self.aggregates
+    }
+    /// The component implementing the primitive.
+    pub fn component(&self) -> &Arc<LoadedComponent> {
+        &self.component
+    }
+}
+
+impl Namespace {
+    /// Namespace name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Rules in evaluation order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+}
+
+/// The kind of a decision, without its tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Allowed.
+    Allow,
+    /// Downgraded.
+    Downgrade,
+    /// Denied.
+    Deny,
+}
+
+impl DecisionKind {
+    fn of(d: &Decision) -> Self {
+        match d {
+            Decision::Allow => Self::Allow,
+            Decision::Downgrade(_) => Self::Downgrade,
+            Decision::Deny => Self::Deny,
+        }
+    }
+
+    /// `allow`, `downgrade` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Downgrade => "downgrade",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// What one rule did for one request.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleOutcome {
+    /// Rule id.
+    pub rule_id: String,
+    /// Primitive.
+    pub primitive: String,
+    /// Enforce or monitor.
+    pub mode: Mode,
+    /// Closed or open.
+    pub failure_mode: FailureMode,
+    /// What the rule amounts to (after the failure mode when it failed).
+    pub decision: DecisionKind,
+    /// Tier, when the decision is a downgrade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downgrade_to: Option<String>,
+    /// The rule's reason.
+    pub reason: Option<String>,
+    /// The rule's alert.
+    pub alert: Option<String>,
+    /// Facts the rule reported.
+    pub facts: BTreeMap<String, f64>,
+    /// The failure, when the rule failed.
+    pub error: Option<String>,
+    /// Whether this rule's decision was applied (enforce mode and it decided the request).
+    pub applied: bool,
+    /// Time spent evaluating the rule, in microseconds.
+    pub eval_us: f64,
+}
+
+/// The combined decision for a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// Namespace whose rules ran (`None`: no namespace matched and there is no `default`).
+    pub namespace: Option<String>,
+    /// Final decision.
+    pub decision: DecisionKind,
+    /// Tier to dispatch at, when downgraded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downgrade_to: Option<String>,
+    /// Id of the rule that decided (deny or downgrade).
+    pub policy_id: Option<String>,
+    /// Its primitive.
+    pub primitive: Option<String>,
+    /// Its reason.
+    pub reason: Option<String>,
+    /// Every alert raised, as `rule-id: text`.
+    pub alerts: Vec<String>,
+    /// Every rule's outcome, in order.
+    pub rules: Vec<RuleOutcome>,
+}
+
+impl Evaluation {
+    /// The first value of fact `name`, preferring the deciding rule.
+    pub fn fact(&self, name: &str) -> Option<f64> {
+        let deciding = self
+            .rules
+            .iter()
+            .find(|r| Some(&r.rule_id) == self.policy_id.as_ref());
+        deciding
+            .and_then(|r| r.facts.get(name))
+            .or_else(|| self.rules.iter().find_map(|r| r.facts.get(name)))
+            .copied()
+    }
+}
+
+impl PolicySet {
+    /// File the set was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The file's `version`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Namespaces by name.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.namespaces.values()
+    }
+
+    /// Components used by the rules, by primitive.
+    pub fn components(&self) -> impl Iterator<Item = &Arc<LoadedComponent>> {
+        self.components.values()
+    }
+
+    /// Every rule, across namespaces.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.namespaces.values().flat_map(|n| n.rules.iter())
+    }
+
+    /// The namespace a request naming `requested` is evaluated in.
+    pub fn resolve(&self, requested: Option<&str>) -> Option<&Namespace> {
+        requested
+            .and_then(|name| self.namespaces.get(name))
+            .or_else(|| self.namespaces.get(DEFAULT_NAMESPACE))
+    }
+
+    /// Evaluate `request` in the namespace it names (resolved as in [`resolve`](Self::resolve)).
+    /// If resolution changes the namespace, rules see the resolved name in
+    /// `request.budget_namespace`.
+    pub fn evaluate(&self, request: &RequestContext, snapshots: &dyn SnapshotSource) -> Evaluation {
+        let requested = Some(request.budget_namespace.as_str()).filter(|n| !n.is_empty());
+        match self.resolve(requested) {
+            None => Evaluation {
+                namespace: None,
+                decision: DecisionKind::Allow,
+                downgrade_to: None,
+                policy_id: None,
+                primitive: None,
+                reason: None,
+                alerts: Vec::new(),
+                rules: Vec::new(),
+            },
+            Some(ns) if ns.name == request.budget_namespace => {
+                self.evaluate_in(ns, request, snapshots)
+            }
+            Some(ns) => {
+                let mut resolved = request.clone();
+                resolved.budget_namespace = ns.name.clone();
+                self.evaluate_in(ns, &resolved, snapshots)
+            }
+        }
+    }
+
+    /// Evaluate every rule of `ns` for `request` and combine the verdicts.
+    pub fn evaluate_in(
+        &self,
+        ns: &Namespace,
+        request: &RequestContext,
+        snapshots: &dyn SnapshotSource,
+    ) -> Evaluation {
+        let mut rules = Vec::with_capacity(ns.rules.len());
+        let mut deny: Option<usize> = None;
+        let mut downgrade: Option<usize> = None;
+        for rule in &ns.rules {
+            let snapshot = snapshots.snapshot(rule, request);
+            let started = Instant::now();
+            let result =
+                rule.component
+                    .evaluate(&rule.pool, &rule.settings_json, request, &snapshot);
+            let eval_us = (started.elapsed().as_secs_f64() * 1e8).round() / 100.0;
+            let outcome = outcome(rule, request, result, eval_us);
+            if rule.mode == Mode::Enforce {
+                match outcome.decision {
+                    DecisionKind::Deny if deny.is_none() => deny = Some(rules.len()),
+                    DecisionKind::Downgrade if downgrade.is_none() => downgrade = Some(rules.len()),
+                    _ => {}
+                }
+            }
+            rules.push(outcome);
+        }
+        let deciding = deny.or(downgrade);
+        if let Some(i) = deciding {
+            rules[i].applied = true;
+        }
+        let alerts = rules
+            .iter()
+            .filter_map(|r| r.alert.as_ref().map(|a| format!("{}: {a}", r.rule_id)))
+            .collect();
+        let decided = deciding.map(|i| &rules[i]);
+        Evaluation {
+            namespace: Some(ns.name.clone()),
+            decision: decided.map_or(DecisionKind::Allow, |r| r.decision),
+            downgrade_to: decided.and_then(|r| r.downgrade_to.clone()),
+            policy_id: decided.map(|r| r.rule_id.clone()),
+            primitive: decided.map(|r| r.primitive.clone()),
+            reason: decided.and_then(|r| r.reason.clone()),
+            alerts,
+            rules,
+        }
+    }
+}
+
+/// Turn a rule's raw result into its outcome: validate downgrade targets, apply the failure mode.
+fn outcome(
+    rule: &Rule,
+    request: &RequestContext,
+    result: Result<Verdict, CallError>,
+    eval_us: f64,
+) -> RuleOutcome {
+    let checked = result
+        .map_err(|e| e.to_string())
+        .and_then(|verdict| match &verdict.decision {
+            Decision::Downgrade(tier)
+                if !request.tiers.is_empty() && request.tier(tier).is_none() =>
+            {
+                Err(format!(
+            "invalid verdict: downgrade to `{tier}`, which route {} does not offer (tiers: {})",
+            request.route_name,
+            request.tiers.iter().map(|t| t.tier.as_str()).collect::<Vec<_>>().join(", ")
+        ))
+            }
+            _ => Ok(verdict),
+        });
+    let base = RuleOutcome {
+        rule_id: rule.id.clone(),
+        primitive: rule.primitive.clone(),
+        mode: rule.mode,
+        failure_mode: rule.failure_mode,
+        decision: DecisionKind::Allow,
+        downgrade_to: None,
+        reason: None,
+        alert: None,
+        facts: BTreeMap::new(),
+        error: None,
+        applied: false,
+        eval_us,
+    };
+    match checked {
+        Ok(verdict) => {
+            // A downgrade to the tier already requested changes nothing.
+            let decision = match verdict.decision {
+                Decision::Downgrade(tier) if tier == request.requested_tier => Decision::Allow,
+                other => other,
+            };
+            RuleOutcome {
+                decision: DecisionKind::of(&decision),
+                downgrade_to: match decision {
+                    Decision::Downgrade(tier) => Some(tier),
+                    _ => None,
+                },
+                reason: verdict.reason,
+                alert: verdict.alert,
+                facts: verdict.facts.into_iter().collect(),
+                ..base
+            }
+        }
+        Err(error) => {
+            tracing::warn!(rule = %rule.id, primitive = %rule.primitive, %error, "policy rule failed");
+            let (decision, reason) = match rule.failure_mode {
+                FailureMode::Closed => (
+                    DecisionKind::Deny,
+                    Some(format!("policy rule {} failed and fails closed", rule.id)),
+                ),
+                FailureMode::Open => (DecisionKind::Allow, None),
+            };
+            RuleOutcome {
+                decision,
+                reason,
+                error: Some(error),
+                ..base
+            }
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! `cargo xtask`: developer and CI tasks for the llmscope workspace.
+//!
+//! - `build-policies`: compile every guest crate for `wasm32-unknown-unknown`, wrap each module
+//!   into a component, refuse any import beyond the llmscope contract, and write the components
+//!   where the host and the tests look for them.
+//! - `test`: `build-policies`, then the whole test suite (release profile, like everything).
+//! - `demo`: `build-policies`, then the main job from the README.
+//! - `bench`: `build-policies`, then the benchmarks, printing their numbers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "llmscope developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build all policy components (and the test fixtures) from source.
+    BuildPolicies,
+    /// Build the components, then run every test in the workspace.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build the components and run the demo: the seed policies over sample requests.
+    Demo,
+    /// Build the components and run the benchmarks.
+    Bench,
+}
+
+/// Where each guest crate's component goes, relative to the workspace root.
+struct Guest {
+    package: &'static str,
+    dest_dir: &'static str,
+    /// File stem of the component: the primitive name the YAML uses.
+    primitive: &'static str,
+}
+
+/// Guests built for `wasm32-unknown-unknown` and componentized here.
+const GUESTS: &[Guest] = &[
+    Guest {
+        package: "budget-threshold",
+        dest_dir: "policies",
+        primitive: "budget_threshold",
+    },
+    Guest {
+        package: "route-preference",
+        dest_dir: "policies",
+        primitive: "route_preference",
+    },
+    Guest {
+        package: "cost-anomaly",
+        dest_dir: "policies",
+        primitive: "cost_anomaly",
+    },
+    Guest {
+        package: "max-request-cost",
+        dest_dir: "examples/policies/max-request-cost",
+        primitive: "max_request_cost",
+    },
+    Guest {
+        package: "hostile-policy",
+        dest_dir: "tests/fixtures/components",
+        primitive: "hostile",
+    },
+];
+
+/// The only import a policy component may have: the type-only interface of the contract.
+const ALLOWED_IMPORT: &str = "llmscope:policy/types@0.1.0";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.task {
+        Task::BuildPolicies => build_policies(&root),
+        Task::Test { args } => {
+            build_policies(&root)?;
+            let mut cmd = cargo(&root);
+            cmd.args(["test", "--release", "--workspace"]);
+            if !args.is_empty() {
+                cmd.arg("--").args(args);
+            }
+            run(cmd)
+        }
+        Task::Demo => {
+            build_policies(&root)?;
+            demo(&root)
+        }
+        Task::Bench => {
+            build_policies(&root)?;
+            let mut cmd = cargo(&root);
+            cmd.args(["bench", "--package", "llmscope", "--bench", "decision"]);
+            run(cmd)
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask must live one level below the workspace root")
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
+/// Wasm targets the guests are built for.
+const WASM_TARGETS: &[&str] = &["wasm32-unknown-unknown", "wasm32-wasip2"];
+
+/// Make sure the wasm targets are installed (a no-op when they are).
+fn ensure_targets() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let Ok(out) = installed else {
+        // No rustup: assume a toolchain that ships the targets; the build will say if not.
+        return Ok(());
+    };
+    let have = String::from_utf8_lossy(&out.stdout).into_owned();
+    let missing: Vec<&str> = WASM_TARGETS
+        .iter()
+        .copied()
+        .filter(|t| !have.lines().any(|l| l.trim() == *t))
+        .collect();
+    if !missing.is_empty() {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["target", "add"]).args(&missing);
+        run(cmd).context("installing the wasm targets with rustup")?;
+    }
+    Ok(())
+}
+
+fn build_policies(root: &Path) -> Result<()> {
+    ensure_targets()?;
+    let mut cmd = cargo(root);
+    // Guests carry no debug info (the workspace profile keeps line tables for the host).
+    cmd.args([
+        "build",
+        "--release",
+        "--config",
+        "profile.release.debug=false",
+    ]);
+    cmd.args(["--target", "wasm32-unknown-unknown"]);
+    for guest in GUESTS {
+        cmd.args(["--package", guest.package]);
+    }
+    run(cmd).context(
+        "building the policy crates for wasm32-unknown-unknown (is the target \
+                      installed? `rustup target add wasm32-unknown-unknown`)",
+    )?;
+
+    let out = target_dir(root).join("wasm32-unknown-unknown/release");
+    for guest in GUESTS {
+        let artifact = guest.package.replace('-', "_");
+        let module_path = out.join(format!("{artifact}.wasm"));
+        let module = std::fs::read(&module_path)
+            .with_context(|| format!("reading {}", module_path.display()))?;
+        let component = wit_component::ComponentEncoder::default()
+            .validate(true)
+            .module(&module)
+            .with_context(|| {
+                format!(
+                    "{}: no component metadata; does the crate call export_policy!?",
+                    guest.package
+                )
+            })?
+            .encode()
+            .with_context(|| format!("{}: componentizing", guest.package))?;
+        check_imports(guest.package, &component)?;
+        let dest_dir = root.join(guest.dest_dir);
+        std::fs::create_dir_all(&dest_dir)?;
+        let dest = dest_dir.join(format!("{}.wasm", guest.primitive));
+        std::fs::write(&dest, &component).with_context(|| format!("writing {}", dest.display()))?;
+        println!(
+            "built {} ({} KiB)",
+            dest.strip_prefix(root).unwrap_or(&dest).display(),
+            component.len() / 1024
+        );
+    }
+
+    // A fixture that must be rejected: the hostile policy built for wasm32-wasip2 imports WASI.
+    let mut cmd = cargo(root);
+    cmd.args([
+        "build",
+        "--release",
+        "--config",
+        "profile.release.debug=false",
+    ]);
+    cmd.args(["--target", "wasm32-wasip2", "--package", "hostile-policy"]);
+    run(cmd).context("building the WASI fixture (`rustup target add wasm32-wasip2`)")?;
+    let wasi = target_dir(root).join("wasm32-wasip2/release/hostile_policy.wasm");
+    let dest = root.join("tests/fixtures/components/hostile_wasi.wasm");
+    std::fs::copy(&wasi, &dest).with_context(|| format!("copying {}", wasi.display()))?;
+    println!(
+        "built {} (imports WASI on purpose)",
+        dest.strip_prefix(root).unwrap_or(&dest).display()
+    );
+    Ok(())
+}
+
+/// Fail unless the component imports nothing but the contract's type-only interface.
+fn check_imports(package: &str, component: &[u8]) -> Result<()> {
+    let decoded = wit_parser::decoding::decode(component)
+        .with_context(|| format!("{package}: decoding the built component"))?;
+    let wit_parser::decoding::DecodedWasm::Component(resolve, world) = decoded else {
+        bail!("{package}: the build produced a WIT package, not a component");
+    };
+    let mut bad = Vec::new();
+    for key in resolve.worlds[world].imports.keys() {
+        let name = resolve.name_world_key(key);
+        if name != ALLOWED_IMPORT {
+            bad.push(name);
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "{package}: the component imports {}; policies may import only {ALLOWED_IMPORT} \
+             (no WASI, clock or I/O: build for wasm32-unknown-unknown and avoid std::time, \
+             std::fs, std::env)",
+            bad.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The pre-gateway main job: validate the seed configuration, list the components, and evaluate
+/// the sample requests in `examples/requests/` against it.
+fn demo(root: &Path) -> Result<()> {
+    let mut build = cargo(root);
+    build.args(["build", "--release", "--package", "llmscope"]);
+    run(build)?;
+    let bin = target_dir(root).join("release/llmscope");
+    let config = root.join("examples/policy.yaml");
+    let mut check = Command::new(&bin);
+    check
+        .args(["policy", "check"])
+        .arg(&config)
+        .current_dir(root);
+    run(check)?;
+    let mut list = Command::new(&bin);
+    list.args(["policy", "list"]).current_dir(root);
+    run(list)?;
+    let requests = root.join("examples/requests");
+    let mut cases: Vec<_> = std::fs::read_dir(&requests)
+        .with_context(|| format!("reading {}", requests.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && !p.to_string_lossy().ends_with(".snapshot.json")
+        })
+        .collect();
+    cases.sort();
+    for request in cases {
+        let snapshot = request.with_extension("snapshot.json");
+        println!(
+            "\n== {}",
+            request.strip_prefix(root).unwrap_or(&request).display()
+        );
+        let mut eval = Command::new(&bin);
+        eval.args(["policy", "eval", "--config"])
+            .arg(&config)
+            .arg("--request")
+            .arg(&request);
+        if snapshot.exists() {
+            eval.arg("--snapshot").arg(&snapshot);
+        }
+        eval.current_dir(root);
+        run(eval)?;
+    }
+    Ok(())
+}
