@@ -1,5 +1,9 @@
 //! The real `llmscope` binary: `policy check`, `policy list`, `policy eval`, and the drop-in
 //! path for a policy written outside the core.
+#![allow(
+    clippy::unwrap_used,
+    reason = "integration tests: a failed unwrap is a failed test"
+)]
 
 use std::process::Output;
 

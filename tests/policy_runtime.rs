@@ -1,5 +1,9 @@
 //! The host policy runtime with the real built components: the seed configuration, every bad
 //! configuration the loader must refuse, and hostile components that must be contained.
+#![allow(
+    clippy::unwrap_used,
+    reason = "integration tests: a failed unwrap is a failed test"
+)]
 
 use std::path::Path;
 use std::sync::Arc;

@@ -120,7 +120,13 @@ pub fn parse_settings<P: Policy>(json: &str) -> Result<P::Settings, String> {
     let mut de = serde_json::Deserializer::from_str(json);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
+        let inner = e.into_inner().to_string();
+        // The settings text is generated from the rule's YAML, so a JSON line/column would only
+        // mislead; the field path says where.
+        let inner = match inner.rfind(" at line ") {
+            Some(at) => inner[..at].to_owned(),
+            None => inner,
+        };
         if path == "." || path.is_empty() {
             format!("settings: {inner}")
         } else {

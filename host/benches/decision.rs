@@ -152,7 +152,7 @@ fn main() {
         let c = anomaly
             .evaluate(black_box(&req), &anomaly_snap)
             .map(|v| v.decision);
-        black_box((a, b == Ok(Decision::Deny), c));
+        let _ = black_box((a, b == Ok(Decision::Deny), c));
     });
     row("native, same 3 policies via the SDK harness", &native);
 

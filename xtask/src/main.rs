@@ -83,8 +83,12 @@ fn main() -> Result<()> {
         Task::BuildPolicies => build_policies(&root),
         Task::Test { args } => {
             build_policies(&root)?;
+            // The integration tests drive the real binary; `cargo test` alone would not rebuild it.
+            let mut build = cargo(&root);
+            build.args(["build", "--release", "--package", "llmscope", "--bins"]);
+            run(build)?;
             let mut cmd = cargo(&root);
-            cmd.args(["test", "--release", "--workspace"]);
+            cmd.args(["test", "--release", "--workspace", "--no-fail-fast"]);
             if !args.is_empty() {
                 cmd.arg("--").args(args);
             }

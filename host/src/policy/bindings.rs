@@ -8,8 +8,11 @@ wasmtime::component::bindgen!({
     world: "policy-plugin",
 });
 
-use llmscope::policy::types as wit;
+use self::llmscope::policy::types as wit;
 pub(crate) use PolicyPlugin as Plugin;
+/// A request context in the generated form, converted once per evaluation and shared by the
+/// namespace's rules.
+pub(crate) type WitRequest = wit::RequestContext;
 pub(crate) use PolicyPluginPre as PluginPre;
 
 /// Name of the only import a policy component may have: the contract's type-only interface.

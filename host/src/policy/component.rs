@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use llmscope_sdk::types::{Aggregate, Info, RequestContext, Snapshot, Verdict};
+use llmscope_sdk::types::{Aggregate, Info, Snapshot, Verdict};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{types::ComponentItem, Component, Linker};
@@ -421,19 +421,18 @@ impl LoadedComponent {
         &self,
         pool: &InstancePool,
         settings_json: &str,
-        request: &RequestContext,
+        request: &bindings::WitRequest,
         snapshot: &Snapshot,
     ) -> Result<Verdict, CallError> {
         let mut warm = match pool.take() {
             Some(warm) => warm,
             None => self.instantiate()?,
         };
-        let request = bindings::request_to_wit(request);
         let snapshot = bindings::snapshot_to_wit(snapshot);
         let result = self.call(&mut warm, |plugin, store| {
             plugin
                 .llmscope_policy_policy()
-                .call_evaluate(store, settings_json, &request, &snapshot)
+                .call_evaluate(store, settings_json, request, &snapshot)
         });
         match result {
             Ok(Ok(verdict)) => {

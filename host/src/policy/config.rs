@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::component::{InstancePool, LoadedComponent, PolicyRuntime};
+use super::component::{CallError, InstancePool, LoadedComponent, PolicyRuntime};
 use super::{Namespace, PolicySet, Rule};
 
 /// Whether a rule's verdict is enforced or only recorded.
@@ -286,8 +286,12 @@ impl PolicySet {
                         component,
                         pool: InstancePool::default(),
                     }),
+                    Err(CallError::Policy(message)) => problem(format!(
+                        "invalid settings for {}: {message}",
+                        raw_rule.primitive
+                    )),
                     Err(err) => problem(format!(
-                        "invalid settings for {}: {err}",
+                        "invalid settings for {}: configure failed: {err}",
                         raw_rule.primitive
                     )),
                 }

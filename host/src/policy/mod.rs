@@ -24,12 +24,13 @@ use serde::Serialize;
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
 pub use config::{ConfigError, FailureMode, Mode, Problem};
-pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots};
+pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots, StaticValue};
 
 /// The namespace used when a request names none, or one that is not configured.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// A validated, loaded policy configuration.
+#[derive(Debug)]
 pub struct PolicySet {
     source: PathBuf,
     version: String,
@@ -38,6 +39,7 @@ pub struct PolicySet {
 }
 
 /// A namespace's ordered rules.
+#[derive(Debug)]
 pub struct Namespace {
     name: String,
     rules: Vec<Rule>,
@@ -53,6 +55,19 @@ pub struct Rule {
     aggregates: Vec<Aggregate>,
     component: Arc<LoadedComponent>,
     pool: component::InstancePool,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule")
+            .field("id", &self.id)
+            .field("primitive", &self.primitive)
+            .field("mode", &self.mode)
+            .field("failure_mode", &self.failure_mode)
+            .field("settings_json", &self.settings_json)
+            .field("aggregates", &self.aggregates)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Rule {
@@ -264,12 +279,13 @@ impl PolicySet {
         let mut rules = Vec::with_capacity(ns.rules.len());
         let mut deny: Option<usize> = None;
         let mut downgrade: Option<usize> = None;
+        let wit_request = bindings::request_to_wit(request);
         for rule in &ns.rules {
             let snapshot = snapshots.snapshot(rule, request);
             let started = Instant::now();
             let result =
                 rule.component
-                    .evaluate(&rule.pool, &rule.settings_json, request, &snapshot);
+                    .evaluate(&rule.pool, &rule.settings_json, &wit_request, &snapshot);
             let eval_us = (started.elapsed().as_secs_f64() * 1e8).round() / 100.0;
             let outcome = outcome(rule, request, result, eval_us);
             if rule.mode == Mode::Enforce {

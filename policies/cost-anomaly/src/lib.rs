@@ -141,7 +141,8 @@ mod tests {
 
     #[test]
     fn declares_feature_scoped_average_over_the_window() {
-        let agg = &seed_rule().aggregates()[0];
+        let rule = seed_rule();
+        let agg = &rule.aggregates()[0];
         assert_eq!(agg.window, Window::RollingSeconds(86_400));
         assert_eq!(agg.aggregation, Aggregation::Avg);
         assert_eq!(agg.scope, vec![Scope::Feature]);
@@ -156,7 +157,11 @@ mod tests {
             .evaluate(&req, &snapshot(&[(BASELINE, Some(0.01), 50)]))
             .unwrap();
         assert_eq!(v.decision, Decision::Allow);
-        assert!(v.alert.unwrap().contains("3.1x the 24h baseline"));
+        assert!(v
+            .alert
+            .as_deref()
+            .unwrap()
+            .contains("3.1x the 24h baseline"));
         assert_eq!(v.fact("threshold_cost_usd"), Some(0.03));
     }
 
