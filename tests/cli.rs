@@ -5,9 +5,26 @@
     reason = "integration tests: a failed unwrap is a failed test"
 )]
 
+use std::ffi::OsStr;
+use std::path::Path;
 use std::process::Output;
 
 use llmscope_tests::{builtin_policies, component, llmscope, policies_dir, root, seed_config};
+
+/// `llmscope policy <args...> --policies-dir <policies>`.
+fn policy(args: &[&OsStr], policies: &Path) -> Output {
+    llmscope()
+        .arg("policy")
+        .args(args)
+        .arg("--policies-dir")
+        .arg(policies)
+        .output()
+        .unwrap()
+}
+
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
 
 fn text(out: &Output) -> (String, String) {
     (
@@ -18,13 +35,7 @@ fn text(out: &Output) -> (String, String) {
 
 #[test]
 fn check_accepts_the_seed_config() {
-    let out = llmscope()
-        .args(["policy", "check"])
-        .arg(seed_config())
-        .arg("--policies-dir")
-        .arg(policies_dir())
-        .output()
-        .unwrap();
+    let out = policy(&[os("check"), seed_config().as_os_str()], &policies_dir());
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -42,13 +53,7 @@ fn check_rejects_a_bad_config_with_exit_1_and_the_problems() {
         "version: '1'\nnamespaces:\n  demo:\n    rules:\n      - {id: cap, primitive: budget_threshold, period: hourly}\n      - {id: x, primitive: nope}\n",
     )
     .unwrap();
-    let out = llmscope()
-        .args(["policy", "check"])
-        .arg(&bad)
-        .arg("--policies-dir")
-        .arg(policies_dir())
-        .output()
-        .unwrap();
+    let out = policy(&[os("check"), bad.as_os_str()], &policies_dir());
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -64,11 +69,7 @@ fn check_rejects_a_bad_config_with_exit_1_and_the_problems() {
 
 #[test]
 fn list_shows_every_component_with_its_digest() {
-    let out = llmscope()
-        .args(["policy", "list", "--format", "json", "--policies-dir"])
-        .arg(policies_dir())
-        .output()
-        .unwrap();
+    let out = policy(&[os("list"), os("--format"), os("json")], &policies_dir());
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
@@ -88,11 +89,7 @@ fn list_shows_every_component_with_its_digest() {
 fn list_reports_a_corrupt_component_and_fails() {
     let dir = builtin_policies();
     std::fs::write(dir.path().join("broken.wasm"), b"not wasm at all").unwrap();
-    let out = llmscope()
-        .args(["policy", "list", "--policies-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = policy(&[os("list")], dir.path());
     let (stdout, _) = text(&out);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -109,17 +106,18 @@ fn list_reports_a_corrupt_component_and_fails() {
 fn eval_prints_the_combined_verdict_and_every_rule() {
     let req = root().join("examples/requests/02-demo-over-budget.json");
     let snap = root().join("examples/requests/02-demo-over-budget.snapshot.json");
-    let out = llmscope()
-        .args(["policy", "eval", "--config"])
-        .arg(seed_config())
-        .arg("--request")
-        .arg(&req)
-        .arg("--snapshot")
-        .arg(&snap)
-        .arg("--policies-dir")
-        .arg(policies_dir())
-        .output()
-        .unwrap();
+    let out = policy(
+        &[
+            os("eval"),
+            os("--config"),
+            seed_config().as_os_str(),
+            os("--request"),
+            req.as_os_str(),
+            os("--snapshot"),
+            snap.as_os_str(),
+        ],
+        &policies_dir(),
+    );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -133,15 +131,18 @@ fn eval_prints_the_combined_verdict_and_every_rule() {
 #[test]
 fn eval_with_namespace_override_and_bad_request_file() {
     let req = root().join("examples/requests/01-demo-expensive.json");
-    let out = llmscope()
-        .args(["policy", "eval", "--namespace", "nope", "--config"])
-        .arg(seed_config())
-        .arg("--request")
-        .arg(&req)
-        .arg("--policies-dir")
-        .arg(policies_dir())
-        .output()
-        .unwrap();
+    let out = policy(
+        &[
+            os("eval"),
+            os("--namespace"),
+            os("nope"),
+            os("--config"),
+            seed_config().as_os_str(),
+            os("--request"),
+            req.as_os_str(),
+        ],
+        &policies_dir(),
+    );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -151,15 +152,16 @@ fn eval_with_namespace_override_and_bad_request_file() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("req.json");
     std::fs::write(&bad, r#"{"request_id": "r", "tenant_id": 5}"#).unwrap();
-    let out = llmscope()
-        .args(["policy", "eval", "--config"])
-        .arg(seed_config())
-        .arg("--request")
-        .arg(&bad)
-        .arg("--policies-dir")
-        .arg(policies_dir())
-        .output()
-        .unwrap();
+    let out = policy(
+        &[
+            os("eval"),
+            os("--config"),
+            seed_config().as_os_str(),
+            os("--request"),
+            bad.as_os_str(),
+        ],
+        &policies_dir(),
+    );
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -181,25 +183,20 @@ fn drop_in_policy_needs_no_host_change() {
         "version: \"0.1.0\"\nnamespaces:\n  demo:\n    rules:\n      - id: \"demo-max-request\"\n        primitive: max_request_cost\n        max_usd: 0.005\n",
     )
     .unwrap();
-    let out = llmscope()
-        .args(["policy", "check"])
-        .arg(&config)
-        .arg("--policies-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = policy(&[os("check"), config.as_os_str()], dir.path());
     assert!(out.status.success(), "{}", text(&out).1);
 
     let req = root().join("examples/requests/01-demo-expensive.json"); // estimated at $0.008
-    let out = llmscope()
-        .args(["policy", "eval", "--config"])
-        .arg(&config)
-        .arg("--request")
-        .arg(&req)
-        .arg("--policies-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = policy(
+        &[
+            os("eval"),
+            os("--config"),
+            config.as_os_str(),
+            os("--request"),
+            req.as_os_str(),
+        ],
+        dir.path(),
+    );
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();

@@ -161,22 +161,8 @@ fn ensure_targets() -> Result<()> {
 
 fn build_policies(root: &Path) -> Result<()> {
     ensure_targets()?;
-    let mut cmd = cargo(root);
-    // Guests carry no debug info (the workspace profile keeps line tables for the host).
-    cmd.args([
-        "build",
-        "--release",
-        "--config",
-        "profile.release.debug=false",
-    ]);
-    cmd.args(["--target", "wasm32-unknown-unknown"]);
-    for guest in GUESTS {
-        cmd.args(["--package", guest.package]);
-    }
-    run(cmd).context(
-        "building the policy crates for wasm32-unknown-unknown (is the target \
-                      installed? `rustup target add wasm32-unknown-unknown`)",
-    )?;
+    let packages: Vec<&str> = GUESTS.iter().map(|g| g.package).collect();
+    cargo_build_guests(root, "wasm32-unknown-unknown", &packages)?;
 
     let out = target_dir(root).join("wasm32-unknown-unknown/release");
     for guest in GUESTS {
@@ -208,15 +194,7 @@ fn build_policies(root: &Path) -> Result<()> {
     }
 
     // A fixture that must be rejected: the hostile policy built for wasm32-wasip2 imports WASI.
-    let mut cmd = cargo(root);
-    cmd.args([
-        "build",
-        "--release",
-        "--config",
-        "profile.release.debug=false",
-    ]);
-    cmd.args(["--target", "wasm32-wasip2", "--package", "hostile-policy"]);
-    run(cmd).context("building the WASI fixture (`rustup target add wasm32-wasip2`)")?;
+    cargo_build_guests(root, "wasm32-wasip2", &["hostile-policy"])?;
     let wasi = target_dir(root).join("wasm32-wasip2/release/hostile_policy.wasm");
     let dest = root.join("tests/fixtures/components/hostile_wasi.wasm");
     std::fs::copy(&wasi, &dest).with_context(|| format!("copying {}", wasi.display()))?;
@@ -225,6 +203,29 @@ fn build_policies(root: &Path) -> Result<()> {
         dest.strip_prefix(root).unwrap_or(&dest).display()
     );
     Ok(())
+}
+
+/// `cargo build` guest crates for a wasm target, in the shared release profile but without debug
+/// info (the workspace profile keeps line tables for the host).
+fn cargo_build_guests(root: &Path, target: &str, packages: &[&str]) -> Result<()> {
+    let mut cmd = cargo(root);
+    cmd.args([
+        "build",
+        "--release",
+        "--config",
+        "profile.release.debug=false",
+        "--target",
+        target,
+    ]);
+    for package in packages {
+        cmd.args(["--package", package]);
+    }
+    run(cmd).with_context(|| {
+        format!(
+            "building {} for {target} (is the target installed? `rustup target add {target}`)",
+            packages.join(", ")
+        )
+    })
 }
 
 /// Fail unless the component imports nothing but the contract's type-only interface.
