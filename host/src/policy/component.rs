@@ -509,3 +509,59 @@ impl InstancePool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_keeps_short_text_and_cuts_long_text_on_a_char_boundary() {
+        assert_eq!(truncate("short".into(), 10), "short");
+        let cut = truncate("ééééé".into(), 3); // 2-byte chars: byte 3 is inside the second one
+        assert_eq!(cut, "é… [8 more bytes truncated]");
+    }
+
+    #[test]
+    fn deadline_rounds_up_to_whole_ticks() {
+        let rt = |deadline| {
+            PolicyRuntime::new(Limits {
+                deadline,
+                ..Limits::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(rt(Duration::from_millis(20)).deadline_ticks(), 20);
+        assert_eq!(rt(Duration::from_micros(1500)).deadline_ticks(), 2);
+        assert_eq!(rt(Duration::ZERO).deadline_ticks(), 1);
+    }
+
+    #[test]
+    fn policy_sets_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<crate::policy::PolicySet>();
+        assert_send_sync::<LoadedComponent>();
+    }
+
+    #[test]
+    fn garbage_bytes_are_an_invalid_component_not_a_crash() {
+        let rt = Arc::new(PolicyRuntime::new(Limits::default()).unwrap());
+        let err = rt
+            .load_bytes(Path::new("x.wasm"), b"definitely not wasm")
+            .unwrap_err();
+        assert!(matches!(err, LoadError::Invalid { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .starts_with("x.wasm is not a valid WebAssembly component"));
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error_naming_the_path() {
+        let rt = Arc::new(PolicyRuntime::new(Limits::default()).unwrap());
+        let err = rt.load(Path::new("/nonexistent/p.wasm")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read /nonexistent/p.wasm"),
+            "{err}"
+        );
+    }
+}

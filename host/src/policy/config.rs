@@ -350,3 +350,52 @@ fn load_primitive(
     }
     Ok(component)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primitive_names_are_a_safe_alphabet() {
+        assert!(valid_primitive("budget_threshold"));
+        assert!(valid_primitive("p2"));
+        for bad in ["", "../x", "a/b", "Budget", "a.b", "a-b", &"x".repeat(65)] {
+            assert!(!valid_primitive(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn problems_render_one_per_line_with_the_file() {
+        let text = render_problems(
+            Path::new("p.yaml"),
+            &[
+                Problem {
+                    at: "version".into(),
+                    message: "must not be empty".into(),
+                },
+                Problem {
+                    at: "namespaces".into(),
+                    message: "none".into(),
+                },
+            ],
+        );
+        assert_eq!(
+            text,
+            "policy config p.yaml is invalid (2 problems):\n  - version: must not be empty\n  - namespaces: none"
+        );
+    }
+
+    #[test]
+    fn structural_problems_are_collected_without_loading_components() {
+        let rt = Arc::new(PolicyRuntime::new(super::super::Limits::default()).unwrap());
+        let err = PolicySet::from_yaml(
+            "version: ''\nnamespaces: {}\n",
+            Path::new("p.yaml"),
+            Path::new("/none"),
+            &rt,
+        )
+        .unwrap_err();
+        let at: Vec<&str> = err.problems().iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(at, ["version", "namespaces"]);
+    }
+}
