@@ -24,9 +24,107 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Gateway configuration (see examples/llmscope.yaml).
+        #[arg(long, env = "LLMSCOPE_CONFIG")]
+        config: PathBuf,
+        /// Override `server.listen` (use port 0 to pick a free port; the address is printed).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Inspect, validate and try out cost policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Answer one of the five cost questions from the JSONL logs.
+    Query {
+        /// The question.
+        #[arg(value_enum)]
+        name: crate::queries::Question,
+        #[command(flatten)]
+        logs: LogArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = QueryFormat::Table)]
+        format: QueryFormat,
+    },
+    /// Write a self-contained HTML report (charts and the five answers) from the JSONL logs.
+    Report {
+        /// Output file.
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+        #[command(flatten)]
+        logs: LogArgs,
+    },
+}
+
+/// Log locations and filters shared by `query` and `report`.
+#[derive(Debug, Args)]
+struct LogArgs {
+    /// Telemetry log.
+    #[arg(
+        long,
+        env = "TELEMETRY_PATH",
+        default_value = "artifacts/logs/telemetry.jsonl"
+    )]
+    telemetry: PathBuf,
+    /// Decisions log.
+    #[arg(
+        long,
+        env = "DECISIONS_PATH",
+        default_value = "artifacts/logs/policy_decisions.jsonl"
+    )]
+    decisions: PathBuf,
+    /// unsafe_routes: average cost per request (USD) above which a route is unsafe.
+    #[arg(long, default_value_t = crate::queries::DEFAULT_THRESHOLD_USD)]
+    threshold: f64,
+    /// Only records at or after this time (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long, value_parser = crate::queries::parse_time)]
+    since: Option<i64>,
+    /// Only records before this time (RFC 3339 or YYYY-MM-DD, UTC).
+    #[arg(long, value_parser = crate::queries::parse_time)]
+    until: Option<i64>,
+}
+
+impl LogArgs {
+    /// Ingest both logs into a fresh in-memory engine, noting missing, empty and malformed input.
+    fn engine(&self) -> Result<crate::engine::SpendEngine> {
+        for (what, path) in [
+            ("telemetry", &self.telemetry),
+            ("decisions", &self.decisions),
+        ] {
+            match std::fs::metadata(path) {
+                Err(_) => eprintln_safe(&format!(
+                    "note: {what} log {} does not exist; treating it as empty",
+                    path.display()
+                )),
+                Ok(m) if m.len() == 0 => {
+                    eprintln_safe(&format!("note: {what} log {} is empty", path.display()))
+                }
+                Ok(_) => {}
+            }
+        }
+        let engine = crate::engine::SpendEngine::open(None, &self.telemetry, &self.decisions)?;
+        let report = engine.ingest()?;
+        for line in &report.malformed {
+            eprintln_safe(&format!("skipped malformed line {line}"));
+        }
+        Ok(engine)
+    }
+
+    fn params(&self) -> crate::queries::QueryParams {
+        crate::queries::QueryParams {
+            since_us: self.since,
+            until_us: self.until,
+            threshold_usd: self.threshold,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum QueryFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +200,30 @@ impl RuntimeArgs {
 /// Run the CLI; returns the process exit code.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Serve { config, listen } => serve(&config, listen),
+        Command::Query { name, logs, format } => {
+            let engine = logs.engine()?;
+            let answer = crate::queries::run(&engine, name, &logs.params())?;
+            let text = match format {
+                QueryFormat::Table => crate::queries::to_table(&answer),
+                QueryFormat::Csv => crate::queries::to_csv(&answer),
+                QueryFormat::Json => format!("{}\n", serde_json::to_string_pretty(&answer)?),
+            };
+            std::io::stdout().lock().write_all(text.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { out, logs } => {
+            let engine = logs.engine()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let html =
+                crate::report::render(&engine, &logs.params(), &crate::artifacts::rfc3339(now))?;
+            std::fs::write(&out, html)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy(PolicyCommand::List { runtime, format }) => list(&runtime, format),
         Command::Policy(PolicyCommand::Check { config, runtime }) => {
             let rt = runtime.runtime()?;
@@ -144,6 +266,73 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&evaluation)?);
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn serve(config: &Path, listen: Option<std::net::SocketAddr>) -> Result<ExitCode> {
+    let env = |name: &str| std::env::var(name).ok();
+    let mut cfg = crate::config::GatewayConfig::load(config, &env)?;
+    if let Some(addr) = listen {
+        cfg.listen = addr;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let hot_reload = cfg.hot_reload;
+        let addr = cfg.listen;
+        let gateway = tokio::task::block_in_place(|| crate::gateway::Gateway::start(cfg, &env))?;
+        let listener = crate::server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr()?;
+        let refresher = {
+            let gw = Arc::clone(&gateway);
+            tokio::spawn(async move {
+                let interval = gw.config().refresh_interval;
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let g = Arc::clone(&gw);
+                    match tokio::task::spawn_blocking(move || g.refresh()).await {
+                        Ok(Err(e)) => tracing::error!(error = %e, "aggregate refresh failed; budgets use the last published values plus the ledger"),
+                        Err(e) => tracing::error!(error = %e, "aggregate refresh task failed"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            })
+        };
+        let _watcher = if hot_reload { Some(crate::reload::watch(Arc::clone(&gateway)).context("watching the policy files")?) } else { None };
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "llmscope listening on http://{bound}")?;
+            out.flush()?;
+        }
+        tracing::info!(%bound, "serving");
+        crate::server::serve(gateway, listener, shutdown_signal()).await?;
+        refresher.abort();
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
     }
 }
 

@@ -3,7 +3,20 @@
 //! Every request is priced before dispatch; cost policies — WebAssembly components built against
 //! `wit/policy.wit` — decide allow, downgrade or deny from live spend aggregates, and the host
 //! enforces the verdict. This crate is the native host: the [`policy`] runtime (loading,
-//! validating, bounding and evaluating components) and the `llmscope` command-line tool.
+//! validating, bounding and evaluating components), the [`gateway`] request lifecycle and its
+//! HTTP [`server`], and the `llmscope` command-line tool ([`cli`]).
 
+pub mod artifacts;
 pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod gateway;
+pub mod ledger;
+pub mod metrics;
 pub mod policy;
+pub mod pricing;
+pub mod providers;
+pub mod queries;
+pub mod reload;
+pub mod report;
+pub mod server;

@@ -99,3 +99,341 @@ fn unreachable_io(what: &str, e: std::io::Error) -> ! {
         panic!("{what}: {e}")
     }
 }
+
+pub mod gateway {
+    //! A real `llmscope serve` process on port 0, configured in a temp directory.
+
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Stdio};
+
+    /// The seed-like gateway configuration with `{policy_file}`, `{policies_dir}`, `{telemetry}`,
+    /// `{decisions}` and `{extra}` placeholders filled in by [`Gateway::start`].
+    pub const BASE_CONFIG: &str = r#"
+server:
+  listen: "127.0.0.1:0"
+  max_body_bytes: {max_body}
+artifacts:
+  telemetry_path: "{telemetry}"
+  decisions_path: "{decisions}"
+policy:
+  file: "{policy_file}"
+  policies_dir: "{policies_dir}"
+  deadline_ms: 50
+models:
+  gpt-4o-mini: {provider: mock, input_per_1m: 0.15, output_per_1m: 0.60, fallback: [claude-haiku-3-5-20241022]}
+  gpt-4o: {provider: mock, input_per_1m: 2.50, output_per_1m: 10.00, fallback: [claude-sonnet-4-20250514]}
+  claude-sonnet-4-20250514: {provider: mock, input_per_1m: 3.00, output_per_1m: 15.00}
+  claude-haiku-3-5-20241022: {provider: mock, input_per_1m: 0.80, output_per_1m: 4.00}
+routes:
+  /answer-routed: {max_output_tokens: 500, tiers: {cheap: gpt-4o-mini, expensive: gpt-4o}}
+  /conversation-turn: {max_output_tokens: 500, tiers: {cheap: gpt-4o-mini, expensive: gpt-4o}}
+providers:
+  mock: {kind: mock, latency_ms: {mock_latency}, output_tokens: 120, fail_models: {fail_models}}
+{extra}
+"#;
+
+    /// Options for a gateway process.
+    #[derive(Debug, Clone)]
+    pub struct Options {
+        /// Policy YAML text.
+        pub policy_yaml: String,
+        /// Policies directory (components).
+        pub policies_dir: PathBuf,
+        /// Telemetry and decision paths (default: inside the temp dir).
+        pub logs: Option<(PathBuf, PathBuf)>,
+        /// Mock latency.
+        pub mock_latency_ms: u64,
+        /// Models the mock fails.
+        pub fail_models: Vec<String>,
+        /// Body limit.
+        pub max_body_bytes: usize,
+        /// Extra YAML appended (e.g. `auth:`), may replace models/providers via keys not in base.
+        pub extra_yaml: String,
+        /// A full config text replacing [`BASE_CONFIG`] (placeholders still filled).
+        pub config_template: Option<String>,
+        /// Environment variables for the process.
+        pub env: Vec<(String, String)>,
+    }
+
+    impl Options {
+        /// Defaults around `policy_yaml` and the built-in components.
+        pub fn new(policy_yaml: &str) -> Self {
+            Self {
+                policy_yaml: policy_yaml.to_owned(),
+                policies_dir: super::policies_dir(),
+                logs: None,
+                mock_latency_ms: 0,
+                fail_models: Vec::new(),
+                max_body_bytes: 1 << 20,
+                extra_yaml: String::new(),
+                config_template: None,
+                env: Vec::new(),
+            }
+        }
+    }
+
+    /// A running gateway; killed (SIGKILL) on drop unless stopped.
+    pub struct Gateway {
+        /// The process.
+        pub child: Child,
+        /// `http://127.0.0.1:PORT`.
+        pub url: String,
+        /// Temp dir holding the config (and logs unless overridden).
+        pub dir: tempfile::TempDir,
+        /// Policy YAML path (rewrite it to exercise hot reload).
+        pub policy_file: PathBuf,
+        /// Telemetry path.
+        pub telemetry: PathBuf,
+        /// Decisions path.
+        pub decisions: PathBuf,
+    }
+
+    impl Gateway {
+        /// Write the config and start `llmscope serve`; waits until it prints its address.
+        pub fn start(opts: &Options) -> Self {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| fail(&format!("temp dir: {e}")));
+            let policy_file = dir.path().join("policy.yaml");
+            std::fs::write(&policy_file, &opts.policy_yaml)
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            let (telemetry, decisions) = opts.logs.clone().unwrap_or_else(|| {
+                (
+                    dir.path().join("logs/telemetry.jsonl"),
+                    dir.path().join("logs/policy_decisions.jsonl"),
+                )
+            });
+            let fail_models = format!("[{}]", opts.fail_models.join(", "));
+            let config = opts
+                .config_template
+                .as_deref()
+                .unwrap_or(BASE_CONFIG)
+                .replace("{max_body}", &opts.max_body_bytes.to_string())
+                .replace("{telemetry}", &telemetry.display().to_string())
+                .replace("{decisions}", &decisions.display().to_string())
+                .replace("{policy_file}", &policy_file.display().to_string())
+                .replace("{policies_dir}", &opts.policies_dir.display().to_string())
+                .replace("{mock_latency}", &opts.mock_latency_ms.to_string())
+                .replace("{fail_models}", &fail_models)
+                .replace("{extra}", &opts.extra_yaml);
+            let config_path = dir.path().join("llmscope.yaml");
+            std::fs::write(&config_path, config).unwrap_or_else(|e| fail(&e.to_string()));
+            let mut cmd = super::llmscope();
+            cmd.args(["serve", "--config"])
+                .arg(&config_path)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.env_remove("TELEMETRY_PATH")
+                .env_remove("DECISIONS_PATH");
+            for (k, v) in &opts.env {
+                cmd.env(k, v);
+            }
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| fail(&format!("spawning llmscope: {e}")));
+            let stdout = child.stdout.take().unwrap_or_else(|| fail("no stdout"));
+            let mut line = String::new();
+            let read = BufReader::new(stdout).read_line(&mut line);
+            if read.is_err() || !line.starts_with("llmscope listening on ") {
+                let _ = child.kill();
+                let out = child
+                    .wait_with_output()
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .unwrap_or_default();
+                fail(&format!("gateway did not start: {line:?}\n{out}"));
+            }
+            let url = line
+                .trim()
+                .trim_start_matches("llmscope listening on ")
+                .to_owned();
+            Self {
+                child,
+                url,
+                dir,
+                policy_file,
+                telemetry,
+                decisions,
+            }
+        }
+
+        /// `url` + `path`.
+        pub fn at(&self, path: &str) -> String {
+            format!("{}{path}", self.url)
+        }
+
+        /// SIGTERM and wait; returns the exit status and stderr. The temp dir (and the logs in
+        /// it) stay until the gateway is dropped.
+        pub fn stop(&mut self) -> (std::process::ExitStatus, String) {
+            let pid = self.child.id().to_string();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status();
+            let mut stderr = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+            }
+            let status = self.child.wait().unwrap_or_else(|e| fail(&e.to_string()));
+            (status, stderr)
+        }
+    }
+
+    impl Drop for Gateway {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Every JSON line of a JSONL file.
+    pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    fail(&format!("{}: unparsable line {l:?}: {e}", path.display()))
+                })
+            })
+            .collect()
+    }
+
+    fn fail(message: &str) -> ! {
+        #[allow(clippy::panic, reason = "test helper: fail the test")]
+        {
+            panic!("{message}")
+        }
+    }
+}
+
+pub mod upstream {
+    //! A local HTTP server speaking OpenAI's chat-completions and Anthropic's Messages wire
+    //! formats, counting calls and recording request bodies and headers, with a scripted number
+    //! of failures before success.
+
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::{Request, Response};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use serde_json::{json, Value};
+
+    /// Shared state of the fake upstream.
+    #[derive(Default)]
+    pub struct State {
+        /// Calls received.
+        pub calls: AtomicU32,
+        /// Calls still to fail with 503.
+        pub fail_next: AtomicU32,
+        /// (path, headers as `name: value` lines, body) of each call.
+        pub seen: Mutex<Vec<(String, String, Value)>>,
+    }
+
+    /// A running fake upstream.
+    pub struct Upstream {
+        /// Its address.
+        pub addr: SocketAddr,
+        /// Its state.
+        pub state: Arc<State>,
+    }
+
+    impl Upstream {
+        /// Start on a free port in the current tokio runtime.
+        pub async fn start() -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            let addr = listener
+                .local_addr()
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            let state = Arc::new(State::default());
+            let st = Arc::clone(&state);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let st = Arc::clone(&st);
+                    tokio::spawn(async move {
+                        let svc =
+                            hyper::service::service_fn(move |req| handle(Arc::clone(&st), req));
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+            Self { addr, state }
+        }
+
+        /// Calls received so far.
+        pub fn calls(&self) -> u32 {
+            self.state.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn handle(
+        st: Arc<State>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        st.calls.fetch_add(1, Ordering::SeqCst);
+        let path = req.uri().path().to_owned();
+        let headers: String = req
+            .headers()
+            .iter()
+            .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
+            .collect();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if let Ok(mut seen) = st.seen.lock() {
+            seen.push((path.clone(), headers, body.clone()));
+        }
+        let respond = |status: u16, v: Value| {
+            let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+            *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            Ok(r)
+        };
+        if st.fail_next.load(Ordering::SeqCst) > 0 {
+            st.fail_next.fetch_sub(1, Ordering::SeqCst);
+            return respond(503, json!({"error": {"message": "overloaded"}}));
+        }
+        let model = body["model"].as_str().unwrap_or("unknown").to_owned();
+        match path.as_str() {
+            "/v1/chat/completions" => respond(
+                200,
+                json!({
+                    "id": "chatcmpl-upstream", "object": "chat.completion", "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("openai-compatible answer from {model}")}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}
+                }),
+            ),
+            "/v1/messages" => respond(
+                200,
+                json!({
+                    "id": "msg_upstream", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": format!("anthropic answer from {model}")}],
+                    "stop_reason": "end_turn",
+                    "usage": {"input_tokens": 31, "output_tokens": 9}
+                }),
+            ),
+            _ => respond(404, json!({"error": "no such path"})),
+        }
+    }
+
+    fn fail(message: &str) -> ! {
+        #[allow(clippy::panic, reason = "test helper: fail the test")]
+        {
+            panic!("{message}")
+        }
+    }
+}

@@ -13,6 +13,9 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod gen;
+mod load;
+
 #[derive(Parser)]
 #[command(about = "llmscope developer tasks")]
 struct Cli {
@@ -30,10 +33,34 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build the components and run the demo: the seed policies over sample requests.
+    /// Build the components and serve the demo gateway (mock provider) on 127.0.0.1:8080.
     Demo,
-    /// Build the components and run the benchmarks.
+    /// Build the components and run the decision benchmark.
     Bench,
+    /// Write synthetic telemetry and decision logs.
+    GenTelemetry {
+        /// Rows to write (each log).
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Output directory.
+        #[arg(long, default_value = "artifacts/bench")]
+        out: PathBuf,
+    },
+    /// Benchmark the DuckDB engine at 1k rows and at `--rows`.
+    BenchEngine {
+        /// Rows of the large run.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+    },
+    /// Load-test the gateway (`/infer`, mock provider, 3 rules): max rps and latency at 1k/5k rps.
+    BenchGateway {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+    },
 }
 
 /// Where each guest crate's component goes, relative to the workspace root.
@@ -85,7 +112,7 @@ fn main() -> Result<()> {
             build_policies(&root)?;
             // The integration tests drive the real binary; `cargo test` alone would not rebuild it.
             let mut build = cargo(&root);
-            build.args(["build", "--release", "--package", "llmscope", "--bins"]);
+            build.args(["build", "--release", "--workspace", "--bins"]);
             run(build)?;
             let mut cmd = cargo(&root);
             cmd.args(["test", "--release", "--workspace", "--no-fail-fast"]);
@@ -101,8 +128,74 @@ fn main() -> Result<()> {
         Task::Bench => {
             build_policies(&root)?;
             let mut cmd = cargo(&root);
-            cmd.args(["bench", "--package", "llmscope", "--bench", "decision"]);
+            cmd.args(["bench", "--workspace", "--bench", "decision"]);
             run(cmd)
+        }
+        Task::GenTelemetry { rows, out } => {
+            let out = if out.is_absolute() {
+                out
+            } else {
+                root.join(out)
+            };
+            gen::generate(&out, rows)?;
+            println!(
+                "wrote {rows} telemetry and decision lines to {}",
+                out.display()
+            );
+            Ok(())
+        }
+        Task::BenchEngine { rows } => {
+            build_policies(&root)?;
+            let mut results = Vec::new();
+            for n in [1_000, rows] {
+                let dir = std::env::temp_dir().join(format!("llmscope-bench-{n}"));
+                gen::generate(&dir, n)?;
+                let mut cmd = cargo(&root);
+                cmd.args(["bench", "--workspace", "--bench", "engine"])
+                    .env("LLMSCOPE_BENCH_DATA", &dir);
+                let out = cmd.output().context("running the engine benchmark")?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                print!("{text}");
+                if !out.status.success() {
+                    bail!(
+                        "engine benchmark failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                let p99 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("bench-result "))
+                    .and_then(|l| {
+                        l.split_whitespace()
+                            .find_map(|kv| kv.strip_prefix("decision_p99_us="))
+                    })
+                    .and_then(|v| v.parse::<f64>().ok());
+                results.push((n, p99));
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            if let [(small, Some(a)), (large, Some(b))] = results[..] {
+                println!(
+                    "
+decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
+                    b / a
+                );
+            }
+            Ok(())
+        }
+        Task::BenchGateway {
+            seconds,
+            connections,
+        } => {
+            build_policies(&root)?;
+            let mut build = cargo(&root);
+            build.args(["build", "--release", "--workspace", "--bins"]);
+            run(build)?;
+            load::bench_gateway(
+                &root,
+                &target_dir(&root).join("release/llmscope"),
+                seconds,
+                connections,
+            )
         }
     }
 }
@@ -118,6 +211,28 @@ fn workspace_root() -> Result<PathBuf> {
 fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root);
+    // `cargo run` hands xtask the package variables of xtask itself (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, ...). Build scripts such as ring's declare `rerun-if-env-changed` on
+    // them, so a nested cargo that inherits them sees "changed" values and rebuilds ring and
+    // everything above it, the bundled DuckDB included. Give nested cargo the caller's
+    // environment instead.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(name);
+        }
+    }
     cmd
 }
 
@@ -133,6 +248,10 @@ fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
+/// Every host-target cargo invocation selects the whole workspace: features are unified over
+/// the selected packages, so `-p llmscope` and `--workspace` would resolve different feature sets
+/// and rebuild the bundled DuckDB (20 minutes) for each.
+///
 /// Wasm targets the guests are built for.
 const WASM_TARGETS: &[&str] = &["wasm32-unknown-unknown", "wasm32-wasip2"];
 
@@ -253,49 +372,26 @@ fn check_imports(package: &str, component: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The pre-gateway main job: validate the seed configuration, list the components, and evaluate
-/// the sample requests in `examples/requests/` against it.
+/// The main job: the gateway serving the demo config with the built-in mock provider.
 fn demo(root: &Path) -> Result<()> {
     let mut build = cargo(root);
-    build.args(["build", "--release", "--package", "llmscope"]);
+    build.args(["build", "--release", "--workspace", "--bins"]);
     run(build)?;
     let bin = target_dir(root).join("release/llmscope");
-    let config = root.join("examples/policy.yaml");
+    let config = root.join("examples/llmscope.yaml");
     let mut check = Command::new(&bin);
     check
         .args(["policy", "check"])
-        .arg(&config)
+        .arg(root.join("examples/policy.yaml"))
         .current_dir(root);
     run(check)?;
-    let mut list = Command::new(&bin);
-    list.args(["policy", "list"]).current_dir(root);
-    run(list)?;
-    let requests = root.join("examples/requests");
-    let mut cases: Vec<_> = std::fs::read_dir(&requests)
-        .with_context(|| format!("reading {}", requests.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "json")
-                && !p.to_string_lossy().ends_with(".snapshot.json")
-        })
-        .collect();
-    cases.sort();
-    for request in cases {
-        let snapshot = request.with_extension("snapshot.json");
-        println!(
-            "\n== {}",
-            request.strip_prefix(root).unwrap_or(&request).display()
-        );
-        let mut eval = Command::new(&bin);
-        eval.args(["policy", "eval", "--config"])
-            .arg(&config)
-            .arg("--request")
-            .arg(&request);
-        if snapshot.exists() {
-            eval.arg("--snapshot").arg(&snapshot);
-        }
-        eval.current_dir(root);
-        run(eval)?;
-    }
-    Ok(())
+    println!(
+        "\nTry it (another terminal):\n  curl -s localhost:8080/infer -H 'content-type: application/json' \\\n             -d '{{\"prompt\": \"Summarize this document\", \"tenant_id\": \"acme-corp\", \"feature_id\": \"summarize\", \"budget_namespace\": \"demo\", \"model_tier\": \"expensive\"}}'\n           llmscope logs: artifacts/logs/*.jsonl — stop with Ctrl-C\n"
+    );
+    let mut serve = Command::new(&bin);
+    serve
+        .args(["serve", "--config"])
+        .arg(&config)
+        .current_dir(root);
+    run(serve)
 }

@@ -1,0 +1,567 @@
+//! The gateway configuration (`llmscope serve --config llmscope.yaml`): listener, artifact paths,
+//! the policy file, model prices, routes, providers and API keys. Raw serde structures reject
+//! unknown keys; validation collects every problem with its field path before failing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::{Limits, Problem};
+
+/// A validated gateway configuration. Relative paths are resolved against the config file's
+/// directory.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// File the configuration was read from.
+    pub source: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Where telemetry lines go (`TELEMETRY_PATH` overrides).
+    pub telemetry_path: PathBuf,
+    /// Where decision lines go (`DECISIONS_PATH` overrides).
+    pub decisions_path: PathBuf,
+    /// Refuse requests (503) when the logs cannot be written, instead of serving them unlogged.
+    pub reject_unlogged: bool,
+    /// The policy YAML.
+    pub policy_file: PathBuf,
+    /// Directory of `<primitive>.wasm` components.
+    pub policies_dir: PathBuf,
+    /// Bounds for policy execution.
+    pub limits: Limits,
+    /// Watch the policy file and directory and reload on change.
+    pub hot_reload: bool,
+    /// Models by name.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Routes by name (e.g. `/answer-routed`).
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Providers by name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// API keys; empty means no authentication.
+    pub api_keys: Vec<ApiKey>,
+    /// Route used when a request names none.
+    pub default_route: String,
+    /// Tier used when a request names none.
+    pub default_tier: String,
+    /// Persisted DuckDB file (None: in memory, rebuilt from the logs at start).
+    pub duckdb_path: Option<PathBuf>,
+    /// How often logs are ingested and aggregates recomputed.
+    pub refresh_interval: Duration,
+}
+
+/// A priced model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Provider (a key of `providers`) that serves it.
+    pub provider: String,
+    /// Name to send to the provider (default: the model's key).
+    #[serde(default)]
+    pub provider_model: Option<String>,
+    /// US dollars per million input tokens.
+    pub input_per_1m: f64,
+    /// US dollars per million output tokens.
+    pub output_per_1m: f64,
+    /// Models to try, in order, when this one fails.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    /// Tokenizer: `o200k_base` (GPT-4o family), `cl100k_base`; default chosen from the name.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+}
+
+/// A route: tiers mapped to models, and the output-token budget.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Tier name → model name.
+    pub tiers: BTreeMap<String, String>,
+    /// Output tokens requested from the provider and used for the estimate.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u32,
+}
+
+fn default_max_output_tokens() -> u32 {
+    500
+}
+
+/// How to reach a provider.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// Built-in deterministic provider: no network, no keys.
+    Mock {
+        /// Simulated latency.
+        #[serde(default)]
+        latency_ms: u64,
+        /// Output tokens reported (capped by the request's max tokens).
+        #[serde(default = "default_mock_output")]
+        output_tokens: u32,
+        /// Models for which the mock fails with a 503, to exercise fallbacks.
+        #[serde(default)]
+        fail_models: Vec<String>,
+    },
+    /// Any OpenAI-compatible chat-completions API (OpenAI, vLLM, Ollama, llama.cpp).
+    Openai {
+        /// Base URL including `/v1`, e.g. `https://api.openai.com/v1`.
+        base_url: String,
+        /// Environment variable holding the API key (none: no Authorization header).
+        #[serde(default)]
+        api_key_env: Option<String>,
+        /// Per-attempt timeout.
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        /// Retries after a retryable failure (429, 5xx, timeout, connection error).
+        #[serde(default = "default_retries")]
+        max_retries: u32,
+    },
+    /// Anthropic's Messages API.
+    Anthropic {
+        /// Base URL, e.g. `https://api.anthropic.com`.
+        base_url: String,
+        /// Environment variable holding the API key.
+        #[serde(default)]
+        api_key_env: Option<String>,
+        /// Per-attempt timeout.
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+        /// Retries after a retryable failure.
+        #[serde(default = "default_retries")]
+        max_retries: u32,
+    },
+}
+
+fn default_mock_output() -> u32 {
+    120
+}
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+fn default_retries() -> u32 {
+    2
+}
+
+/// An API key and the tenants it may act for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// The secret.
+    pub key: String,
+    /// Allowed tenants; `*` allows every tenant.
+    pub tenants: Vec<String>,
+}
+
+impl ApiKey {
+    /// Whether this key may act for `tenant`.
+    pub fn allows(&self, tenant: &str) -> bool {
+        self.tenants.iter().any(|t| t == "*" || t == tenant)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    artifacts: RawArtifacts,
+    policy: RawPolicy,
+    models: BTreeMap<String, ModelConfig>,
+    routes: BTreeMap<String, RouteConfig>,
+    providers: BTreeMap<String, ProviderConfig>,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    analytics: RawAnalytics,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalytics {
+    #[serde(default)]
+    duckdb_path: Option<PathBuf>,
+    #[serde(default = "default_refresh")]
+    refresh_interval_ms: u64,
+}
+
+impl Default for RawAnalytics {
+    fn default() -> Self {
+        Self {
+            duckdb_path: None,
+            refresh_interval_ms: default_refresh(),
+        }
+    }
+}
+
+fn default_refresh() -> u64 {
+    250
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_body")]
+    max_body_bytes: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_body_bytes: default_body(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_body() -> usize {
+    1 << 20
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifacts {
+    #[serde(default = "default_telemetry")]
+    telemetry_path: PathBuf,
+    #[serde(default = "default_decisions")]
+    decisions_path: PathBuf,
+    #[serde(default = "default_true")]
+    reject_unlogged: bool,
+}
+
+impl Default for RawArtifacts {
+    fn default() -> Self {
+        Self {
+            telemetry_path: default_telemetry(),
+            decisions_path: default_decisions(),
+            reject_unlogged: true,
+        }
+    }
+}
+
+fn default_telemetry() -> PathBuf {
+    "artifacts/logs/telemetry.jsonl".into()
+}
+fn default_decisions() -> PathBuf {
+    "artifacts/logs/policy_decisions.jsonl".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    file: PathBuf,
+    policies_dir: PathBuf,
+    #[serde(default = "default_deadline")]
+    deadline_ms: u64,
+    #[serde(default = "default_memory")]
+    memory_mib: usize,
+    #[serde(default = "default_true")]
+    hot_reload: bool,
+}
+
+fn default_deadline() -> u64 {
+    20
+}
+fn default_memory() -> usize {
+    32
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    api_keys: Vec<RawApiKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    key_env: Option<String>,
+    tenants: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    #[serde(default = "default_route")]
+    route: String,
+    #[serde(default = "default_tier")]
+    tier: String,
+}
+
+impl Default for RawDefaults {
+    fn default() -> Self {
+        Self {
+            route: default_route(),
+            tier: default_tier(),
+        }
+    }
+}
+
+fn default_route() -> String {
+    "/answer-routed".into()
+}
+fn default_tier() -> String {
+    "cheap".into()
+}
+
+/// A gateway configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render(path, problems))]
+pub struct GatewayConfigError {
+    /// File.
+    pub path: PathBuf,
+    /// Every problem found.
+    pub problems: Vec<Problem>,
+}
+
+fn render(path: &Path, problems: &[Problem]) -> String {
+    let mut out = format!("gateway config {} is invalid:", path.display());
+    for p in problems {
+        out.push_str(&format!("\n  - {p}"));
+    }
+    out
+}
+
+impl GatewayConfig {
+    /// Read and validate `path`. `env` supplies environment variables (`TELEMETRY_PATH`,
+    /// `DECISIONS_PATH`, API keys named by `key_env`).
+    pub fn load(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, GatewayConfigError> {
+        let fail = |at: &str, message: String| GatewayConfigError {
+            path: path.into(),
+            problems: vec![Problem {
+                at: at.into(),
+                message,
+            }],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+            &text,
+        ))
+        .map_err(|e| {
+            let at = match e.path().to_string() {
+                p if p == "." => "(top level)".to_owned(),
+                p => p,
+            };
+            fail(&at, e.into_inner().to_string())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let mut problems = Vec::new();
+        let mut problem = |at: String, message: String| problems.push(Problem { at, message });
+
+        let listen = match raw.server.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(e) => {
+                problem(
+                    "server.listen".into(),
+                    format!(
+                        "{:?} is not host:port ({e}), e.g. 127.0.0.1:8080",
+                        raw.server.listen
+                    ),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            }
+        };
+        for (name, model) in &raw.models {
+            let at = format!("models.{name}");
+            if !raw.providers.contains_key(&model.provider) {
+                problem(
+                    format!("{at}.provider"),
+                    format!(
+                        "unknown provider `{}`; defined: {}",
+                        model.provider,
+                        keys(&raw.providers)
+                    ),
+                );
+            }
+            for (field, price) in [
+                ("input_per_1m", model.input_per_1m),
+                ("output_per_1m", model.output_per_1m),
+            ] {
+                if !(price.is_finite() && price >= 0.0) {
+                    problem(
+                        format!("{at}.{field}"),
+                        format!("must be a non-negative price in USD per 1M tokens, got {price}"),
+                    );
+                }
+            }
+            for (i, fb) in model.fallback.iter().enumerate() {
+                if !raw.models.contains_key(fb) || fb == name {
+                    problem(
+                        format!("{at}.fallback[{i}]"),
+                        format!(
+                            "`{fb}` is not another configured model; defined: {}",
+                            keys(&raw.models)
+                        ),
+                    );
+                }
+            }
+            if let Some(t) = &model.tokenizer {
+                if crate::pricing::Tokenizer::from_name(t).is_none() {
+                    problem(
+                        format!("{at}.tokenizer"),
+                        format!("unknown tokenizer `{t}`; use o200k_base or cl100k_base"),
+                    );
+                }
+            }
+        }
+        if raw.routes.is_empty() {
+            problem("routes".into(), "define at least one route".into());
+        }
+        for (name, route) in &raw.routes {
+            let at = format!("routes.{name}");
+            if !name.starts_with('/') {
+                problem(
+                    at.clone(),
+                    "route names are paths starting with `/`, e.g. /answer-routed".into(),
+                );
+            }
+            if route.tiers.is_empty() {
+                problem(
+                    format!("{at}.tiers"),
+                    "map at least one tier to a model, e.g. `cheap: gpt-4o-mini`".into(),
+                );
+            }
+            for (tier, model) in &route.tiers {
+                if !raw.models.contains_key(model) {
+                    problem(
+                        format!("{at}.tiers.{tier}"),
+                        format!("unknown model `{model}`; defined: {}", keys(&raw.models)),
+                    );
+                }
+            }
+            if route.max_output_tokens == 0 {
+                problem(
+                    format!("{at}.max_output_tokens"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        if !raw.routes.contains_key(&raw.defaults.route) {
+            problem(
+                "defaults.route".into(),
+                format!("`{}` is not a configured route", raw.defaults.route),
+            );
+        }
+        for (name, provider) in &raw.providers {
+            if let ProviderConfig::Openai { base_url, .. }
+            | ProviderConfig::Anthropic { base_url, .. } = provider
+            {
+                if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                    problem(
+                        format!("providers.{name}.base_url"),
+                        format!("{base_url:?} must start with http:// or https://"),
+                    );
+                }
+            }
+        }
+        let mut api_keys = Vec::new();
+        for (i, k) in raw.auth.api_keys.into_iter().enumerate() {
+            let at = format!("auth.api_keys[{i}]");
+            let key = match (k.key, k.key_env) {
+                (Some(key), None) => Some(key),
+                (None, Some(var)) => match env(&var) {
+                    Some(v) if !v.is_empty() => Some(v),
+                    _ => {
+                        problem(
+                            format!("{at}.key_env"),
+                            format!("environment variable {var} is not set"),
+                        );
+                        None
+                    }
+                },
+                _ => {
+                    problem(at.clone(), "set exactly one of `key` or `key_env`".into());
+                    None
+                }
+            };
+            if k.tenants.is_empty() {
+                problem(
+                    format!("{at}.tenants"),
+                    "list the tenants this key may act for, or `*`".into(),
+                );
+            }
+            if let Some(key) = key {
+                if key.len() < 16 {
+                    problem(at, "API keys must be at least 16 characters".into());
+                } else {
+                    api_keys.push(ApiKey {
+                        key,
+                        tenants: k.tenants,
+                    });
+                }
+            }
+        }
+        if raw.analytics.refresh_interval_ms == 0 {
+            problem(
+                "analytics.refresh_interval_ms".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if raw.policy.deadline_ms == 0 {
+            problem("policy.deadline_ms".into(), "must be at least 1".into());
+        }
+        if !problems.is_empty() {
+            return Err(GatewayConfigError {
+                path: path.into(),
+                problems,
+            });
+        }
+        Ok(Self {
+            source: path.into(),
+            listen,
+            max_body_bytes: raw.server.max_body_bytes,
+            telemetry_path: env("TELEMETRY_PATH")
+                .map_or_else(|| resolve(&raw.artifacts.telemetry_path), PathBuf::from),
+            decisions_path: env("DECISIONS_PATH")
+                .map_or_else(|| resolve(&raw.artifacts.decisions_path), PathBuf::from),
+            reject_unlogged: raw.artifacts.reject_unlogged,
+            policy_file: resolve(&raw.policy.file),
+            policies_dir: resolve(&raw.policy.policies_dir),
+            limits: Limits {
+                deadline: Duration::from_millis(raw.policy.deadline_ms),
+                memory_bytes: raw.policy.memory_mib << 20,
+                ..Limits::default()
+            },
+            hot_reload: raw.policy.hot_reload,
+            models: raw.models,
+            routes: raw.routes,
+            providers: raw.providers,
+            api_keys,
+            default_route: raw.defaults.route,
+            default_tier: raw.defaults.tier,
+            duckdb_path: raw.analytics.duckdb_path.as_deref().map(resolve),
+            refresh_interval: Duration::from_millis(raw.analytics.refresh_interval_ms),
+        })
+    }
+}
+
+fn keys<V>(map: &BTreeMap<String, V>) -> String {
+    map.keys().cloned().collect::<Vec<_>>().join(", ")
+}

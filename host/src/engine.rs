@@ -1,0 +1,773 @@
+//! The DuckDB engine: a derived, rebuildable view of the JSONL logs.
+//!
+//! - **Ingestion** tails `telemetry.jsonl` and `policy_decisions.jsonl` by byte offset into typed
+//!   tables with the Appender. A torn last line (no newline yet) is left for the next pass; a
+//!   malformed line is skipped, counted and reported, never fatal. A file that shrank or whose
+//!   first line changed was rotated or truncated: it is read again from the start (rows already
+//!   ingested stay — they are still history).
+//! - **Aggregates** for policies are computed as grouped SQL, one query per distinct aggregate
+//!   across the loaded rules, and published as hash tables: a request's lookup never touches SQL.
+//! - **The five questions** run on the same tables ([`crate::queries`]).
+//!
+//! With `duckdb_path` set, tables and offsets persist, so a restart resumes instead of
+//! re-reading; delete the file to rebuild it from the logs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use duckdb::{params, Connection};
+use llmscope_sdk::types::{
+    Aggregate, AggregateValue, Aggregation, Metric, RequestContext, Scope, Window,
+};
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::ledger::AggregateStore;
+
+/// An engine failure.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// DuckDB reported an error.
+    #[error("duckdb: {0}")]
+    Db(#[from] duckdb::Error),
+    /// A log could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS telemetry (
+    ts_us BIGINT NOT NULL, request_id VARCHAR, tenant_id VARCHAR, caller_id VARCHAR,
+    feature_id VARCHAR, experiment_id VARCHAR, budget_namespace VARCHAR, route_name VARCHAR,
+    requested_model_tier VARCHAR, model_tier VARCHAR, provider VARCHAR, model VARCHAR,
+    tokens_in BIGINT, tokens_out BIGINT, estimated_cost_usd DOUBLE, cost_usd DOUBLE,
+    latency_ms DOUBLE, status VARCHAR, finish_reason VARCHAR, is_fallback BOOLEAN,
+    policy_decision VARCHAR, policy_id VARCHAR);
+CREATE TABLE IF NOT EXISTS decisions (
+    ts_us BIGINT NOT NULL, request_id VARCHAR, tenant_id VARCHAR, feature_id VARCHAR,
+    experiment_id VARCHAR, budget_namespace VARCHAR, route_name VARCHAR, decision VARCHAR,
+    policy_id VARCHAR, primitive VARCHAR, estimated_cost_usd DOUBLE,
+    requested_model_tier VARCHAR, effective_model_tier VARCHAR);
+CREATE TABLE IF NOT EXISTS llmscope_ingest (
+    file VARCHAR PRIMARY KEY, offset_bytes BIGINT NOT NULL, head VARCHAR NOT NULL, malformed BIGINT NOT NULL);
+";
+
+/// Which log a file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Telemetry,
+    Decisions,
+}
+
+impl Kind {
+    fn key(self) -> &'static str {
+        match self {
+            Self::Telemetry => "telemetry",
+            Self::Decisions => "decisions",
+        }
+    }
+}
+
+/// Where ingestion stands for one file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Cursor {
+    offset: u64,
+    head: String,
+    malformed: u64,
+}
+
+/// What one ingestion pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestReport {
+    /// Telemetry rows added.
+    pub telemetry_rows: u64,
+    /// Decision rows added.
+    pub decision_rows: u64,
+    /// Malformed lines skipped in this pass, with file and byte offset.
+    pub malformed: Vec<String>,
+    /// Telemetry bytes ingested so far (the ledger drops settled entries up to here).
+    pub telemetry_offset: u64,
+    /// Files that were found rotated or truncated and re-read from the start.
+    pub rotated: Vec<String>,
+}
+
+/// The engine. All methods block; call them off the async workers.
+pub struct SpendEngine {
+    conn: Mutex<Connection>,
+    telemetry_path: PathBuf,
+    decisions_path: PathBuf,
+    cursors: Mutex<HashMap<&'static str, Cursor>>,
+}
+
+impl std::fmt::Debug for SpendEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpendEngine")
+            .field("telemetry", &self.telemetry_path)
+            .field("decisions", &self.decisions_path)
+            .finish()
+    }
+}
+
+/// Bytes read per chunk while ingesting.
+const CHUNK: usize = 8 << 20;
+/// Bytes of the first line kept to recognise a file.
+const HEAD_BYTES: usize = 128;
+
+impl SpendEngine {
+    /// Open an engine over the two logs; `db_path` persists tables and offsets.
+    pub fn open(
+        db_path: Option<&Path>,
+        telemetry_path: &Path,
+        decisions_path: &Path,
+    ) -> Result<Self, EngineError> {
+        let conn = match db_path {
+            Some(p) => {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|source| EngineError::Io {
+                        path: dir.into(),
+                        source,
+                    })?;
+                }
+                Connection::open(p)?
+            }
+            None => Connection::open_in_memory()?,
+        };
+        conn.execute_batch(SCHEMA)?;
+        let mut cursors = HashMap::new();
+        {
+            let mut stmt =
+                conn.prepare("SELECT file, offset_bytes, head, malformed FROM llmscope_ingest")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (file, offset, head, malformed) = row?;
+                let key = if file == Kind::Telemetry.key() {
+                    Kind::Telemetry.key()
+                } else {
+                    Kind::Decisions.key()
+                };
+                cursors.insert(
+                    key,
+                    Cursor {
+                        offset: offset.max(0) as u64,
+                        head,
+                        malformed: malformed.max(0) as u64,
+                    },
+                );
+            }
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+            telemetry_path: telemetry_path.into(),
+            decisions_path: decisions_path.into(),
+            cursors: Mutex::new(cursors),
+        })
+    }
+
+    /// The telemetry log.
+    pub fn telemetry_path(&self) -> &Path {
+        &self.telemetry_path
+    }
+
+    /// Malformed lines skipped so far, per log.
+    pub fn malformed_total(&self) -> (u64, u64) {
+        let c = self.cursors.lock();
+        (
+            c.get("telemetry").map_or(0, |c| c.malformed),
+            c.get("decisions").map_or(0, |c| c.malformed),
+        )
+    }
+
+    /// Ingest whatever was appended to both logs since the last pass.
+    pub fn ingest(&self) -> Result<IngestReport, EngineError> {
+        let mut report = IngestReport::default();
+        for kind in [Kind::Telemetry, Kind::Decisions] {
+            let path = match kind {
+                Kind::Telemetry => self.telemetry_path.clone(),
+                Kind::Decisions => self.decisions_path.clone(),
+            };
+            let rows = self.ingest_file(kind, &path, &mut report)?;
+            match kind {
+                Kind::Telemetry => report.telemetry_rows = rows,
+                Kind::Decisions => report.decision_rows = rows,
+            }
+        }
+        report.telemetry_offset = self.cursors.lock().get("telemetry").map_or(0, |c| c.offset);
+        Ok(report)
+    }
+
+    fn ingest_file(
+        &self,
+        kind: Kind,
+        path: &Path,
+        report: &mut IngestReport,
+    ) -> Result<u64, EngineError> {
+        let io = |source| EngineError::Io {
+            path: path.into(),
+            source,
+        };
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(e)),
+        };
+        let len = file.metadata().map_err(io)?.len();
+        let mut cursor = self
+            .cursors
+            .lock()
+            .get(kind.key())
+            .cloned()
+            .unwrap_or_default();
+        let head = read_head(&mut file).map_err(io)?;
+        if cursor.offset > 0 && (len < cursor.offset || head != cursor.head) {
+            tracing::warn!(file = %path.display(), previous_offset = cursor.offset, len, "log was rotated or truncated; reading it from the start");
+            report.rotated.push(path.display().to_string());
+            cursor.offset = 0;
+        }
+        cursor.head = head;
+        if len == cursor.offset {
+            self.cursors.lock().insert(kind.key(), cursor);
+            return Ok(0);
+        }
+        file.seek(SeekFrom::Start(cursor.offset)).map_err(io)?;
+        let conn = self.conn.lock();
+        let table = kind.key();
+        let mut appender = conn.appender(table)?;
+        let mut rows = 0u64;
+        let mut carry: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut line_start = cursor.offset;
+        loop {
+            let n = file.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            carry.extend_from_slice(&buf[..n]);
+            let Some(last_newline) = carry.iter().rposition(|b| *b == b'\n') else {
+                continue;
+            };
+            for piece in carry[..=last_newline].split_inclusive(|b| *b == b'\n') {
+                let this_start = line_start;
+                line_start += piece.len() as u64;
+                let line = piece.strip_suffix(b"\n").unwrap_or(piece);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let appended = match kind {
+                    Kind::Telemetry => parse_telemetry(line).map(|r| {
+                        appender.append_row(params![
+                            r.ts_us,
+                            r.request_id,
+                            r.tenant_id,
+                            r.caller_id,
+                            r.feature_id,
+                            r.experiment_id,
+                            r.budget_namespace,
+                            r.route_name,
+                            r.requested_model_tier,
+                            r.model_tier,
+                            r.provider,
+                            r.model,
+                            r.tokens_in,
+                            r.tokens_out,
+                            r.estimated_cost_usd,
+                            r.cost_usd,
+                            r.latency_ms,
+                            r.status,
+                            r.finish_reason,
+                            r.is_fallback,
+                            r.policy_decision,
+                            r.policy_id
+                        ])
+                    }),
+                    Kind::Decisions => parse_decision(line).map(|r| {
+                        appender.append_row(params![
+                            r.ts_us,
+                            r.request_id,
+                            r.tenant_id,
+                            r.feature_id,
+                            r.experiment_id,
+                            r.budget_namespace,
+                            r.route_name,
+                            r.decision,
+                            r.policy_id,
+                            r.primitive,
+                            r.estimated_cost_usd,
+                            r.requested_model_tier,
+                            r.effective_model_tier
+                        ])
+                    }),
+                };
+                match appended {
+                    Ok(result) => {
+                        result?;
+                        rows += 1;
+                    }
+                    Err(why) => {
+                        cursor.malformed += 1;
+                        if report.malformed.len() < 100 {
+                            report
+                                .malformed
+                                .push(format!("{}:{this_start}: {why}", path.display()));
+                        }
+                    }
+                }
+            }
+            // Whatever follows the last newline is a torn line: it waits for the next pass.
+            carry.drain(..=last_newline);
+        }
+        appender.flush()?;
+        drop(appender);
+        cursor.offset = line_start;
+        conn.execute(
+            "INSERT OR REPLACE INTO llmscope_ingest VALUES (?, ?, ?, ?)",
+            params![
+                table,
+                i64::try_from(cursor.offset).unwrap_or(i64::MAX),
+                cursor.head,
+                i64::try_from(cursor.malformed).unwrap_or(i64::MAX)
+            ],
+        )?;
+        drop(conn);
+        if !report.malformed.is_empty() {
+            tracing::warn!(file = %path.display(), skipped = report.malformed.len(), first = %report.malformed[0], "malformed log lines skipped");
+        }
+        self.cursors.lock().insert(kind.key(), cursor);
+        Ok(rows)
+    }
+
+    /// Run `f` with the connection (after the caller ingested as needed).
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, duckdb::Error>,
+    ) -> Result<T, EngineError> {
+        Ok(f(&self.conn.lock())?)
+    }
+
+    /// Compute every distinct aggregate in `aggregates` as of `now_ms`.
+    pub fn compute(
+        &self,
+        aggregates: &[Aggregate],
+        now_ms: u64,
+    ) -> Result<PublishedAggregates, EngineError> {
+        let mut tables = HashMap::new();
+        let conn = self.conn.lock();
+        for a in aggregates {
+            let key = SpecKey::of(a);
+            if tables.contains_key(&key) {
+                continue;
+            }
+            let (start_us, period) = window_start_us(a.window, now_ms);
+            let cols: Vec<&str> = key.scope.iter().map(|s| scope_column(*s)).collect();
+            let metric = metric_expr(a.metric);
+            let agg = match a.aggregation {
+                Aggregation::Sum => format!("sum({metric})::DOUBLE"),
+                Aggregation::Avg => format!("avg({metric})::DOUBLE"),
+                Aggregation::Max => format!("max({metric})::DOUBLE"),
+                Aggregation::P95 => format!("quantile_cont({metric}, 0.95)::DOUBLE"),
+                Aggregation::Count => "count(*)::DOUBLE".to_owned(),
+            };
+            let select_cols = cols.iter().map(|c| format!("{c}, ")).collect::<String>();
+            let group = if cols.is_empty() {
+                String::new()
+            } else {
+                format!(" GROUP BY {}", cols.join(", "))
+            };
+            let sql = format!(
+                "SELECT {select_cols}{agg}, count(*) FROM telemetry WHERE status = 'ok' AND ts_us >= ? AND ts_us <= ?{group}"
+            );
+            let now_us = i64::try_from(now_ms)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            let mut stmt = conn.prepare(&sql)?;
+            let n = cols.len();
+            let mut values = HashMap::new();
+            let mut rows = stmt.query(params![start_us, now_us])?;
+            while let Some(row) = rows.next()? {
+                let mut dims = Vec::with_capacity(n);
+                for i in 0..n {
+                    dims.push(row.get::<_, Option<String>>(i)?);
+                }
+                let value: Option<f64> = row.get(n)?;
+                let samples: i64 = row.get(n + 1)?;
+                if samples > 0 {
+                    values.insert(dims, (value, samples as u64));
+                }
+            }
+            tables.insert(
+                key,
+                Table {
+                    period_start_us: period,
+                    values,
+                },
+            );
+        }
+        Ok(PublishedAggregates {
+            taken_at_ms: now_ms,
+            tables,
+        })
+    }
+}
+
+fn read_head(file: &mut File) -> std::io::Result<String> {
+    let mut head = vec![0u8; HEAD_BYTES];
+    file.seek(SeekFrom::Start(0))?;
+    let mut filled = 0;
+    while filled < HEAD_BYTES {
+        let n = file.read(&mut head[filled..])?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    head.truncate(filled);
+    if let Some(nl) = head.iter().position(|b| *b == b'\n') {
+        head.truncate(nl);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+fn scope_column(s: Scope) -> &'static str {
+    match s {
+        Scope::Tenant => "tenant_id",
+        Scope::Feature => "feature_id",
+        Scope::Route => "route_name",
+        Scope::BudgetNamespace => "budget_namespace",
+        Scope::Experiment => "experiment_id",
+        Scope::Model => "model",
+    }
+}
+
+fn metric_expr(m: Metric) -> &'static str {
+    match m {
+        Metric::CostUsd => "cost_usd",
+        Metric::TokensIn => "tokens_in",
+        Metric::TokensOut => "tokens_out",
+        Metric::Requests => "1",
+        Metric::LatencyMs => "latency_ms",
+    }
+}
+
+fn scope_value(s: Scope, r: &RequestContext) -> Option<String> {
+    match s {
+        Scope::Tenant => Some(r.tenant_id.clone()),
+        Scope::Feature => r.feature_id.clone(),
+        Scope::Route => Some(r.route_name.clone()),
+        Scope::BudgetNamespace => Some(r.budget_namespace.clone()),
+        Scope::Experiment => r.experiment_id.clone(),
+        Scope::Model => Some(r.model.clone()),
+    }
+}
+
+/// Start of `window` ending at `now_ms`, in µs, and the calendar period start when calendar.
+pub fn window_start_us(window: Window, now_ms: u64) -> (i64, Option<i64>) {
+    let now_us = i64::try_from(now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    match window {
+        Window::RollingSeconds(s) => (
+            now_us.saturating_sub(
+                i64::try_from(s)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1_000_000),
+            ),
+            None,
+        ),
+        cal => {
+            let start = calendar_start_us(cal, now_ms);
+            (start, Some(start))
+        }
+    }
+}
+
+fn calendar_start_us(window: Window, now_ms: u64) -> i64 {
+    let now = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let date = now.date();
+    let start = match window {
+        Window::CalendarHour => date.with_hms(now.hour(), 0, 0),
+        Window::CalendarDay => date.with_hms(0, 0, 0),
+        Window::CalendarMonth => date.replace_day(1).and_then(|d| d.with_hms(0, 0, 0)),
+        Window::RollingSeconds(_) => date.with_hms(0, 0, 0),
+    };
+    start.map_or(0, |s| (s.assume_utc().unix_timestamp_nanos() / 1000) as i64)
+}
+
+/// Identity of an aggregate for deduplication: scope order does not matter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpecKey {
+    metric: Metric,
+    aggregation: Aggregation,
+    window: Window,
+    scope: Vec<Scope>,
+}
+
+impl SpecKey {
+    /// The key of `a`.
+    pub fn of(a: &Aggregate) -> Self {
+        let mut scope = a.scope.clone();
+        scope.sort();
+        scope.dedup();
+        Self {
+            metric: a.metric,
+            aggregation: a.aggregation,
+            window: a.window,
+            scope,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Table {
+    period_start_us: Option<i64>,
+    values: HashMap<Vec<Option<String>>, (Option<f64>, u64)>,
+}
+
+/// Aggregate values published after a refresh; lookups are hash probes.
+#[derive(Debug, Clone, Default)]
+pub struct PublishedAggregates {
+    taken_at_ms: u64,
+    tables: HashMap<SpecKey, Table>,
+}
+
+impl PublishedAggregates {
+    /// Number of distinct aggregates computed.
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Whether nothing was computed.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+}
+
+impl AggregateStore for PublishedAggregates {
+    fn lookup(&self, a: &Aggregate, request: &RequestContext) -> Option<AggregateValue> {
+        let key = SpecKey::of(a);
+        let table = self.tables.get(&key)?;
+        if let Some(start) = table.period_start_us {
+            // A new calendar period began since the refresh: nothing recorded in it yet.
+            if calendar_start_us(a.window, request.unix_time_ms) != start {
+                return None;
+            }
+        }
+        let dims: Vec<Option<String>> =
+            key.scope.iter().map(|s| scope_value(*s, request)).collect();
+        table
+            .values
+            .get(&dims)
+            .map(|(value, samples)| AggregateValue {
+                key: a.key.clone(),
+                value: *value,
+                samples: *samples,
+            })
+    }
+
+    fn taken_at_unix_ms(&self) -> u64 {
+        self.taken_at_ms
+    }
+}
+
+#[derive(Deserialize)]
+struct RawTelemetry {
+    timestamp: String,
+    #[serde(default)]
+    request_id: Option<String>,
+    tenant_id: String,
+    #[serde(default)]
+    caller_id: Option<String>,
+    #[serde(default)]
+    feature_id: Option<String>,
+    #[serde(default)]
+    experiment_id: Option<String>,
+    #[serde(default)]
+    budget_namespace: Option<String>,
+    #[serde(default)]
+    route_name: Option<String>,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    requested_model_tier: Option<String>,
+    #[serde(default)]
+    model_tier: Option<String>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    tokens_in: Option<i64>,
+    #[serde(default)]
+    tokens_out: Option<i64>,
+    #[serde(default)]
+    estimated_cost_usd: Option<f64>,
+    #[serde(default)]
+    cost_usd: Option<f64>,
+    #[serde(default)]
+    latency_ms: Option<f64>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    is_fallback: Option<bool>,
+    #[serde(default)]
+    policy_decision: Option<String>,
+    #[serde(default)]
+    policy_id: Option<String>,
+}
+
+struct TelemetryRow {
+    ts_us: i64,
+    request_id: Option<String>,
+    tenant_id: String,
+    caller_id: Option<String>,
+    feature_id: Option<String>,
+    experiment_id: Option<String>,
+    budget_namespace: Option<String>,
+    route_name: Option<String>,
+    requested_model_tier: Option<String>,
+    model_tier: Option<String>,
+    provider: Option<String>,
+    model: Option<String>,
+    tokens_in: Option<i64>,
+    tokens_out: Option<i64>,
+    estimated_cost_usd: Option<f64>,
+    cost_usd: f64,
+    latency_ms: Option<f64>,
+    status: String,
+    finish_reason: Option<String>,
+    is_fallback: bool,
+    policy_decision: Option<String>,
+    policy_id: Option<String>,
+}
+
+/// Parse an RFC 3339 timestamp (any offset) into µs since the epoch, UTC.
+pub fn parse_ts_us(ts: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("timestamp {ts:?}: {e}"))?;
+    i64::try_from(t.unix_timestamp_nanos() / 1000)
+        .map_err(|_| format!("timestamp {ts:?} out of range"))
+}
+
+fn parse_telemetry(line: &[u8]) -> Result<TelemetryRow, String> {
+    let r: RawTelemetry =
+        serde_json::from_slice(line).map_err(|e| format!("not a telemetry record: {e}"))?;
+    Ok(TelemetryRow {
+        ts_us: parse_ts_us(&r.timestamp)?,
+        request_id: r.request_id,
+        tenant_id: r.tenant_id,
+        caller_id: r.caller_id,
+        feature_id: r.feature_id,
+        experiment_id: r.experiment_id,
+        budget_namespace: r.budget_namespace,
+        route_name: r.route_name.or(r.route),
+        requested_model_tier: r.requested_model_tier,
+        model_tier: r.model_tier,
+        provider: r.provider,
+        model: r.model,
+        tokens_in: r.tokens_in,
+        tokens_out: r.tokens_out,
+        estimated_cost_usd: r.estimated_cost_usd,
+        cost_usd: r.cost_usd.unwrap_or(0.0),
+        latency_ms: r.latency_ms,
+        // Records from before statuses existed were provider calls.
+        status: r.status.unwrap_or_else(|| "ok".into()),
+        finish_reason: r.finish_reason,
+        is_fallback: r.is_fallback.unwrap_or(false),
+        policy_decision: r.policy_decision,
+        policy_id: r.policy_id,
+    })
+}
+
+#[derive(Deserialize)]
+struct RawDecision {
+    timestamp: String,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    feature_id: Option<String>,
+    #[serde(default)]
+    experiment_id: Option<String>,
+    #[serde(default)]
+    budget_namespace: Option<String>,
+    #[serde(default)]
+    route_name: Option<String>,
+    decision: String,
+    #[serde(default)]
+    policy_id: Option<String>,
+    #[serde(default)]
+    primitive: Option<String>,
+    #[serde(default)]
+    estimated_cost_usd: Option<f64>,
+    #[serde(default)]
+    requested_model_tier: Option<String>,
+    #[serde(default)]
+    effective_model_tier: Option<String>,
+}
+
+struct DecisionRow {
+    ts_us: i64,
+    request_id: Option<String>,
+    tenant_id: Option<String>,
+    feature_id: Option<String>,
+    experiment_id: Option<String>,
+    budget_namespace: Option<String>,
+    route_name: Option<String>,
+    decision: String,
+    policy_id: Option<String>,
+    primitive: Option<String>,
+    estimated_cost_usd: Option<f64>,
+    requested_model_tier: Option<String>,
+    effective_model_tier: Option<String>,
+}
+
+fn parse_decision(line: &[u8]) -> Result<DecisionRow, String> {
+    let r: RawDecision =
+        serde_json::from_slice(line).map_err(|e| format!("not a decision record: {e}"))?;
+    Ok(DecisionRow {
+        ts_us: parse_ts_us(&r.timestamp)?,
+        request_id: r.request_id,
+        tenant_id: r.tenant_id,
+        feature_id: r.feature_id,
+        experiment_id: r.experiment_id,
+        budget_namespace: r.budget_namespace,
+        route_name: r.route_name,
+        decision: r.decision,
+        policy_id: r.policy_id,
+        primitive: r.primitive,
+        estimated_cost_usd: r.estimated_cost_usd,
+        requested_model_tier: r.requested_model_tier,
+        effective_model_tier: r.effective_model_tier,
+    })
+}
+
+/// The distinct aggregates declared by `rules`.
+pub fn declared_aggregates<'a>(
+    rules: impl Iterator<Item = &'a crate::policy::Rule>,
+) -> Vec<Aggregate> {
+    let mut seen = BTreeMap::new();
+    for rule in rules {
+        for a in rule.aggregates() {
+            seen.entry(format!("{:?}", SpecKey::of(a)))
+                .or_insert_with(|| a.clone());
+        }
+    }
+    seen.into_values().collect()
+}

@@ -1,0 +1,247 @@
+//! Pricing before dispatch: count input tokens with a real BPE tokenizer (offline, bundled with
+//! `tiktoken-rs`), take the route's output-token budget as the expected output, and price every
+//! tier of the route.
+
+use llmscope_sdk::types::TierEstimate;
+
+use crate::config::{GatewayConfig, ModelConfig};
+
+/// A BPE vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokenizer {
+    /// GPT-4o / 4.1 / o-series.
+    O200kBase,
+    /// GPT-4 / 3.5, and the approximation used for non-OpenAI models.
+    Cl100kBase,
+}
+
+impl Tokenizer {
+    /// Parse a tokenizer name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "o200k_base" => Some(Self::O200kBase),
+            "cl100k_base" => Some(Self::Cl100kBase),
+            _ => None,
+        }
+    }
+
+    /// The tokenizer for a model: configured, else by name (GPT-4o family and o-series use
+    /// o200k; everything else, including Claude models whose tokenizer is not public, cl100k).
+    pub fn for_model(name: &str, model: &ModelConfig) -> Self {
+        if let Some(t) = model.tokenizer.as_deref().and_then(Self::from_name) {
+            return t;
+        }
+        let n = name.to_ascii_lowercase();
+        if n.starts_with("gpt-4o")
+            || n.starts_with("gpt-4.1")
+            || n.starts_with("o1")
+            || n.starts_with("o3")
+            || n.starts_with("o4")
+            || n.starts_with("gpt-5")
+        {
+            Self::O200kBase
+        } else {
+            Self::Cl100kBase
+        }
+    }
+
+    /// Number of tokens in `text`.
+    pub fn count(self, text: &str) -> u32 {
+        let bpe = match self {
+            Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
+            Self::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+        };
+        u32::try_from(bpe.encode_with_special_tokens(text).len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// Tokens added per chat message for role and separators (OpenAI's published accounting).
+const TOKENS_PER_MESSAGE: u32 = 3;
+/// Tokens that prime the reply.
+const REPLY_PRIMER_TOKENS: u32 = 3;
+
+/// Input tokens of a chat conversation for `tokenizer`.
+pub fn chat_tokens(tokenizer: Tokenizer, messages: &[(String, String)]) -> u32 {
+    messages
+        .iter()
+        .map(|(role, content)| {
+            TOKENS_PER_MESSAGE + tokenizer.count(role) + tokenizer.count(content)
+        })
+        .sum::<u32>()
+        + REPLY_PRIMER_TOKENS
+}
+
+/// Cost in USD of `tokens_in` + `tokens_out` at `model`'s prices.
+pub fn cost_usd(model: &ModelConfig, tokens_in: u32, tokens_out: u32) -> f64 {
+    (f64::from(tokens_in) * model.input_per_1m + f64::from(tokens_out) * model.output_per_1m) / 1e6
+}
+
+/// A request priced at every tier of its route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Priced {
+    /// Expected output tokens.
+    pub tokens_out: u32,
+    /// Every tier, cheapest first.
+    pub tiers: Vec<TierEstimate>,
+    /// Input-token counts per tokenizer already computed for this conversation.
+    counts: Vec<(Tokenizer, u32)>,
+}
+
+impl Priced {
+    /// The estimate for `tier`.
+    pub fn tier(&self, tier: &str) -> Option<&TierEstimate> {
+        self.tiers.iter().find(|t| t.tier == tier)
+    }
+
+    /// Input tokens of the conversation for `model_name` (counted at most once per tokenizer).
+    pub fn tokens_in(
+        &mut self,
+        config: &GatewayConfig,
+        model_name: &str,
+        messages: &[(String, String)],
+    ) -> u32 {
+        let Some(model) = config.models.get(model_name) else {
+            return 0;
+        };
+        count_once(
+            &mut self.counts,
+            Tokenizer::for_model(model_name, model),
+            messages,
+        )
+    }
+}
+
+fn count_once(
+    counts: &mut Vec<(Tokenizer, u32)>,
+    tokenizer: Tokenizer,
+    messages: &[(String, String)],
+) -> u32 {
+    if let Some((_, n)) = counts.iter().find(|(t, _)| *t == tokenizer) {
+        return *n;
+    }
+    let n = chat_tokens(tokenizer, messages);
+    counts.push((tokenizer, n));
+    n
+}
+
+/// Price a conversation on `route` for every tier. Tokens are counted once per distinct
+/// tokenizer. Returns `None` when the route is unknown.
+pub fn price(
+    config: &GatewayConfig,
+    route: &str,
+    messages: &[(String, String)],
+    max_output: Option<u32>,
+) -> Option<Priced> {
+    let route_cfg = config.routes.get(route)?;
+    let tokens_out = max_output.map_or(route_cfg.max_output_tokens, |m| {
+        m.min(route_cfg.max_output_tokens)
+    });
+    let mut counts: Vec<(Tokenizer, u32)> = Vec::with_capacity(2);
+    let mut tiers = Vec::with_capacity(route_cfg.tiers.len());
+    for (tier, model_name) in &route_cfg.tiers {
+        let model = config.models.get(model_name)?;
+        let tokens_in = count_once(
+            &mut counts,
+            Tokenizer::for_model(model_name, model),
+            messages,
+        );
+        tiers.push(TierEstimate {
+            tier: tier.clone(),
+            model: model_name.clone(),
+            estimated_cost_usd: cost_usd(model, tokens_in, tokens_out),
+        });
+    }
+    tiers.sort_by(|a, b| a.estimated_cost_usd.total_cmp(&b.estimated_cost_usd));
+    Some(Priced {
+        tokens_out,
+        tiers,
+        counts,
+    })
+}
+
+/// Price `tokens_in` input tokens (already counted, e.g. by an edge proxy) on every tier of
+/// `route`. Returns `None` when the route is unknown.
+pub fn price_tokens(
+    config: &GatewayConfig,
+    route: &str,
+    tokens_in: u32,
+    max_output: Option<u32>,
+) -> Option<Priced> {
+    let route_cfg = config.routes.get(route)?;
+    let tokens_out = max_output.map_or(route_cfg.max_output_tokens, |m| {
+        m.min(route_cfg.max_output_tokens)
+    });
+    let mut tiers = Vec::with_capacity(route_cfg.tiers.len());
+    let mut counts = Vec::new();
+    for (tier, model_name) in &route_cfg.tiers {
+        let model = config.models.get(model_name)?;
+        let tokenizer = Tokenizer::for_model(model_name, model);
+        if !counts.iter().any(|(t, _)| *t == tokenizer) {
+            counts.push((tokenizer, tokens_in));
+        }
+        tiers.push(TierEstimate {
+            tier: tier.clone(),
+            model: model_name.clone(),
+            estimated_cost_usd: cost_usd(model, tokens_in, tokens_out),
+        });
+    }
+    tiers.sort_by(|a, b| a.estimated_cost_usd.total_cmp(&b.estimated_cost_usd));
+    Some(Priced {
+        tokens_out,
+        tiers,
+        counts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(input: f64, output: f64) -> ModelConfig {
+        ModelConfig {
+            provider: "mock".into(),
+            provider_model: None,
+            input_per_1m: input,
+            output_per_1m: output,
+            fallback: vec![],
+            tokenizer: None,
+        }
+    }
+
+    #[test]
+    fn counts_real_bpe_tokens_not_words() {
+        // "tokenization" is one word but several BPE tokens; words×1.3 would say 1.3.
+        assert!(Tokenizer::O200kBase.count("tokenization isn't words") >= 4);
+        assert_eq!(Tokenizer::Cl100kBase.count(""), 0);
+        assert_eq!(Tokenizer::O200kBase.count("hello world"), 2);
+    }
+
+    #[test]
+    fn picks_tokenizer_by_model_family() {
+        assert_eq!(
+            Tokenizer::for_model("gpt-4o-mini", &model(0.15, 0.6)),
+            Tokenizer::O200kBase
+        );
+        assert_eq!(
+            Tokenizer::for_model("claude-sonnet-4-20250514", &model(3.0, 15.0)),
+            Tokenizer::Cl100kBase
+        );
+        let mut m = model(1.0, 1.0);
+        m.tokenizer = Some("o200k_base".into());
+        assert_eq!(Tokenizer::for_model("llama3", &m), Tokenizer::O200kBase);
+    }
+
+    #[test]
+    fn prices_per_million_tokens() {
+        let gpt4o = model(2.50, 10.00);
+        assert!((cost_usd(&gpt4o, 1000, 500) - 0.0075).abs() < 1e-12);
+        assert_eq!(cost_usd(&gpt4o, 0, 0), 0.0);
+    }
+
+    #[test]
+    fn chat_accounting_adds_message_overhead() {
+        let msgs = vec![("user".to_owned(), "hello world".to_owned())];
+        // 3 per message + "user" (1) + "hello world" (2) + 3 primer.
+        assert_eq!(chat_tokens(Tokenizer::O200kBase, &msgs), 9);
+    }
+}

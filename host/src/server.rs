@@ -1,0 +1,951 @@
+//! The HTTP surface (hyper 1): `/infer` (the reference API), `/v1/chat/completions`
+//! (OpenAI-compatible), health, readiness, metrics, the loaded policies and reload. Errors map to
+//! status codes by exhaustive match; bodies never leak internals.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Map, Value};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::gateway::{Gateway, GatewayError, Inference, Outcome, Served};
+use crate::providers::Message;
+use crate::queries::{parse_time, QueryParams, Question};
+
+type Body = Full<Bytes>;
+/// A response that ends request handling early.
+type Reject = Response<Body>;
+
+/// Serve `gateway` on `listener` until `shutdown` resolves; then stop accepting, let in-flight
+/// requests finish (up to 30 s), and flush the logs.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let gw = Arc::clone(&gateway);
+                let service = hyper::service::service_fn(move |req| {
+                    let gw = Arc::clone(&gw);
+                    async move { Ok::<_, Infallible>(route(&gw, req).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish within 30 s");
+    }
+    let gw = Arc::clone(&gateway);
+    let _ = tokio::task::spawn_blocking(move || gw.shutdown()).await;
+    Ok(())
+}
+
+/// Bind `addr` (port 0 picks a free port).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, code: &str, detail: Value) -> Response<Body> {
+    json_response(status, &json!({"error": code, "detail": detail}))
+}
+
+/// An OpenAI-shaped error body.
+fn openai_error(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: &str,
+    param: Option<&str>,
+) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": param, "code": code}}),
+    )
+}
+
+async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        (Method::GET, "/readyz") => readyz(gw),
+        (Method::GET, "/metrics") => metrics(gw),
+        (Method::POST, "/infer") => infer(gw, req).await,
+        (Method::POST, "/v1/chat/completions") => chat(gw, req).await,
+        (Method::GET, "/v1/policies") => match authorize(gw, req.headers(), None) {
+            Ok(()) => json_response(StatusCode::OK, &policies_json(gw)),
+            Err(resp) => resp,
+        },
+        (Method::POST, "/v1/admin/reload") => match authorize(gw, req.headers(), Some("*")) {
+            Ok(()) => reload(gw).await,
+            Err(resp) => resp,
+        },
+        (Method::GET, "/v1/snapshot") => {
+            snapshot(gw, req.headers(), req.uri().query().unwrap_or(""))
+        }
+        (Method::GET, p) if p.starts_with("/v1/queries/") => {
+            match authorize(gw, req.headers(), Some("*")) {
+                Ok(()) => query(
+                    gw,
+                    &p["/v1/queries/".len()..],
+                    req.uri().query().unwrap_or(""),
+                ),
+                Err(resp) => resp,
+            }
+        }
+        (
+            _,
+            "/healthz"
+            | "/readyz"
+            | "/metrics"
+            | "/infer"
+            | "/v1/chat/completions"
+            | "/v1/policies"
+            | "/v1/admin/reload",
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            json!(format!("{} is not supported on {path}", req.method())),
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            json!({"message": format!("no endpoint {path}"), "endpoints": ["POST /infer", "POST /v1/chat/completions", "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/policies", "POST /v1/admin/reload", "GET /v1/queries/<name>", "GET /v1/snapshot"]}),
+        ),
+    }
+}
+
+fn readyz(gw: &Gateway) -> Response<Body> {
+    let logs = gw.logs_healthy();
+    let set = gw.policies();
+    let body = json!({
+        "ready": logs,
+        "logs_writable": logs,
+        "policy_file": set.source().display().to_string(),
+        "rules": set.rules().count(),
+    });
+    json_response(
+        if logs {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &body,
+    )
+}
+
+fn metrics(gw: &Gateway) -> Response<Body> {
+    let (buckets, settled) = gw.ledger().len();
+    let text = gw.metrics().render(&[
+        (
+            "llmscope_logs_writable",
+            "1 when the last log write succeeded.",
+            if gw.logs_healthy() { 1.0 } else { 0.0 },
+        ),
+        (
+            "llmscope_ledger_buckets",
+            "Dimension tuples with in-flight or unsettled money.",
+            buckets as f64,
+        ),
+        (
+            "llmscope_ledger_settled_pending",
+            "Settled requests not yet ingested.",
+            settled as f64,
+        ),
+        (
+            "llmscope_policy_rules",
+            "Rules loaded.",
+            gw.policies().rules().count() as f64,
+        ),
+        (
+            "llmscope_uptime_seconds",
+            "Seconds since start.",
+            gw.uptime_s(),
+        ),
+    ]);
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+fn policies_json(gw: &Gateway) -> Value {
+    let set = gw.policies();
+    let components: Vec<Value> = set
+        .components()
+        .map(|c| json!({"name": c.info().name, "version": c.info().version, "description": c.info().description, "sha256": c.sha256(), "path": c.path().display().to_string()}))
+        .collect();
+    let namespaces: Map<String, Value> = set
+        .namespaces()
+        .map(|ns| {
+            let rules: Vec<Value> = ns
+                .rules()
+                .iter()
+                .map(|r| json!({"id": r.id(), "primitive": r.primitive(), "mode": r.mode(), "failure_mode": r.failure_mode(), "settings": serde_json::from_str::<Value>(r.settings_json()).unwrap_or(Value::Null), "aggregates": r.aggregates()}))
+                .collect();
+            (ns.name().to_owned(), json!({"rules": rules}))
+        })
+        .collect();
+    json!({"source": set.source().display().to_string(), "version": set.version(), "components": components, "namespaces": namespaces})
+}
+
+/// `GET /v1/snapshot?tenant_id=..&route_name=..&model_tier=..&tokens_in=..[&feature_id..]`: the
+/// priced context and each rule's current aggregate values for such a request.
+fn snapshot(gw: &Gateway, headers: &HeaderMap, query_string: &str) -> Response<Body> {
+    let params: std::collections::BTreeMap<String, String> =
+        form_urlencoded::parse(query_string.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let obj: Map<String, Value> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let mut errs = FieldErrors::default();
+    let tenant_id = errs.required(&obj, "tenant_id");
+    let tokens_in = match params.get("tokens_in").map(|v| v.parse::<u32>()) {
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            errs.push("tokens_in", "must be a non-negative integer");
+            0
+        }
+        None => {
+            errs.push("tokens_in", "is required (input tokens of the request)");
+            0
+        }
+    };
+    let max_tokens = match params.get("max_tokens").map(|v| v.parse::<u32>()) {
+        Some(Ok(n)) if n > 0 => Some(n),
+        Some(_) => {
+            errs.push("max_tokens", "must be a positive integer");
+            None
+        }
+        None => None,
+    };
+    for key in params.keys() {
+        if ![
+            "tenant_id",
+            "caller_id",
+            "feature_id",
+            "experiment_id",
+            "budget_namespace",
+            "route_name",
+            "model_tier",
+            "tokens_in",
+            "max_tokens",
+        ]
+        .contains(&key.as_str())
+        {
+            errs.push(key, "unknown parameter");
+        }
+    }
+    let q = crate::gateway::SnapshotQuery {
+        caller_id: errs.optional(&obj, "caller_id"),
+        feature_id: errs.optional(&obj, "feature_id"),
+        experiment_id: errs.optional(&obj, "experiment_id"),
+        budget_namespace: errs.optional(&obj, "budget_namespace"),
+        route_name: errs
+            .optional(&obj, "route_name")
+            .unwrap_or_else(|| gw.config().default_route.clone()),
+        model_tier: errs
+            .optional(&obj, "model_tier")
+            .unwrap_or_else(|| gw.config().default_tier.clone()),
+        tenant_id,
+        tokens_in,
+        max_tokens,
+    };
+    if !errs.0.is_empty() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Value::Array(errs.0),
+        );
+    }
+    if let Err(resp) = authorize(gw, headers, Some(&q.tenant_id)) {
+        return resp;
+    }
+    match gw.snapshot_for(&q) {
+        Ok(answer) => json_response(StatusCode::OK, &json!(answer)),
+        Err(e) => gateway_error(&e),
+    }
+}
+
+/// `GET /v1/queries/<name>?threshold=0.05&since=2025-11-24&until=...`: one of the five
+/// questions, answered from the logs ingested up to now.
+fn query(gw: &Gateway, name: &str, query_string: &str) -> Response<Body> {
+    let Some(question) = Question::from_name(name) else {
+        let names: Vec<&str> = Question::ALL.iter().map(|q| q.name()).collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_query",
+            json!({"message": format!("no query `{name}`"), "queries": names}),
+        );
+    };
+    let mut params = QueryParams::default();
+    let mut errs = Vec::new();
+    for (key, value) in form_urlencoded::parse(query_string.as_bytes()) {
+        match key.as_ref() {
+            "threshold" => match value.parse::<f64>() {
+                Ok(t) if t.is_finite() && t >= 0.0 => params.threshold_usd = t,
+                _ => errs.push(json!({"field": "threshold", "message": "must be a non-negative number of USD"})),
+            },
+            "since" | "until" => match parse_time(&value) {
+                Ok(us) if key == "since" => params.since_us = Some(us),
+                Ok(us) => params.until_us = Some(us),
+                Err(message) => errs.push(json!({"field": key, "message": message})),
+            },
+            other => errs.push(json!({"field": other, "message": "unknown parameter; use threshold, since, until"})),
+        }
+    }
+    if !errs.is_empty() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Value::Array(errs),
+        );
+    }
+    let answer = tokio::task::block_in_place(|| {
+        gw.engine().ingest()?;
+        crate::queries::run(gw.engine(), question, &params)
+    });
+    match answer {
+        Ok(a) => json_response(StatusCode::OK, &json!(a)),
+        Err(e) => {
+            tracing::error!(error = %e, query = name, "query failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "query_failed",
+                json!("the query failed; see the gateway log"),
+            )
+        }
+    }
+}
+
+async fn reload(gw: &Gateway) -> Response<Body> {
+    // Compiling components is CPU work; keep it off the async workers.
+    let result = tokio::task::block_in_place(|| gw.reload_policies());
+    match result {
+        Ok(set) => json_response(
+            StatusCode::OK,
+            &json!({"reloaded": true, "rules": set.rules().count(), "version": set.version()}),
+        ),
+        Err(e) => {
+            let problems: Vec<Value> = e
+                .problems()
+                .iter()
+                .map(|p| json!({"at": p.at, "message": p.message}))
+                .collect();
+            json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &json!({"reloaded": false, "error": "invalid_policy_config", "detail": e.to_string(), "problems": problems, "serving": "previous policy set"}),
+            )
+        }
+    }
+}
+
+/// Check the API key (when keys are configured) and that it may act for `tenant`.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the HTTP response itself, built only for rejected requests"
+)]
+fn authorize(gw: &Gateway, headers: &HeaderMap, tenant: Option<&str>) -> Result<(), Reject> {
+    let keys = &gw.config().api_keys;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    let Some(presented) = presented else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            json!("missing API key: send `Authorization: Bearer <key>` or `x-api-key`"),
+        ));
+    };
+    // Compare against every key in constant time; no early exit on a match.
+    let mut matched = None;
+    for key in keys {
+        if bool::from(key.key.as_bytes().ct_eq(presented.as_bytes())) {
+            matched = Some(key);
+        }
+    }
+    let Some(key) = matched else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            json!("invalid API key"),
+        ));
+    };
+    match tenant {
+        Some(t) if !key.allows(t) => Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            json!(format!("this API key may not act for tenant `{t}`")),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Read a JSON body: 415 unless `application/json`, 413 over the limit, 400 if malformed.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the HTTP response itself, built only for rejected requests"
+)]
+async fn read_json(gw: &Gateway, req: Request<Incoming>) -> Result<(HeaderMap, Value), Reject> {
+    let (parts, body) = req.into_parts();
+    let is_json = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return Err(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            json!("send the body as JSON with `Content-Type: application/json`"),
+        ));
+    }
+    let limit = gw.config().max_body_bytes;
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            json!(format!("request body exceeds {limit} bytes")),
+        )
+    };
+    if parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > limit)
+    {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(too_large())
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                json!(format!("cannot read body: {e}")),
+            ))
+        }
+    };
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            json!(format!("body is not valid JSON: {e}")),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            json!([{"field": "(body)", "message": "must be a JSON object"}]),
+        ));
+    }
+    Ok((parts.headers, value))
+}
+
+/// Collects field errors (FastAPI-style `detail` list).
+#[derive(Default)]
+struct FieldErrors(Vec<Value>);
+
+impl FieldErrors {
+    fn push(&mut self, field: &str, message: impl Into<String>) {
+        self.0
+            .push(json!({"field": field, "message": message.into()}));
+    }
+
+    /// A required non-empty string.
+    fn required(&mut self, obj: &Map<String, Value>, field: &str) -> String {
+        match obj.get(field) {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::String(_)) => {
+                self.push(field, "must not be empty");
+                String::new()
+            }
+            None | Some(Value::Null) => {
+                self.push(field, "is required");
+                String::new()
+            }
+            Some(_) => {
+                self.push(field, "must be a string");
+                String::new()
+            }
+        }
+    }
+
+    /// An optional string (empty counts as absent).
+    fn optional(&mut self, obj: &Map<String, Value>, field: &str) -> Option<String> {
+        match obj.get(field) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.trim().is_empty() => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                self.push(field, "must be a string");
+                None
+            }
+        }
+    }
+
+    fn optional_u32(&mut self, obj: &Map<String, Value>, field: &str) -> Option<u32> {
+        match obj.get(field) {
+            None | Some(Value::Null) => None,
+            Some(v) => match v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n > 0)
+            {
+                Some(n) => Some(n),
+                None => {
+                    self.push(field, "must be a positive integer");
+                    None
+                }
+            },
+        }
+    }
+
+    fn optional_f64(&mut self, obj: &Map<String, Value>, field: &str) -> Option<f64> {
+        match obj.get(field) {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(n) => Some(n),
+                None => {
+                    self.push(field, "must be a number");
+                    None
+                }
+            },
+        }
+    }
+}
+
+async fn infer(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+    let (headers, body) = match read_json(gw, req).await {
+        Ok(v) => v,
+        Err(resp) => return resp,
+    };
+    let obj = body.as_object().cloned().unwrap_or_default();
+    let mut errs = FieldErrors::default();
+    let prompt = errs.required(&obj, "prompt");
+    let tenant_id = errs.required(&obj, "tenant_id");
+    let inf = Inference {
+        caller_id: errs.optional(&obj, "caller_id"),
+        feature_id: errs.optional(&obj, "feature_id"),
+        experiment_id: errs.optional(&obj, "experiment_id"),
+        budget_namespace: errs.optional(&obj, "budget_namespace"),
+        model_tier: errs
+            .optional(&obj, "model_tier")
+            .unwrap_or_else(|| gw.config().default_tier.clone()),
+        route_name: errs
+            .optional(&obj, "route_name")
+            .unwrap_or_else(|| gw.config().default_route.clone()),
+        max_tokens: errs.optional_u32(&obj, "max_tokens"),
+        temperature: errs.optional_f64(&obj, "temperature"),
+        messages: vec![Message {
+            role: "user".into(),
+            content: prompt,
+        }],
+        tenant_id,
+    };
+    if !errs.0.is_empty() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Value::Array(errs.0),
+        );
+    }
+    if let Err(resp) = authorize(gw, &headers, Some(&inf.tenant_id)) {
+        return resp;
+    }
+    match gw.handle(inf).await {
+        Ok(Outcome::Served(s)) => json_response(StatusCode::OK, &infer_body(&s)),
+        Ok(Outcome::Denied {
+            request_id,
+            evaluation,
+        }) => {
+            let reason = evaluation
+                .reason
+                .clone()
+                .unwrap_or_else(|| "denied by policy".into());
+            json_response(
+                StatusCode::PAYMENT_REQUIRED,
+                &json!({
+                    "error": "policy_denied",
+                    "reason": reason,
+                    "policy_id": evaluation.policy_id,
+                    "request_id": request_id,
+                    "detail": format!("Request denied by policy: {reason}"),
+                }),
+            )
+        }
+        Err(e) => gateway_error(&e),
+    }
+}
+
+fn infer_body(s: &Served) -> Value {
+    json!({
+        "request_id": s.request_id,
+        "answer": s.completion.text,
+        "selected_model": s.model,
+        "estimated_cost_usd": s.estimated_cost_usd,
+        "cost_usd": s.cost_usd,
+        "tokens_in": s.tokens_in,
+        "tokens_out": s.tokens_out,
+        "policy_decision": s.evaluation.decision.as_str(),
+        "policy_reason": s.evaluation.reason,
+        "policy_id": s.evaluation.policy_id,
+        "effective_model_tier": s.effective_tier,
+        "provider": s.provider,
+        "is_fallback": s.is_fallback,
+        "alerts": s.evaluation.alerts,
+    })
+}
+
+fn gateway_error(e: &GatewayError) -> Response<Body> {
+    match e {
+        GatewayError::UnknownRoute { route, known } => error(
+            StatusCode::NOT_FOUND,
+            "unknown_route",
+            json!({"message": format!("unknown route `{route}`"), "known_routes": known.split(", ").collect::<Vec<_>>()}),
+        ),
+        GatewayError::UnknownTier { route, tier, known } => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            json!([{"field": "model_tier", "message": format!("route {route} has no tier `{tier}`; tiers: {known}")}]),
+        ),
+        GatewayError::ProvidersFailed(_) => error(
+            StatusCode::BAD_GATEWAY,
+            "provider_error",
+            json!("every model in the fallback chain failed; see telemetry for details"),
+        ),
+        GatewayError::Unlogged(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "logs_unavailable",
+            json!("the request could not be recorded, so it was not served; see /readyz"),
+        ),
+    }
+}
+
+/// Attribution header names for the OpenAI-compatible endpoint.
+const H_TENANT: &str = "x-llmscope-tenant-id";
+const H_CALLER: &str = "x-llmscope-caller-id";
+const H_FEATURE: &str = "x-llmscope-feature-id";
+const H_EXPERIMENT: &str = "x-llmscope-experiment-id";
+const H_NAMESPACE: &str = "x-llmscope-budget-namespace";
+const H_ROUTE: &str = "x-llmscope-route";
+const H_TIER: &str = "x-llmscope-model-tier";
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+async fn chat(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+    let (headers, body) = match read_json(gw, req).await {
+        Ok(v) => v,
+        Err(resp) => {
+            // Re-shape the generic error into OpenAI's error object, keeping the status.
+            let status = resp.status();
+            return openai_error(
+                status,
+                status.canonical_reason().unwrap_or("bad request"),
+                "invalid_request_error",
+                "invalid_request",
+                None,
+            );
+        }
+    };
+    let obj = body.as_object().cloned().unwrap_or_default();
+    let meta = obj
+        .get("metadata")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let attr = |h: &str, m: &str| {
+        header(&headers, h).or_else(|| {
+            meta.get(m)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .filter(|s| !s.is_empty())
+        })
+    };
+    if obj.get("stream").and_then(Value::as_bool) == Some(true) {
+        return openai_error(
+            StatusCode::BAD_REQUEST,
+            "streaming is not supported by this gateway yet; send stream: false",
+            "invalid_request_error",
+            "unsupported_stream",
+            Some("stream"),
+        );
+    }
+    let Some(tenant_id) = attr(H_TENANT, "tenant_id") else {
+        return openai_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing tenant: send the x-llmscope-tenant-id header or metadata.tenant_id",
+            "invalid_request_error",
+            "missing_tenant",
+            Some("x-llmscope-tenant-id"),
+        );
+    };
+    let mut messages = Vec::new();
+    match obj.get("messages").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => {
+            for (i, m) in list.iter().enumerate() {
+                let role = m.get("role").and_then(Value::as_str);
+                let content = match m.get("content") {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Array(parts)) => Some(
+                        parts
+                            .iter()
+                            .filter_map(|p| p.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join(""),
+                    ),
+                    _ => None,
+                };
+                match (role, content) {
+                    (Some(role), Some(content)) => messages.push(Message {
+                        role: role.to_owned(),
+                        content,
+                    }),
+                    _ => {
+                        let param = format!("messages[{i}]");
+                        return openai_error(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            &format!("{param} needs a string `role` and `content`"),
+                            "invalid_request_error",
+                            "invalid_message",
+                            Some(&param),
+                        );
+                    }
+                }
+            }
+        }
+        _ => {
+            return openai_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "`messages` must be a non-empty array",
+                "invalid_request_error",
+                "invalid_messages",
+                Some("messages"),
+            )
+        }
+    }
+    let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| gw.config().default_route.clone());
+    let model_field = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    // The tier: header, else `model` naming a tier, else `model` naming a model of the route.
+    let tier = header(&headers, H_TIER).or_else(|| {
+        let route = gw.config().routes.get(&route_name)?;
+        if route.tiers.contains_key(&model_field) {
+            Some(model_field.clone())
+        } else {
+            route
+                .tiers
+                .iter()
+                .find(|(_, m)| **m == model_field)
+                .map(|(t, _)| t.clone())
+        }
+    });
+    let model_tier = match tier {
+        Some(t) => t,
+        None if model_field.is_empty() => gw.config().default_tier.clone(),
+        None => {
+            return openai_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!(
+                    "model `{model_field}` is neither a tier nor a model of route {route_name}"
+                ),
+                "invalid_request_error",
+                "model_not_found",
+                Some("model"),
+            )
+        }
+    };
+    let mut errs = FieldErrors::default();
+    let max_tokens = errs
+        .optional_u32(&obj, "max_tokens")
+        .or_else(|| errs.optional_u32(&obj, "max_completion_tokens"));
+    let temperature = errs.optional_f64(&obj, "temperature");
+    if let Some(first) = errs.0.first() {
+        let field = first["field"].as_str().unwrap_or_default().to_owned();
+        return openai_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("{field} {}", first["message"].as_str().unwrap_or_default()),
+            "invalid_request_error",
+            "invalid_parameter",
+            Some(&field),
+        );
+    }
+    if let Err(resp) = authorize(gw, &headers, Some(&tenant_id)) {
+        let status = resp.status();
+        return openai_error(
+            status,
+            if status == StatusCode::FORBIDDEN {
+                "this API key may not act for the tenant"
+            } else {
+                "missing or invalid API key"
+            },
+            "authentication_error",
+            "invalid_api_key",
+            None,
+        );
+    }
+    let inf = Inference {
+        tenant_id,
+        caller_id: attr(H_CALLER, "caller_id"),
+        feature_id: attr(H_FEATURE, "feature_id"),
+        experiment_id: attr(H_EXPERIMENT, "experiment_id"),
+        budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
+        route_name,
+        model_tier,
+        messages,
+        max_tokens,
+        temperature,
+    };
+    match gw.handle(inf).await {
+        Ok(Outcome::Served(s)) => {
+            let created = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let body = json!({
+                "id": format!("chatcmpl-{}", s.request_id),
+                "object": "chat.completion",
+                "created": created,
+                "model": s.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": s.completion.text}, "finish_reason": s.completion.finish_reason}],
+                "usage": {"prompt_tokens": s.tokens_in, "completion_tokens": s.tokens_out, "total_tokens": s.tokens_in + s.tokens_out},
+            });
+            let mut resp = json_response(StatusCode::OK, &body);
+            let h = resp.headers_mut();
+            for (name, value) in [
+                ("x-llmscope-request-id", s.request_id.clone()),
+                (
+                    "x-llmscope-policy-decision",
+                    s.evaluation.decision.as_str().to_owned(),
+                ),
+                (H_TIER, s.effective_tier.clone()),
+                ("x-llmscope-cost-usd", format!("{:.8}", s.cost_usd)),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+            resp
+        }
+        Ok(Outcome::Denied {
+            request_id,
+            evaluation,
+        }) => {
+            let reason = evaluation
+                .reason
+                .clone()
+                .unwrap_or_else(|| "denied by policy".into());
+            let mut resp = json_response(
+                StatusCode::PAYMENT_REQUIRED,
+                &json!({"error": {
+                    "message": format!("Request denied by policy: {reason}"),
+                    "type": "insufficient_quota",
+                    "param": null,
+                    "code": "policy_denied",
+                    "policy_id": evaluation.policy_id,
+                    "reason": reason,
+                    "request_id": request_id,
+                }}),
+            );
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                resp.headers_mut().insert("x-llmscope-request-id", v);
+            }
+            resp
+        }
+        Err(e) => {
+            let status = gateway_error(&e).status();
+            let (kind, code) = match &e {
+                GatewayError::UnknownRoute { .. } => ("invalid_request_error", "unknown_route"),
+                GatewayError::UnknownTier { .. } => ("invalid_request_error", "unknown_tier"),
+                GatewayError::ProvidersFailed(_) => ("api_error", "provider_error"),
+                GatewayError::Unlogged(_) => ("api_error", "logs_unavailable"),
+            };
+            let message = match &e {
+                GatewayError::UnknownRoute { .. } | GatewayError::UnknownTier { .. } => {
+                    e.to_string()
+                }
+                GatewayError::ProvidersFailed(_) => {
+                    "every model in the fallback chain failed".to_owned()
+                }
+                GatewayError::Unlogged(_) => {
+                    "the request could not be recorded, so it was not served".to_owned()
+                }
+            };
+            openai_error(status, &message, kind, code, None)
+        }
+    }
+}

@@ -1,0 +1,58 @@
+"""Drive the gateway's /v1/chat/completions with the official `openai` Python package.
+
+Usage: python3 openai_client.py BASE_URL   (BASE_URL like http://127.0.0.1:PORT/v1)
+Exits non-zero with a message on any mismatch; prints OK on success.
+"""
+import sys
+
+try:
+    import openai
+except ImportError:
+    sys.exit("the `openai` package is missing: pip install openai")
+
+base_url = sys.argv[1]
+client = openai.OpenAI(
+    base_url=base_url,
+    api_key="not-needed-for-the-demo",
+    default_headers={"x-llmscope-tenant-id": "acme-corp", "x-llmscope-feature-id": "chat"},
+    max_retries=0,
+)
+
+# Allowed: a tier name as the model.
+resp = client.chat.completions.create(model="cheap", messages=[{"role": "user", "content": "Say hello"}], max_tokens=50)
+assert resp.choices[0].message.content.startswith("[mock gpt-4o-mini]"), resp
+assert resp.model == "gpt-4o-mini", resp.model
+assert resp.usage.completion_tokens == 50, resp.usage
+assert resp.choices[0].finish_reason == "length", resp.choices[0].finish_reason
+
+# Allowed: a model name of the route, with attribution in the request too.
+raw = client.chat.completions.with_raw_response.create(
+    model="gpt-4o", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+)
+assert raw.headers["x-llmscope-model-tier"] == "expensive", dict(raw.headers)
+assert raw.headers["x-llmscope-policy-decision"] == "allow", dict(raw.headers)
+assert raw.parse().model == "gpt-4o"
+
+# Denied by policy: the client sees a 402 in OpenAI's error shape.
+try:
+    client.chat.completions.create(
+        model="cheap", messages=[{"role": "user", "content": "too expensive"}],
+        extra_headers={"x-llmscope-budget-namespace": "tight"},
+    )
+    sys.exit("expected a 402")
+except openai.APIStatusError as e:
+    assert e.status_code == 402, e.status_code
+    body = e.response.json()["error"]
+    assert body["code"] == "policy_denied", body
+    assert body["policy_id"] == "tight-cap", body
+    assert "Tight budget exceeded" in body["message"], body
+
+# Unknown model: a 422 naming the parameter.
+try:
+    client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    sys.exit("expected a 422")
+except openai.APIStatusError as e:
+    assert e.status_code == 422, e.status_code
+    assert e.response.json()["error"]["param"] == "model"
+
+print("OK")

@@ -1,0 +1,225 @@
+//! `cargo xtask bench-gateway`: load-test `/infer` on the real binary with the mock provider at
+//! zero latency, through the seed's three demo rules (budget made unreachable so every request
+//! is served). Reports max throughput (closed loop) and latency at fixed rates (open loop,
+//! measured from each request's scheduled send time, so queueing is not hidden).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Policy used for the load test: the seed's demo rules, with a budget no test run can reach.
+const BENCH_POLICY: &str = r#"version: "bench"
+namespaces:
+  default:
+    rules:
+      - id: "bench-hourly-cap"
+        primitive: budget_threshold
+        period: hourly
+        limit_usd: 1000000000
+        action: deny
+      - id: "bench-route-preference"
+        primitive: route_preference
+        route_name: "/answer-routed"
+        prefer_tier: cheap
+      - id: "bench-cost-anomaly"
+        primitive: cost_anomaly
+        feature_id: "summarize"
+        baseline_window_hours: 24
+        threshold_multiplier: 3.0
+"#;
+
+struct Stats {
+    requests: usize,
+    errors: usize,
+    seconds: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+fn body(i: usize) -> String {
+    format!(
+        r#"{{"prompt": "Summarize this document, number {i}: quarterly revenue grew while costs held flat.", "tenant_id": "bench-{}", "feature_id": "summarize", "model_tier": "expensive"}}"#,
+        i % 16
+    )
+}
+
+async fn closed_loop(url: &str, connections: usize, duration: Duration) -> Stats {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .unwrap_or_default();
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (client, url) = (client.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let mut i = c;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let ok = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body(i))
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success());
+                match ok {
+                    Ok(true) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    _ => errors += 1,
+                }
+                i += connections;
+            }
+            (lat, errors)
+        }));
+    }
+    collect(tasks, started).await
+}
+
+async fn open_loop(url: &str, connections: usize, rate: f64, duration: Duration) -> Stats {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .unwrap_or_default();
+    let per_conn = Duration::from_secs_f64(connections as f64 / rate);
+    let total = (rate * duration.as_secs_f64()) as usize / connections;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (client, url) = (client.clone(), url.to_owned());
+        let offset = per_conn.mul_f64(c as f64 / connections as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(total);
+            let mut errors = 0;
+            for k in 0..total {
+                let scheduled = started + offset + per_conn.mul_f64(k as f64);
+                tokio::time::sleep_until(scheduled.into()).await;
+                let ok = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body(k * connections + c))
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success());
+                match ok {
+                    Ok(true) => lat.push(scheduled.elapsed().as_secs_f64() * 1e3),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    collect(tasks, started).await
+}
+
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, usize)>>,
+    started: Instant,
+) -> Stats {
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((lat, e)) = t.await {
+            all.extend(lat);
+            errors += e;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Stats {
+        requests: all.len(),
+        errors,
+        seconds,
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+    }
+}
+
+/// Run the load test against a freshly started gateway.
+pub fn bench_gateway(root: &Path, bin: &Path, seconds: u64, connections: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("llmscope-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, BENCH_POLICY)?;
+    let example = std::fs::read_to_string(root.join("examples/llmscope.yaml"))?;
+    let config = example
+        .replace("file: policy.yaml", &format!("file: {}", policy.display()))
+        .replace(
+            "policies_dir: ../policies",
+            &format!("policies_dir: {}", root.join("policies").display()),
+        )
+        .replace("hot_reload: true", "hot_reload: false");
+    let config_path = dir.join("llmscope.yaml");
+    std::fs::write(&config_path, config)?;
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .env("TELEMETRY_PATH", dir.join("telemetry.jsonl"))
+        .env("DECISIONS_PATH", dir.join("policy_decisions.jsonl"))
+        .env("LLMSCOPE_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting llmscope serve")?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    let Some(base) = line.trim().strip_prefix("llmscope listening on ") else {
+        let _ = child.kill();
+        bail!("the gateway did not start: {line:?}");
+    };
+    let url = format!("{base}/infer");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let duration = Duration::from_secs(seconds);
+    let result = runtime.block_on(async {
+        let _ = closed_loop(&url, connections, Duration::from_secs(2)).await; // warm-up
+        let max = closed_loop(&url, connections, duration).await;
+        let r1k = open_loop(&url, connections, 1_000.0, duration).await;
+        let r5k = open_loop(&url, connections, 5_000.0, duration).await;
+        (max, r1k, r5k)
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let lines = std::fs::read_to_string(dir.join("telemetry.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (max, r1k, r5k) = result;
+    println!("\nGateway load test: POST /infer, mock provider at 0 ms, 3 wasm rules, 2 JSONL lines per request,");
+    println!("{connections} keep-alive connections, {seconds} s per row, load generator on the same 2 cores.\n");
+    println!("| load | requests | errors | throughput (rps) | p50 (ms) | p99 (ms) |");
+    println!("|---|---|---|---|---|---|");
+    for (name, s) in [
+        ("max (closed loop)", &max),
+        ("1k rps (open loop)", &r1k),
+        ("5k rps (open loop)", &r5k),
+    ] {
+        println!(
+            "| {name} | {} | {} | {:.0} | {:.3} | {:.3} |",
+            s.requests,
+            s.errors,
+            s.requests as f64 / s.seconds,
+            s.p50_ms,
+            s.p99_ms
+        );
+    }
+    println!("\ntelemetry lines written: {lines}");
+    Ok(())
+}
