@@ -124,13 +124,13 @@ fn count_once(
     n
 }
 
-/// Price a conversation on `route` for every tier. Tokens are counted once per distinct
-/// tokenizer. Returns `None` when the route is unknown.
-pub fn price(
+/// Price every tier of `route`, with `count` giving input tokens per tokenizer (it records what
+/// it counts in the returned `counts`). Returns `None` when the route is unknown.
+fn price_with(
     config: &GatewayConfig,
     route: &str,
-    messages: &[(String, String)],
     max_output: Option<u32>,
+    mut count: impl FnMut(&mut Vec<(Tokenizer, u32)>, Tokenizer) -> u32,
 ) -> Option<Priced> {
     let route_cfg = config.routes.get(route)?;
     let tokens_out = max_output.map_or(route_cfg.max_output_tokens, |m| {
@@ -140,11 +140,7 @@ pub fn price(
     let mut tiers = Vec::with_capacity(route_cfg.tiers.len());
     for (tier, model_name) in &route_cfg.tiers {
         let model = config.models.get(model_name)?;
-        let tokens_in = count_once(
-            &mut counts,
-            Tokenizer::for_model(model_name, model),
-            messages,
-        );
+        let tokens_in = count(&mut counts, Tokenizer::for_model(model_name, model));
         tiers.push(TierEstimate {
             tier: tier.clone(),
             model: model_name.clone(),
@@ -159,6 +155,19 @@ pub fn price(
     })
 }
 
+/// Price a conversation on `route` for every tier. Tokens are counted once per distinct
+/// tokenizer. Returns `None` when the route is unknown.
+pub fn price(
+    config: &GatewayConfig,
+    route: &str,
+    messages: &[(String, String)],
+    max_output: Option<u32>,
+) -> Option<Priced> {
+    price_with(config, route, max_output, |counts, tokenizer| {
+        count_once(counts, tokenizer, messages)
+    })
+}
+
 /// Price `tokens_in` input tokens (already counted, e.g. by an edge proxy) on every tier of
 /// `route`. Returns `None` when the route is unknown.
 pub fn price_tokens(
@@ -167,29 +176,11 @@ pub fn price_tokens(
     tokens_in: u32,
     max_output: Option<u32>,
 ) -> Option<Priced> {
-    let route_cfg = config.routes.get(route)?;
-    let tokens_out = max_output.map_or(route_cfg.max_output_tokens, |m| {
-        m.min(route_cfg.max_output_tokens)
-    });
-    let mut tiers = Vec::with_capacity(route_cfg.tiers.len());
-    let mut counts = Vec::new();
-    for (tier, model_name) in &route_cfg.tiers {
-        let model = config.models.get(model_name)?;
-        let tokenizer = Tokenizer::for_model(model_name, model);
+    price_with(config, route, max_output, |counts, tokenizer| {
         if !counts.iter().any(|(t, _)| *t == tokenizer) {
             counts.push((tokenizer, tokens_in));
         }
-        tiers.push(TierEstimate {
-            tier: tier.clone(),
-            model: model_name.clone(),
-            estimated_cost_usd: cost_usd(model, tokens_in, tokens_out),
-        });
-    }
-    tiers.sort_by(|a, b| a.estimated_cost_usd.total_cmp(&b.estimated_cost_usd));
-    Some(Priced {
-        tokens_out,
-        tiers,
-        counts,
+        tokens_in
     })
 }
 
