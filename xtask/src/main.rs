@@ -385,9 +385,13 @@ fn demo(root: &Path) -> Result<()> {
         .arg(root.join("examples/policy.yaml"))
         .current_dir(root);
     run(check)?;
+    println!("\nTry it from another terminal:");
+    println!("  curl -s localhost:8080/infer -H 'content-type: application/json' \\");
     println!(
-        "\nTry it (another terminal):\n  curl -s localhost:8080/infer -H 'content-type: application/json' \\\n             -d '{{\"prompt\": \"Summarize this document\", \"tenant_id\": \"acme-corp\", \"feature_id\": \"summarize\", \"budget_namespace\": \"demo\", \"model_tier\": \"expensive\"}}'\n           llmscope logs: artifacts/logs/*.jsonl — stop with Ctrl-C\n"
+        "    -d '{{\"prompt\": \"Summarize this document\", \"tenant_id\": \"acme-corp\", \"feature_id\": \"summarize\", \"budget_namespace\": \"demo\", \"model_tier\": \"expensive\"}}'"
     );
+    println!("  curl -s localhost:8080/v1/queries/budget_pressure_by_namespace");
+    println!("Logs: artifacts/logs/*.jsonl. Stop with Ctrl-C.\n");
     let mut serve = Command::new(&bin);
     serve
         .args(["serve", "--config"])
