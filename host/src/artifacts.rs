@@ -7,7 +7,6 @@
 //! files and no line is ever interleaved with another. Every request waits for its lines to be
 //! on disk (in the page cache) before it is answered.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -102,9 +101,10 @@ pub struct TelemetryRecord {
 /// One rule's outcome inside a decision record.
 pub type RuleRecord = crate::policy::RuleOutcome;
 
-/// One line of `policy_decisions.jsonl`.
+/// One line of `policy_decisions.jsonl`. Borrows the evaluation's alerts and rule outcomes:
+/// the record is encoded once and the evaluation still answers the client.
 #[derive(Debug, Clone, Serialize)]
-pub struct DecisionRecord {
+pub struct DecisionRecord<'a> {
     /// RFC 3339 UTC.
     pub timestamp: String,
     /// Request id.
@@ -144,12 +144,9 @@ pub struct DecisionRecord {
     /// The policy file's `version`.
     pub policy_version: String,
     /// Every alert raised.
-    pub alerts: Vec<String>,
+    pub alerts: &'a [String],
     /// Every rule's outcome.
-    pub rules: Vec<RuleRecord>,
-    /// Extra facts, by rule id.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub facts: BTreeMap<String, f64>,
+    pub rules: &'a [RuleRecord],
 }
 
 /// What the writer reports back for one request.
@@ -273,7 +270,7 @@ impl ArtifactWriter {
     pub async fn append(
         &self,
         telemetry: &TelemetryRecord,
-        decision: Option<&DecisionRecord>,
+        decision: Option<&DecisionRecord<'_>>,
     ) -> Result<Written, WriteError> {
         let encode = |path: &Path, r: Result<String, serde_json::Error>| {
             r.map(|mut line| {

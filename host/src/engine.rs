@@ -12,7 +12,7 @@
 //! With `duckdb_path` set, tables and offsets persist, so a restart resumes instead of
 //! re-reading; delete the file to rebuild it from the logs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -268,9 +268,9 @@ impl SpendEngine {
                     continue;
                 }
                 let appended = match kind {
-                    Kind::Telemetry => parse_telemetry(line).map(|r| {
+                    Kind::Telemetry => parse_telemetry(line).map(|(ts_us, r)| {
                         appender.append_row(params![
-                            r.ts_us,
+                            ts_us,
                             r.request_id,
                             r.tenant_id,
                             r.caller_id,
@@ -294,9 +294,9 @@ impl SpendEngine {
                             r.policy_id
                         ])
                     }),
-                    Kind::Decisions => parse_decision(line).map(|r| {
+                    Kind::Decisions => parse_decision(line).map(|(ts_us, r)| {
                         appender.append_row(params![
-                            r.ts_us,
+                            ts_us,
                             r.request_id,
                             r.tenant_id,
                             r.feature_id,
@@ -583,8 +583,11 @@ impl AggregateStore for PublishedAggregates {
     }
 }
 
+/// A telemetry line as ingested. Absent fields default the way records from before they
+/// existed should read: no cost, not a fallback, and `status: ok` (such records were provider
+/// calls).
 #[derive(Deserialize)]
-struct RawTelemetry {
+struct TelemetryRow {
     timestamp: String,
     #[serde(default)]
     request_id: Option<String>,
@@ -599,6 +602,7 @@ struct RawTelemetry {
     budget_namespace: Option<String>,
     #[serde(default)]
     route_name: Option<String>,
+    /// The reference's older name for `route_name`.
     #[serde(default)]
     route: Option<String>,
     #[serde(default)]
@@ -616,44 +620,23 @@ struct RawTelemetry {
     #[serde(default)]
     estimated_cost_usd: Option<f64>,
     #[serde(default)]
-    cost_usd: Option<f64>,
+    cost_usd: f64,
     #[serde(default)]
     latency_ms: Option<f64>,
-    #[serde(default)]
-    status: Option<String>,
+    #[serde(default = "status_ok")]
+    status: String,
     #[serde(default)]
     finish_reason: Option<String>,
     #[serde(default)]
-    is_fallback: Option<bool>,
+    is_fallback: bool,
     #[serde(default)]
     policy_decision: Option<String>,
     #[serde(default)]
     policy_id: Option<String>,
 }
 
-struct TelemetryRow {
-    ts_us: i64,
-    request_id: Option<String>,
-    tenant_id: String,
-    caller_id: Option<String>,
-    feature_id: Option<String>,
-    experiment_id: Option<String>,
-    budget_namespace: Option<String>,
-    route_name: Option<String>,
-    requested_model_tier: Option<String>,
-    model_tier: Option<String>,
-    provider: Option<String>,
-    model: Option<String>,
-    tokens_in: Option<i64>,
-    tokens_out: Option<i64>,
-    estimated_cost_usd: Option<f64>,
-    cost_usd: f64,
-    latency_ms: Option<f64>,
-    status: String,
-    finish_reason: Option<String>,
-    is_fallback: bool,
-    policy_decision: Option<String>,
-    policy_id: Option<String>,
+fn status_ok() -> String {
+    "ok".into()
 }
 
 /// Parse an RFC 3339 timestamp (any offset) into µs since the epoch, UTC.
@@ -664,38 +647,17 @@ pub fn parse_ts_us(ts: &str) -> Result<i64, String> {
         .map_err(|_| format!("timestamp {ts:?} out of range"))
 }
 
-fn parse_telemetry(line: &[u8]) -> Result<TelemetryRow, String> {
-    let r: RawTelemetry =
+/// A telemetry line and its time in µs (UTC), with `route` folded into `route_name`.
+fn parse_telemetry(line: &[u8]) -> Result<(i64, TelemetryRow), String> {
+    let mut r: TelemetryRow =
         serde_json::from_slice(line).map_err(|e| format!("not a telemetry record: {e}"))?;
-    Ok(TelemetryRow {
-        ts_us: parse_ts_us(&r.timestamp)?,
-        request_id: r.request_id,
-        tenant_id: r.tenant_id,
-        caller_id: r.caller_id,
-        feature_id: r.feature_id,
-        experiment_id: r.experiment_id,
-        budget_namespace: r.budget_namespace,
-        route_name: r.route_name.or(r.route),
-        requested_model_tier: r.requested_model_tier,
-        model_tier: r.model_tier,
-        provider: r.provider,
-        model: r.model,
-        tokens_in: r.tokens_in,
-        tokens_out: r.tokens_out,
-        estimated_cost_usd: r.estimated_cost_usd,
-        cost_usd: r.cost_usd.unwrap_or(0.0),
-        latency_ms: r.latency_ms,
-        // Records from before statuses existed were provider calls.
-        status: r.status.unwrap_or_else(|| "ok".into()),
-        finish_reason: r.finish_reason,
-        is_fallback: r.is_fallback.unwrap_or(false),
-        policy_decision: r.policy_decision,
-        policy_id: r.policy_id,
-    })
+    r.route_name = r.route_name.or(r.route.take());
+    Ok((parse_ts_us(&r.timestamp)?, r))
 }
 
+/// A decision line as ingested.
 #[derive(Deserialize)]
-struct RawDecision {
+struct DecisionRow {
     timestamp: String,
     #[serde(default)]
     request_id: Option<String>,
@@ -722,52 +684,21 @@ struct RawDecision {
     effective_model_tier: Option<String>,
 }
 
-struct DecisionRow {
-    ts_us: i64,
-    request_id: Option<String>,
-    tenant_id: Option<String>,
-    feature_id: Option<String>,
-    experiment_id: Option<String>,
-    budget_namespace: Option<String>,
-    route_name: Option<String>,
-    decision: String,
-    policy_id: Option<String>,
-    primitive: Option<String>,
-    estimated_cost_usd: Option<f64>,
-    requested_model_tier: Option<String>,
-    effective_model_tier: Option<String>,
-}
-
-fn parse_decision(line: &[u8]) -> Result<DecisionRow, String> {
-    let r: RawDecision =
+/// A decision line and its time in µs (UTC).
+fn parse_decision(line: &[u8]) -> Result<(i64, DecisionRow), String> {
+    let r: DecisionRow =
         serde_json::from_slice(line).map_err(|e| format!("not a decision record: {e}"))?;
-    Ok(DecisionRow {
-        ts_us: parse_ts_us(&r.timestamp)?,
-        request_id: r.request_id,
-        tenant_id: r.tenant_id,
-        feature_id: r.feature_id,
-        experiment_id: r.experiment_id,
-        budget_namespace: r.budget_namespace,
-        route_name: r.route_name,
-        decision: r.decision,
-        policy_id: r.policy_id,
-        primitive: r.primitive,
-        estimated_cost_usd: r.estimated_cost_usd,
-        requested_model_tier: r.requested_model_tier,
-        effective_model_tier: r.effective_model_tier,
-    })
+    Ok((parse_ts_us(&r.timestamp)?, r))
 }
 
 /// The distinct aggregates declared by `rules`.
 pub fn declared_aggregates<'a>(
     rules: impl Iterator<Item = &'a crate::policy::Rule>,
 ) -> Vec<Aggregate> {
-    let mut seen = BTreeMap::new();
-    for rule in rules {
-        for a in rule.aggregates() {
-            seen.entry(format!("{:?}", SpecKey::of(a)))
-                .or_insert_with(|| a.clone());
-        }
-    }
-    seen.into_values().collect()
+    let mut seen = HashSet::new();
+    rules
+        .flat_map(|rule| rule.aggregates())
+        .filter(|a| seen.insert(SpecKey::of(a)))
+        .cloned()
+        .collect()
 }

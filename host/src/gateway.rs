@@ -567,9 +567,8 @@ impl Gateway {
             window_cost_usd: evaluation.fact("window_cost_usd"),
             window_limit_usd: evaluation.fact("window_limit_usd"),
             policy_version: policies.version().to_owned(),
-            alerts: evaluation.alerts.clone(),
-            rules: evaluation.rules.clone(),
-            facts: BTreeMap::new(),
+            alerts: &evaluation.alerts,
+            rules: &evaluation.rules,
         };
         drop(policies);
 

@@ -98,7 +98,6 @@ struct Inner {
     buckets: HashMap<Dims, Sums>,
     /// Settled entries waiting for ingestion: telemetry end offset, dims, amounts.
     settled: Vec<(u64, Dims, Sums)>,
-    next_id: u64,
 }
 
 /// The ledger. Cheap to clone (shared).
@@ -143,7 +142,6 @@ impl Ledger {
             requests: 1.0,
         };
         let mut inner = self.inner.lock();
-        inner.next_id += 1;
         inner
             .buckets
             .entry(dims.clone())
