@@ -52,6 +52,7 @@
 
 extern crate self as llmscope_sdk;
 
+pub mod edge;
 pub mod testing;
 pub mod types;
 
@@ -183,20 +184,16 @@ pub fn evaluate<P: Policy>(
     P::evaluate(&settings, request, snapshot)
 }
 
-/// Export a [`Policy`] implementation as the component's `llmscope:policy/policy` interface.
+/// Export a [`Policy`] implementation: as the component's `llmscope:policy/policy` interface,
+/// or — when the SDK's `proxy-wasm` feature is on (build for `wasm32-wasip1`) — as a proxy-wasm
+/// HTTP filter for Envoy (see [`edge`]).
 ///
 /// Use it once per policy crate, at the crate root. On non-wasm targets it only checks that the
 /// type implements [`Policy`], so the crate's native tests build and run normally.
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ty) => {
-        #[cfg(target_arch = "wasm32")]
-        const _: () = {
-            type __LlmscopePolicyAdapter = $crate::__private::component::Adapter<$policy>;
-            $crate::__private::component::export_component!(
-                __LlmscopePolicyAdapter with_types_in $crate::__private::component
-            );
-        };
+        $crate::__export_target!($policy);
         const _: fn() = || {
             fn assert_policy<P: $crate::Policy>() {}
             assert_policy::<$policy>();
@@ -204,14 +201,60 @@ macro_rules! export_policy {
     };
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", not(feature = "proxy-wasm")))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_target {
+    ($policy:ty) => {
+        const _: () = {
+            type __LlmscopePolicyAdapter = $crate::__private::component::Adapter<$policy>;
+            $crate::__private::component::export_component!(
+                __LlmscopePolicyAdapter with_types_in $crate::__private::component
+            );
+        };
+    };
+}
+
+#[cfg(all(target_arch = "wasm32", feature = "proxy-wasm"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_target {
+    ($policy:ty) => {
+        fn __llmscope_proxy_start() {
+            $crate::proxy::start::<$policy>();
+        }
+        #[allow(
+            unsafe_code,
+            reason = "the proxy-wasm ABI entry point is an exported C function"
+        )]
+        mod __llmscope_proxy_entry {
+            $crate::__private::proxy_wasm::main! {{
+                super::__llmscope_proxy_start();
+            }}
+        }
+    };
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_target {
+    ($policy:ty) => {};
+}
+
+#[cfg(all(target_arch = "wasm32", not(feature = "proxy-wasm")))]
 #[doc(hidden)]
 pub mod component;
 
+#[cfg(all(target_arch = "wasm32", feature = "proxy-wasm"))]
+pub mod proxy;
+
 #[doc(hidden)]
 pub mod __private {
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", not(feature = "proxy-wasm")))]
     pub use crate::component;
-    #[cfg(target_arch = "wasm32")]
+    #[cfg(all(target_arch = "wasm32", feature = "proxy-wasm"))]
+    pub use proxy_wasm;
+    #[cfg(all(target_arch = "wasm32", not(feature = "proxy-wasm")))]
     pub use wit_bindgen;
 }

@@ -52,7 +52,7 @@ fn main() {
         &rt,
     )
     .unwrap_or_else(|e| fail(&format!("{e}\n(run `cargo xtask build-policies`)")));
-    let aggregates = declared_aggregates(set.rules());
+    let aggregates = declared_aggregates(set.rules(), &[]);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);

@@ -36,6 +36,16 @@ enum Command {
     /// Inspect, validate and try out cost policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Serve a stand-in LLM provider (OpenAI chat-completions and Anthropic Messages formats,
+    /// with usage) for the Envoy example and load tests.
+    MockUpstream {
+        /// Address to listen on (port 0 picks a free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: std::net::SocketAddr,
+        /// Delay before each answer, ms.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
     /// Answer one of the five cost questions from the JSONL logs.
     Query {
         /// The question.
@@ -201,6 +211,29 @@ impl RuntimeArgs {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { config, listen } => serve(&config, listen),
+        Command::MockUpstream { listen, latency_ms } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen}"))?;
+                {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(
+                        out,
+                        "mock upstream listening on http://{}",
+                        listener.local_addr()?
+                    )?;
+                    out.flush()?;
+                }
+                crate::mock_upstream::serve(listener, Duration::from_millis(latency_ms)).await?;
+                Ok::<_, anyhow::Error>(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Query { name, logs, format } => {
             let engine = logs.engine()?;
             let answer = crate::queries::run(&engine, name, &logs.params())?;

@@ -691,13 +691,15 @@ fn parse_decision(line: &[u8]) -> Result<(i64, DecisionRow), String> {
     Ok((parse_ts_us(&r.timestamp)?, r))
 }
 
-/// The distinct aggregates declared by `rules`.
+/// The distinct aggregates declared by `rules`, then `extra` (edge rules' declarations).
 pub fn declared_aggregates<'a>(
     rules: impl Iterator<Item = &'a crate::policy::Rule>,
+    extra: &'a [Aggregate],
 ) -> Vec<Aggregate> {
     let mut seen = HashSet::new();
     rules
         .flat_map(|rule| rule.aggregates())
+        .chain(extra)
         .filter(|a| seen.insert(SpecKey::of(a)))
         .cloned()
         .collect()

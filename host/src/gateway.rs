@@ -180,6 +180,7 @@ pub struct Gateway {
     engine: SpendEngine,
     metrics: Metrics,
     started: Instant,
+    pub(crate) edge: crate::edge::EdgeState,
 }
 
 /// Why the gateway could not start.
@@ -207,7 +208,8 @@ pub enum StartError {
     Engine(#[from] EngineError),
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -249,6 +251,7 @@ impl Gateway {
             engine,
             metrics: Metrics::default(),
             started: Instant::now(),
+            edge: crate::edge::EdgeState::default(),
         });
         // Budgets see history from the first request on.
         gateway.refresh()?;
@@ -261,8 +264,16 @@ impl Gateway {
     pub fn refresh(&self) -> Result<IngestReport, EngineError> {
         let started = Instant::now();
         let report = self.engine.ingest()?;
-        let aggregates = declared_aggregates(self.policies().rules());
+        let edge = self.edge.aggregates();
+        let aggregates = declared_aggregates(self.policies().rules(), &edge);
         let published = self.engine.compute(&aggregates, now_ms())?;
+        let expired = self.edge.expire(crate::edge::EDGE_RESERVATION_TTL);
+        if expired > 0 {
+            tracing::warn!(
+                expired,
+                "edge reservations released without a report (proxy gone?)"
+            );
+        }
         self.publish_aggregates(Arc::new(published));
         self.ledger.ingested_through(report.telemetry_offset);
         self.metrics.refresh(
@@ -296,6 +307,21 @@ impl Gateway {
     /// The in-flight ledger.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Published aggregate values.
+    pub(crate) fn store(&self) -> Arc<dyn AggregateStore> {
+        Arc::clone(&self.store.read())
+    }
+
+    /// The log writer.
+    pub(crate) fn writer(&self) -> &ArtifactWriter {
+        &self.writer
+    }
+
+    /// Edge (proxy-wasm) bookkeeping.
+    pub fn edge(&self) -> &crate::edge::EdgeState {
+        &self.edge
     }
 
     /// Publish new aggregate values.

@@ -291,8 +291,15 @@ pub struct LiveSnapshots<'a> {
 
 impl SnapshotSource for LiveSnapshots<'_> {
     fn snapshot(&self, rule: &Rule, request: &RequestContext) -> Snapshot {
-        let values = rule
-            .aggregates()
+        self.values(rule.aggregates(), request)
+    }
+}
+
+impl LiveSnapshots<'_> {
+    /// Current values of `aggregates` for `request`: published values plus (where asked for)
+    /// in-flight and settled-but-not-ingested spend, minus the request's own reservation.
+    pub fn values(&self, aggregates: &[Aggregate], request: &RequestContext) -> Snapshot {
+        let values = aggregates
             .iter()
             .map(|a| {
                 let base = self.store.lookup(a, request);

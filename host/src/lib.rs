@@ -9,14 +9,17 @@
 pub mod artifacts;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod engine;
 pub mod gateway;
 pub mod ledger;
 pub mod metrics;
+pub mod mock_upstream;
 pub mod policy;
 pub mod pricing;
 pub mod providers;
 pub mod queries;
 pub mod reload;
 pub mod report;
+pub mod requests;
 pub mod server;

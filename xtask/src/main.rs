@@ -253,7 +253,7 @@ fn target_dir(root: &Path) -> PathBuf {
 /// and rebuild the bundled DuckDB (20 minutes) for each.
 ///
 /// Wasm targets the guests are built for.
-const WASM_TARGETS: &[&str] = &["wasm32-unknown-unknown", "wasm32-wasip2"];
+const WASM_TARGETS: &[&str] = &["wasm32-unknown-unknown", "wasm32-wasip1", "wasm32-wasip2"];
 
 /// Make sure the wasm targets are installed (a no-op when they are).
 fn ensure_targets() -> Result<()> {
@@ -312,6 +312,8 @@ fn build_policies(root: &Path) -> Result<()> {
         );
     }
 
+    build_proxy_filters(root)?;
+
     // A fixture that must be rejected: the hostile policy built for wasm32-wasip2 imports WASI.
     cargo_build_guests(root, "wasm32-wasip2", &["hostile-policy"])?;
     let wasi = target_dir(root).join("wasm32-wasip2/release/hostile_policy.wasm");
@@ -324,9 +326,98 @@ fn build_policies(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The same policy crates as Envoy filters: `wasm32-wasip1` core modules with the SDK's
+/// `proxy-wasm` feature, written as `<primitive>.proxy.wasm` beside the components.
+fn build_proxy_filters(root: &Path) -> Result<()> {
+    let guests: Vec<&Guest> = GUESTS
+        .iter()
+        .filter(|g| g.package != "hostile-policy")
+        .collect();
+    let packages: Vec<&str> = guests.iter().map(|g| g.package).collect();
+    cargo_build_guests_with(
+        root,
+        "wasm32-wasip1",
+        &packages,
+        &[
+            "--features",
+            "llmscope-sdk/proxy-wasm",
+            "--config",
+            "profile.release.strip=true",
+        ],
+    )?;
+    let out = target_dir(root).join("wasm32-wasip1/release");
+    for guest in guests {
+        let artifact = guest.package.replace('-', "_");
+        let module_path = out.join(format!("{artifact}.wasm"));
+        let module = std::fs::read(&module_path)
+            .with_context(|| format!("reading {}", module_path.display()))?;
+        check_proxy_module(guest.package, &module)?;
+        let dest = root
+            .join(guest.dest_dir)
+            .join(format!("{}.proxy.wasm", guest.primitive));
+        std::fs::write(&dest, &module).with_context(|| format!("writing {}", dest.display()))?;
+        println!(
+            "built {} ({} KiB, proxy-wasm 0.2.1 filter)",
+            dest.strip_prefix(root).unwrap_or(&dest).display(),
+            module.len() / 1024
+        );
+    }
+    Ok(())
+}
+
+/// Fail unless `module` is a proxy-wasm 0.2.1 filter importing only the proxy ABI (`env`) and
+/// the WASI preview 1 functions proxies provide.
+fn check_proxy_module(package: &str, module: &[u8]) -> Result<()> {
+    let mut abi = false;
+    let mut bad = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(module) {
+        match payload.with_context(|| format!("{package}: parsing the proxy-wasm module"))? {
+            wasmparser::Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    let import = import?;
+                    let ok = match import.module {
+                        "env" => import.name.starts_with("proxy_"),
+                        "wasi_snapshot_preview1" => true,
+                        _ => false,
+                    };
+                    if !ok {
+                        bad.push(format!("{}::{}", import.module, import.name));
+                    }
+                }
+            }
+            wasmparser::Payload::ExportSection(reader) => {
+                for export in reader {
+                    abi |= export?.name == "proxy_abi_version_0_2_1";
+                }
+            }
+            _ => {}
+        }
+    }
+    if !abi {
+        bail!("{package}: the proxy-wasm build does not export proxy_abi_version_0_2_1");
+    }
+    if !bad.is_empty() {
+        bail!(
+            "{package}: the proxy-wasm build imports {}, which Envoy does not provide",
+            bad.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// `cargo build` guest crates for a wasm target, in the shared release profile but without debug
 /// info (the workspace profile keeps line tables for the host).
 fn cargo_build_guests(root: &Path, target: &str, packages: &[&str]) -> Result<()> {
+    cargo_build_guests_with(root, target, packages, &[])
+}
+
+/// [`cargo_build_guests`] with extra cargo arguments.
+fn cargo_build_guests_with(
+    root: &Path,
+    target: &str,
+    packages: &[&str],
+    extra: &[&str],
+) -> Result<()> {
     let mut cmd = cargo(root);
     cmd.args([
         "build",
@@ -336,6 +427,7 @@ fn cargo_build_guests(root: &Path, target: &str, packages: &[&str]) -> Result<()
         "--target",
         target,
     ]);
+    cmd.args(extra);
     for package in packages {
         cmd.args(["--package", package]);
     }

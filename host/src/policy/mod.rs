@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use llmscope_sdk::types::{Aggregate, Decision, RequestContext, Verdict};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
 pub use config::{ConfigError, FailureMode, Mode, Problem};
@@ -113,7 +113,7 @@ impl Namespace {
 }
 
 /// The kind of a decision, without its tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DecisionKind {
     /// Allowed.
@@ -143,8 +143,9 @@ impl DecisionKind {
     }
 }
 
-/// What one rule did for one request.
-#[derive(Debug, Clone, Serialize)]
+/// What one rule did for one request. Edge filters report the same shape back to the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleOutcome {
     /// Rule id.
     pub rule_id: String,
@@ -157,19 +158,25 @@ pub struct RuleOutcome {
     /// What the rule amounts to (after the failure mode when it failed).
     pub decision: DecisionKind,
     /// Tier, when the decision is a downgrade.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downgrade_to: Option<String>,
     /// The rule's reason.
+    #[serde(default)]
     pub reason: Option<String>,
     /// The rule's alert.
+    #[serde(default)]
     pub alert: Option<String>,
     /// Facts the rule reported.
+    #[serde(default)]
     pub facts: BTreeMap<String, f64>,
     /// The failure, when the rule failed.
+    #[serde(default)]
     pub error: Option<String>,
     /// Whether this rule's decision was applied (enforce mode and it decided the request).
+    #[serde(default)]
     pub applied: bool,
     /// Time spent evaluating the rule, in microseconds.
+    #[serde(default)]
     pub eval_us: f64,
 }
 

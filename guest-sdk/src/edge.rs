@@ -1,0 +1,713 @@
+//! The policy as an edge filter, without the proxy: plugin configuration, the calls to the
+//! llmscope host (the control plane), verdict → action, body rewriting, usage extraction and the
+//! report. Everything here is plain Rust, unit-tested natively; [`crate::proxy`] (feature
+//! `proxy-wasm`) wires it to Envoy's proxy-wasm ABI.
+//!
+//! Plugin configuration (Envoy's `configuration` string) is JSON:
+//!
+//! ```json
+//! {
+//!   "rule": {"id": "tenant-hourly-cap", "primitive": "budget_threshold",
+//!            "mode": "enforce", "failure_mode": "closed", "limit_usd": 50, "window": "1h"},
+//!   "host": {"cluster": "llmscope", "authority": "llmscope", "timeout_ms": 200,
+//!            "api_key": "...", "on_unavailable": "closed"}
+//! }
+//! ```
+//!
+//! `rule` is written exactly like a rule in the host's policy YAML (settings beside `id`,
+//! `primitive`, `mode`, `failure_mode`), so a rule moves between the two unchanged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::types::{Aggregate, Decision, RequestContext, Snapshot, Verdict};
+use crate::Policy;
+
+/// Request header carrying the chain's request id (set by the first filter).
+pub const REQUEST_ID_HEADER: &str = "x-llmscope-request-id";
+/// Request header carrying the tier (set on downgrades).
+pub const TIER_HEADER: &str = "x-llmscope-model-tier";
+
+/// Rule-level keys that are not the primitive's settings.
+const RULE_KEYS: [&str; 4] = ["id", "primitive", "mode", "failure_mode"];
+/// Upper bound on the host call timeout.
+const MAX_TIMEOUT_MS: u64 = 10_000;
+
+/// Whether a rule's verdict is applied or only recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The verdict is applied.
+    #[default]
+    Enforce,
+    /// The verdict is recorded; the request is unaffected.
+    Monitor,
+}
+
+/// What a failure amounts to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Refuse the request.
+    #[default]
+    Closed,
+    /// Let it through.
+    Open,
+}
+
+/// Where the llmscope host is, as an Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Envoy cluster name of the llmscope host.
+    pub cluster: String,
+    /// `:authority` sent to it (default: the cluster name).
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Timeout of each host call, ms (default 200, at most 10000).
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// API key with `*` access, when the host requires keys.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// What to do when the host cannot be reached or answers with an error: `closed` (503,
+    /// the default) or `open` (dispatch unevaluated; the report is priced later).
+    #[serde(default)]
+    pub on_unavailable: FailureMode,
+}
+
+fn default_timeout() -> u64 {
+    200
+}
+
+/// A validated filter configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterConfig {
+    /// Rule id.
+    pub rule_id: String,
+    /// Primitive name (the policy's).
+    pub primitive: String,
+    /// Enforce or monitor.
+    pub mode: Mode,
+    /// Failure mode of the rule itself.
+    pub failure_mode: FailureMode,
+    /// The rule's settings as JSON text.
+    pub settings_json: String,
+    /// The host.
+    pub host: HostConfig,
+    /// Aggregates the rule declared.
+    pub aggregates: Vec<Aggregate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    rule: Map<String, Value>,
+    host: HostConfig,
+}
+
+/// Parse and validate a plugin configuration for policy `P`: shape, rule keys, the settings
+/// (through `P`'s own `configure`), the host block. Errors name the field path.
+pub fn parse_config<P: Policy>(bytes: &[u8]) -> Result<(FilterConfig, P::Settings), String> {
+    let at = |m: String| format!("plugin configuration of {}: {m}", P::NAME);
+    if bytes.is_empty() {
+        return Err(at(
+            "empty; expected JSON {\"rule\": {...}, \"host\": {\"cluster\": ...}}".into(),
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        at(format!("{path}: {}", e.into_inner()))
+    })?;
+    let mut rule = raw.rule;
+    let rule_id = match rule.remove("id") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s,
+        Some(_) => return Err(at("rule.id: must be a non-empty string".into())),
+        None => return Err(at("rule.id: is required".into())),
+    };
+    let at = |m: String| format!("plugin configuration of {}, rule `{rule_id}`: {m}", P::NAME);
+    match rule.remove("primitive") {
+        None => {}
+        Some(Value::String(p)) if p == P::NAME => {}
+        Some(other) => {
+            return Err(at(format!(
+                "rule.primitive: is {other}, but this filter is the {} primitive; load the matching .proxy.wasm",
+                P::NAME
+            )))
+        }
+    }
+    let mode = match rule.remove("mode") {
+        None => Mode::default(),
+        Some(v) => serde_json::from_value(v)
+            .map_err(|_| at("rule.mode: must be `enforce` or `monitor`".into()))?,
+    };
+    let failure_mode = match rule.remove("failure_mode") {
+        None => FailureMode::default(),
+        Some(v) => serde_json::from_value(v)
+            .map_err(|_| at("rule.failure_mode: must be `closed` or `open`".into()))?,
+    };
+    debug_assert!(RULE_KEYS.iter().all(|k| !rule.contains_key(*k)));
+    if raw.host.cluster.trim().is_empty() {
+        return Err(at(
+            "host.cluster: must name the Envoy cluster of the llmscope host".into(),
+        ));
+    }
+    if raw.host.timeout_ms == 0 || raw.host.timeout_ms > MAX_TIMEOUT_MS {
+        return Err(at(format!(
+            "host.timeout_ms: must be between 1 and {MAX_TIMEOUT_MS}"
+        )));
+    }
+    let settings_json = Value::Object(rule).to_string();
+    let settings =
+        crate::parse_settings::<P>(&settings_json).map_err(|e| at(format!("rule.{e}")))?;
+    let aggregates = P::configure(&settings).map_err(|e| at(format!("rule: {e}")))?;
+    Ok((
+        FilterConfig {
+            rule_id,
+            primitive: P::NAME.to_owned(),
+            mode,
+            failure_mode,
+            settings_json,
+            host: raw.host,
+            aggregates,
+        },
+        settings,
+    ))
+}
+
+/// The body of `POST /v1/edge/context`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContextCall<'a> {
+    /// The chain's request id.
+    pub request_id: &'a str,
+    /// Request path.
+    pub path: &'a str,
+    /// The request's `x-llmscope-*` headers.
+    pub headers: &'a BTreeMap<String, String>,
+    /// The JSON body.
+    pub body: &'a Value,
+    /// The rule's aggregates.
+    pub aggregates: &'a [Aggregate],
+}
+
+/// The host's answer to a context call.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContextAnswer {
+    /// The priced request.
+    pub request: RequestContext,
+    /// The rule's aggregate values.
+    pub snapshot: Snapshot,
+    /// Upstream model name per tier.
+    #[serde(default)]
+    pub tier_models: BTreeMap<String, String>,
+}
+
+/// What one rule did; serializes like the host's rule outcomes in `policy_decisions.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleOutcome {
+    /// Rule id.
+    pub rule_id: String,
+    /// Primitive.
+    pub primitive: String,
+    /// Enforce or monitor.
+    pub mode: Mode,
+    /// Closed or open.
+    pub failure_mode: FailureMode,
+    /// `allow`, `downgrade` or `deny` (after the failure mode when the rule failed).
+    pub decision: String,
+    /// Tier of a downgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downgrade_to: Option<String>,
+    /// The rule's reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The rule's alert.
+    #[serde(default)]
+    pub alert: Option<String>,
+    /// Facts the rule reported.
+    #[serde(default)]
+    pub facts: BTreeMap<String, f64>,
+    /// The failure, when the rule failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Whether the decision was applied to the request.
+    #[serde(default)]
+    pub applied: bool,
+    /// Evaluation time, µs.
+    #[serde(default)]
+    pub eval_us: f64,
+}
+
+/// What the filter does with the request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Pass it on unchanged.
+    Continue,
+    /// Pass it on at a cheaper tier.
+    Downgrade {
+        /// Tier.
+        tier: String,
+    },
+    /// Answer 402 without calling the upstream.
+    Deny {
+        /// Reason shown to the client.
+        reason: String,
+    },
+}
+
+/// Turn a rule's raw result into its recorded outcome and the action to take, exactly as the
+/// host does: a downgrade to a tier the route lacks is a rule failure, a downgrade to the
+/// requested tier is an allow, a failure becomes deny (`closed`) or allow (`open`), and
+/// `monitor` rules never act.
+pub fn decide(
+    cfg: &FilterConfig,
+    request: &RequestContext,
+    result: Result<Verdict, String>,
+    eval_us: f64,
+) -> (RuleOutcome, Action) {
+    let checked = result.and_then(|v| match &v.decision {
+        Decision::Downgrade(tier) if !request.tiers.is_empty() && request.tier(tier).is_none() => {
+            Err(format!(
+                "invalid verdict: downgrade to `{tier}`, which route {} does not offer (tiers: {})",
+                request.route_name,
+                request
+                    .tiers
+                    .iter()
+                    .map(|t| t.tier.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }
+        _ => Ok(v),
+    });
+    let mut outcome = RuleOutcome {
+        rule_id: cfg.rule_id.clone(),
+        primitive: cfg.primitive.clone(),
+        mode: cfg.mode,
+        failure_mode: cfg.failure_mode,
+        decision: "allow".into(),
+        downgrade_to: None,
+        reason: None,
+        alert: None,
+        facts: BTreeMap::new(),
+        error: None,
+        applied: false,
+        eval_us,
+    };
+    let action = match checked {
+        Ok(verdict) => {
+            outcome.reason = verdict.reason;
+            outcome.alert = verdict.alert;
+            outcome.facts = verdict.facts.into_iter().collect();
+            match verdict.decision {
+                Decision::Downgrade(tier) if tier != request.requested_tier => {
+                    outcome.decision = "downgrade".into();
+                    outcome.downgrade_to = Some(tier.clone());
+                    Action::Downgrade { tier }
+                }
+                Decision::Deny => {
+                    outcome.decision = "deny".into();
+                    Action::Deny {
+                        reason: outcome
+                            .reason
+                            .clone()
+                            .unwrap_or_else(|| "denied by policy".into()),
+                    }
+                }
+                _ => Action::Continue,
+            }
+        }
+        Err(error) => {
+            outcome.error = Some(error);
+            match cfg.failure_mode {
+                FailureMode::Closed => {
+                    let reason = format!("policy rule {} failed and fails closed", cfg.rule_id);
+                    outcome.decision = "deny".into();
+                    outcome.reason = Some(reason.clone());
+                    Action::Deny { reason }
+                }
+                FailureMode::Open => Action::Continue,
+            }
+        }
+    };
+    if cfg.mode == Mode::Monitor {
+        return (outcome, Action::Continue);
+    }
+    outcome.applied = action != Action::Continue;
+    (outcome, action)
+}
+
+/// Whether a JSON body is an OpenAI chat-completions body (else a `/infer` body).
+pub fn is_chat(body: &Value) -> bool {
+    body.get("messages").is_some()
+}
+
+/// Point the body at `tier`: `model` of a chat body becomes the tier's upstream model name, a
+/// `/infer` body's `model_tier` becomes the tier. Returns whether the body changed.
+pub fn rewrite_tier(body: &mut Value, tier: &str, tier_models: &BTreeMap<String, String>) -> bool {
+    let Some(obj) = body.as_object_mut() else {
+        return false;
+    };
+    let (field, value) = if obj.contains_key("messages") {
+        match tier_models.get(tier) {
+            Some(model) => ("model", model.clone()),
+            None => return false,
+        }
+    } else {
+        ("model_tier", tier.to_owned())
+    };
+    if obj.get(field).and_then(Value::as_str) == Some(value.as_str()) {
+        return false;
+    }
+    obj.insert(field.to_owned(), Value::String(value));
+    true
+}
+
+/// The 402 body, identical to the host's: OpenAI's error shape for chat bodies, the reference
+/// shape otherwise.
+pub fn deny_body(chat: bool, reason: &str, policy_id: &str, request_id: &str) -> String {
+    if chat {
+        json!({"error": {
+            "message": format!("Request denied by policy: {reason}"),
+            "type": "insufficient_quota",
+            "param": null,
+            "code": "policy_denied",
+            "policy_id": policy_id,
+            "reason": reason,
+            "request_id": request_id,
+        }})
+        .to_string()
+    } else {
+        json!({
+            "error": "policy_denied",
+            "reason": reason,
+            "policy_id": policy_id,
+            "request_id": request_id,
+            "detail": format!("Request denied by policy: {reason}"),
+        })
+        .to_string()
+    }
+}
+
+/// The 503 body when the host cannot be reached and the filter fails closed.
+pub fn unavailable_body(chat: bool, rule_id: &str, detail: &str) -> String {
+    let message = format!(
+        "llmscope policy host unavailable for rule {rule_id} ({detail}); the request was not sent"
+    );
+    if chat {
+        json!({"error": {"message": message, "type": "api_error", "param": null, "code": "policy_host_unavailable"}})
+            .to_string()
+    } else {
+        json!({"error": "policy_host_unavailable", "detail": message}).to_string()
+    }
+}
+
+/// A 400 body for a request the filter cannot read.
+pub fn bad_request_body(chat: bool, message: &str) -> String {
+    if chat {
+        json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_json"}})
+            .to_string()
+    } else {
+        json!({"error": "invalid_json", "detail": message}).to_string()
+    }
+}
+
+/// Token usage found in a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Input tokens.
+    pub tokens_in: u32,
+    /// Output tokens.
+    pub tokens_out: u32,
+}
+
+fn usage_of(v: &Value) -> Option<Usage> {
+    let n = |v: Option<&Value>| {
+        v.and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+    };
+    let u = v.get("usage");
+    // OpenAI, Anthropic, then llmscope's own /infer answer.
+    let pair = u
+        .and_then(|u| Some((n(u.get("prompt_tokens"))?, n(u.get("completion_tokens"))?)))
+        .or_else(|| u.and_then(|u| Some((n(u.get("input_tokens"))?, n(u.get("output_tokens"))?))))
+        .or_else(|| Some((n(v.get("tokens_in"))?, n(v.get("tokens_out"))?)));
+    pair.map(|(tokens_in, tokens_out)| Usage {
+        tokens_in,
+        tokens_out,
+    })
+}
+
+fn finish_of(v: &Value) -> Option<String> {
+    v.pointer("/choices/0/finish_reason")
+        .or_else(|| v.get("stop_reason"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// Usage and finish reason from a response body: a JSON document (OpenAI, Anthropic or
+/// llmscope `/infer`), or a server-sent-event stream whose events carry them (the last wins).
+pub fn parse_usage(body: &[u8]) -> (Option<Usage>, Option<String>) {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return (usage_of(&v), finish_of(&v));
+    }
+    let text = String::from_utf8_lossy(body);
+    let mut usage = None;
+    let mut finish = None;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(data.trim()) else {
+            continue;
+        };
+        // Anthropic streams put usage under `message` (start) and at the top (delta).
+        let v = v
+            .get("message")
+            .filter(|m| m.get("usage").is_some())
+            .unwrap_or(&v);
+        if let Some(u) = usage_of(v) {
+            usage = Some(u);
+        } else if let Some(out) = v.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+            if let Some(u) = usage.as_mut() {
+                u.tokens_out = u32::try_from(out).unwrap_or(u32::MAX);
+            }
+        }
+        if let Some(f) = finish_of(v).or_else(|| {
+            v.pointer("/delta/stop_reason")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        }) {
+            finish = Some(f);
+        }
+    }
+    (usage, finish)
+}
+
+/// The body of `POST /v1/edge/report`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The context the first filter received (None: the host was unreachable).
+    pub request: Option<RequestContext>,
+    /// The request as seen, when there is no context: priced by the host on receipt.
+    pub original: Option<Value>,
+    /// Tier dispatched at.
+    pub effective_tier: String,
+    /// HTTP status the client got.
+    pub status: u16,
+    /// A filter answered locally (the upstream was not called).
+    pub local_reply: bool,
+    /// Dispatch to end of response, ms.
+    pub latency_ms: f64,
+    /// Usage from the response.
+    pub usage: Option<Usage>,
+    /// Finish reason from the response.
+    pub finish_reason: Option<String>,
+    /// Every rule's outcome in chain order.
+    pub rules: Vec<RuleOutcome>,
+    /// Why the host could not be reached, if it could not.
+    pub host_error: Option<String>,
+}
+
+/// Headers sent with every host call.
+pub fn host_headers<'a>(host: &'a HostConfig, path: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut h = vec![
+        (":method", "POST"),
+        (":path", path),
+        (
+            ":authority",
+            host.authority.as_deref().unwrap_or(host.cluster.as_str()),
+        ),
+        ("content-type", "application/json"),
+    ];
+    if let Some(key) = &host.api_key {
+        h.push(("x-api-key", key.as_str()));
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::request;
+    use crate::types::{Aggregation, Metric, Scope, Window};
+
+    struct Cap;
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct CapSettings {
+        limit_usd: f64,
+    }
+    impl Policy for Cap {
+        type Settings = CapSettings;
+        const NAME: &'static str = "cap";
+        const VERSION: &'static str = "0";
+        const DESCRIPTION: &'static str = "";
+        fn configure(s: &CapSettings) -> Result<Vec<Aggregate>, String> {
+            if s.limit_usd <= 0.0 {
+                return Err("limit_usd: must be positive".into());
+            }
+            Ok(vec![Aggregate {
+                key: "spent".into(),
+                metric: Metric::CostUsd,
+                aggregation: Aggregation::Sum,
+                scope: vec![Scope::Tenant],
+                window: Window::RollingSeconds(3600),
+                include_in_flight: true,
+            }])
+        }
+        fn evaluate(_: &CapSettings, _: &RequestContext, _: &Snapshot) -> Result<Verdict, String> {
+            Ok(Verdict::allow())
+        }
+    }
+
+    fn config(rule: Value) -> Result<FilterConfig, String> {
+        let text = json!({"rule": rule, "host": {"cluster": "llmscope"}}).to_string();
+        parse_config::<Cap>(text.as_bytes()).map(|(c, _)| c)
+    }
+
+    #[test]
+    fn config_splits_rule_keys_from_settings_and_declares_aggregates() {
+        let c =
+            config(json!({"id": "cap-1", "primitive": "cap", "mode": "monitor", "limit_usd": 5}))
+                .unwrap();
+        assert_eq!(c.rule_id, "cap-1");
+        assert_eq!(c.mode, Mode::Monitor);
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.settings_json, r#"{"limit_usd":5}"#);
+        assert_eq!(c.aggregates.len(), 1);
+        assert_eq!(c.host.timeout_ms, 200);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let e = config(json!({"id": "cap-1", "limit_usd": "five"})).unwrap_err();
+        assert!(
+            e.contains("rule `cap-1`") && e.contains("rule.settings.limit_usd"),
+            "{e}"
+        );
+        let e = config(json!({"id": "cap-1", "limit_usd": -1})).unwrap_err();
+        assert!(e.contains("limit_usd: must be positive"), "{e}");
+        let e = config(json!({"id": "cap-1", "primitive": "route_preference", "limit_usd": 1}))
+            .unwrap_err();
+        assert!(e.contains("rule.primitive"), "{e}");
+        let e = config(json!({"limit_usd": 1})).unwrap_err();
+        assert!(e.contains("rule.id: is required"), "{e}");
+        let e = parse_config::<Cap>(
+            br#"{"rule": {"id": "x", "limit_usd": 1}, "host": {"cluster": "h", "timeout_ms": 0}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("host.timeout_ms"), "{e}");
+        let e = parse_config::<Cap>(br#"{"rule": {"id": "x", "limit_usd": 1}}"#).unwrap_err();
+        assert!(e.contains("missing field `host`"), "{e}");
+        let e = parse_config::<Cap>(b"").unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn decide_mirrors_the_host() {
+        let c = config(json!({"id": "r", "limit_usd": 1})).unwrap();
+        let req = request();
+        let (o, a) = decide(&c, &req, Ok(Verdict::deny("over")), 1.0);
+        assert_eq!(
+            a,
+            Action::Deny {
+                reason: "over".into()
+            }
+        );
+        assert!(o.applied);
+        let (o, a) = decide(&c, &req, Ok(Verdict::downgrade("nope", "x")), 1.0);
+        assert_eq!(
+            a,
+            Action::Deny {
+                reason: "policy rule r failed and fails closed".into()
+            }
+        );
+        assert!(o.error.unwrap().contains("does not offer"));
+        let (_, a) = decide(
+            &c,
+            &req,
+            Ok(Verdict::downgrade(req.requested_tier.clone(), "x")),
+            1.0,
+        );
+        assert_eq!(a, Action::Continue);
+        let open = config(json!({"id": "r", "failure_mode": "open", "limit_usd": 1})).unwrap();
+        let (o, a) = decide(&open, &req, Err("boom".into()), 1.0);
+        assert_eq!((a, o.decision.as_str()), (Action::Continue, "allow"));
+        let monitor = config(json!({"id": "r", "mode": "monitor", "limit_usd": 1})).unwrap();
+        let (o, a) = decide(&monitor, &req, Ok(Verdict::deny("over")), 1.0);
+        assert_eq!(
+            (a, o.decision.as_str(), o.applied),
+            (Action::Continue, "deny", false)
+        );
+    }
+
+    #[test]
+    fn rewrite_targets_the_right_field() {
+        let models: BTreeMap<String, String> =
+            [("cheap".to_owned(), "gpt-4o-mini".to_owned())].into();
+        let mut chat = json!({"model": "gpt-4o", "messages": []});
+        assert!(rewrite_tier(&mut chat, "cheap", &models));
+        assert_eq!(chat["model"], "gpt-4o-mini");
+        assert!(!rewrite_tier(&mut chat, "cheap", &models));
+        let mut infer = json!({"prompt": "hi", "model_tier": "expensive"});
+        assert!(rewrite_tier(&mut infer, "cheap", &models));
+        assert_eq!(infer["model_tier"], "cheap");
+    }
+
+    #[test]
+    fn usage_from_json_and_event_streams() {
+        let openai = br#"{"choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":42,"completion_tokens":7}}"#;
+        assert_eq!(
+            parse_usage(openai),
+            (
+                Some(Usage {
+                    tokens_in: 42,
+                    tokens_out: 7
+                }),
+                Some("stop".into())
+            )
+        );
+        let anthropic =
+            br#"{"stop_reason":"end_turn","usage":{"input_tokens":31,"output_tokens":9}}"#;
+        assert_eq!(
+            parse_usage(anthropic).0,
+            Some(Usage {
+                tokens_in: 31,
+                tokens_out: 9
+            })
+        );
+        let infer = br#"{"answer":"x","tokens_in":3,"tokens_out":4}"#;
+        assert_eq!(
+            parse_usage(infer).0,
+            Some(Usage {
+                tokens_in: 3,
+                tokens_out: 4
+            })
+        );
+        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[{\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":6}}\n\ndata: [DONE]\n";
+        assert_eq!(
+            parse_usage(sse),
+            (
+                Some(Usage {
+                    tokens_in: 5,
+                    tokens_out: 6
+                }),
+                Some("stop".into())
+            )
+        );
+        assert_eq!(parse_usage(b"not json"), (None, None));
+    }
+
+    #[test]
+    fn deny_bodies_match_the_host_shapes() {
+        let chat: Value = serde_json::from_str(&deny_body(true, "over", "cap", "req-1")).unwrap();
+        assert_eq!(chat["error"]["code"], "policy_denied");
+        let infer: Value = serde_json::from_str(&deny_body(false, "over", "cap", "req-1")).unwrap();
+        assert_eq!(infer["error"], "policy_denied");
+        assert_eq!(infer["detail"], "Request denied by policy: over");
+    }
+}

@@ -1,0 +1,646 @@
+//! Any [`Policy`] as a proxy-wasm (ABI 0.2.1) HTTP filter for Envoy (feature `proxy-wasm`,
+//! target `wasm32-wasip1`). [`crate::export_policy!`] calls [`start`] when the feature is on;
+//! policy crates contain no proxy code.
+//!
+//! Per request (only requests with a body are evaluated; others pass through):
+//! 1. headers: the first llmscope filter of the chain (the *owner*) draws a request id, stores it
+//!    in Envoy filter state and the `x-llmscope-request-id` header; later filters reuse it.
+//! 2. body (buffered): `POST /v1/edge/context` to the host cluster with the `x-llmscope-*`
+//!    headers, the JSON body and the rule's aggregates; the answer is the priced context and
+//!    snapshot.
+//! 3. evaluate locally; deny → local 402 (the host's JSON), downgrade → `x-llmscope-model-tier`
+//!    and the body's `model` / `model_tier` rewritten, allow → continue. Host unreachable, slow
+//!    (`host.timeout_ms`) or failing → 503 (`on_unavailable: closed`) or continue (`open`).
+//! 4. every filter appends its rule outcome to filter state; after the response the owner
+//!    queues one report (status, usage parsed from the response, latency, all outcomes) that
+//!    the root context sends to `POST /v1/edge/report`, retrying failures.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use serde_json::Value;
+
+use crate::edge::{self, ContextAnswer, ContextCall, FilterConfig, Report, RuleOutcome};
+use crate::types::RequestContext;
+use crate::Policy;
+
+/// Filter-state key holding the chain's request id.
+const REQUEST_ID_PROPERTY: &str = "llmscope_request_id";
+/// Filter-state key holding the tier the request is dispatched at (`wasm.llmscope_tier` to
+/// Envoy's `%FILTER_STATE%` formatter).
+const TIER_PROPERTY: &str = "llmscope_tier";
+/// Filter-state key holding the JSON array of rule outcomes.
+const OUTCOMES_PROPERTY: &str = "llmscope_outcomes";
+/// Response bytes kept for usage extraction (the tail is kept when longer).
+const MAX_RESPONSE_CAPTURE: usize = 1 << 20;
+/// Reports waiting to be sent, per worker; the oldest is dropped beyond this.
+const MAX_QUEUED_REPORTS: usize = 10_000;
+/// Attempts per report before it is dropped (with an error log line).
+const MAX_REPORT_ATTEMPTS: u32 = 8;
+/// How often the root context sends queued reports.
+const REPORT_TICK: Duration = Duration::from_millis(20);
+/// Header the host sets on errors caused by the client's request.
+const CLIENT_ERROR_HEADER: &str = "x-llmscope-client-error";
+
+/// Register `P` as this module's root context. Called from `_initialize` by
+/// [`crate::export_policy!`].
+pub fn start<P: Policy>() {
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(Root::<P>::default()));
+}
+
+struct Queued {
+    body: Vec<u8>,
+    attempts: u32,
+}
+
+#[derive(Default)]
+struct Reports {
+    queue: VecDeque<Queued>,
+    in_flight: HashMap<u32, Queued>,
+}
+
+impl Reports {
+    fn push(&mut self, body: Vec<u8>) {
+        if self.queue.len() >= MAX_QUEUED_REPORTS {
+            self.queue.pop_front();
+            log::error!("llmscope: report queue full ({MAX_QUEUED_REPORTS}); dropped the oldest report (is the host down?)");
+        }
+        self.queue.push_back(Queued { body, attempts: 0 });
+    }
+}
+
+struct Configured<P: Policy> {
+    cfg: Rc<FilterConfig>,
+    settings: Rc<P::Settings>,
+}
+
+struct Root<P: Policy> {
+    configured: Option<Configured<P>>,
+    reports: Rc<RefCell<Reports>>,
+}
+
+impl<P: Policy> Default for Root<P> {
+    fn default() -> Self {
+        Self {
+            configured: None,
+            reports: Rc::default(),
+        }
+    }
+}
+
+impl<P: Policy> Root<P> {
+    fn flush(&mut self) {
+        let Some(c) = &self.configured else { return };
+        let host = &c.cfg.host;
+        let mut reports = self.reports.borrow_mut();
+        while let Some(q) = reports.queue.pop_front() {
+            match self.dispatch_http_call(
+                &host.cluster,
+                edge::host_headers(host, "/v1/edge/report"),
+                Some(&q.body),
+                vec![],
+                Duration::from_millis(host.timeout_ms.max(1000)),
+            ) {
+                Ok(token) => {
+                    reports.in_flight.insert(token, q);
+                }
+                Err(status) => {
+                    log::warn!(
+                        "llmscope: cannot dispatch a report to cluster {}: {status:?}; will retry",
+                        host.cluster
+                    );
+                    reports.queue.push_front(q);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl<P: Policy> Context for Root<P> {
+    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        let Some(mut q) = self.reports.borrow_mut().in_flight.remove(&token) else {
+            return;
+        };
+        let status = self.get_http_call_response_header(":status");
+        if status.as_deref() == Some("200") {
+            return;
+        }
+        let body = self
+            .get_http_call_response_body(0, body_size.min(512))
+            .unwrap_or_default();
+        q.attempts += 1;
+        let what = format!(
+            "status {}: {}",
+            status
+                .as_deref()
+                .unwrap_or("none (timeout or connection failure)"),
+            String::from_utf8_lossy(&body)
+        );
+        // 400 means the host refuses this report as malformed: retrying cannot help.
+        if q.attempts >= MAX_REPORT_ATTEMPTS || status.as_deref() == Some("400") {
+            log::error!(
+                "llmscope: report dropped after {} attempt(s), host answered {what}",
+                q.attempts
+            );
+        } else {
+            log::warn!("llmscope: report not accepted ({what}); will retry");
+            self.reports.borrow_mut().queue.push_back(q);
+        }
+    }
+}
+
+impl<P: Policy> RootContext for Root<P> {
+    fn on_configure(&mut self, _: usize) -> bool {
+        // Follow the proxy's log level (`--component-log-level wasm:debug` shows per-request
+        // lines); the host call is not allowed before the VM has started.
+        if let Ok(level) = proxy_wasm::hostcalls::get_log_level() {
+            proxy_wasm::set_log_level(level);
+        }
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        match edge::parse_config::<P>(&bytes) {
+            Ok((cfg, settings)) => {
+                log::info!(
+                    "llmscope: rule {} ({} {}) configured, {} aggregate(s), host cluster {}",
+                    cfg.rule_id,
+                    P::NAME,
+                    P::VERSION,
+                    cfg.aggregates.len(),
+                    cfg.host.cluster
+                );
+                self.configured = Some(Configured {
+                    cfg: Rc::new(cfg),
+                    settings: Rc::new(settings),
+                });
+                self.set_tick_period(REPORT_TICK);
+                true
+            }
+            Err(e) => {
+                log::error!("llmscope: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.flush();
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter::<P> {
+            configured: self.configured.as_ref().map(|c| Configured {
+                cfg: Rc::clone(&c.cfg),
+                settings: Rc::clone(&c.settings),
+            }),
+            reports: Rc::clone(&self.reports),
+            state: State::default(),
+            _policy: PhantomData,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    path: String,
+    headers: BTreeMap<String, String>,
+    body: Option<Value>,
+    body_len: usize,
+    chat: bool,
+    request_id: String,
+    owner: bool,
+    evaluated: bool,
+    ctx: Option<RequestContext>,
+    host_error: Option<String>,
+    local_reply: bool,
+    dispatched_at: Option<SystemTime>,
+    finished_at: Option<SystemTime>,
+    status: Option<u16>,
+    response: Vec<u8>,
+}
+
+struct Filter<P: Policy> {
+    configured: Option<Configured<P>>,
+    reports: Rc<RefCell<Reports>>,
+    state: State,
+    _policy: PhantomData<P>,
+}
+
+fn new_request_id(context_seed: u64) -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // No entropy source: time and context id still make ids unique per proxy.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes[..8].copy_from_slice(&(nanos as u64).to_le_bytes());
+        bytes[8..].copy_from_slice(&context_seed.to_le_bytes());
+    }
+    let mut id = String::with_capacity(36);
+    id.push_str("req-");
+    for b in bytes {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+fn ms_between(a: SystemTime, b: SystemTime) -> f64 {
+    b.duration_since(a)
+        .map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+impl<P: Policy> Filter<P> {
+    fn cfg(&self) -> Option<&Rc<FilterConfig>> {
+        self.configured.as_ref().map(|c| &c.cfg)
+    }
+
+    fn json_reply(&mut self, status: u32, body: &str, extra: &[(&str, &str)]) {
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend_from_slice(extra);
+        let id = self.state.request_id.clone();
+        if !id.is_empty() {
+            headers.push(("x-llmscope-request-id", id.as_str()));
+        }
+        self.send_http_response(status, headers, Some(body.as_bytes()));
+        self.state.local_reply = true;
+    }
+
+    fn record(&self, outcome: &RuleOutcome) {
+        let mut list: Vec<Value> = self
+            .get_property(vec![OUTCOMES_PROPERTY])
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if let Ok(v) = serde_json::to_value(outcome) {
+            list.push(v);
+        }
+        if let Ok(bytes) = serde_json::to_vec(&list) {
+            self.set_property(vec![OUTCOMES_PROPERTY], Some(&bytes));
+        }
+    }
+
+    /// The host could not give a context: apply `on_unavailable`. Returns whether the request
+    /// continues.
+    fn host_unavailable(&mut self, detail: String) -> bool {
+        let Some(cfg) = self.cfg().cloned() else {
+            return false;
+        };
+        let open = cfg.host.on_unavailable == edge::FailureMode::Open;
+        log::warn!(
+            "llmscope: rule {}: policy host unavailable ({detail}); failing {}",
+            cfg.rule_id,
+            if open { "open" } else { "closed" }
+        );
+        let outcome = RuleOutcome {
+            rule_id: cfg.rule_id.clone(),
+            primitive: cfg.primitive.clone(),
+            mode: cfg.mode,
+            failure_mode: cfg.host.on_unavailable,
+            decision: if open { "allow" } else { "deny" }.into(),
+            downgrade_to: None,
+            reason: (!open).then(|| format!("policy host unavailable for rule {}", cfg.rule_id)),
+            alert: None,
+            facts: BTreeMap::new(),
+            error: Some(format!("policy host unavailable: {detail}")),
+            applied: !open,
+            eval_us: 0.0,
+        };
+        self.record(&outcome);
+        self.state.host_error = Some(detail.clone());
+        self.state.evaluated = true;
+        if open {
+            self.mark_dispatch();
+            true
+        } else {
+            let body = edge::unavailable_body(self.state.chat, &cfg.rule_id, &detail);
+            self.json_reply(503, &body, &[]);
+            false
+        }
+    }
+
+    /// Record the tier the request goes out at; the upstream cluster's `header_mutation` filter
+    /// copies it into `x-llmscope-model-tier` (request headers have left this filter by now).
+    fn set_tier(&self, tier: &str) {
+        self.set_property(vec![TIER_PROPERTY], Some(tier.as_bytes()));
+    }
+
+    fn mark_dispatch(&mut self) {
+        if self.state.owner {
+            self.state.dispatched_at = Some(self.get_current_time());
+        }
+    }
+
+    /// Evaluate with the host's answer and act. Returns whether the request continues.
+    fn apply(&mut self, answer: ContextAnswer) -> bool {
+        let Some(c) = &self.configured else {
+            return false;
+        };
+        let cfg = Rc::clone(&c.cfg);
+        let settings = Rc::clone(&c.settings);
+        let started = self.get_current_time();
+        let result = P::evaluate(&settings, &answer.request, &answer.snapshot);
+        let eval_us = self
+            .get_current_time()
+            .duration_since(started)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6);
+        let (outcome, action) = edge::decide(&cfg, &answer.request, result, eval_us);
+        self.record(&outcome);
+        self.state.evaluated = true;
+        if self.state.owner {
+            self.state.ctx = Some(answer.request.clone());
+        }
+        match action {
+            edge::Action::Continue => {
+                if self.state.owner {
+                    self.set_tier(&answer.request.requested_tier);
+                }
+                self.mark_dispatch();
+                true
+            }
+            edge::Action::Downgrade { tier } => {
+                self.set_tier(&tier);
+                if let Some(body) = self.state.body.as_mut() {
+                    if edge::rewrite_tier(body, &tier, &answer.tier_models) {
+                        let bytes = body.to_string().into_bytes();
+                        self.set_http_request_body(0, self.state.body_len, &bytes);
+                        self.state.body_len = bytes.len();
+                    }
+                }
+                self.mark_dispatch();
+                true
+            }
+            edge::Action::Deny { reason } => {
+                let body = edge::deny_body(
+                    self.state.chat,
+                    &reason,
+                    &cfg.rule_id,
+                    &answer.request.request_id,
+                );
+                self.json_reply(402, &body, &[("x-llmscope-policy-decision", "deny")]);
+                false
+            }
+        }
+    }
+
+    fn report(&mut self) {
+        let outcomes: Vec<RuleOutcome> = self
+            .get_property(vec![OUTCOMES_PROPERTY])
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let status = self.state.status.or_else(|| {
+            self.get_http_response_header(":status")
+                .and_then(|s| s.parse().ok())
+        });
+        let downgraded = outcomes
+            .iter()
+            .rev()
+            .find(|o| o.applied && o.downgrade_to.is_some())
+            .and_then(|o| o.downgrade_to.clone());
+        let local_reply =
+            self.state.local_reply || outcomes.iter().any(|o| o.applied && o.decision == "deny");
+        let (usage, finish_reason) = if local_reply {
+            (None, None)
+        } else {
+            edge::parse_usage(&self.state.response)
+        };
+        let latency_ms = match (self.state.dispatched_at, self.state.finished_at) {
+            (Some(a), Some(b)) => ms_between(a, b),
+            _ => 0.0,
+        };
+        let original = if self.state.ctx.is_none() {
+            let call = ContextCall {
+                request_id: &self.state.request_id,
+                path: &self.state.path,
+                headers: &self.state.headers,
+                body: self.state.body.as_ref().unwrap_or(&Value::Null),
+                aggregates: &[],
+            };
+            serde_json::to_value(call).ok()
+        } else {
+            None
+        };
+        let effective_tier = downgraded
+            .or_else(|| self.state.ctx.as_ref().map(|c| c.requested_tier.clone()))
+            .unwrap_or_default();
+        let report = Report {
+            request: self.state.ctx.take(),
+            original,
+            effective_tier,
+            status: status.unwrap_or(0),
+            local_reply,
+            latency_ms,
+            usage,
+            finish_reason,
+            rules: outcomes,
+            host_error: self.state.host_error.take(),
+        };
+        match serde_json::to_vec(&report) {
+            Ok(bytes) => self.reports.borrow_mut().push(bytes),
+            Err(e) => log::error!("llmscope: cannot encode a report: {e}"),
+        }
+    }
+}
+
+impl<P: Policy> Context for Filter<P> {
+    fn on_http_call_response(&mut self, _: u32, _: usize, body_size: usize, _: usize) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok());
+        log::debug!("llmscope: context answer status {status:?}, {body_size} bytes");
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        let timeout = self.cfg().map_or(0, |c| c.host.timeout_ms);
+        let proceed = match status {
+            None => self.host_unavailable(format!(
+                "no answer within {timeout} ms or the connection failed"
+            )),
+            Some(200) => match serde_json::from_slice::<ContextAnswer>(&body) {
+                Ok(answer) => self.apply(answer),
+                Err(e) => self.host_unavailable(format!("unreadable context answer: {e}")),
+            },
+            Some(s)
+                if self
+                    .get_http_call_response_header(CLIENT_ERROR_HEADER)
+                    .is_some() =>
+            {
+                // The client's request is invalid (bad field, unknown route): answer as the
+                // host would, and do not report a request that never was one.
+                let text = String::from_utf8_lossy(&body).into_owned();
+                self.json_reply(u32::from(s), &text, &[]);
+                self.state.owner = false;
+                false
+            }
+            Some(s) => {
+                let excerpt: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+                // Envoy answers 504 itself when the call outlives its timeout.
+                self.host_unavailable(if s == 504 {
+                    format!("no answer within {timeout} ms ({excerpt})")
+                } else {
+                    format!("host answered {s}: {excerpt}")
+                })
+            }
+        };
+        if proceed {
+            self.resume_http_request();
+        }
+    }
+}
+
+impl<P: Policy> HttpContext for Filter<P> {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            // No body: not an inference call.
+            return Action::Continue;
+        }
+        self.state.path = self.get_http_request_header(":path").unwrap_or_default();
+        for (name, value) in self.get_http_request_headers() {
+            if name.starts_with("x-llmscope-") && name != edge::REQUEST_ID_HEADER {
+                self.state.headers.insert(name, value);
+            }
+        }
+        match self
+            .get_property(vec![REQUEST_ID_PROPERTY])
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|s| !s.is_empty())
+        {
+            Some(id) => self.state.request_id = id,
+            None => {
+                let seed = u64::from(self.reports.borrow().queue.len() as u32);
+                let id = new_request_id(seed);
+                self.set_property(vec![REQUEST_ID_PROPERTY], Some(id.as_bytes()));
+                self.set_http_request_header(edge::REQUEST_ID_HEADER, Some(&id));
+                // Usage is read from the response: ask for it uncompressed.
+                self.set_http_request_header("accept-encoding", None);
+                self.state.request_id = id;
+                self.state.owner = true;
+            }
+        }
+        // Envoy's proxy-wasm host cannot hold headers while a filter reads the body, so the
+        // headers go on now and the upstream cluster's `buffer` filter holds the request until
+        // the body is released (see examples/envoy). The body may be rewritten: its length is
+        // set again by that buffer filter.
+        self.set_http_request_header("content-length", None);
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let Some(cfg) = self.cfg().cloned() else {
+            self.json_reply(
+                503,
+                &edge::unavailable_body(false, "(unconfigured)", "filter not configured"),
+                &[],
+            );
+            return Action::Pause;
+        };
+        let bytes = self.get_http_request_body(0, body_size).unwrap_or_default();
+        self.state.body_len = bytes.len();
+        let body: Value = match serde_json::from_slice(&bytes) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => {
+                self.state.owner = false;
+                self.json_reply(
+                    400,
+                    &edge::bad_request_body(false, "body must be a JSON object"),
+                    &[],
+                );
+                return Action::Pause;
+            }
+            Err(e) => {
+                self.state.owner = false;
+                let chat = self.state.path.contains("/chat/completions");
+                let msg = format!("body is not valid JSON: {e}");
+                self.json_reply(400, &edge::bad_request_body(chat, &msg), &[]);
+                return Action::Pause;
+            }
+        };
+        self.state.chat = edge::is_chat(&body);
+        // An earlier filter of the chain may have downgraded the request.
+        if let Some(tier) = self
+            .get_property(vec![TIER_PROPERTY])
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|t| !t.is_empty())
+        {
+            self.state
+                .headers
+                .insert(edge::TIER_HEADER.to_owned(), tier);
+        }
+        let call = ContextCall {
+            request_id: &self.state.request_id,
+            path: &self.state.path,
+            headers: &self.state.headers,
+            body: &body,
+            aggregates: &cfg.aggregates,
+        };
+        let encoded = serde_json::to_vec(&call).unwrap_or_default();
+        self.state.body = Some(body);
+        match self.dispatch_http_call(
+            &cfg.host.cluster,
+            edge::host_headers(&cfg.host, "/v1/edge/context"),
+            Some(&encoded),
+            vec![],
+            Duration::from_millis(cfg.host.timeout_ms),
+        ) {
+            Ok(_) => Action::Pause,
+            Err(status) => {
+                let detail = format!(
+                    "cannot call cluster `{}` ({status:?}); is it defined in the Envoy config?",
+                    cfg.host.cluster
+                );
+                if self.host_unavailable(detail) {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        if self.state.owner {
+            self.state.status = self
+                .get_http_response_header(":status")
+                .and_then(|s| s.parse().ok());
+            if end_of_stream {
+                self.state.finished_at = Some(self.get_current_time());
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.state.owner && !self.state.local_reply {
+            if let Some(chunk) = self.get_http_response_body(0, body_size) {
+                self.state.response.extend_from_slice(&chunk);
+                if self.state.response.len() > MAX_RESPONSE_CAPTURE {
+                    let cut = self.state.response.len() - MAX_RESPONSE_CAPTURE / 4;
+                    self.state.response.drain(..cut);
+                }
+            }
+            if end_of_stream {
+                self.state.finished_at = Some(self.get_current_time());
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if self.state.owner && self.state.evaluated {
+            if self.state.finished_at.is_none() {
+                self.state.finished_at = Some(self.get_current_time());
+            }
+            self.report();
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Turning request bodies into [`Inference`]s: the reference `/infer` body and OpenAI
+//! chat-completions bodies, with attribution from `x-llmscope-*` headers. The HTTP server and the
+//! edge control plane (the Envoy filters' `/v1/edge/context`) share these parsers, so a request
+//! means the same thing whichever way it reaches llmscope.
+
+use serde_json::{json, Map, Value};
+
+use crate::config::GatewayConfig;
+use crate::gateway::Inference;
+use crate::providers::Message;
+
+/// Attribution header: tenant.
+pub const H_TENANT: &str = "x-llmscope-tenant-id";
+/// Attribution header: caller.
+pub const H_CALLER: &str = "x-llmscope-caller-id";
+/// Attribution header: feature.
+pub const H_FEATURE: &str = "x-llmscope-feature-id";
+/// Attribution header: experiment.
+pub const H_EXPERIMENT: &str = "x-llmscope-experiment-id";
+/// Attribution header: budget namespace.
+pub const H_NAMESPACE: &str = "x-llmscope-budget-namespace";
+/// Attribution header: route.
+pub const H_ROUTE: &str = "x-llmscope-route";
+/// Attribution header: model tier (also set on downgrades).
+pub const H_TIER: &str = "x-llmscope-model-tier";
+
+/// `/infer` body fields and the headers that may supply them.
+const INFER_HEADERS: [(&str, &str); 7] = [
+    ("tenant_id", H_TENANT),
+    ("caller_id", H_CALLER),
+    ("feature_id", H_FEATURE),
+    ("experiment_id", H_EXPERIMENT),
+    ("budget_namespace", H_NAMESPACE),
+    ("route_name", H_ROUTE),
+    ("model_tier", H_TIER),
+];
+
+/// Collects field errors (FastAPI-style `detail` list: `{"field", "message"}` objects).
+#[derive(Debug, Default)]
+pub struct FieldErrors(pub Vec<Value>);
+
+impl FieldErrors {
+    /// Record a problem with `field`.
+    pub fn push(&mut self, field: &str, message: impl Into<String>) {
+        self.0
+            .push(json!({"field": field, "message": message.into()}));
+    }
+
+    /// A required non-empty string.
+    pub fn required(&mut self, obj: &Map<String, Value>, field: &str) -> String {
+        match obj.get(field) {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            Some(Value::String(_)) => {
+                self.push(field, "must not be empty");
+                String::new()
+            }
+            None | Some(Value::Null) => {
+                self.push(field, "is required");
+                String::new()
+            }
+            Some(_) => {
+                self.push(field, "must be a string");
+                String::new()
+            }
+        }
+    }
+
+    /// An optional string (empty counts as absent).
+    pub fn optional(&mut self, obj: &Map<String, Value>, field: &str) -> Option<String> {
+        match obj.get(field) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.trim().is_empty() => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                self.push(field, "must be a string");
+                None
+            }
+        }
+    }
+
+    /// An optional positive integer that fits in 32 bits.
+    pub fn optional_u32(&mut self, obj: &Map<String, Value>, field: &str) -> Option<u32> {
+        match obj.get(field) {
+            None | Some(Value::Null) => None,
+            Some(v) => match v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n > 0)
+            {
+                Some(n) => Some(n),
+                None => {
+                    self.push(field, "must be a positive integer");
+                    None
+                }
+            },
+        }
+    }
+
+    /// An optional number.
+    pub fn optional_f64(&mut self, obj: &Map<String, Value>, field: &str) -> Option<f64> {
+        match obj.get(field) {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(n) => Some(n),
+                None => {
+                    self.push(field, "must be a number");
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Parse a reference `/infer` body. Attribution headers fill fields the body leaves out (the body
+/// wins when both are present). Errors list every bad field.
+pub fn parse_infer(
+    obj: &Map<String, Value>,
+    header: &dyn Fn(&str) -> Option<String>,
+    config: &GatewayConfig,
+) -> Result<Inference, Vec<Value>> {
+    let mut merged;
+    let obj = if INFER_HEADERS.iter().any(|(_, h)| header(h).is_some()) {
+        merged = obj.clone();
+        for (field, h) in INFER_HEADERS {
+            let absent = matches!(merged.get(field), None | Some(Value::Null));
+            if let (true, Some(v)) = (absent, header(h)) {
+                merged.insert(field.to_owned(), Value::String(v));
+            }
+        }
+        &merged
+    } else {
+        obj
+    };
+    let mut errs = FieldErrors::default();
+    let prompt = errs.required(obj, "prompt");
+    let tenant_id = errs.required(obj, "tenant_id");
+    let inf = Inference {
+        caller_id: errs.optional(obj, "caller_id"),
+        feature_id: errs.optional(obj, "feature_id"),
+        experiment_id: errs.optional(obj, "experiment_id"),
+        budget_namespace: errs.optional(obj, "budget_namespace"),
+        model_tier: errs
+            .optional(obj, "model_tier")
+            .unwrap_or_else(|| config.default_tier.clone()),
+        route_name: errs
+            .optional(obj, "route_name")
+            .unwrap_or_else(|| config.default_route.clone()),
+        max_tokens: errs.optional_u32(obj, "max_tokens"),
+        temperature: errs.optional_f64(obj, "temperature"),
+        messages: vec![Message {
+            role: "user".into(),
+            content: prompt,
+        }],
+        tenant_id,
+    };
+    if errs.0.is_empty() {
+        Ok(inf)
+    } else {
+        Err(errs.0)
+    }
+}
+
+/// Why a chat-completions body was refused, in OpenAI's error vocabulary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatError {
+    /// HTTP status.
+    pub status: u16,
+    /// Human-readable message.
+    pub message: String,
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// The offending parameter.
+    pub param: Option<String>,
+}
+
+impl ChatError {
+    fn unprocessable(message: impl Into<String>, code: &'static str, param: &str) -> Self {
+        Self {
+            status: 422,
+            message: message.into(),
+            code,
+            param: Some(param.to_owned()),
+        }
+    }
+}
+
+/// Parse an OpenAI chat-completions body. Attribution comes from `x-llmscope-*` headers, else
+/// from `metadata.<field>`; the tier from the tier header, else `model` naming a tier of the
+/// route, else `model` naming one of the route's models. `stream` is not checked here.
+pub fn parse_chat(
+    obj: &Map<String, Value>,
+    header: &dyn Fn(&str) -> Option<String>,
+    config: &GatewayConfig,
+) -> Result<Inference, ChatError> {
+    let meta = obj.get("metadata").and_then(Value::as_object);
+    let attr = |h: &str, m: &str| {
+        header(h).or_else(|| {
+            meta?
+                .get(m)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .filter(|s| !s.is_empty())
+        })
+    };
+    let Some(tenant_id) = attr(H_TENANT, "tenant_id") else {
+        return Err(ChatError::unprocessable(
+            "missing tenant: send the x-llmscope-tenant-id header or metadata.tenant_id",
+            "missing_tenant",
+            H_TENANT,
+        ));
+    };
+    let mut messages = Vec::new();
+    match obj.get("messages").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => {
+            for (i, m) in list.iter().enumerate() {
+                let role = m.get("role").and_then(Value::as_str);
+                let content = match m.get("content") {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Array(parts)) => Some(
+                        parts
+                            .iter()
+                            .filter_map(|p| p.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join(""),
+                    ),
+                    _ => None,
+                };
+                match (role, content) {
+                    (Some(role), Some(content)) => messages.push(Message {
+                        role: role.to_owned(),
+                        content,
+                    }),
+                    _ => {
+                        let param = format!("messages[{i}]");
+                        return Err(ChatError::unprocessable(
+                            format!("{param} needs a string `role` and `content`"),
+                            "invalid_message",
+                            &param,
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {
+            return Err(ChatError::unprocessable(
+                "`messages` must be a non-empty array",
+                "invalid_messages",
+                "messages",
+            ))
+        }
+    }
+    let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| config.default_route.clone());
+    let model_field = obj.get("model").and_then(Value::as_str).unwrap_or_default();
+    let tier = header(H_TIER).or_else(|| {
+        let route = config.routes.get(&route_name)?;
+        if route.tiers.contains_key(model_field) {
+            Some(model_field.to_owned())
+        } else {
+            route
+                .tiers
+                .iter()
+                .find(|(_, m)| *m == model_field)
+                .map(|(t, _)| t.clone())
+        }
+    });
+    let model_tier = match tier {
+        Some(t) => t,
+        None if model_field.is_empty() => config.default_tier.clone(),
+        None => {
+            return Err(ChatError::unprocessable(
+                format!(
+                    "model `{model_field}` is neither a tier nor a model of route {route_name}"
+                ),
+                "model_not_found",
+                "model",
+            ))
+        }
+    };
+    let mut errs = FieldErrors::default();
+    let max_tokens = errs
+        .optional_u32(obj, "max_tokens")
+        .or_else(|| errs.optional_u32(obj, "max_completion_tokens"));
+    let temperature = errs.optional_f64(obj, "temperature");
+    if let Some(first) = errs.0.first() {
+        let field = first["field"].as_str().unwrap_or_default().to_owned();
+        return Err(ChatError::unprocessable(
+            format!("{field} {}", first["message"].as_str().unwrap_or_default()),
+            "invalid_parameter",
+            &field,
+        ));
+    }
+    Ok(Inference {
+        tenant_id,
+        caller_id: attr(H_CALLER, "caller_id"),
+        feature_id: attr(H_FEATURE, "feature_id"),
+        experiment_id: attr(H_EXPERIMENT, "experiment_id"),
+        budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
+        route_name,
+        model_tier,
+        messages,
+        max_tokens,
+        temperature,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn config() -> GatewayConfig {
+        let yaml = r#"
+policy: {file: policy.yaml, policies_dir: .}
+models:
+  gpt-4o-mini: {provider: mock, input_per_1m: 0.15, output_per_1m: 0.60}
+  gpt-4o: {provider: mock, input_per_1m: 2.50, output_per_1m: 10.00}
+routes:
+  /answer-routed: {max_output_tokens: 500, tiers: {cheap: gpt-4o-mini, expensive: gpt-4o}}
+providers:
+  mock: {kind: mock}
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmscope.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        GatewayConfig::load(&path, &|_| None).unwrap()
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn infer_headers_fill_missing_fields_and_the_body_wins() {
+        let cfg = config();
+        let headers: BTreeMap<&str, &str> = [(H_TENANT, "from-header"), (H_TIER, "cheap")].into();
+        let h = |n: &str| headers.get(n).map(|v| (*v).to_owned());
+        let inf = parse_infer(
+            &obj(json!({"prompt": "hi", "model_tier": "expensive"})),
+            &h,
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(inf.tenant_id, "from-header");
+        assert_eq!(inf.model_tier, "expensive");
+        assert_eq!(inf.route_name, cfg.default_route);
+    }
+
+    #[test]
+    fn infer_lists_every_bad_field() {
+        let cfg = config();
+        let errs = parse_infer(&obj(json!({"max_tokens": -1})), &|_| None, &cfg).unwrap_err();
+        let fields: Vec<&str> = errs.iter().filter_map(|e| e["field"].as_str()).collect();
+        assert_eq!(fields, ["prompt", "tenant_id", "max_tokens"]);
+    }
+
+    #[test]
+    fn chat_resolves_model_names_to_tiers_and_headers_win() {
+        let cfg = config();
+        let body = obj(
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+            "metadata": {"tenant_id": "acme", "route": "/answer-routed"}}),
+        );
+        let inf = parse_chat(&body, &|_| None, &cfg).unwrap();
+        assert_eq!(
+            (inf.tenant_id.as_str(), inf.model_tier.as_str()),
+            ("acme", "expensive")
+        );
+        let tier = |n: &str| (n == H_TIER).then(|| "cheap".to_owned());
+        assert_eq!(parse_chat(&body, &tier, &cfg).unwrap().model_tier, "cheap");
+    }
+
+    #[test]
+    fn chat_errors_name_the_parameter() {
+        let cfg = config();
+        let e = parse_chat(
+            &obj(json!({"messages": [{"role": "user"}], "metadata": {"tenant_id": "a"}})),
+            &|_| None,
+            &cfg,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.code, e.param.as_deref()),
+            ("invalid_message", Some("messages[0]"))
+        );
+        let e = parse_chat(&obj(json!({"messages": []})), &|_| None, &cfg).unwrap_err();
+        assert_eq!(e.code, "missing_tenant");
+        let e = parse_chat(
+            &obj(json!({"model": "nope", "messages": [{"role": "user", "content": "x"}], "metadata": {"tenant_id": "a"}})),
+            &|_| None,
+            &cfg,
+        )
+        .unwrap_err();
+        assert_eq!((e.status, e.code), (422, "model_not_found"));
+    }
+}

@@ -1,0 +1,554 @@
+//! The policies as proxy-wasm filters inside a real Envoy 1.40 (V8), with a real `llmscope serve`
+//! as control plane and a local upstream that counts calls: allow, deny (402, upstream never
+//! called), downgrade (tier header, rewritten model), usage reported back into telemetry and the
+//! budget, host down or slow (fail closed / open), invalid plugin configuration, client errors,
+//! and the shipped example configuration.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "integration tests: a failed unwrap or panic is a failed test"
+)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use llmscope_tests::envoy::{self, Envoy, Filter};
+use llmscope_tests::gateway::{read_jsonl, Gateway, Options};
+use llmscope_tests::upstream::Upstream;
+use serde_json::{json, Value};
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
+fn host(on_unavailable: &str, timeout_ms: u64) -> Value {
+    json!({"cluster": "llmscope", "timeout_ms": timeout_ms, "on_unavailable": on_unavailable})
+}
+
+fn budget(id: &str, limit_usd: f64) -> Value {
+    json!({"id": id, "primitive": "budget_threshold", "period": "hourly", "limit_usd": limit_usd,
+           "action": "deny", "deny_reason": format!("{id}: hourly budget exceeded")})
+}
+
+fn prefer_cheap() -> Value {
+    json!({"id": "prefer-cheap", "primitive": "route_preference", "route_name": "/answer-routed", "prefer_tier": "cheap"})
+}
+
+/// A host (seed policies, its own logs), an upstream and an Envoy running `filters`.
+struct Stack {
+    gw: Gateway,
+    upstream: Upstream,
+    envoy: Envoy,
+}
+
+async fn start_envoy(config: String) -> Envoy {
+    tokio::task::spawn_blocking(move || Envoy::start(&config))
+        .await
+        .unwrap()
+}
+
+async fn stack(filters: Vec<Filter>) -> Stack {
+    let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
+    let gw = Gateway::start(&Options::new(&seed));
+    let upstream = Upstream::start().await;
+    let config = envoy::config(&filters, port_of(&gw.url), upstream.addr.port());
+    let envoy = start_envoy(config).await;
+    Stack {
+        gw,
+        upstream,
+        envoy,
+    }
+}
+
+async fn chat(
+    envoy: &Envoy,
+    tenant: &str,
+    model: &str,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let resp = reqwest::Client::new()
+        .post(envoy.at("/v1/chat/completions"))
+        .header("x-llmscope-tenant-id", tenant)
+        .header("x-llmscope-budget-namespace", "demo")
+        .header("x-llmscope-route", "/answer-routed")
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "Summarize this document for the board"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The lines of `path` whose `request_id` is `id`, waiting up to 15 s for at least one.
+async fn lines_for(path: &Path, id: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines: Vec<Value> = read_jsonl(path)
+            .into_iter()
+            .filter(|l| l["request_id"] == id)
+            .collect();
+        if !lines.is_empty() || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn seen(upstream: &Upstream) -> Vec<(String, String, Value)> {
+    upstream.state.seen.lock().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_passes_through_and_the_usage_is_reported() {
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("edge-cap", 100.0),
+        &host("closed", 2000),
+    )])
+    .await;
+    let (status, headers, body) = chat(&s.envoy, "acme", "gpt-4o").await;
+    assert_eq!(status, 200, "{body}\n{}", s.envoy.log());
+    assert_eq!(body["model"], "gpt-4o");
+    assert_eq!(s.upstream.calls(), 1);
+    let calls = seen(&s.upstream);
+    let (path, sent_headers, sent_body) = &calls[0];
+    assert_eq!(path, "/v1/chat/completions");
+    assert_eq!(
+        sent_body["model"], "gpt-4o",
+        "allowed bodies are not rewritten"
+    );
+    assert!(
+        sent_headers.contains("x-llmscope-model-tier: expensive\n"),
+        "{sent_headers}"
+    );
+    let id = sent_headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-llmscope-request-id: "))
+        .unwrap()
+        .to_owned();
+    assert!(id.starts_with("req-") && id.len() == 36, "{id}");
+    assert!(
+        headers.get("x-llmscope-request-id").is_none()
+            || headers["x-llmscope-request-id"] == id.as_str()
+    );
+
+    let telemetry = lines_for(&s.gw.telemetry, &id).await;
+    assert_eq!(telemetry.len(), 1, "one telemetry line per request");
+    let t = &telemetry[0];
+    assert_eq!(t["status"], "ok");
+    assert_eq!(t["tenant_id"], "acme");
+    assert_eq!(t["budget_namespace"], "demo");
+    assert_eq!(t["model"], "gpt-4o");
+    assert_eq!(
+        (t["tokens_in"].as_u64(), t["tokens_out"].as_u64()),
+        (Some(42), Some(7))
+    );
+    assert_eq!(t["cost_source"], "provider_usage");
+    // 42 × $2.50/M + 7 × $10/M.
+    assert!(
+        (t["cost_usd"].as_f64().unwrap() - 0.000175).abs() < 1e-12,
+        "{t}"
+    );
+    assert_eq!(t["finish_reason"], "stop");
+    assert_eq!(t["policy_decision"], "allow");
+    let decisions = lines_for(&s.gw.decisions, &id).await;
+    assert_eq!(decisions.len(), 1);
+    let rules = decisions[0]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["rule_id"], "edge-cap");
+    assert_eq!(rules[0]["decision"], "allow");
+    assert_eq!(rules[0]["facts"]["window_limit_usd"], 100.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deny_answers_402_like_the_host_and_never_calls_the_upstream() {
+    // The estimate alone (~$0.005 at gpt-4o) exceeds this cap.
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("tiny-cap", 0.001),
+        &host("closed", 2000),
+    )])
+    .await;
+    let (status, headers, body) = chat(&s.envoy, "acme", "gpt-4o").await;
+    assert_eq!(status, 402, "{body}\n{}", s.envoy.log());
+    assert_eq!(body["error"]["code"], "policy_denied");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert_eq!(body["error"]["policy_id"], "tiny-cap");
+    assert_eq!(body["error"]["reason"], "tiny-cap: hourly budget exceeded");
+    let id = body["error"]["request_id"].as_str().unwrap().to_owned();
+    assert_eq!(headers["x-llmscope-request-id"], id.as_str());
+    assert_eq!(
+        s.upstream.calls(),
+        0,
+        "a denied request must not reach the upstream"
+    );
+
+    // The /infer body shape gets the host's /infer error JSON.
+    let resp = reqwest::Client::new()
+        .post(s.envoy.at("/infer"))
+        .json(&json!({"prompt": "hello", "tenant_id": "acme", "budget_namespace": "demo", "model_tier": "expensive"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 402);
+    let infer: Value = resp.json().await.unwrap();
+    assert_eq!(infer["error"], "policy_denied");
+    assert_eq!(infer["policy_id"], "tiny-cap");
+    assert_eq!(
+        infer["detail"],
+        "Request denied by policy: tiny-cap: hourly budget exceeded"
+    );
+    assert_eq!(s.upstream.calls(), 0);
+
+    let t = lines_for(&s.gw.telemetry, &id).await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0]["status"], "denied");
+    assert_eq!(t[0]["cost_usd"], 0.0);
+    assert_eq!(t[0]["policy_id"], "tiny-cap");
+    let d = lines_for(&s.gw.decisions, &id).await;
+    assert_eq!(d[0]["decision"], "deny");
+    assert_eq!(d[0]["reason"], "tiny-cap: hourly budget exceeded");
+    assert_eq!(d[0]["rules"][0]["applied"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downgrade_sets_the_tier_header_and_rewrites_the_model() {
+    let s = stack(vec![Filter::builtin(
+        "route_preference",
+        &prefer_cheap(),
+        &host("closed", 2000),
+    )])
+    .await;
+    let (status, _, body) = chat(&s.envoy, "acme", "gpt-4o").await;
+    assert_eq!(status, 200, "{body}\n{}", s.envoy.log());
+    assert_eq!(
+        body["model"], "gpt-4o-mini",
+        "the upstream answered for the cheap model"
+    );
+    let calls = seen(&s.upstream);
+    let (_, headers, sent) = &calls[0];
+    assert_eq!(sent["model"], "gpt-4o-mini");
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "Summarize this document for the board"
+    );
+    assert!(
+        headers.contains("x-llmscope-model-tier: cheap\n"),
+        "{headers}"
+    );
+    let declared: usize = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        declared,
+        serde_json::to_vec(sent).unwrap().len(),
+        "content-length matches the rewritten body"
+    );
+    let id = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-llmscope-request-id: "))
+        .unwrap()
+        .to_owned();
+    let t = lines_for(&s.gw.telemetry, &id).await;
+    assert_eq!(t[0]["requested_model_tier"], "expensive");
+    assert_eq!(t[0]["model_tier"], "cheap");
+    assert_eq!(t[0]["model"], "gpt-4o-mini");
+    // Priced at the model that answered: 42 × $0.15/M + 7 × $0.60/M.
+    assert!(
+        (t[0]["cost_usd"].as_f64().unwrap() - 0.0000105).abs() < 1e-12,
+        "{}",
+        t[0]
+    );
+    let d = lines_for(&s.gw.decisions, &id).await;
+    assert_eq!(d[0]["decision"], "downgrade");
+    assert_eq!(d[0]["policy_id"], "prefer-cheap");
+    assert_eq!(d[0]["effective_model_tier"], "cheap");
+
+    // A /infer body gets its model_tier rewritten.
+    let resp = reqwest::Client::new()
+        .post(s.envoy.at("/infer"))
+        .json(&json!({"prompt": "hello", "tenant_id": "acme", "route_name": "/answer-routed", "model_tier": "expensive"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let calls = seen(&s.upstream);
+    assert_eq!(calls[1].0, "/infer");
+    assert_eq!(calls[1].2["model_tier"], "cheap");
+    assert!(calls[1].1.contains("x-llmscope-model-tier: cheap\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reported_usage_moves_the_budget_so_a_later_request_is_denied() {
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("half-dollar", 0.5),
+        &host("closed", 2000),
+    )])
+    .await;
+    // The upstream bills 100k output tokens: $1.00 at gpt-4o, twice the cap.
+    *s.upstream.state.usage.lock().unwrap() = Some((1000, 100_000));
+    let (status, _, body) = chat(&s.envoy, "acme", "gpt-4o").await;
+    assert_eq!(status, 200, "{body}\n{}", s.envoy.log());
+    let id = seen(&s.upstream)[0]
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("x-llmscope-request-id: "))
+        .unwrap()
+        .to_owned();
+    let t = lines_for(&s.gw.telemetry, &id).await;
+    assert!(
+        (t[0]["cost_usd"].as_f64().unwrap() - 1.0025).abs() < 1e-9,
+        "{}",
+        t[0]
+    );
+
+    let (status, _, body) = chat(&s.envoy, "acme", "gpt-4o").await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["error"]["policy_id"], "half-dollar");
+    assert_eq!(s.upstream.calls(), 1);
+    let id = body["error"]["request_id"].as_str().unwrap().to_owned();
+    let d = lines_for(&s.gw.decisions, &id).await;
+    let window = d[0]["rules"][0]["facts"]["window_cost_usd"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        window >= 1.0025 - 1e-9,
+        "the budget saw the reported spend: {}",
+        d[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_host_fails_closed_by_default_and_open_when_configured() {
+    let upstream = Upstream::start().await;
+    // A port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let closed = start_envoy(envoy::config(
+        &[Filter::builtin(
+            "budget_threshold",
+            &budget("cap", 100.0),
+            &host("closed", 500),
+        )],
+        dead_port,
+        upstream.addr.port(),
+    ))
+    .await;
+    let (status, _, body) = chat(&closed, "acme", "gpt-4o").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "policy_host_unavailable");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rule cap"),
+        "{body}"
+    );
+    assert_eq!(upstream.calls(), 0);
+
+    let open = start_envoy(envoy::config(
+        &[Filter::builtin(
+            "budget_threshold",
+            &budget("cap", 100.0),
+            &host("open", 500),
+        )],
+        dead_port,
+        upstream.addr.port(),
+    ))
+    .await;
+    let (status, _, body) = chat(&open, "acme", "gpt-4o").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(upstream.calls(), 1);
+    assert!(
+        open.log().contains("policy host unavailable"),
+        "{}",
+        open.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_host_hits_the_timeout_and_fails_closed() {
+    let upstream = Upstream::start().await;
+    // Accepts connections and never answers.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = slow.accept().await {
+            held.push(conn);
+        }
+    });
+    let envoy = start_envoy(envoy::config(
+        &[Filter::builtin(
+            "budget_threshold",
+            &budget("cap", 100.0),
+            &host("closed", 150),
+        )],
+        slow_port,
+        upstream.addr.port(),
+    ))
+    .await;
+    let started = Instant::now();
+    let (status, _, body) = chat(&envoy, "acme", "gpt-4o").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 150 ms"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "bounded by the timeout"
+    );
+    assert_eq!(upstream.calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_plugin_configuration_is_rejected_with_the_field_named() {
+    let upstream = Upstream::start().await;
+    let bad = Filter::builtin(
+        "budget_threshold",
+        &json!({"id": "broken-cap", "primitive": "budget_threshold", "period": "hourly", "limit_usd": "lots"}),
+        &host("closed", 200),
+    );
+    let config = envoy::config(&[bad], 1, upstream.addr.port());
+    let result = tokio::task::spawn_blocking(move || Envoy::try_start(&config))
+        .await
+        .unwrap();
+    let log = match result {
+        Err(failure) => failure.log,
+        Ok(envoy) => {
+            // Envoy kept running: the plugin must still refuse to serve unconfigured.
+            let (status, _, _) = chat(&envoy, "acme", "gpt-4o").await;
+            assert!(
+                status >= 500,
+                "a plugin that failed to configure must not pass traffic"
+            );
+            envoy.log()
+        }
+    };
+    assert!(
+        log.contains("broken-cap") && log.contains("rule.settings.limit_usd"),
+        "the log names the rule and the field:\n{log}"
+    );
+    assert_eq!(upstream.calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_errors_are_answered_like_the_host_and_not_forwarded() {
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("cap", 100.0),
+        &host("closed", 2000),
+    )])
+    .await;
+    // No tenant anywhere.
+    let resp = reqwest::Client::new()
+        .post(s.envoy.at("/v1/chat/completions"))
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_tenant");
+    // Not JSON.
+    let resp = reqwest::Client::new()
+        .post(s.envoy.at("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{body}"
+    );
+    assert_eq!(s.upstream.calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_config_chains_the_seed_namespace() {
+    let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
+    let gw = Gateway::start(&Options::new(&seed));
+    let upstream = Upstream::start().await;
+    let root = llmscope_tests::root();
+    for p in ["budget_threshold", "route_preference", "cost_anomaly"] {
+        envoy::filter_wasm(p);
+    }
+    let example = std::fs::read_to_string(root.join("examples/envoy/envoy.yaml"))
+        .unwrap()
+        .replace("port_value: 10000", "port_value: 0")
+        .replace("port_value: 9901", "port_value: 0")
+        .replace(
+            "port_value: 8080",
+            &format!("port_value: {}", port_of(&gw.url)),
+        )
+        .replace(
+            "port_value: 9000",
+            &format!("port_value: {}", upstream.addr.port()),
+        )
+        .replace(
+            "filename: policies/",
+            &format!("filename: {}/policies/", root.display()),
+        );
+    let envoy = start_envoy(example).await;
+    let resp = reqwest::Client::new()
+        .post(envoy.at("/v1/chat/completions"))
+        .header("x-llmscope-tenant-id", "acme-corp")
+        .header("x-llmscope-budget-namespace", "demo")
+        .header("x-llmscope-feature-id", "summarize")
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Summarize this document"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{}", envoy.log());
+    let calls = seen(&upstream);
+    let (_, headers, sent) = &calls[0];
+    // demo-route-preference sends /answer-routed (the default route) to cheap.
+    assert_eq!(sent["model"], "gpt-4o-mini");
+    assert!(
+        headers.contains("x-llmscope-model-tier: cheap\n"),
+        "{headers}"
+    );
+    let id = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-llmscope-request-id: "))
+        .unwrap()
+        .to_owned();
+    let d = lines_for(&gw.decisions, &id).await;
+    let ids: Vec<&str> = d[0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "demo-hourly-cap",
+            "demo-route-preference",
+            "demo-cost-anomaly"
+        ]
+    );
+    assert_eq!(d[0]["decision"], "downgrade");
+    // The later filters priced the request at the tier the earlier one chose.
+    assert_eq!(d[0]["rules"][2]["decision"], "allow");
+}
