@@ -390,7 +390,7 @@ fn list(args: &RuntimeArgs, format: Format) -> Result<ExitCode> {
         .with_context(|| format!("cannot read policies directory {}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .filter(|p| crate::policy::is_component_file(p))
         .collect();
     files.sort();
     let mut rows = Vec::new();

@@ -31,12 +31,18 @@ namespaces:
         threshold_multiplier: 3.0
 "#;
 
-struct Stats {
-    requests: usize,
-    errors: usize,
-    seconds: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+/// Results of one load run.
+pub struct Stats {
+    /// Successful requests.
+    pub requests: usize,
+    /// Failed requests (non-2xx or transport error).
+    pub errors: usize,
+    /// Wall time.
+    pub seconds: f64,
+    /// Median latency of successful requests.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -53,7 +59,48 @@ fn body(i: usize) -> String {
     )
 }
 
+/// What the load generator sends: one URL, fixed headers, a body per request index.
+#[derive(Clone)]
+pub struct Target {
+    /// Full URL.
+    pub url: String,
+    /// Extra headers (content-type is always JSON).
+    pub headers: Vec<(&'static str, &'static str)>,
+    /// Body of request `i`.
+    pub body: fn(usize) -> String,
+}
+
+impl Target {
+    fn request(&self, client: &reqwest::Client, i: usize) -> reqwest::RequestBuilder {
+        let mut req = client
+            .post(&self.url)
+            .header("content-type", "application/json");
+        for (k, v) in &self.headers {
+            req = req.header(*k, *v);
+        }
+        req.body((self.body)(i))
+    }
+}
+
+/// An OpenAI chat body for the Envoy benchmark.
+pub fn chat_body(i: usize) -> String {
+    format!(
+        r#"{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Summarize this document, number {i}: quarterly revenue grew while costs held flat."}}], "metadata": {{"tenant_id": "bench-{}", "feature_id": "summarize"}}}}"#,
+        i % 16
+    )
+}
+
 async fn closed_loop(url: &str, connections: usize, duration: Duration) -> Stats {
+    let target = Target {
+        url: url.to_owned(),
+        headers: Vec::new(),
+        body,
+    };
+    closed_loop_to(&target, connections, duration).await
+}
+
+/// Closed loop: each connection sends its next request when the previous one is answered.
+pub async fn closed_loop_to(target: &Target, connections: usize, duration: Duration) -> Stats {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()
@@ -62,17 +109,15 @@ async fn closed_loop(url: &str, connections: usize, duration: Duration) -> Stats
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..connections {
-        let (client, url) = (client.clone(), url.to_owned());
+        let (client, target) = (client.clone(), target.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0;
             let mut i = c;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let ok = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body(i))
+                let ok = target
+                    .request(&client, i)
                     .send()
                     .await
                     .map(|r| r.status().is_success());
@@ -89,6 +134,21 @@ async fn closed_loop(url: &str, connections: usize, duration: Duration) -> Stats
 }
 
 async fn open_loop(url: &str, connections: usize, rate: f64, duration: Duration) -> Stats {
+    let target = Target {
+        url: url.to_owned(),
+        headers: Vec::new(),
+        body,
+    };
+    open_loop_to(&target, connections, rate, duration).await
+}
+
+/// Open loop: `rate` requests per second spread over `connections`, each sent on schedule.
+pub async fn open_loop_to(
+    target: &Target,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+) -> Stats {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()
@@ -98,7 +158,7 @@ async fn open_loop(url: &str, connections: usize, rate: f64, duration: Duration)
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..connections {
-        let (client, url) = (client.clone(), url.to_owned());
+        let (client, target) = (client.clone(), target.clone());
         let offset = per_conn.mul_f64(c as f64 / connections as f64);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(total);
@@ -109,10 +169,8 @@ async fn open_loop(url: &str, connections: usize, rate: f64, duration: Duration)
                 // Measured from the send, not the schedule: tokio's timer wheel fires up to 1 ms
                 // late, which is the load generator's jitter, not the gateway's latency.
                 let sent = Instant::now();
-                let ok = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body(k * connections + c))
+                let ok = target
+                    .request(&client, k * connections + c)
                     .send()
                     .await
                     .map(|r| r.status().is_success());

@@ -6,6 +6,7 @@
 //! - `test`: `build-policies`, then the whole test suite (release profile, like everything).
 //! - `demo`: `build-policies`, then the main job from the README.
 //! - `bench`: `build-policies`, then the benchmarks, printing their numbers.
+//! - `envoy-demo`, `bench-envoy`: the policies as proxy-wasm filters in a real Envoy.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +14,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod envoy;
 mod gen;
 mod load;
 
@@ -51,6 +53,18 @@ enum Task {
         /// Rows of the large run.
         #[arg(long, default_value_t = 1_000_000)]
         rows: u64,
+    },
+    /// Build everything and run the Envoy example: host on :8080, mock upstream on :9000,
+    /// Envoy with the seed demo namespace as three proxy-wasm filters on :10000.
+    EnvoyDemo,
+    /// Added latency of the Envoy filter chain: the same Envoy with and without the filters.
+    BenchEnvoy {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Requests per second (open loop).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
     },
     /// Load-test the gateway (`/infer`, mock provider, 3 rules): max rps and latency at 1k/5k rps.
     BenchGateway {
@@ -182,6 +196,19 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
             }
             Ok(())
         }
+        Task::EnvoyDemo => {
+            build_all(&root)?;
+            envoy::demo(&root, &target_dir(&root).join("release/llmscope"))
+        }
+        Task::BenchEnvoy { seconds, rate } => {
+            build_all(&root)?;
+            envoy::bench(
+                &root,
+                &target_dir(&root).join("release/llmscope"),
+                seconds,
+                rate,
+            )
+        }
         Task::BenchGateway {
             seconds,
             connections,
@@ -198,6 +225,14 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
             )
         }
     }
+}
+
+/// The policies (components and filters) and the release binaries.
+fn build_all(root: &Path) -> Result<()> {
+    build_policies(root)?;
+    let mut build = cargo(root);
+    build.args(["build", "--release", "--workspace", "--bins"]);
+    run(build)
 }
 
 fn workspace_root() -> Result<PathBuf> {

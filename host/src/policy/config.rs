@@ -143,6 +143,16 @@ fn valid_primitive(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// Whether `path` is a policy component (`<primitive>.wasm`), not an Envoy filter build
+/// (`<primitive>.proxy.wasm`, a core module the host does not load).
+pub fn is_component_file(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "wasm")
+        && !path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".proxy.wasm"))
+}
+
 /// Names of the `.wasm` components in `dir`, sorted, for "did you mean" messages.
 pub(crate) fn available_components(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -151,7 +161,7 @@ pub(crate) fn available_components(dir: &Path) -> Vec<String> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let path = e.path();
-            (path.extension()? == "wasm").then(|| path.file_stem()?.to_str().map(str::to_owned))?
+            is_component_file(&path).then(|| path.file_stem()?.to_str().map(str::to_owned))?
         })
         .collect();
     names.sort();

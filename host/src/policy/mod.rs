@@ -23,7 +23,7 @@ use llmscope_sdk::types::{Aggregate, Decision, RequestContext, Verdict};
 use serde::{Deserialize, Serialize};
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
-pub use config::{ConfigError, FailureMode, Mode, Problem};
+pub use config::{is_component_file, ConfigError, FailureMode, Mode, Problem};
 pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots, StaticValue};
 
 /// The namespace used when a request names none, or one that is not configured.
