@@ -54,6 +54,16 @@ pub enum FailureMode {
 struct RawPolicyFile {
     version: String,
     namespaces: BTreeMap<String, RawNamespace>,
+    /// Optional pins: `components: {budget_threshold: {sha256: "..."}}`.
+    #[serde(default)]
+    components: BTreeMap<String, RawPin>,
+}
+
+/// A component pinned to its digest.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPin {
+    sha256: String,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +236,22 @@ impl PolicySet {
             });
         }
 
+        for (primitive, pin) in &raw.components {
+            let digest = pin.sha256.trim();
+            if !valid_primitive(primitive) {
+                problems.push(Problem {
+                    at: format!("components.{primitive}"),
+                    message: "not a valid primitive name (lowercase letters, digits and `_`)"
+                        .into(),
+                });
+            } else if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                problems.push(Problem {
+                    at: format!("components.{primitive}.sha256"),
+                    message: "must be 64 hex digits (`sha256sum policies/<primitive>.wasm`, or the sha256 column of `llmscope policy list`)".into(),
+                });
+            }
+        }
+
         for (ns_name, raw_ns) in raw.namespaces {
             if ns_name.trim().is_empty() {
                 problems.push(Problem {
@@ -270,7 +296,16 @@ impl PolicySet {
                             problem(err.clone());
                             continue;
                         }
-                        match load_primitive(&raw_rule.primitive, policies_dir, runtime) {
+                        let pin = raw
+                            .components
+                            .get(&raw_rule.primitive)
+                            .map(|p| p.sha256.trim().to_ascii_lowercase());
+                        match load_primitive(
+                            &raw_rule.primitive,
+                            policies_dir,
+                            runtime,
+                            pin.as_deref(),
+                        ) {
                             Ok(c) => {
                                 components.insert(raw_rule.primitive.clone(), Arc::clone(&c));
                                 c
@@ -331,6 +366,7 @@ fn load_primitive(
     primitive: &str,
     dir: &Path,
     runtime: &Arc<PolicyRuntime>,
+    pin: Option<&str>,
 ) -> Result<Arc<LoadedComponent>, String> {
     let file = dir.join(format!("{primitive}.wasm"));
     if !file.exists() {
@@ -347,7 +383,34 @@ fn load_primitive(
             }
         ));
     }
+    // A link may not lead out of the policies directory: what runs is what the operator put
+    // there.
+    let inside = match (file.canonicalize(), dir.canonicalize()) {
+        (Ok(real), Ok(root)) => real.starts_with(&root).then_some(()).ok_or(real),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(format!("primitive: cannot resolve {}: {e}", file.display()))
+        }
+    };
+    if let Err(real) = inside {
+        return Err(format!(
+            "primitive: {} resolves to {}, outside the policies directory {}; copy the component \
+             into the directory instead of linking to it",
+            file.display(),
+            real.display(),
+            dir.display()
+        ));
+    }
     let component = runtime.load(&file).map_err(|e| format!("primitive: {e}"))?;
+    if let Some(pin) = pin {
+        if component.sha256() != pin {
+            return Err(format!(
+                "primitive: {} has sha256 {}, but components.{primitive}.sha256 pins {pin}; \
+                 restore the pinned build or update the pin",
+                file.display(),
+                component.sha256()
+            ));
+        }
+    }
     if component.info().name != primitive {
         return Err(format!(
             "primitive: {} describes itself as `{}`, not `{primitive}`; rename the file to {}.wasm \

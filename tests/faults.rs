@@ -1,0 +1,386 @@
+//! Fault injection: the system under the failures production will bring. Eight processes
+//! appending to the same logs; `kill -9` under load and a restart on the surviving logs; a full
+//! disk; hostile rules under sustained load; components that escape the policies directory or do
+//! not match their pinned digest.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "integration tests: a failed unwrap or panic is a failed test"
+)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmscope::policy::{PolicyRuntime, PolicySet};
+use llmscope_tests::gateway::{read_jsonl, Gateway, Options};
+use llmscope_tests::{builtin, hostile, policies_with};
+use serde_json::{json, Value};
+
+/// Complete lines of `path` (each must parse) and whether a torn tail follows the last newline.
+fn whole_lines(path: &Path) -> (Vec<Value>, bool) {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let torn = !bytes.is_empty() && !bytes.ends_with(b"\n");
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    lines.pop(); // after the last newline: empty, or the torn tail
+    let parsed = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!(
+                    "{}: line {} is torn or corrupt ({e}): {l:?}",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect();
+    (parsed, torn)
+}
+
+#[test]
+fn eight_processes_append_ten_thousand_pairs_each_to_the_same_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (telemetry, decisions) = (dir.path().join("t.jsonl"), dir.path().join("d.jsonl"));
+    let children: Vec<_> = (0..8)
+        .map(|p| {
+            Command::new(env!("CARGO_BIN_EXE_append_load"))
+                .arg(&telemetry)
+                .arg(&decisions)
+                .arg("10000")
+                .arg(format!("p{p}"))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "an appender failed");
+    }
+    for path in [&telemetry, &decisions] {
+        let (lines, torn) = whole_lines(path);
+        assert!(!torn, "{} ends mid-line", path.display());
+        assert_eq!(lines.len(), 80_000, "{}", path.display());
+        let ids: HashSet<&str> = lines
+            .iter()
+            .map(|l| l["request_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 80_000, "every request id exactly once");
+        let mut per_process: HashMap<&str, usize> = HashMap::new();
+        for l in &lines {
+            *per_process
+                .entry(l["tenant_id"].as_str().unwrap())
+                .or_default() += 1;
+        }
+        assert!(
+            per_process.values().all(|n| *n == 10_000),
+            "{per_process:?}"
+        );
+    }
+}
+
+/// The seed policies plus namespace `capped`: deny beyond $0.002 an hour (~25 mock requests).
+fn capped_policy() -> String {
+    let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
+    format!(
+        "{seed}\n  capped:\n    rules:\n      - id: \"capped-hourly\"\n        primitive: budget_threshold\n        period: hourly\n        limit_usd: 0.002\n        action: deny\n        deny_reason: \"capped\"\n"
+    )
+}
+
+fn capped_request() -> Value {
+    json!({"prompt": "Summarize this document", "tenant_id": "acme", "budget_namespace": "capped",
+           "route_name": "/conversation-turn"})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_load_leaves_whole_lines_and_the_restarted_gateway_keeps_the_budget() {
+    let logs_dir = tempfile::tempdir().unwrap();
+    let logs = (
+        logs_dir.path().join("telemetry.jsonl"),
+        logs_dir.path().join("policy_decisions.jsonl"),
+    );
+    let mut opts = Options::new(&capped_policy());
+    opts.logs = Some(logs.clone());
+    let mut gw = Gateway::start(&opts);
+    let url = gw.at("/infer");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..16 {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        load.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client.post(&url).json(&capped_request()).send().await;
+            }
+        }));
+    }
+    // Let it serve past the cap and deny for a while, then kill it mid-flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read_jsonl_len(&logs.0) < 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.child.kill().unwrap(); // SIGKILL
+    gw.child.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in load {
+        let _ = t.await;
+    }
+
+    let (telemetry, _) = whole_lines(&logs.0);
+    let (decisions, _) = whole_lines(&logs.1);
+    assert!(
+        telemetry.len() >= 200,
+        "the load ran: {} lines",
+        telemetry.len()
+    );
+    assert!(!decisions.is_empty());
+    let served: f64 = telemetry
+        .iter()
+        .filter(|l| l["status"] == "ok")
+        .map(|l| l["cost_usd"].as_f64().unwrap())
+        .sum();
+    let largest_estimate = telemetry
+        .iter()
+        .map(|l| l["estimated_cost_usd"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert!(
+        served <= 0.002 + largest_estimate,
+        "the cap held under load: served ${served}"
+    );
+    assert!(
+        telemetry.iter().any(|l| l["status"] == "denied"),
+        "the cap was reached"
+    );
+
+    // Restart on the same logs: the budget comes back from the surviving records.
+    let mut again = Options::new(&capped_policy());
+    again.logs = Some(logs.clone());
+    let gw2 = Gateway::start(&again);
+    let resp = reqwest::Client::new()
+        .post(gw2.at("/infer"))
+        .json(&capped_request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        402,
+        "still over budget after the restart"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["policy_id"], "capped-hourly");
+}
+
+fn read_jsonl_len(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_requests_with_503_and_shows_in_readyz_and_metrics() {
+    // /dev/full accepts the open and fails every write with ENOSPC.
+    assert!(
+        Path::new("/dev/full").exists(),
+        "this test needs Linux's /dev/full"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let telemetry = dir.path().join("telemetry.jsonl");
+    std::os::unix::fs::symlink("/dev/full", &telemetry).unwrap();
+    let mut opts = Options::new(&capped_policy());
+    opts.logs = Some((telemetry, dir.path().join("policy_decisions.jsonl")));
+    let gw = Gateway::start(&opts);
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(gw.at("/infer"))
+        .json(&json!({"prompt": "hi", "tenant_id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "logs_unavailable", "{body}");
+    let ready = client.get(gw.at("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["logs_writable"], false);
+    let metrics = client
+        .get(gw.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("llmscope_logs_writable 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_rules_under_sustained_load_are_contained_and_memory_settles() {
+    let (h, route) = (hostile(false), builtin("route_preference"));
+    let dir = policies_with(&[("hostile", &h), ("route_preference", &route)]);
+    let policy = "version: \"hostile\"\nnamespaces:\n  default:\n    rules:\n      - {id: spin, primitive: hostile, behaviour: loop, failure_mode: open}\n      - {id: bomb, primitive: hostile, behaviour: memory, failure_mode: open}\n      - {id: deep, primitive: hostile, behaviour: recursion, failure_mode: open}\n      - {id: crash, primitive: hostile, behaviour: panic, failure_mode: open}\n      - {id: flood, primitive: hostile, behaviour: huge_reason, mode: monitor}\n      - {id: prefer-cheap, primitive: route_preference, prefer_tier: cheap}\n";
+    let mut opts = Options::new(policy);
+    opts.policies_dir = dir.path().to_path_buf();
+    let gw = Gateway::start(&opts);
+    let pid = gw.child.id();
+    let url = gw.at("/infer");
+    let fire = |n: usize| {
+        let url = url.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let mut handles = Vec::new();
+            for c in 0..8 {
+                let (client, url) = (client.clone(), url.clone());
+                handles.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for i in (c..n).step_by(8) {
+                        let resp = client
+                            .post(&url)
+                            .json(&json!({"prompt": format!("request {i}"), "tenant_id": "acme", "model_tier": "expensive"}))
+                            .send()
+                            .await
+                            .unwrap();
+                        out.push((resp.status().as_u16(), resp.json::<Value>().await.unwrap()));
+                    }
+                    out
+                }));
+            }
+            let mut all = Vec::new();
+            for h in handles {
+                all.extend(h.await.unwrap());
+            }
+            all
+        }
+    };
+    let _ = fire(16).await; // warm the instance pools
+    let baseline = rss_kib(pid);
+    let answers = fire(160).await;
+    assert_eq!(answers.len(), 160);
+    for (status, body) in &answers {
+        // `flood` denies with a 10 MiB reason, in monitor mode: recorded (truncated), not applied.
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(
+            body["policy_decision"], "downgrade",
+            "the healthy rule still acts: {body}"
+        );
+        assert_eq!(body["effective_model_tier"], "cheap");
+    }
+    let after = rss_kib(pid);
+    assert!(
+        after < baseline + 96 * 1024,
+        "resident memory settles: {baseline} KiB before, {after} KiB after 160 hostile requests"
+    );
+    // Every failure is on record, per rule.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let decisions = read_jsonl(&gw.decisions);
+    let last = decisions.last().unwrap();
+    let errors: HashMap<&str, &str> = last["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| Some((r["rule_id"].as_str()?, r["error"].as_str()?)))
+        .collect();
+    assert!(errors["spin"].contains("deadline"), "{errors:?}");
+    assert!(errors["bomb"].contains("memory"), "{errors:?}");
+    assert!(
+        errors.contains_key("deep") && errors.contains_key("crash"),
+        "{errors:?}"
+    );
+    let flood = last["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule_id"] == "flood")
+        .unwrap();
+    assert!(
+        flood["reason"].as_str().unwrap().len() <= 4096 + 64,
+        "reasons are truncated"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn runtime() -> Arc<PolicyRuntime> {
+    Arc::new(PolicyRuntime::new(llmscope::policy::Limits::default()).unwrap())
+}
+
+fn load(yaml: &str, dir: &Path) -> Result<PolicySet, String> {
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    PolicySet::load(&file, dir, &runtime()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn components_linked_from_outside_the_policies_directory_are_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let real = outside.path().join("elsewhere.wasm");
+    std::fs::copy(builtin("route_preference"), &real).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&real, dir.path().join("route_preference.wasm")).unwrap();
+    let yaml = "version: '1'\nnamespaces:\n  default:\n    rules:\n      - {id: r, primitive: route_preference, prefer_tier: cheap}\n";
+    let err = load(yaml, dir.path()).unwrap_err();
+    assert!(
+        err.contains("outside the policies directory") && err.contains("(id \"r\")"),
+        "{err}"
+    );
+    // A link that stays inside the directory is fine.
+    let inner = dir.path().join("builds");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::copy(builtin("route_preference"), inner.join("rp.wasm")).unwrap();
+    std::fs::remove_file(dir.path().join("route_preference.wasm")).unwrap();
+    std::os::unix::fs::symlink(
+        inner.join("rp.wasm"),
+        dir.path().join("route_preference.wasm"),
+    )
+    .unwrap();
+    load(yaml, dir.path()).unwrap();
+}
+
+#[test]
+fn pinned_digests_are_enforced() {
+    let route = builtin("route_preference");
+    let dir = policies_with(&[("route_preference", &route)]);
+    let digest = {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(&route)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
+        let set = load(
+            "version: '1'\nnamespaces:\n  default:\n    rules:\n      - {id: r, primitive: route_preference, prefer_tier: cheap}\n",
+            dir.path(),
+        )
+        .unwrap();
+        let c = set.components().next().unwrap();
+        c.sha256().to_owned()
+    };
+    let with_pin = |pin: &str| {
+        format!("version: '1'\ncomponents:\n  route_preference: {{sha256: \"{pin}\"}}\nnamespaces:\n  default:\n    rules:\n      - {{id: r, primitive: route_preference, prefer_tier: cheap}}\n")
+    };
+    load(&with_pin(&digest), dir.path()).unwrap();
+    load(&with_pin(&digest.to_uppercase()), dir.path()).unwrap();
+    let wrong = "0".repeat(64);
+    let err = load(&with_pin(&wrong), dir.path()).unwrap_err();
+    assert!(
+        err.contains(&format!("has sha256 {digest}"))
+            && err.contains("components.route_preference.sha256 pins"),
+        "{err}"
+    );
+    let err = load(&with_pin("abc"), dir.path()).unwrap_err();
+    assert!(
+        err.contains("components.route_preference.sha256: must be 64 hex digits"),
+        "{err}"
+    );
+}
