@@ -384,3 +384,37 @@ fn pinned_digests_are_enforced() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_and_too_many_headers_are_refused_before_any_work() {
+    let gw = Gateway::start(&Options::new(&capped_policy()));
+    let client = reqwest::Client::new();
+    let big = "x".repeat(100 << 10);
+    let resp = client
+        .post(gw.at("/infer"))
+        .header("x-padding", big)
+        .json(&json!({"prompt": "hi", "tenant_id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 431);
+    let mut req = client.post(gw.at("/infer"));
+    for i in 0..150 {
+        req = req.header(format!("x-h{i}"), "1");
+    }
+    let resp = req
+        .json(&json!({"prompt": "hi", "tenant_id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 431);
+    // Nothing was served or logged for them; a normal request still is.
+    assert!(read_jsonl(&gw.telemetry).is_empty());
+    let ok = client
+        .post(gw.at("/infer"))
+        .json(&json!({"prompt": "hi", "tenant_id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+}

@@ -27,6 +27,13 @@ type Body = Full<Bytes>;
 /// A response that ends request handling early.
 type Reject = Response<Body>;
 
+/// Most bytes of request headers (HTTP/1 read buffer, HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+/// Most request header fields (HTTP/1).
+pub const MAX_HEADERS: usize = 100;
+/// Time a client has to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serve `gateway` on `listener` until `shutdown` resolves; then stop accepting, let in-flight
 /// requests finish (up to 30 s), and flush the logs.
 pub async fn serve(
@@ -34,7 +41,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Bounded headers (431 beyond them) and no slow-header connections held forever.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
