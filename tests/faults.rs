@@ -418,3 +418,49 @@ async fn oversized_and_too_many_headers_are_refused_before_any_work() {
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_and_prompts_never_reach_the_logs_even_at_debug_level() {
+    let mut opts = Options::new(&capped_policy());
+    opts.extra_yaml =
+        "auth:\n  api_keys:\n    - {key: secret-key-7f3a9c2e51, tenants: [acme]}\n".into();
+    // Everything llmscope logs, at its most verbose (the stderr pipe is read only at the end,
+    // so other crates' debug chatter is left out to keep it from filling).
+    opts.env
+        .push(("LLMSCOPE_LOG".into(), "llmscope=debug".into()));
+    let mut gw = Gateway::start(&opts);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let prompt = "confidential-prompt-zq81 about the merger";
+    for key in ["secret-key-7f3a9c2e51", "wrong-key-secret-0000"] {
+        let resp = client
+            .post(gw.at("/infer"))
+            .bearer_auth(key)
+            .json(&json!({"prompt": prompt, "tenant_id": "acme"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().as_u16() == 200 || resp.status().as_u16() == 401);
+    }
+    let (_, stderr) = gw.stop();
+    for (what, text) in [
+        ("telemetry", std::fs::read_to_string(&gw.telemetry).unwrap()),
+        ("decisions", std::fs::read_to_string(&gw.decisions).unwrap()),
+        ("stderr", stderr),
+    ] {
+        for secret in [
+            "secret-key-7f3a9c2e51",
+            "wrong-key-secret-0000",
+            "confidential-prompt-zq81",
+        ] {
+            assert!(!text.contains(secret), "{what} contains {secret}:\n{text}");
+        }
+    }
+    assert_eq!(
+        read_jsonl(&gw.telemetry).len(),
+        1,
+        "the authorized request was served and logged"
+    );
+}

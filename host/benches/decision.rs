@@ -171,6 +171,15 @@ fn main() {
         "load + compile + configure of the seed config (3 components, 4 rules): {:.1} ms",
         ms(cold_start)
     );
+    println!(
+        "\nbench-result wasm_p50_us={:.3} wasm_p99_us={:.3} native_p50_us={:.3} native_p99_us={:.3} fresh_p99_us={:.3} load_ms={:.1}",
+        wasm.p50,
+        wasm.p99,
+        native.p50,
+        native.p99,
+        fresh.p99,
+        ms(cold_start)
+    );
 }
 
 fn ms(d: Duration) -> f64 {

@@ -27,6 +27,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn median_of(v: &[f64]) -> f64 {
+    median(v.to_vec())
+}
+
 fn main() {
     let Some(dir) = std::env::var_os("LLMSCOPE_BENCH_DATA").map(PathBuf::from) else {
         fail("set LLMSCOPE_BENCH_DATA to a directory made by `cargo xtask gen-telemetry` (or run `cargo xtask bench-engine`)");
@@ -118,14 +122,17 @@ fn main() {
     println!(
         "| snapshot refresh, seed rules ({} aggregates), median of 5 | {:.1} ms |",
         aggregates.len(),
-        median(refresh)
+        median_of(&refresh)
     );
     for (name, ms) in &questions {
         println!("| {name}, median of 3 | {ms:.1} ms |");
     }
     println!("| decision latency, seed demo namespace, p50 / p99 | {p50:.2} / {p99:.2} µs |");
+    let slowest = questions.iter().map(|(_, ms)| *ms).fold(0.0, f64::max);
     println!(
-        "\nbench-result rows={} decision_p50_us={p50:.3} decision_p99_us={p99:.3}",
-        report.telemetry_rows
+        "\nbench-result rows={} decision_p50_us={p50:.3} decision_p99_us={p99:.3} ingest_rows_per_s={:.0} refresh_ms={:.2} slowest_question_ms={slowest:.1}",
+        report.telemetry_rows,
+        rows as f64 / ingest_s,
+        median_of(&refresh)
     );
 }

@@ -189,9 +189,55 @@ pub fn demo(root: &Path, bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What the filter-chain benchmark measured.
+pub struct EnvoyResults {
+    /// Envoy without the filters.
+    pub base: Stats,
+    /// Envoy with the three filters.
+    pub filters: Stats,
+    /// Telemetry lines the filters reported during the measured run.
+    pub lines: usize,
+}
+
 /// Added latency of the three-filter chain: the same Envoy with and without the filters, at
-/// `rate` requests per second (open loop) against the mock upstream.
+/// `rate` requests per second (open loop) against the mock upstream. Prints its table.
 pub fn bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<()> {
+    let r = run_bench(root, bin, seconds, rate)?;
+    let connections = CONNECTIONS;
+    println!(
+        "\nEnvoy filter chain: POST /v1/chat/completions through Envoy 1.40 (V8, 1 worker) to"
+    );
+    println!("llmscope mock-upstream at 0 ms; {rate:.0} rps open loop, {connections} connections, {seconds} s per row;");
+    println!("the chain is examples/envoy/envoy.yaml (3 filters, 3 host context calls + 1 report per request);");
+    println!("host, upstream, both Envoys and the load generator share the same 2 cores.\n");
+    println!("| setup | requests | errors | p50 (ms) | p99 (ms) |");
+    println!("|---|---|---|---|---|");
+    let row = |name: &str, s: &Stats| {
+        println!(
+            "| {name} | {} | {} | {:.3} | {:.3} |",
+            s.requests, s.errors, s.p50_ms, s.p99_ms
+        );
+    };
+    row("Envoy, no filters", &r.base);
+    row("Envoy + 3 llmscope filters", &r.filters);
+    println!(
+        "| **added by the filters** | | | **{:.3}** | **{:.3}** |",
+        r.filters.p50_ms - r.base.p50_ms,
+        r.filters.p99_ms - r.base.p99_ms
+    );
+    println!(
+        "\ntelemetry lines reported by the filters during the measured run: {} (requests: {})",
+        r.lines,
+        r.filters.requests + r.filters.errors
+    );
+    Ok(())
+}
+
+/// Load-generator connections of the filter-chain benchmark.
+const CONNECTIONS: usize = 16;
+
+/// Run the filter-chain benchmark (see [`bench`]).
+pub fn run_bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<EnvoyResults> {
     let dir = std::env::temp_dir().join(format!("llmscope-bench-envoy-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // The host's own rules do not run for edge requests; the seed file keeps it valid.
@@ -252,31 +298,10 @@ pub fn bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<()> {
     });
     std::thread::sleep(Duration::from_millis(500));
     let lines = count() - before;
-    println!(
-        "\nEnvoy filter chain: POST /v1/chat/completions through Envoy 1.40 (V8, 1 worker) to"
-    );
-    println!("llmscope mock-upstream at 0 ms; {rate:.0} rps open loop, {connections} connections, {seconds} s per row;");
-    println!("the chain is examples/envoy/envoy.yaml (3 filters, 3 host context calls + 1 report per request);");
-    println!("host, upstream, both Envoys and the load generator share the same 2 cores.\n");
-    println!("| setup | requests | errors | p50 (ms) | p99 (ms) |");
-    println!("|---|---|---|---|---|");
-    let row = |name: &str, s: &Stats| {
-        println!(
-            "| {name} | {} | {} | {:.3} | {:.3} |",
-            s.requests, s.errors, s.p50_ms, s.p99_ms
-        );
-    };
-    row("Envoy, no filters", &base);
-    row("Envoy + 3 llmscope filters", &filters);
-    println!(
-        "| **added by the filters** | | | **{:.3}** | **{:.3}** |",
-        filters.p50_ms - base.p50_ms,
-        filters.p99_ms - base.p99_ms
-    );
-    println!(
-        "\ntelemetry lines reported by the filters during the measured run: {lines} (requests: {})",
-        filters.requests + filters.errors
-    );
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(EnvoyResults {
+        base,
+        filters,
+        lines,
+    })
 }

@@ -208,10 +208,23 @@ async fn collect(
     }
 }
 
-/// Run the load test against a freshly started gateway.
-pub fn bench_gateway(root: &Path, bin: &Path, seconds: u64, connections: usize) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("llmscope-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+/// What the gateway load test measured.
+pub struct GatewayResults {
+    /// Closed loop.
+    pub max: Stats,
+    /// Open loop at 1k rps.
+    pub r1k: Stats,
+    /// Open loop at 5k rps.
+    pub r5k: Stats,
+    /// Peak resident memory of the gateway over the whole test (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    /// Telemetry lines written.
+    pub lines: usize,
+}
+
+/// Write a gateway config serving the bench policy from `dir`; returns its path.
+pub fn bench_config(root: &Path, dir: &Path) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, BENCH_POLICY)?;
     let example = std::fs::read_to_string(root.join("examples/llmscope.yaml"))?;
@@ -224,6 +237,30 @@ pub fn bench_gateway(root: &Path, bin: &Path, seconds: u64, connections: usize) 
         .replace("hot_reload: true", "hot_reload: false");
     let config_path = dir.join("llmscope.yaml");
     std::fs::write(&config_path, config)?;
+    Ok(config_path)
+}
+
+/// Peak resident set (VmHWM) of `pid`, MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Run the load test against a freshly started gateway.
+pub fn run_gateway(
+    root: &Path,
+    bin: &Path,
+    seconds: u64,
+    connections: usize,
+) -> Result<GatewayResults> {
+    let dir = std::env::temp_dir().join(format!("llmscope-bench-{}", std::process::id()));
+    let config_path = bench_config(root, &dir)?;
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config_path)
@@ -247,13 +284,14 @@ pub fn bench_gateway(root: &Path, bin: &Path, seconds: u64, connections: usize) 
         .enable_all()
         .build()?;
     let duration = Duration::from_secs(seconds);
-    let result = runtime.block_on(async {
+    let (max, r1k, r5k) = runtime.block_on(async {
         let _ = closed_loop(&url, connections, Duration::from_secs(2)).await; // warm-up
         let max = closed_loop(&url, connections, duration).await;
         let r1k = open_loop(&url, connections, 1_000.0, duration).await;
         let r5k = open_loop(&url, connections, 5_000.0, duration).await;
         (max, r1k, r5k)
     });
+    let peak_rss_mib = peak_rss_mib(child.id());
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -262,15 +300,26 @@ pub fn bench_gateway(root: &Path, bin: &Path, seconds: u64, connections: usize) 
         .map(|t| t.lines().count())
         .unwrap_or(0);
     let _ = std::fs::remove_dir_all(&dir);
-    let (max, r1k, r5k) = result;
+    Ok(GatewayResults {
+        max,
+        r1k,
+        r5k,
+        peak_rss_mib,
+        lines,
+    })
+}
+
+/// Run the load test and print its table.
+pub fn bench_gateway(root: &Path, bin: &Path, seconds: u64, connections: usize) -> Result<()> {
+    let r = run_gateway(root, bin, seconds, connections)?;
     println!("\nGateway load test: POST /infer, mock provider at 0 ms, 3 wasm rules, 2 JSONL lines per request,");
     println!("{connections} keep-alive connections, {seconds} s per row, load generator on the same 2 cores.\n");
     println!("| load | requests | errors | throughput (rps) | p50 (ms) | p99 (ms) |");
     println!("|---|---|---|---|---|---|");
     for (name, s) in [
-        ("max (closed loop)", &max),
-        ("1k rps (open loop)", &r1k),
-        ("5k rps (open loop)", &r5k),
+        ("max (closed loop)", &r.max),
+        ("1k rps (open loop)", &r.r1k),
+        ("5k rps (open loop)", &r.r5k),
     ] {
         println!(
             "| {name} | {} | {} | {:.0} | {:.3} | {:.3} |",
@@ -281,6 +330,9 @@ pub fn bench_gateway(root: &Path, bin: &Path, seconds: u64, connections: usize) 
             s.p99_ms
         );
     }
-    println!("\ntelemetry lines written: {lines}");
+    println!(
+        "\ntelemetry lines written: {}; peak RSS {:.1} MiB",
+        r.lines, r.peak_rss_mib
+    );
     Ok(())
 }

@@ -5,7 +5,7 @@
 //!   where the host and the tests look for them.
 //! - `test`: `build-policies`, then the whole test suite (release profile, like everything).
 //! - `demo`: `build-policies`, then the main job from the README.
-//! - `bench`: `build-policies`, then the benchmarks, printing their numbers.
+//! - `bench`: every benchmark, then one markdown table of metric, goal, measured, command.
 //! - `envoy-demo`, `bench-envoy`: the policies as proxy-wasm filters in a real Envoy.
 
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 mod envoy;
 mod gen;
 mod load;
+mod suite;
 
 #[derive(Parser)]
 #[command(about = "llmscope developer tasks")]
@@ -37,8 +38,18 @@ enum Task {
     },
     /// Build the components and serve the demo gateway (mock provider) on 127.0.0.1:8080.
     Demo,
-    /// Build the components and run the decision benchmark.
-    Bench,
+    /// Run every benchmark and print one markdown table (metric, goal, measured, command).
+    Bench {
+        /// Largest telemetry size for the engine benchmarks (also run at 1k and 1M rows).
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: u64,
+        /// Seconds per load measurement.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Request rate of the Envoy comparison.
+        #[arg(long, default_value_t = 500.0)]
+        envoy_rate: f64,
+    },
     /// Write synthetic telemetry and decision logs.
     GenTelemetry {
         /// Rows to write (each log).
@@ -139,11 +150,21 @@ fn main() -> Result<()> {
             build_policies(&root)?;
             demo(&root)
         }
-        Task::Bench => {
-            build_policies(&root)?;
-            let mut cmd = cargo(&root);
-            cmd.args(["bench", "--workspace", "--bench", "decision"]);
-            run(cmd)
+        Task::Bench {
+            rows,
+            seconds,
+            envoy_rate,
+        } => {
+            build_all(&root)?;
+            suite::run(
+                &root,
+                &target_dir(&root).join("release/llmscope"),
+                &suite::Options {
+                    rows,
+                    seconds,
+                    envoy_rate,
+                },
+            )
         }
         Task::GenTelemetry { rows, out } => {
             let out = if out.is_absolute() {
@@ -243,7 +264,7 @@ fn workspace_root() -> Result<PathBuf> {
         .context("xtask must live one level below the workspace root")
 }
 
-fn cargo(root: &Path) -> Command {
+pub(crate) fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root);
     // `cargo run` hands xtask the package variables of xtask itself (CARGO_PKG_NAME,
