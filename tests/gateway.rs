@@ -883,3 +883,78 @@ async fn snapshot_endpoint_rejects_bad_parameters() {
         .collect();
     assert_eq!(fields, ["tenant_id", "tokens_in", "colour"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edge_calls_need_a_star_key_and_name_what_is_wrong() {
+    let mut opts = Options::new(&policy_yaml());
+    opts.extra_yaml = "auth:\n  api_keys:\n    - {key: acme-key-0123456789, tenants: [acme-corp]}\n    - {key: admin-key-0123456789, tenants: [\"*\"]}\n".into();
+    let gw = Gateway::start(&opts);
+    let client = reqwest::Client::new();
+    let call = |key: Option<&'static str>, body: Value| {
+        let mut req = client.post(gw.at("/v1/edge/context")).json(&body);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let relay = resp.headers().contains_key("x-llmscope-client-error");
+            (
+                status,
+                relay,
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let good = json!({"request_id": "req-edge-1", "path": "/infer",
+                      "body": {"prompt": "hi", "tenant_id": "acme-corp"}, "aggregates": []});
+    assert_eq!(call(None, good.clone()).await.0, 401);
+    assert_eq!(
+        call(Some("acme-key-0123456789"), good.clone()).await.0,
+        403,
+        "a tenant key is not enough"
+    );
+    let (status, relay, body) = call(Some("admin-key-0123456789"), good).await;
+    assert_eq!((status, relay), (200, false), "{body}");
+    assert_eq!(body["request"]["request_id"], "req-edge-1");
+    assert_eq!(body["request"]["tenant_id"], "acme-corp");
+    assert_eq!(body["tier_models"]["cheap"], "gpt-4o-mini");
+
+    // The filter's own mistakes: 400, not relayed to the client.
+    let (status, relay, body) = call(
+        Some("admin-key-0123456789"),
+        json!({"request_id": "bad id!", "body": {"prompt": "hi", "tenant_id": "a"}}),
+    )
+    .await;
+    assert_eq!((status, relay), (400, false));
+    assert!(
+        body["detail"].as_str().unwrap().contains("request_id"),
+        "{body}"
+    );
+    let (status, _, body) = call(
+        Some("admin-key-0123456789"),
+        json!({"body": {}, "aggregates": [{"key": "k", "metric": "cost_usd", "aggregation": "sum", "scope": [], "window": {"rolling_seconds": 60}, "include_in_flight": true, "extra": 1}]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["detail"].as_str().unwrap().contains("aggregates[0]"),
+        "{body}"
+    );
+
+    // The client's mistakes: relayed as the host would answer them.
+    let (status, relay, body) = call(
+        Some("admin-key-0123456789"),
+        json!({"body": {"prompt": "hi"}}),
+    )
+    .await;
+    assert_eq!((status, relay), (422, true));
+    assert_eq!(body["detail"][0]["field"], "tenant_id");
+    let (status, relay, body) = call(
+        Some("admin-key-0123456789"),
+        json!({"body": {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}], "metadata": {"tenant_id": "acme-corp"}}}),
+    )
+    .await;
+    assert_eq!((status, relay), (422, true));
+    assert_eq!(body["error"]["code"], "model_not_found");
+}

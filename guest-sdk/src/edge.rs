@@ -35,18 +35,19 @@ const RULE_KEYS: [&str; 4] = ["id", "primitive", "mode", "failure_mode"];
 /// Upper bound on the host call timeout.
 const MAX_TIMEOUT_MS: u64 = 10_000;
 
-/// Whether a rule's verdict is applied or only recorded.
+/// Whether a rule's verdict is applied or only recorded (`mode:` of a rule).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// The verdict is applied.
     #[default]
     Enforce,
-    /// The verdict is recorded; the request is unaffected.
+    /// The verdict is recorded as what the rule would have done; the request is unaffected.
     Monitor,
 }
 
-/// What a failure amounts to.
+/// What a failure amounts to (`failure_mode:` of a rule; `on_unavailable:` of a filter's
+/// host): a trap, deadline, memory cap, error value or invalid verdict.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureMode {

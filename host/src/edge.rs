@@ -41,6 +41,9 @@ pub const EDGE_RESERVATION_TTL: Duration = Duration::from_secs(600);
 pub const MAX_AGGREGATES_PER_CALL: usize = 32;
 /// Most distinct aggregates edge rules may register (beyond the host's own).
 pub const MAX_EDGE_AGGREGATES: usize = 256;
+/// Most reservations waiting for a report; beyond it context calls are refused (503), so a
+/// flood of context calls cannot grow memory or hold budgets without bound.
+pub const MAX_PENDING: usize = 100_000;
 /// How many reported request ids are remembered to make reports idempotent.
 const REPORTED_MEMORY: usize = 16_384;
 
@@ -143,6 +146,9 @@ pub enum EdgeError {
     /// The lines could not be written.
     #[error("report not recorded: {0}")]
     Unlogged(WriteError),
+    /// Too many reservations wait for reports.
+    #[error("{0} edge requests are waiting for their reports; refusing more until some report or expire")]
+    Overloaded(usize),
 }
 
 struct Entry {
@@ -271,26 +277,14 @@ impl Gateway {
     ) -> Result<(RequestContext, BTreeMap<String, String>), EdgeError> {
         let inf = self.edge_inference(call)?;
         let cfg = self.config();
-        let unknown_route = || GatewayError::UnknownRoute {
-            route: inf.route_name.clone(),
-            known: cfg.routes.keys().cloned().collect::<Vec<_>>().join(", "),
-        };
-        let route = cfg.routes.get(&inf.route_name).ok_or_else(unknown_route)?;
-        let model = route
-            .tiers
-            .get(&inf.model_tier)
-            .ok_or_else(|| GatewayError::UnknownTier {
-                route: inf.route_name.clone(),
-                tier: inf.model_tier.clone(),
-                known: route.tiers.keys().cloned().collect::<Vec<_>>().join(", "),
-            })?;
+        let (route, model) = self.route_model(&inf.route_name, &inf.model_tier)?;
         let pairs: Vec<(String, String)> = inf
             .messages
             .iter()
             .map(|m| (m.role.clone(), m.content.clone()))
             .collect();
         let mut priced = pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens)
-            .ok_or_else(unknown_route)?;
+            .ok_or_else(|| self.unknown_route(&inf.route_name))?;
         let namespace = {
             let policies = self.policies();
             policies
@@ -359,6 +353,9 @@ impl Gateway {
         let dims = Dims::of(&ctx);
         let own = {
             let mut entries = self.edge.entries.lock();
+            if entries.len() >= MAX_PENDING && !entries.contains_key(&request_id) {
+                return Err(EdgeError::Overloaded(entries.len()));
+            }
             let entry = entries.entry(request_id).or_insert_with(|| Entry {
                 reservation: self
                     .ledger()
@@ -419,10 +416,7 @@ impl Gateway {
         let route = cfg
             .routes
             .get(&ctx.route_name)
-            .ok_or_else(|| GatewayError::UnknownRoute {
-                route: ctx.route_name.clone(),
-                known: cfg.routes.keys().cloned().collect::<Vec<_>>().join(", "),
-            })?;
+            .ok_or_else(|| self.unknown_route(&ctx.route_name))?;
         let Some(model_name) = route.tiers.get(&report.effective_tier) else {
             return Err(EdgeError::BadCall {
                 field: "effective_tier",

@@ -374,26 +374,48 @@ impl Gateway {
         )
     }
 
+    /// The route `route` and the model its tier `tier` maps to, or the error naming what is
+    /// configured instead.
+    pub(crate) fn route_model(
+        &self,
+        route: &str,
+        tier: &str,
+    ) -> Result<(&crate::config::RouteConfig, &String), GatewayError> {
+        let cfg = &self.config;
+        let r = cfg
+            .routes
+            .get(route)
+            .ok_or_else(|| self.unknown_route(route))?;
+        let model = r.tiers.get(tier).ok_or_else(|| GatewayError::UnknownTier {
+            route: route.to_owned(),
+            tier: tier.to_owned(),
+            known: r.tiers.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        Ok((r, model))
+    }
+
+    /// The error for a route that is not configured.
+    pub(crate) fn unknown_route(&self, route: &str) -> GatewayError {
+        GatewayError::UnknownRoute {
+            route: route.to_owned(),
+            known: self
+                .config
+                .routes
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+
     /// The context and per-rule snapshots a request with these attributes would be evaluated
     /// with right now (no reservation is made). For edge proxies that evaluate the policies
     /// themselves (the Envoy filters) and for debugging budgets.
     pub fn snapshot_for(&self, q: &SnapshotQuery) -> Result<SnapshotAnswer, GatewayError> {
         let cfg = &self.config;
-        let unknown_route = || GatewayError::UnknownRoute {
-            route: q.route_name.clone(),
-            known: cfg.routes.keys().cloned().collect::<Vec<_>>().join(", "),
-        };
-        let route = cfg.routes.get(&q.route_name).ok_or_else(unknown_route)?;
-        let model = route
-            .tiers
-            .get(&q.model_tier)
-            .ok_or_else(|| GatewayError::UnknownTier {
-                route: q.route_name.clone(),
-                tier: q.model_tier.clone(),
-                known: route.tiers.keys().cloned().collect::<Vec<_>>().join(", "),
-            })?;
+        let (_, model) = self.route_model(&q.route_name, &q.model_tier)?;
         let priced = pricing::price_tokens(cfg, &q.route_name, q.tokens_in, q.max_tokens)
-            .ok_or_else(unknown_route)?;
+            .ok_or_else(|| self.unknown_route(&q.route_name))?;
         let policies = self.policies();
         let ns = policies.resolve(q.budget_namespace.as_deref());
         let ctx = RequestContext {
@@ -452,34 +474,14 @@ impl Gateway {
     /// Process one request through the whole lifecycle.
     pub async fn handle(&self, inf: Inference) -> Result<Outcome, GatewayError> {
         let cfg = &self.config;
-        let route = cfg
-            .routes
-            .get(&inf.route_name)
-            .ok_or_else(|| GatewayError::UnknownRoute {
-                route: inf.route_name.clone(),
-                known: cfg.routes.keys().cloned().collect::<Vec<_>>().join(", "),
-            })?;
-        let requested_model =
-            route
-                .tiers
-                .get(&inf.model_tier)
-                .ok_or_else(|| GatewayError::UnknownTier {
-                    route: inf.route_name.clone(),
-                    tier: inf.model_tier.clone(),
-                    known: route.tiers.keys().cloned().collect::<Vec<_>>().join(", "),
-                })?;
+        let (route, requested_model) = self.route_model(&inf.route_name, &inf.model_tier)?;
         let pairs: Vec<(String, String)> = inf
             .messages
             .iter()
             .map(|m| (m.role.clone(), m.content.clone()))
             .collect();
-        let mut priced =
-            pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens).ok_or_else(|| {
-                GatewayError::UnknownRoute {
-                    route: inf.route_name.clone(),
-                    known: cfg.routes.keys().cloned().collect::<Vec<_>>().join(", "),
-                }
-            })?;
+        let mut priced = pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens)
+            .ok_or_else(|| self.unknown_route(&inf.route_name))?;
         let unix_ms = now_ms();
         let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
         let policies = self.policies();

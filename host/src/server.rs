@@ -230,6 +230,11 @@ fn metrics(gw: &Gateway) -> Response<Body> {
             gw.policies().rules().count() as f64,
         ),
         (
+            "llmscope_edge_reservations_pending",
+            "Envoy-filter requests reserved and waiting for their report.",
+            gw.edge().pending() as f64,
+        ),
+        (
             "llmscope_uptime_seconds",
             "Seconds since start.",
             gw.uptime_s(),
@@ -408,6 +413,13 @@ fn edge_error(e: &EdgeError, chat: bool) -> Response<Body> {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "logs_unavailable",
                 json!("the report could not be recorded; retry later (see /readyz)"),
+            )
+        }
+        EdgeError::Overloaded(_) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "edge_overloaded",
+                json!(e.to_string()),
             )
         }
     };

@@ -240,6 +240,32 @@ pub fn bench_config(root: &Path, dir: &Path) -> Result<std::path::PathBuf> {
     Ok(config_path)
 }
 
+/// Start `llmscope serve` on a free port with the bench config and logs in `dir`; returns the
+/// process and its base URL once it listens.
+pub fn spawn_gateway(root: &Path, bin: &Path, dir: &Path) -> Result<(std::process::Child, String)> {
+    let config_path = bench_config(root, dir)?;
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config_path)
+        .env("TELEMETRY_PATH", dir.join("telemetry.jsonl"))
+        .env("DECISIONS_PATH", dir.join("policy_decisions.jsonl"))
+        .env("LLMSCOPE_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting llmscope serve")?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    match line.trim().strip_prefix("llmscope listening on ") {
+        Some(base) => Ok((child, base.to_owned())),
+        None => {
+            let _ = child.kill();
+            bail!("the gateway did not start: {line:?}")
+        }
+    }
+}
+
 /// Peak resident set (VmHWM) of `pid`, MiB.
 pub fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -260,24 +286,7 @@ pub fn run_gateway(
     connections: usize,
 ) -> Result<GatewayResults> {
     let dir = std::env::temp_dir().join(format!("llmscope-bench-{}", std::process::id()));
-    let config_path = bench_config(root, &dir)?;
-    let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config_path)
-        .env("TELEMETRY_PATH", dir.join("telemetry.jsonl"))
-        .env("DECISIONS_PATH", dir.join("policy_decisions.jsonl"))
-        .env("LLMSCOPE_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting llmscope serve")?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    let Some(base) = line.trim().strip_prefix("llmscope listening on ") else {
-        let _ = child.kill();
-        bail!("the gateway did not start: {line:?}");
-    };
+    let (mut child, base) = spawn_gateway(root, bin, &dir)?;
     let url = format!("{base}/infer");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

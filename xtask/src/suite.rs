@@ -2,9 +2,7 @@
 //! measured, command) for the README. Goals are compared here, never asserted in tests.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -64,27 +62,9 @@ fn cold_start(root: &Path, bin: &Path) -> Result<f64> {
     let mut times = Vec::new();
     for i in 0..3 {
         let dir = std::env::temp_dir().join(format!("llmscope-cold-{}-{i}", std::process::id()));
-        let config = load::bench_config(root, &dir)?;
         let started = Instant::now();
-        let mut child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .env("TELEMETRY_PATH", dir.join("telemetry.jsonl"))
-            .env("DECISIONS_PATH", dir.join("policy_decisions.jsonl"))
-            .env("LLMSCOPE_LOG", "error")
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting llmscope serve")?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            BufReader::new(out).read_line(&mut line)?;
-        }
-        let base = line
-            .trim()
-            .strip_prefix("llmscope listening on ")
-            .map(str::to_owned);
+        let (mut child, base) = load::spawn_gateway(root, bin, &dir)?;
         let served = runtime.block_on(async {
-            let base = base?;
             for _ in 0..1000 {
                 let ok = client
                     .post(format!("{base}/infer"))

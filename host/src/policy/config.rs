@@ -22,32 +22,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::component::{CallError, InstancePool, LoadedComponent, PolicyRuntime};
 use super::{Namespace, PolicySet, Rule};
 
-/// Whether a rule's verdict is enforced or only recorded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// The verdict is applied.
-    #[default]
-    Enforce,
-    /// The verdict is recorded as what the rule would have done; the request is unaffected.
-    Monitor,
-}
-
-/// What a rule that fails (trap, deadline, memory cap, error value, invalid verdict) amounts to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureMode {
-    /// Deny the request.
-    #[default]
-    Closed,
-    /// Allow the request.
-    Open,
-}
+/// Rule modes and failure modes: the SDK's, so the host and the Envoy filters read rules alike.
+pub use llmscope_sdk::edge::{FailureMode, Mode};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
