@@ -22,9 +22,10 @@ use llmscope_sdk::types::{
     Aggregate, AggregateValue, Aggregation, Metric, RequestContext, Scope, Window,
 };
 use parking_lot::Mutex;
-use serde::Deserialize;
 
 use crate::ledger::AggregateStore;
+pub use llmscope_wire::records::parse_ts_us;
+use llmscope_wire::records::{parse_decision, parse_telemetry};
 
 /// An engine failure.
 #[derive(Debug, thiserror::Error)]
@@ -581,114 +582,6 @@ impl AggregateStore for PublishedAggregates {
     fn taken_at_unix_ms(&self) -> u64 {
         self.taken_at_ms
     }
-}
-
-/// A telemetry line as ingested. Absent fields default the way records from before they
-/// existed should read: no cost, not a fallback, and `status: ok` (such records were provider
-/// calls).
-#[derive(Deserialize)]
-struct TelemetryRow {
-    timestamp: String,
-    #[serde(default)]
-    request_id: Option<String>,
-    tenant_id: String,
-    #[serde(default)]
-    caller_id: Option<String>,
-    #[serde(default)]
-    feature_id: Option<String>,
-    #[serde(default)]
-    experiment_id: Option<String>,
-    #[serde(default)]
-    budget_namespace: Option<String>,
-    #[serde(default)]
-    route_name: Option<String>,
-    /// The reference's older name for `route_name`.
-    #[serde(default)]
-    route: Option<String>,
-    #[serde(default)]
-    requested_model_tier: Option<String>,
-    #[serde(default)]
-    model_tier: Option<String>,
-    #[serde(default)]
-    provider: Option<String>,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    tokens_in: Option<i64>,
-    #[serde(default)]
-    tokens_out: Option<i64>,
-    #[serde(default)]
-    estimated_cost_usd: Option<f64>,
-    #[serde(default)]
-    cost_usd: f64,
-    #[serde(default)]
-    latency_ms: Option<f64>,
-    #[serde(default = "status_ok")]
-    status: String,
-    #[serde(default)]
-    finish_reason: Option<String>,
-    #[serde(default)]
-    is_fallback: bool,
-    #[serde(default)]
-    policy_decision: Option<String>,
-    #[serde(default)]
-    policy_id: Option<String>,
-}
-
-fn status_ok() -> String {
-    "ok".into()
-}
-
-/// Parse an RFC 3339 timestamp (any offset) into µs since the epoch, UTC.
-pub fn parse_ts_us(ts: &str) -> Result<i64, String> {
-    let t = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("timestamp {ts:?}: {e}"))?;
-    i64::try_from(t.unix_timestamp_nanos() / 1000)
-        .map_err(|_| format!("timestamp {ts:?} out of range"))
-}
-
-/// A telemetry line and its time in µs (UTC), with `route` folded into `route_name`.
-fn parse_telemetry(line: &[u8]) -> Result<(i64, TelemetryRow), String> {
-    let mut r: TelemetryRow =
-        serde_json::from_slice(line).map_err(|e| format!("not a telemetry record: {e}"))?;
-    r.route_name = r.route_name.or(r.route.take());
-    Ok((parse_ts_us(&r.timestamp)?, r))
-}
-
-/// A decision line as ingested.
-#[derive(Deserialize)]
-struct DecisionRow {
-    timestamp: String,
-    #[serde(default)]
-    request_id: Option<String>,
-    #[serde(default)]
-    tenant_id: Option<String>,
-    #[serde(default)]
-    feature_id: Option<String>,
-    #[serde(default)]
-    experiment_id: Option<String>,
-    #[serde(default)]
-    budget_namespace: Option<String>,
-    #[serde(default)]
-    route_name: Option<String>,
-    decision: String,
-    #[serde(default)]
-    policy_id: Option<String>,
-    #[serde(default)]
-    primitive: Option<String>,
-    #[serde(default)]
-    estimated_cost_usd: Option<f64>,
-    #[serde(default)]
-    requested_model_tier: Option<String>,
-    #[serde(default)]
-    effective_model_tier: Option<String>,
-}
-
-/// A decision line and its time in µs (UTC).
-fn parse_decision(line: &[u8]) -> Result<(i64, DecisionRow), String> {
-    let r: DecisionRow =
-        serde_json::from_slice(line).map_err(|e| format!("not a decision record: {e}"))?;
-    Ok((parse_ts_us(&r.timestamp)?, r))
 }
 
 /// The distinct aggregates declared by `rules`, then `extra` (edge rules' declarations).

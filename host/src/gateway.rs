@@ -22,32 +22,9 @@ use crate::policy::{
     ConfigError, DecisionKind, Evaluation, PolicyRuntime, PolicySet, DEFAULT_NAMESPACE,
 };
 use crate::pricing;
-use crate::providers::{Completion, CompletionRequest, Message, Provider, ProviderError};
+use crate::providers::{Completion, CompletionRequest, Provider, ProviderError};
 
-/// A request as the gateway sees it, whatever API it came through.
-#[derive(Debug, Clone)]
-pub struct Inference {
-    /// Tenant billed (non-empty).
-    pub tenant_id: String,
-    /// Calling service or user.
-    pub caller_id: Option<String>,
-    /// Feature.
-    pub feature_id: Option<String>,
-    /// Experiment.
-    pub experiment_id: Option<String>,
-    /// Budget namespace asked for.
-    pub budget_namespace: Option<String>,
-    /// Route.
-    pub route_name: String,
-    /// Tier asked for.
-    pub model_tier: String,
-    /// Conversation.
-    pub messages: Vec<Message>,
-    /// Client's output-token cap (bounded by the route's).
-    pub max_tokens: Option<u32>,
-    /// Sampling temperature.
-    pub temperature: Option<f64>,
-}
+pub use llmscope_wire::requests::Inference;
 
 /// A served request.
 #[derive(Debug, Clone)]

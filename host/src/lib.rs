@@ -8,7 +8,6 @@
 
 pub mod artifacts;
 pub mod cli;
-pub mod config;
 pub mod edge;
 pub mod engine;
 pub mod gateway;
@@ -21,5 +20,9 @@ pub mod providers;
 pub mod queries;
 pub mod reload;
 pub mod report;
-pub mod requests;
 pub mod server;
+
+/// The gateway configuration (parsed by `llmscope-wire`).
+pub use llmscope_wire::config;
+/// Request-body parsing shared by the HTTP API and the edge control plane (`llmscope-wire`).
+pub use llmscope_wire::requests;

@@ -186,6 +186,13 @@ pub fn price_tokens(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_configurable_tokenizer_name_parses() {
+        for name in llmscope_wire::TOKENIZERS {
+            assert!(Tokenizer::from_name(name).is_some(), "{name}");
+        }
+    }
+
     use super::*;
 
     fn model(input: f64, output: f64) -> ModelConfig {

@@ -10,14 +10,7 @@ use serde_json::json;
 
 use crate::config::ProviderConfig;
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// `system`, `user`, `assistant`.
-    pub role: String,
-    /// Text.
-    pub content: String,
-}
+pub use llmscope_wire::requests::Message;
 
 /// What the gateway asks a provider for.
 #[derive(Debug, Clone)]

@@ -16,32 +16,7 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 
 use super::bindings::{self, Plugin, PluginPre};
 
-/// Resource bounds for policy execution.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Wall-clock budget of one call into a policy (configure or evaluate).
-    pub deadline: Duration,
-    /// Largest linear memory one policy instance may grow to, in bytes.
-    pub memory_bytes: usize,
-    /// Largest `.wasm` file the loader accepts, in bytes.
-    pub max_component_bytes: u64,
-    /// Warm instances kept per rule for reuse.
-    pub warm_instances_per_rule: usize,
-    /// Longest reason or alert text kept from a verdict; longer text is truncated.
-    pub max_text_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            deadline: Duration::from_millis(20),
-            memory_bytes: 32 << 20,
-            max_component_bytes: 32 << 20,
-            warm_instances_per_rule: 8,
-            max_text_bytes: 4096,
-        }
-    }
-}
+pub use llmscope_wire::Limits;
 
 /// Why loading a component failed.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,6 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,14 +65,7 @@ struct RawRule {
     settings: serde_json::Map<String, serde_json::Value>,
 }
 
-/// One problem in a policy configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Where: a field path, with the rule id when there is one.
-    pub at: String,
-    /// What is wrong and what to do.
-    pub message: String,
-}
+pub use llmscope_wire::Problem;
 
 /// A policy configuration that cannot be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +109,6 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
         out.push_str(&format!("\n  - {}: {}", p.at, p.message));
     }
     out
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.at, self.message)
-    }
 }
 
 /// Primitive names map to file names, so they are restricted to a safe alphabet.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::{Limits, Problem};
+use crate::{Limits, Problem};
 
 /// A validated gateway configuration. Relative paths are resolved against the config file's
 /// directory.
@@ -354,8 +354,25 @@ impl GatewayConfig {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Validate configuration `text` as if read from `path` (relative paths resolve against its
+    /// directory; messages name it).
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, GatewayConfigError> {
+        let fail = |at: &str, message: String| GatewayConfigError {
+            path: path.into(),
+            problems: vec![Problem {
+                at: at.into(),
+                message,
+            }],
+        };
         let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
-            &text,
+            text,
         ))
         .map_err(|e| {
             let at = match e.path().to_string() {
@@ -423,7 +440,7 @@ impl GatewayConfig {
                 }
             }
             if let Some(t) = &model.tokenizer {
-                if crate::pricing::Tokenizer::from_name(t).is_none() {
+                if !crate::TOKENIZERS.contains(&t.as_str()) {
                     problem(
                         format!("{at}.tokenizer"),
                         format!("unknown tokenizer `{t}`; use o200k_base or cl100k_base"),

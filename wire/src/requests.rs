@@ -6,8 +6,6 @@
 use serde_json::{json, Map, Value};
 
 use crate::config::GatewayConfig;
-use crate::gateway::Inference;
-use crate::providers::Message;
 
 /// Attribution header: tenant.
 pub const H_TENANT: &str = "x-llmscope-tenant-id";
@@ -23,6 +21,40 @@ pub const H_NAMESPACE: &str = "x-llmscope-budget-namespace";
 pub const H_ROUTE: &str = "x-llmscope-route";
 /// Attribution header: model tier (also set on downgrades).
 pub const H_TIER: &str = "x-llmscope-model-tier";
+
+/// A request as the gateway sees it, whatever API it came through.
+#[derive(Debug, Clone)]
+pub struct Inference {
+    /// Tenant billed (non-empty).
+    pub tenant_id: String,
+    /// Calling service or user.
+    pub caller_id: Option<String>,
+    /// Feature.
+    pub feature_id: Option<String>,
+    /// Experiment.
+    pub experiment_id: Option<String>,
+    /// Budget namespace asked for.
+    pub budget_namespace: Option<String>,
+    /// Route.
+    pub route_name: String,
+    /// Tier asked for.
+    pub model_tier: String,
+    /// Conversation.
+    pub messages: Vec<Message>,
+    /// Client's output-token cap (bounded by the route's).
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// `system`, `user`, `assistant`.
+    pub role: String,
+    /// Text.
+    pub content: String,
+}
 
 /// `/infer` body fields and the headers that may supply them.
 const INFER_HEADERS: [(&str, &str); 7] = [

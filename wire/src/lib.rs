@@ -1,0 +1,56 @@
+//! llmscope's wire formats and their parsers, apart from the engine and the wasm runtime so they
+//! can be fuzzed on their own: the gateway configuration ([`config`]), `/infer` and
+//! chat-completions request bodies ([`requests`]) and the JSONL log records as the analytics
+//! engine reads them ([`records`]).
+
+pub mod config;
+pub mod records;
+pub mod requests;
+
+use std::fmt;
+use std::time::Duration;
+
+/// Tokenizer names a model may name in the gateway config (`tokenizer:`).
+pub const TOKENIZERS: [&str; 2] = ["o200k_base", "cl100k_base"];
+
+/// Resource bounds for policy execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget of one call into a policy (configure or evaluate).
+    pub deadline: Duration,
+    /// Largest linear memory one policy instance may grow to, in bytes.
+    pub memory_bytes: usize,
+    /// Largest `.wasm` file the loader accepts, in bytes.
+    pub max_component_bytes: u64,
+    /// Warm instances kept per rule for reuse.
+    pub warm_instances_per_rule: usize,
+    /// Longest reason or alert text kept from a verdict; longer text is truncated.
+    pub max_text_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_millis(20),
+            memory_bytes: 32 << 20,
+            max_component_bytes: 32 << 20,
+            warm_instances_per_rule: 8,
+            max_text_bytes: 4096,
+        }
+    }
+}
+
+/// One problem in a policy configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: a field path, with the rule id when there is one.
+    pub at: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
