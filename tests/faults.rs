@@ -464,3 +464,43 @@ async fn keys_and_prompts_never_reach_the_logs_even_at_debug_level() {
         "the authorized request was served and logged"
     );
 }
+
+#[test]
+fn compiled_components_are_cached_privately_and_bad_cache_files_are_recompiled() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("compile-cache");
+    let limits = llmscope::policy::Limits {
+        compile_cache: Some(dir.clone()),
+        ..llmscope::policy::Limits::default()
+    };
+    let rt = Arc::new(PolicyRuntime::new(limits).unwrap());
+    let source = builtin("route_preference");
+    let first = rt.load(&source).unwrap();
+    let cached = dir.join(format!("{}.cwasm", first.sha256()));
+    assert!(cached.is_file(), "the compiled component is cached");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the cache directory is private");
+    let again = rt.load(&source).unwrap();
+    assert_eq!(again.info().name, "route_preference");
+
+    // A damaged cache file is not trusted: the component is compiled again and re-cached.
+    std::fs::write(&cached, b"not a compiled component").unwrap();
+    let recompiled = rt.load(&source).unwrap();
+    assert_eq!(recompiled.info().name, "route_preference");
+    assert!(std::fs::metadata(&cached).unwrap().len() > 10_000);
+
+    // A directory others can write to is never used.
+    let open = base.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let rt = Arc::new(
+        PolicyRuntime::new(llmscope::policy::Limits {
+            compile_cache: Some(open.clone()),
+            ..llmscope::policy::Limits::default()
+        })
+        .unwrap(),
+    );
+    rt.load(&source).unwrap();
+    assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
+}

@@ -269,6 +269,9 @@ struct RawPolicy {
     memory_mib: usize,
     #[serde(default = "default_true")]
     hot_reload: bool,
+    /// Compiled-component cache directory (optional).
+    #[serde(default)]
+    compile_cache_dir: Option<PathBuf>,
 }
 
 fn default_deadline() -> u64 {
@@ -564,6 +567,7 @@ impl GatewayConfig {
             limits: Limits {
                 deadline: Duration::from_millis(raw.policy.deadline_ms),
                 memory_bytes: raw.policy.memory_mib << 20,
+                compile_cache: raw.policy.compile_cache_dir.as_deref().map(resolve),
                 ..Limits::default()
             },
             hot_reload: raw.policy.hot_reload,

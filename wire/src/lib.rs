@@ -26,6 +26,9 @@ pub struct Limits {
     pub warm_instances_per_rule: usize,
     /// Longest reason or alert text kept from a verdict; longer text is truncated.
     pub max_text_bytes: usize,
+    /// Directory for compiled components (`<sha256>.cwasm`), so a restart skips compilation.
+    /// Must be private to the operator: its files are loaded as native code.
+    pub compile_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for Limits {
@@ -36,6 +39,7 @@ impl Default for Limits {
             max_component_bytes: 32 << 20,
             warm_instances_per_rule: 8,
             max_text_bytes: 4096,
+            compile_cache: None,
         }
     }
 }

@@ -52,16 +52,24 @@ fn bench(root: &Path, name: &str, env: &[(&str, &Path)]) -> Result<BTreeMap<Stri
     Ok(results(&text))
 }
 
-/// Spawn-to-first-served-request of `llmscope serve` with the 3-component bench policy; the
-/// median of 3 starts, ms.
-fn cold_start(root: &Path, bin: &Path) -> Result<f64> {
+/// Spawn-to-first-served-request of `llmscope serve` with the 3-component bench policy, ms:
+/// the first start with an empty compile cache, then the median of 3 restarts using it.
+fn cold_start(root: &Path, bin: &Path) -> Result<(f64, f64)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let client = reqwest::Client::new();
+    let cache = std::env::temp_dir().join(format!("llmscope-cold-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
     let mut times = Vec::new();
-    for i in 0..3 {
+    for i in 0..4 {
         let dir = std::env::temp_dir().join(format!("llmscope-cold-{}-{i}", std::process::id()));
+        let config = load::bench_config(root, &dir)?;
+        let text = std::fs::read_to_string(&config)?.replace(
+            "compile_cache_dir: ../artifacts/compile-cache",
+            &format!("compile_cache_dir: {}", cache.display()),
+        );
+        std::fs::write(&config, text)?;
         let started = Instant::now();
         let (mut child, base) = load::spawn_gateway(root, bin, &dir)?;
         let served = runtime.block_on(async {
@@ -90,8 +98,10 @@ fn cold_start(root: &Path, bin: &Path) -> Result<f64> {
                 * 1e3,
         );
     }
+    let _ = std::fs::remove_dir_all(&cache);
+    let first = times.remove(0);
     times.sort_by(f64::total_cmp);
-    Ok(times[1])
+    Ok((first, times[1]))
 }
 
 struct Row {
@@ -216,12 +226,18 @@ pub fn run(root: &Path, bin: &Path, opts: &Options) -> Result<()> {
         verdict: verdict(g.peak_rss_mib * 1.048_576 <= 100.0),
         command: "cargo xtask bench-gateway",
     });
-    let cold = cold_start(root, bin)?;
+    let (first, cached) = cold_start(root, bin)?;
     rows.push(Row {
         metric: "cold start to first served request (3 components)".into(),
         goal: "≤ 300 ms".into(),
-        measured: format!("{cold:.0} ms (median of 3)"),
-        verdict: verdict(cold <= 300.0),
+        measured: format!(
+            "{cached:.0} ms with the compile cache (median of 3 restarts); {first:.0} ms the first time (compiling)"
+        ),
+        verdict: if cached <= 300.0 && first > 300.0 {
+            "met on restarts"
+        } else {
+            verdict(first <= 300.0)
+        },
         command: "cargo xtask bench",
     });
 

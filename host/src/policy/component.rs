@@ -152,6 +152,58 @@ impl PolicyRuntime {
         u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
     }
 
+    /// Compile `bytes` (validating them), or load the compiled form from the compile cache when
+    /// one is configured and holds this digest; a fresh compilation is written back.
+    fn compile(&self, path: &Path, bytes: &[u8], sha256: &str) -> Result<Component, LoadError> {
+        let cached = self
+            .limits
+            .compile_cache
+            .as_deref()
+            .filter(|dir| private_dir(dir))
+            .map(|dir| dir.join(format!("{sha256}.cwasm")));
+        if let Some(file) = cached.as_deref().filter(|f| f.is_file()) {
+            // Read into memory rather than mmap the file: a cache file truncated or replaced
+            // while in use must not take the process down (SIGBUS).
+            let loaded = std::fs::read(file).map_err(wasmtime::Error::from).and_then(|data| {
+                // SAFETY: the bytes were written by `Component::serialize` of this runtime into
+                // a directory only the operator can write (checked by `private_dir`), under the
+                // digest of the very component being loaded; wasmtime rejects data from another
+                // engine configuration or version, and then we compile afresh.
+                #[allow(
+                    unsafe_code,
+                    reason = "loading our own compiled component from the operator's private cache"
+                )]
+                unsafe {
+                    Component::deserialize(&self.engine, &data)
+                }
+            });
+            match loaded {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "compiled component not reusable; compiling again");
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
+            path: path.into(),
+            cause: format!("{e:#}"),
+        })?;
+        if let Some(file) = cached {
+            let written = component
+                .serialize()
+                .map_err(std::io::Error::other)
+                .and_then(|b| {
+                    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+                    std::fs::write(&tmp, b)?;
+                    std::fs::rename(&tmp, &file)
+                });
+            if let Err(e) = written {
+                tracing::warn!(file = %file.display(), error = %e, "cannot cache the compiled component");
+            }
+        }
+        Ok(component)
+    }
+
     /// Compile and validate the component at `path`, then ask it to describe itself.
     pub fn load(self: &Arc<Self>, path: &Path) -> Result<Arc<LoadedComponent>, LoadError> {
         let meta = std::fs::metadata(path).map_err(|source| LoadError::Read {
@@ -179,10 +231,7 @@ impl PolicyRuntime {
         bytes: &[u8],
     ) -> Result<Arc<LoadedComponent>, LoadError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid {
-            path: path.into(),
-            cause: format!("{e:#}"),
-        })?;
+        let component = self.compile(path, bytes, &sha256)?;
 
         let ty = component.component_type();
         let forbidden: Vec<String> = ty
@@ -250,6 +299,29 @@ impl PolicyRuntime {
 impl Drop for PolicyRuntime {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Create `dir` (mode 0700) if needed; true when it exists, is a directory and no one but its
+/// owner can write to it — the compile cache holds native code.
+fn private_dir(dir: &Path) -> bool {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.exists() {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() && m.mode() & 0o022 == 0 => true,
+        Ok(_) => {
+            tracing::warn!(dir = %dir.display(), "compile cache is not a private directory (group/world-writable); not using it");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "compile cache unavailable");
+            false
+        }
     }
 }
 
