@@ -240,13 +240,16 @@ pub fn bench_config(root: &Path, dir: &Path) -> Result<std::path::PathBuf> {
     Ok(config_path)
 }
 
-/// Start `llmscope serve` on a free port with the bench config and logs in `dir`; returns the
+/// Start `llmscope serve` on a free port with `config_path` and logs in `dir`; returns the
 /// process and its base URL once it listens.
-pub fn spawn_gateway(root: &Path, bin: &Path, dir: &Path) -> Result<(std::process::Child, String)> {
-    let config_path = bench_config(root, dir)?;
+pub fn spawn_gateway(
+    bin: &Path,
+    config_path: &Path,
+    dir: &Path,
+) -> Result<(std::process::Child, String)> {
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config_path)
+        .arg(config_path)
         .env("TELEMETRY_PATH", dir.join("telemetry.jsonl"))
         .env("DECISIONS_PATH", dir.join("policy_decisions.jsonl"))
         .env("LLMSCOPE_LOG", "error")
@@ -286,7 +289,8 @@ pub fn run_gateway(
     connections: usize,
 ) -> Result<GatewayResults> {
     let dir = std::env::temp_dir().join(format!("llmscope-bench-{}", std::process::id()));
-    let (mut child, base) = spawn_gateway(root, bin, &dir)?;
+    let config_path = bench_config(root, &dir)?;
+    let (mut child, base) = spawn_gateway(bin, &config_path, &dir)?;
     let url = format!("{base}/infer");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

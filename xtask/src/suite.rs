@@ -71,7 +71,7 @@ fn cold_start(root: &Path, bin: &Path) -> Result<(f64, f64)> {
         );
         std::fs::write(&config, text)?;
         let started = Instant::now();
-        let (mut child, base) = load::spawn_gateway(root, bin, &dir)?;
+        let (mut child, base) = load::spawn_gateway(bin, &config, &dir)?;
         let served = runtime.block_on(async {
             for _ in 0..1000 {
                 let ok = client
