@@ -552,3 +552,59 @@ async fn the_example_config_chains_the_seed_namespace() {
     // The later filters priced the request at the tier the earlier one chose.
     assert_eq!(d[0]["rules"][2]["decision"], "allow");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_only_attribution_ignores_tenants_named_in_the_body() {
+    let mut h = host("closed", 2000);
+    h["attribution"] = json!("headers");
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("cap", 100.0),
+        &h,
+    )])
+    .await;
+    let client = reqwest::Client::new();
+    // The header names the tenant; the body's metadata tries to bill someone else.
+    let resp = client
+        .post(s.envoy.at("/v1/chat/completions"))
+        .header("x-llmscope-tenant-id", "acme")
+        .json(
+            &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+                      "metadata": {"tenant_id": "victim", "budget_namespace": "demo"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let id = seen(&s.upstream)[0]
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("x-llmscope-request-id: "))
+        .unwrap()
+        .to_owned();
+    let t = lines_for(&s.gw.telemetry, &id).await;
+    assert_eq!(t[0]["tenant_id"], "acme");
+    assert_eq!(
+        t[0]["budget_namespace"], "default",
+        "the body's namespace was ignored too"
+    );
+    // Without the header there is no tenant, whatever the body says.
+    for body in [
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "metadata": {"tenant_id": "victim"}}),
+        json!({"prompt": "hi", "tenant_id": "victim"}),
+    ] {
+        let path = if body.get("prompt").is_some() {
+            "/infer"
+        } else {
+            "/v1/chat/completions"
+        };
+        let resp = client
+            .post(s.envoy.at(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 422, "{body}");
+    }
+    assert_eq!(s.upstream.calls(), 1);
+}

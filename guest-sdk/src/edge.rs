@@ -77,6 +77,22 @@ pub struct HostConfig {
     /// the default) or `open` (dispatch unevaluated; the report is priced later).
     #[serde(default)]
     pub on_unavailable: FailureMode,
+    /// Where tenant, caller, feature, experiment and namespace may come from: `any` (headers,
+    /// else the body's fields or `metadata`; the default) or `headers` (only the
+    /// `x-llmscope-*` headers, which Envoy should set from the authenticated identity).
+    #[serde(default)]
+    pub attribution: Attribution,
+}
+
+/// Sources of a request's attribution (who is billed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    /// Headers, else the body.
+    #[default]
+    Any,
+    /// Headers only: body fields and `metadata` are ignored.
+    Headers,
 }
 
 fn default_timeout() -> u64 {
@@ -192,6 +208,8 @@ pub struct ContextCall<'a> {
     pub body: &'a Value,
     /// The rule's aggregates.
     pub aggregates: &'a [Aggregate],
+    /// Where attribution may come from.
+    pub attribution: Attribution,
 }
 
 /// The host's answer to a context call.

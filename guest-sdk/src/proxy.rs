@@ -422,6 +422,9 @@ impl<P: Policy> Filter<P> {
                 headers: &self.state.headers,
                 body: self.state.body.as_ref().unwrap_or(&Value::Null),
                 aggregates: &[],
+                attribution: self
+                    .cfg()
+                    .map_or(edge::Attribution::Any, |c| c.host.attribution),
             };
             serde_json::to_value(call).ok()
         } else {
@@ -582,6 +585,7 @@ impl<P: Policy> HttpContext for Filter<P> {
             headers: &self.state.headers,
             body: &body,
             aggregates: &cfg.aggregates,
+            attribution: cfg.host.attribution,
         };
         let encoded = serde_json::to_vec(&call).unwrap_or_default();
         self.state.body = Some(body);

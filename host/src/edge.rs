@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use llmscope_sdk::edge::Attribution;
 use llmscope_sdk::types::{Aggregate, RequestContext, Snapshot};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -65,7 +66,20 @@ pub struct ContextRequest {
     /// The aggregates the calling rule declared at configure time.
     #[serde(default)]
     pub aggregates: Vec<Aggregate>,
+    /// Where attribution may come from (`headers`: the body's identity fields are ignored).
+    #[serde(default)]
+    pub attribution: Attribution,
 }
+
+/// Identity fields of a `/infer` body and of chat `metadata`, ignored under
+/// [`Attribution::Headers`] (route and tier stay: they choose the request, not who pays).
+const IDENTITY_FIELDS: [&str; 5] = [
+    "tenant_id",
+    "caller_id",
+    "feature_id",
+    "experiment_id",
+    "budget_namespace",
+];
 
 /// `POST /v1/edge/context` answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,6 +274,19 @@ impl Gateway {
                 .map(|v| v.trim())
                 .filter(|v| !v.is_empty())
                 .map(str::to_owned)
+        };
+        let mut stripped;
+        let obj = if call.attribution == Attribution::Headers {
+            stripped = obj.clone();
+            if let Some(Value::Object(meta)) = stripped.get_mut("metadata") {
+                meta.retain(|k, _| !IDENTITY_FIELDS.contains(&k.as_str()));
+            }
+            if !stripped.contains_key("messages") {
+                stripped.retain(|k, _| !IDENTITY_FIELDS.contains(&k.as_str()));
+            }
+            &stripped
+        } else {
+            obj
         };
         if obj.contains_key("messages") {
             parse_chat(obj, &header, self.config()).map_err(EdgeError::InvalidChat)
