@@ -187,6 +187,8 @@ providers:
         pub telemetry: PathBuf,
         /// Decisions path.
         pub decisions: PathBuf,
+        /// Collects the process's stderr until it exits.
+        stderr: Option<std::thread::JoinHandle<String>>,
     }
 
     impl Gateway {
@@ -245,6 +247,14 @@ providers:
                 .trim()
                 .trim_start_matches("llmscope listening on ")
                 .to_owned();
+            // Drain stderr as it comes: a verbose gateway must never block on a full pipe.
+            let stderr = child.stderr.take().map(|mut e| {
+                std::thread::spawn(move || {
+                    let mut text = String::new();
+                    let _ = std::io::Read::read_to_string(&mut e, &mut text);
+                    text
+                })
+            });
             Self {
                 child,
                 url,
@@ -252,6 +262,7 @@ providers:
                 policy_file,
                 telemetry,
                 decisions,
+                stderr,
             }
         }
 
@@ -267,11 +278,12 @@ providers:
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid])
                 .status();
-            let mut stderr = String::new();
-            if let Some(mut e) = self.child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-            }
             let status = self.child.wait().unwrap_or_else(|e| fail(&e.to_string()));
+            let stderr = self
+                .stderr
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default();
             (status, stderr)
         }
     }
