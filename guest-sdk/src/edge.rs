@@ -287,21 +287,7 @@ pub fn decide(
     result: Result<Verdict, String>,
     eval_us: f64,
 ) -> (RuleOutcome, Action) {
-    let checked = result.and_then(|v| match &v.decision {
-        Decision::Downgrade(tier) if !request.tiers.is_empty() && request.tier(tier).is_none() => {
-            Err(format!(
-                "invalid verdict: downgrade to `{tier}`, which route {} does not offer (tiers: {})",
-                request.route_name,
-                request
-                    .tiers
-                    .iter()
-                    .map(|t| t.tier.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        }
-        _ => Ok(v),
-    });
+    let checked = result.and_then(|v| v.checked(request));
     let mut outcome = RuleOutcome {
         rule_id: cfg.rule_id.clone(),
         primitive: cfg.primitive.clone(),
@@ -322,7 +308,7 @@ pub fn decide(
             outcome.alert = verdict.alert;
             outcome.facts = verdict.facts.into_iter().collect();
             match verdict.decision {
-                Decision::Downgrade(tier) if tier != request.requested_tier => {
+                Decision::Downgrade(tier) => {
                     outcome.decision = "downgrade".into();
                     outcome.downgrade_to = Some(tier.clone());
                     Action::Downgrade { tier }

@@ -271,6 +271,32 @@ impl Verdict {
     pub fn fact(&self, name: &str) -> Option<f64> {
         self.facts.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
     }
+
+    /// The verdict as hosts apply it to `request`: a downgrade to a tier the route does not
+    /// offer is an error (the rule failed), a downgrade to the requested tier is an allow.
+    pub fn checked(mut self, request: &RequestContext) -> Result<Self, String> {
+        match &self.decision {
+            Decision::Downgrade(tier)
+                if !request.tiers.is_empty() && request.tier(tier).is_none() =>
+            {
+                Err(format!(
+                    "invalid verdict: downgrade to `{tier}`, which route {} does not offer (tiers: {})",
+                    request.route_name,
+                    request
+                        .tiers
+                        .iter()
+                        .map(|t| t.tier.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            Decision::Downgrade(tier) if *tier == request.requested_tier => {
+                self.decision = Decision::Allow;
+                Ok(self)
+            }
+            _ => Ok(self),
+        }
+    }
 }
 
 /// Self-description of a policy.

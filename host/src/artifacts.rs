@@ -98,6 +98,35 @@ pub struct TelemetryRecord {
     pub policy_id: Option<String>,
 }
 
+impl TelemetryRecord {
+    /// A record for `request`: its time, id, attribution, route, and requested tier and model
+    /// (also as the tier used); the outcome fields are left for the caller.
+    pub fn for_request(request: &llmscope_sdk::types::RequestContext) -> Self {
+        Self {
+            schema_version: TELEMETRY_SCHEMA_VERSION.into(),
+            timestamp: rfc3339(request.unix_time_ms),
+            request_id: request.request_id.clone(),
+            tenant_id: request.tenant_id.clone(),
+            caller_id: request.caller_id.clone(),
+            feature_id: request.feature_id.clone(),
+            use_case: request.feature_id.clone(),
+            experiment_id: request.experiment_id.clone(),
+            budget_namespace: request.budget_namespace.clone(),
+            audit_tags: AuditTags {
+                feature_id: request.feature_id.clone(),
+                experiment_id: request.experiment_id.clone(),
+                budget_namespace: request.budget_namespace.clone(),
+            },
+            route_name: request.route_name.clone(),
+            route: request.route_name.clone(),
+            requested_model_tier: request.requested_tier.clone(),
+            model_tier: request.requested_tier.clone(),
+            model: request.model.clone(),
+            ..Self::default()
+        }
+    }
+}
+
 /// One rule's outcome inside a decision record.
 pub type RuleRecord = crate::policy::RuleOutcome;
 

@@ -27,12 +27,11 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::artifacts::TELEMETRY_SCHEMA_VERSION;
-use crate::artifacts::{rfc3339, AuditTags, DecisionRecord, TelemetryRecord, WriteError};
+use crate::artifacts::{rfc3339, DecisionRecord, TelemetryRecord, WriteError};
 use crate::engine::SpecKey;
-use crate::gateway::{Gateway, GatewayError, Inference};
+use crate::gateway::{Gateway, GatewayError, Inference, PricedRequest};
 use crate::ledger::{Dims, LiveSnapshots, Reservation, Sums};
-use crate::policy::{DecisionKind, Mode, RuleOutcome, DEFAULT_NAMESPACE};
+use crate::policy::{DecisionKind, Mode, RuleOutcome};
 use crate::pricing;
 use crate::requests::{parse_chat, parse_infer, ChatError};
 
@@ -304,43 +303,8 @@ impl Gateway {
     ) -> Result<(RequestContext, BTreeMap<String, String>), EdgeError> {
         let inf = self.edge_inference(call)?;
         let cfg = self.config();
-        let (route, model) = self.route_model(&inf.route_name, &inf.model_tier)?;
-        let pairs: Vec<(String, String)> = inf
-            .messages
-            .iter()
-            .map(|m| (m.role.clone(), m.content.clone()))
-            .collect();
-        let mut priced = pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens)
-            .ok_or_else(|| self.unknown_route(&inf.route_name))?;
-        let namespace = {
-            let policies = self.policies();
-            policies
-                .resolve(inf.budget_namespace.as_deref())
-                .map(|ns| ns.name().to_owned())
-                .unwrap_or_else(|| {
-                    inf.budget_namespace
-                        .clone()
-                        .unwrap_or_else(|| DEFAULT_NAMESPACE.into())
-                })
-        };
-        let ctx = RequestContext {
-            request_id,
-            tenant_id: inf.tenant_id.clone(),
-            caller_id: inf.caller_id.clone(),
-            feature_id: inf.feature_id.clone(),
-            experiment_id: inf.experiment_id.clone(),
-            budget_namespace: namespace,
-            route_name: inf.route_name.clone(),
-            requested_tier: inf.model_tier.clone(),
-            model: model.clone(),
-            estimated_tokens_in: priced.tokens_in(cfg, model, &pairs),
-            estimated_tokens_out: priced.tokens_out,
-            estimated_cost_usd: priced
-                .tier(&inf.model_tier)
-                .map_or(0.0, |t| t.estimated_cost_usd),
-            tiers: priced.tiers.clone(),
-            unix_time_ms: crate::gateway::now_ms(),
-        };
+        let PricedRequest { ctx, route, .. } =
+            self.price_request(&inf, &self.policies(), request_id)?;
         let tier_models = route
             .tiers
             .iter()
@@ -500,23 +464,6 @@ impl Gateway {
             .tier(&report.effective_tier)
             .map_or(ctx.estimated_cost_usd, |t| t.estimated_cost_usd);
         let mut telemetry = TelemetryRecord {
-            schema_version: TELEMETRY_SCHEMA_VERSION.into(),
-            timestamp: rfc3339(ctx.unix_time_ms),
-            request_id: ctx.request_id.clone(),
-            tenant_id: ctx.tenant_id.clone(),
-            caller_id: ctx.caller_id.clone(),
-            feature_id: ctx.feature_id.clone(),
-            use_case: ctx.feature_id.clone(),
-            experiment_id: ctx.experiment_id.clone(),
-            budget_namespace: ctx.budget_namespace.clone(),
-            audit_tags: AuditTags {
-                feature_id: ctx.feature_id.clone(),
-                experiment_id: ctx.experiment_id.clone(),
-                budget_namespace: ctx.budget_namespace.clone(),
-            },
-            route_name: ctx.route_name.clone(),
-            route: ctx.route_name.clone(),
-            requested_model_tier: ctx.requested_tier.clone(),
             model_tier: report.effective_tier.clone(),
             provider: model_cfg.map(|m| m.provider.clone()).unwrap_or_default(),
             model: model_name.clone(),
@@ -525,7 +472,7 @@ impl Gateway {
             policy_decision: decision.as_str().into(),
             policy_id: deciding.map(|r| r.rule_id.clone()),
             finish_reason: report.finish_reason.clone(),
-            ..TelemetryRecord::default()
+            ..TelemetryRecord::for_request(ctx)
         };
         let served = !report.local_reply && (200..300).contains(&report.status);
         let mut actual = None;

@@ -10,17 +10,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use llmscope_sdk::types::RequestContext;
 use parking_lot::RwLock;
 
-use crate::artifacts::{
-    rfc3339, ArtifactWriter, AuditTags, DecisionRecord, TelemetryRecord, WriteError,
-    TELEMETRY_SCHEMA_VERSION,
-};
+use crate::artifacts::{rfc3339, ArtifactWriter, DecisionRecord, TelemetryRecord, WriteError};
 use crate::config::GatewayConfig;
 use crate::engine::{declared_aggregates, EngineError, IngestReport, SpendEngine};
 use crate::ledger::{AggregateStore, Dims, Ledger, LiveSnapshots, NoHistory, Sums};
 use crate::metrics::Metrics;
-use crate::policy::{
-    ConfigError, DecisionKind, Evaluation, PolicyRuntime, PolicySet, DEFAULT_NAMESPACE,
-};
+use crate::policy::{ConfigError, DecisionKind, Evaluation, PolicyRuntime, PolicySet};
 use crate::pricing;
 use crate::providers::{Completion, CompletionRequest, Provider, ProviderError};
 
@@ -143,6 +138,18 @@ pub struct SnapshotAnswer {
     pub request: RequestContext,
     /// Each rule of the namespace, in order.
     pub rules: Vec<RuleSnapshot>,
+}
+
+/// A request priced for evaluation (see [`Gateway::price_request`]).
+pub(crate) struct PricedRequest<'a> {
+    /// The context the rules see.
+    pub ctx: RequestContext,
+    /// Its route.
+    pub route: &'a crate::config::RouteConfig,
+    /// The pricing, kept to re-price a downgrade.
+    pub priced: pricing::Priced,
+    /// The conversation as (role, content) pairs.
+    pub pairs: Vec<(String, String)>,
 }
 
 /// Shared gateway state.
@@ -418,14 +425,7 @@ impl Gateway {
             caller_id: q.caller_id.clone(),
             feature_id: q.feature_id.clone(),
             experiment_id: q.experiment_id.clone(),
-            budget_namespace: ns.map_or_else(
-                || {
-                    q.budget_namespace
-                        .clone()
-                        .unwrap_or_else(|| DEFAULT_NAMESPACE.into())
-                },
-                |n| n.name().to_owned(),
-            ),
+            budget_namespace: policies.namespace_name(q.budget_namespace.as_deref()),
             route_name: q.route_name.clone(),
             requested_tier: q.model_tier.clone(),
             model: model.clone(),
@@ -465,10 +465,16 @@ impl Gateway {
         })
     }
 
-    /// Process one request through the whole lifecycle.
-    pub async fn handle(&self, inf: Inference) -> Result<Outcome, GatewayError> {
+    /// Price `inf` for evaluation: its route, every tier priced (input tokens counted with the
+    /// requested model's tokenizer), the namespace it resolves to in `policies`, stamped now.
+    pub(crate) fn price_request(
+        &self,
+        inf: &Inference,
+        policies: &PolicySet,
+        request_id: String,
+    ) -> Result<PricedRequest<'_>, GatewayError> {
         let cfg = &self.config;
-        let (route, requested_model) = self.route_model(&inf.route_name, &inf.model_tier)?;
+        let (route, model) = self.route_model(&inf.route_name, &inf.model_tier)?;
         let pairs: Vec<(String, String)> = inf
             .messages
             .iter()
@@ -476,37 +482,47 @@ impl Gateway {
             .collect();
         let mut priced = pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens)
             .ok_or_else(|| self.unknown_route(&inf.route_name))?;
-        let unix_ms = now_ms();
-        let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
-        let policies = self.policies();
-        let namespace = policies
-            .resolve(inf.budget_namespace.as_deref())
-            .map(|ns| ns.name().to_owned())
-            .unwrap_or_else(|| {
-                inf.budget_namespace
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_NAMESPACE.into())
-            });
-        let requested_estimate = priced
-            .tier(&inf.model_tier)
-            .map_or(0.0, |t| t.estimated_cost_usd);
-        let tokens_in_requested = priced.tokens_in(cfg, requested_model, &pairs);
         let ctx = RequestContext {
-            request_id: request_id.clone(),
+            request_id,
             tenant_id: inf.tenant_id.clone(),
             caller_id: inf.caller_id.clone(),
             feature_id: inf.feature_id.clone(),
             experiment_id: inf.experiment_id.clone(),
-            budget_namespace: namespace.clone(),
+            budget_namespace: policies.namespace_name(inf.budget_namespace.as_deref()),
             route_name: inf.route_name.clone(),
             requested_tier: inf.model_tier.clone(),
-            model: requested_model.clone(),
-            estimated_tokens_in: tokens_in_requested,
+            model: model.clone(),
+            estimated_tokens_in: priced.tokens_in(cfg, model, &pairs),
             estimated_tokens_out: priced.tokens_out,
-            estimated_cost_usd: requested_estimate,
+            estimated_cost_usd: priced
+                .tier(&inf.model_tier)
+                .map_or(0.0, |t| t.estimated_cost_usd),
             tiers: priced.tiers.clone(),
-            unix_time_ms: unix_ms,
+            unix_time_ms: now_ms(),
         };
+        Ok(PricedRequest {
+            ctx,
+            route,
+            priced,
+            pairs,
+        })
+    }
+
+    /// Process one request through the whole lifecycle.
+    pub async fn handle(&self, inf: Inference) -> Result<Outcome, GatewayError> {
+        let cfg = &self.config;
+        let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
+        let policies = self.policies();
+        let PricedRequest {
+            ctx,
+            route,
+            mut priced,
+            pairs,
+        } = self.price_request(&inf, &policies, request_id.clone())?;
+        let requested_model = &ctx.model;
+        let unix_ms = ctx.unix_time_ms;
+        let requested_estimate = ctx.estimated_cost_usd;
+        let tokens_in_requested = ctx.estimated_tokens_in;
 
         // Reserve first, so concurrent requests see each other; evaluate against aggregates +
         // ledger minus this request's own reservation.
@@ -541,33 +557,15 @@ impl Gateway {
             _ => inf.model_tier.clone(),
         };
         let mut telemetry = TelemetryRecord {
-            schema_version: TELEMETRY_SCHEMA_VERSION.into(),
-            timestamp: rfc3339(unix_ms),
-            request_id: request_id.clone(),
-            tenant_id: inf.tenant_id.clone(),
-            caller_id: inf.caller_id.clone(),
-            feature_id: inf.feature_id.clone(),
-            use_case: inf.feature_id.clone(),
-            experiment_id: inf.experiment_id.clone(),
-            budget_namespace: namespace.clone(),
-            audit_tags: AuditTags {
-                feature_id: inf.feature_id.clone(),
-                experiment_id: inf.experiment_id.clone(),
-                budget_namespace: namespace.clone(),
-            },
-            route_name: inf.route_name.clone(),
-            route: inf.route_name.clone(),
-            requested_model_tier: inf.model_tier.clone(),
             model_tier: effective_tier.clone(),
             provider: cfg
                 .models
                 .get(requested_model)
                 .map(|m| m.provider.clone())
                 .unwrap_or_default(),
-            model: requested_model.clone(),
             policy_decision: evaluation.decision.as_str().into(),
             policy_id: evaluation.policy_id.clone(),
-            ..TelemetryRecord::default()
+            ..TelemetryRecord::for_request(&ctx)
         };
         let decision = DecisionRecord {
             timestamp: rfc3339(unix_ms),

@@ -249,6 +249,15 @@ impl PolicySet {
             .or_else(|| self.namespaces.get(DEFAULT_NAMESPACE))
     }
 
+    /// The namespace name a request naming `requested` is recorded under: the resolved
+    /// namespace, else (no `default` configured) the name asked for, else `default`.
+    pub fn namespace_name(&self, requested: Option<&str>) -> String {
+        self.resolve(requested).map_or_else(
+            || requested.unwrap_or(DEFAULT_NAMESPACE).to_owned(),
+            |ns| ns.name.clone(),
+        )
+    }
+
     /// Evaluate `request` in the namespace it names (resolved as in [`resolve`](Self::resolve)).
     /// If resolution changes the namespace, rules see the resolved name in
     /// `request.budget_namespace`.
@@ -335,18 +344,7 @@ fn outcome(
 ) -> RuleOutcome {
     let checked = result
         .map_err(|e| e.to_string())
-        .and_then(|verdict| match &verdict.decision {
-            Decision::Downgrade(tier)
-                if !request.tiers.is_empty() && request.tier(tier).is_none() =>
-            {
-                Err(format!(
-            "invalid verdict: downgrade to `{tier}`, which route {} does not offer (tiers: {})",
-            request.route_name,
-            request.tiers.iter().map(|t| t.tier.as_str()).collect::<Vec<_>>().join(", ")
-        ))
-            }
-            _ => Ok(verdict),
-        });
+        .and_then(|verdict| verdict.checked(request));
     let base = RuleOutcome {
         rule_id: rule.id.clone(),
         primitive: rule.primitive.clone(),
@@ -363,11 +361,7 @@ fn outcome(
     };
     match checked {
         Ok(verdict) => {
-            // A downgrade to the tier already requested changes nothing.
-            let decision = match verdict.decision {
-                Decision::Downgrade(tier) if tier == request.requested_tier => Decision::Allow,
-                other => other,
-            };
+            let decision = verdict.decision;
             RuleOutcome {
                 decision: DecisionKind::of(&decision),
                 downgrade_to: match decision {
