@@ -134,11 +134,8 @@ fn main() -> Result<()> {
     match cli.task {
         Task::BuildPolicies => build_policies(&root),
         Task::Test { args } => {
-            build_policies(&root)?;
             // The integration tests drive the real binary; `cargo test` alone would not rebuild it.
-            let mut build = cargo(&root);
-            build.args(["build", "--release", "--workspace", "--bins"]);
-            run(build)?;
+            build_all(&root)?;
             let mut cmd = cargo(&root);
             cmd.args(["test", "--release", "--workspace", "--no-fail-fast"]);
             if !args.is_empty() {
@@ -147,7 +144,7 @@ fn main() -> Result<()> {
             run(cmd)
         }
         Task::Demo => {
-            build_policies(&root)?;
+            build_all(&root)?;
             demo(&root)
         }
         Task::Bench {
@@ -185,28 +182,9 @@ fn main() -> Result<()> {
             for n in [1_000, rows] {
                 let dir = std::env::temp_dir().join(format!("llmscope-bench-{n}"));
                 gen::generate(&dir, n)?;
-                let mut cmd = cargo(&root);
-                cmd.args(["bench", "--workspace", "--bench", "engine"])
-                    .env("LLMSCOPE_BENCH_DATA", &dir);
-                let out = cmd.output().context("running the engine benchmark")?;
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                print!("{text}");
-                if !out.status.success() {
-                    bail!(
-                        "engine benchmark failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-                let p99 = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("bench-result "))
-                    .and_then(|l| {
-                        l.split_whitespace()
-                            .find_map(|kv| kv.strip_prefix("decision_p99_us="))
-                    })
-                    .and_then(|v| v.parse::<f64>().ok());
-                results.push((n, p99));
+                let r = suite::bench(&root, "engine", &[("LLMSCOPE_BENCH_DATA", &dir)]);
                 let _ = std::fs::remove_dir_all(&dir);
+                results.push((n, r?.get("decision_p99_us").copied()));
             }
             if let [(small, Some(a)), (large, Some(b))] = results[..] {
                 println!(
@@ -234,10 +212,7 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
             seconds,
             connections,
         } => {
-            build_policies(&root)?;
-            let mut build = cargo(&root);
-            build.args(["build", "--release", "--workspace", "--bins"]);
-            run(build)?;
+            build_all(&root)?;
             load::bench_gateway(
                 &root,
                 &target_dir(&root).join("release/llmscope"),
@@ -522,9 +497,6 @@ fn check_imports(package: &str, component: &[u8]) -> Result<()> {
 
 /// The main job: the gateway serving the demo config with the built-in mock provider.
 fn demo(root: &Path) -> Result<()> {
-    let mut build = cargo(root);
-    build.args(["build", "--release", "--workspace", "--bins"]);
-    run(build)?;
     let bin = target_dir(root).join("release/llmscope");
     let config = root.join("examples/llmscope.yaml");
     let mut check = Command::new(&bin);

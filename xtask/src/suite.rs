@@ -32,7 +32,12 @@ fn results(stdout: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-fn bench(root: &Path, name: &str, env: &[(&str, &Path)]) -> Result<BTreeMap<String, f64>> {
+/// Run `cargo bench --bench <name>` (echoing its output) and return its `bench-result` values.
+pub(crate) fn bench(
+    root: &Path,
+    name: &str,
+    env: &[(&str, &Path)],
+) -> Result<BTreeMap<String, f64>> {
     let mut cmd = cargo(root);
     cmd.args(["bench", "--workspace", "--bench", name]);
     for (k, v) in env {
