@@ -117,11 +117,18 @@ async fn kill_9_under_load_leaves_whole_lines_and_the_restarted_gateway_keeps_th
             }
         }));
     }
-    // Let it serve past the cap and deny for a while, then kill it mid-flight.
+    // Let it serve past the cap and deny for a while, then kill it mid-flight. "Past the cap"
+    // means the *written* spend leaves no room for another request: while it still does, the
+    // gateway may have a last allowed request in flight, whose spend dies with the process
+    // (it is logged when the provider answers), and a restart would rightly allow one more.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while read_jsonl_len(&logs.0) < 200 && Instant::now() < deadline {
+    let mut exhausted = false;
+    while !exhausted && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let (written, _) = whole_lines(&logs.0);
+        exhausted = written.len() >= 200 && written_spend(&written) > CAP_USD;
     }
+    assert!(exhausted, "the load never exhausted the budget within 30 s");
     gw.child.kill().unwrap(); // SIGKILL
     gw.child.wait().unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -137,17 +144,10 @@ async fn kill_9_under_load_leaves_whole_lines_and_the_restarted_gateway_keeps_th
         telemetry.len()
     );
     assert!(!decisions.is_empty());
-    let served: f64 = telemetry
-        .iter()
-        .filter(|l| l["status"] == "ok")
-        .map(|l| l["cost_usd"].as_f64().unwrap())
-        .sum();
-    let largest_estimate = telemetry
-        .iter()
-        .map(|l| l["estimated_cost_usd"].as_f64().unwrap())
-        .fold(0.0, f64::max);
+    let served = served_usd(&telemetry);
+    let largest_estimate = largest_estimate_usd(&telemetry);
     assert!(
-        served <= 0.002 + largest_estimate,
+        served <= CAP_USD + largest_estimate,
         "the cap held under load: served ${served}"
     );
     assert!(
@@ -174,10 +174,29 @@ async fn kill_9_under_load_leaves_whole_lines_and_the_restarted_gateway_keeps_th
     assert_eq!(body["policy_id"], "capped-hourly");
 }
 
-fn read_jsonl_len(path: &Path) -> usize {
-    std::fs::read(path)
-        .map(|b| b.iter().filter(|c| **c == b'\n').count())
-        .unwrap_or(0)
+/// `limit_usd` of the `capped-hourly` rule.
+const CAP_USD: f64 = 0.002;
+
+/// Dollars spent on provider calls in these telemetry lines.
+fn served_usd(telemetry: &[Value]) -> f64 {
+    telemetry
+        .iter()
+        .filter(|l| l["status"] == "ok")
+        .map(|l| l["cost_usd"].as_f64().unwrap())
+        .sum()
+}
+
+/// The largest pre-dispatch estimate in these telemetry lines.
+fn largest_estimate_usd(telemetry: &[Value]) -> f64 {
+    telemetry
+        .iter()
+        .map(|l| l["estimated_cost_usd"].as_f64().unwrap())
+        .fold(0.0, f64::max)
+}
+
+/// Spend the budget rule sees from these lines plus a request like the largest one seen.
+fn written_spend(telemetry: &[Value]) -> f64 {
+    served_usd(telemetry) + largest_estimate_usd(telemetry)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -225,6 +244,7 @@ async fn hostile_rules_under_sustained_load_are_contained_and_memory_settles() {
     let policy = "version: \"hostile\"\nnamespaces:\n  default:\n    rules:\n      - {id: spin, primitive: hostile, behaviour: loop, failure_mode: open}\n      - {id: bomb, primitive: hostile, behaviour: memory, failure_mode: open}\n      - {id: deep, primitive: hostile, behaviour: recursion, failure_mode: open}\n      - {id: crash, primitive: hostile, behaviour: panic, failure_mode: open}\n      - {id: flood, primitive: hostile, behaviour: huge_reason, mode: monitor}\n      - {id: prefer-cheap, primitive: route_preference, prefer_tier: cheap}\n";
     let mut opts = Options::new(policy);
     opts.policies_dir = dir.path().to_path_buf();
+    opts.deadline_ms = 50; // 160 requests each spin to the deadline
     let gw = Gateway::start(&opts);
     let pid = gw.child.id();
     let url = gw.at("/infer");

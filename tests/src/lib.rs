@@ -119,7 +119,7 @@ artifacts:
 policy:
   file: "{policy_file}"
   policies_dir: "{policies_dir}"
-  deadline_ms: 50
+  deadline_ms: {deadline_ms}
 models:
   gpt-4o-mini: {provider: mock, input_per_1m: 0.15, output_per_1m: 0.60, fallback: [claude-haiku-3-5-20241022]}
   gpt-4o: {provider: mock, input_per_1m: 2.50, output_per_1m: 10.00, fallback: [claude-sonnet-4-20250514]}
@@ -144,6 +144,10 @@ providers:
         pub logs: Option<(PathBuf, PathBuf)>,
         /// Mock latency.
         pub mock_latency_ms: u64,
+        /// `policy.deadline_ms`. The deadline is wall-clock time, so the default is generous:
+        /// on two shared cores a healthy rule can be descheduled for tens of milliseconds.
+        /// Tests of the deadline itself set it low.
+        pub deadline_ms: u64,
         /// Models the mock fails.
         pub fail_models: Vec<String>,
         /// Body limit.
@@ -164,6 +168,7 @@ providers:
                 policies_dir: super::policies_dir(),
                 logs: None,
                 mock_latency_ms: 0,
+                deadline_ms: 1_000,
                 fail_models: Vec::new(),
                 max_body_bytes: 1 << 20,
                 extra_yaml: String::new(),
@@ -215,6 +220,7 @@ providers:
                 .replace("{policy_file}", &policy_file.display().to_string())
                 .replace("{policies_dir}", &opts.policies_dir.display().to_string())
                 .replace("{mock_latency}", &opts.mock_latency_ms.to_string())
+                .replace("{deadline_ms}", &opts.deadline_ms.to_string())
                 .replace("{fail_models}", &fail_models)
                 .replace("{extra}", &opts.extra_yaml);
             let config_path = dir.path().join("llmscope.yaml");
