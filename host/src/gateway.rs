@@ -165,6 +165,8 @@ pub struct Gateway {
     metrics: Metrics,
     started: Instant,
     pub(crate) edge: crate::edge::EdgeState,
+    /// SHA-256 of each configured API key, in `config.api_keys` order.
+    key_digests: Vec<[u8; 32]>,
 }
 
 /// Why the gateway could not start.
@@ -190,6 +192,12 @@ pub enum StartError {
     /// The analytics engine failed to open or to read the logs.
     #[error("analytics engine: {0}")]
     Engine(#[from] EngineError),
+}
+
+/// SHA-256 of an API key.
+fn key_digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
 }
 
 /// Milliseconds since the Unix epoch.
@@ -238,6 +246,7 @@ impl Gateway {
             &config.telemetry_path,
             &config.decisions_path,
         )?;
+        let key_digests = config.api_keys.iter().map(|k| key_digest(&k.key)).collect();
         let gateway = Arc::new(Self {
             config,
             runtime,
@@ -249,6 +258,7 @@ impl Gateway {
             engine,
             metrics: Metrics::default(),
             started: Instant::now(),
+            key_digests,
             edge: crate::edge::EdgeState::default(),
         });
         // Budgets see history from the first request on.
@@ -283,6 +293,22 @@ impl Gateway {
             report.malformed.len() as u64,
         );
         Ok(report)
+    }
+
+    /// The configured API key that `presented` is, compared in constant time.
+    ///
+    /// Both sides are SHA-256 digests, so neither a key's content nor its length shows in the
+    /// comparison's timing; every key is compared, with no early exit on a match.
+    pub fn api_key(&self, presented: &str) -> Option<&crate::config::ApiKey> {
+        use subtle::ConstantTimeEq;
+        let presented = key_digest(presented);
+        let mut matched = None;
+        for (key, digest) in self.config.api_keys.iter().zip(&self.key_digests) {
+            if bool::from(digest.ct_eq(&presented)) {
+                matched = Some(key);
+            }
+        }
+        matched
     }
 
     /// The analytics engine (for the cost questions).

@@ -15,7 +15,6 @@ use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Map, Value};
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::edge::{ContextRequest, EdgeError, Report};
@@ -567,14 +566,7 @@ fn authorize(gw: &Gateway, headers: &HeaderMap, tenant: Option<&str>) -> Result<
             json!("missing API key: send `Authorization: Bearer <key>` or `x-api-key`"),
         ));
     };
-    // Compare against every key in constant time; no early exit on a match.
-    let mut matched = None;
-    for key in keys {
-        if bool::from(key.key.as_bytes().ct_eq(presented.as_bytes())) {
-            matched = Some(key);
-        }
-    }
-    let Some(key) = matched else {
+    let Some(key) = gw.api_key(presented) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
