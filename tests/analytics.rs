@@ -84,6 +84,57 @@ fn ingestion_skips_malformed_lines_and_leaves_the_torn_tail() {
 }
 
 #[test]
+fn a_log_of_many_reads_is_ingested_whole_in_parallel_and_names_each_bad_line() {
+    // ~20 MiB: several 8 MiB reads, each parsed in parts on every core while the previous one
+    // is appended. Every good line lands once, every bad one is reported at its offset.
+    let dir = tempfile::tempdir().unwrap();
+    let (t, d) = (dir.path().join("t.jsonl"), dir.path().join("d.jsonl"));
+    let mut text = Vec::new();
+    let (mut good, mut bad_at) = (0u64, Vec::new());
+    while text.len() < 20 << 20 {
+        let i = good + bad_at.len() as u64;
+        if i % 9_973 == 5 {
+            bad_at.push(text.len());
+            text.extend_from_slice(b"{\"timestamp\": \"not a time\", \"tenant_id\": \"x\"}\n");
+            continue;
+        }
+        let line = json!({"timestamp": "2025-11-25T10:00:00Z", "request_id": format!("r{i}"),
+            "tenant_id": format!("t{}", i % 7), "feature_id": "f", "route_name": "/r",
+            "cost_usd": 0.01, "status": "ok", "padding": "x".repeat(300)});
+        text.extend_from_slice(line.to_string().as_bytes());
+        text.push(b'\n');
+        good += 1;
+    }
+    text.extend_from_slice(b"{\"timestamp\": \"2025-11-25T10:00:00Z\", \"ten"); // torn
+    std::fs::write(&t, &text).unwrap();
+    let e = SpendEngine::open(None, &t, &d).unwrap();
+    let report = e.ingest().unwrap();
+    assert_eq!(report.telemetry_rows, good);
+    let offsets: Vec<String> = bad_at.iter().map(|at| format!("t.jsonl:{at}: ")).collect();
+    assert_eq!(report.malformed.len(), bad_at.len());
+    for (line, offset) in report.malformed.iter().zip(&offsets) {
+        assert!(line.contains(offset), "{line} should name {offset}");
+    }
+    let torn_start = text.iter().rposition(|b| *b == b'\n').unwrap() as u64 + 1;
+    assert_eq!(report.telemetry_offset, torn_start);
+    let (rows, distinct, total): (i64, i64, f64) = e
+        .with_conn(|c| {
+            c.query_row(
+                "SELECT count(*), count(DISTINCT request_id), sum(cost_usd) FROM telemetry",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        })
+        .unwrap();
+    assert_eq!(
+        (rows as u64, distinct as u64),
+        (good, good),
+        "each line once"
+    );
+    assert!((total - good as f64 * 0.01).abs() < 1e-6, "{total}");
+}
+
+#[test]
 fn missing_and_empty_logs_are_empty_answers() {
     let dir = tempfile::tempdir().unwrap();
     let (t, d) = (

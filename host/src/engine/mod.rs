@@ -1,10 +1,12 @@
 //! The DuckDB engine: a derived, rebuildable view of the JSONL logs.
 //!
 //! - **Ingestion** tails `telemetry.jsonl` and `policy_decisions.jsonl` by byte offset into typed
-//!   tables with the Appender. A torn last line (no newline yet) is left for the next pass; a
-//!   malformed line is skipped, counted and reported, never fatal. A file that shrank or whose
-//!   first line changed was rotated or truncated: it is read again from the start (rows already
-//!   ingested stay — they are still history).
+//!   tables: one thread reads, lines are parsed into Arrow columns on every core
+//!   (`batch.rs`), and the Appender takes them in file order while the next read is parsed. The
+//!   rows and the new offset commit in one transaction. A torn last line (no newline yet) is
+//!   left for the next pass; a malformed line is skipped, counted and reported, never fatal. A
+//!   file that shrank or whose first line changed was rotated or truncated: it is read again
+//!   from the start (rows already ingested stay — they are still history).
 //! - **Aggregates** for policies are computed as grouped SQL, one query per distinct aggregate
 //!   across the loaded rules, and published as hash tables: a request's lookup never touches SQL.
 //! - **The five questions** run on the same tables ([`crate::queries`]).
@@ -25,7 +27,8 @@ use parking_lot::Mutex;
 
 use crate::ledger::AggregateStore;
 pub use llmscope_wire::records::parse_ts_us;
-use llmscope_wire::records::{parse_decision, parse_telemetry};
+
+mod batch;
 
 /// An engine failure.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +121,8 @@ impl std::fmt::Debug for SpendEngine {
 
 /// Bytes read per chunk while ingesting.
 const CHUNK: usize = 8 << 20;
+/// Backlogs from this size on are read and parsed on another thread while this one appends.
+const PIPELINE_MIN_BYTES: u64 = 1 << 20;
 /// Bytes of the first line kept to recognise a file.
 const HEAD_BYTES: usize = 128;
 
@@ -245,95 +250,105 @@ impl SpendEngine {
         }
         file.seek(SeekFrom::Start(cursor.offset)).map_err(io)?;
         let conn = self.conn.lock();
+        // One transaction: the rows and the new offset are stored together or not at all, so
+        // a failure (or a crash with `duckdb_path`) never ingests a line twice.
+        conn.execute_batch("BEGIN TRANSACTION")?;
+        let pending = len - cursor.offset;
+        let appended = self.append_from(&conn, kind, file, pending, path, &mut cursor, report);
+        match appended {
+            Ok(_) => conn.execute_batch("COMMIT")?,
+            Err(_) => {
+                if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    tracing::warn!(error = %e, "rolling back a failed ingestion");
+                }
+            }
+        }
+        let rows = appended?;
+        drop(conn);
+        if !report.malformed.is_empty() {
+            tracing::warn!(file = %path.display(), skipped = report.malformed.len(), first = %report.malformed[0], "malformed log lines skipped");
+        }
+        self.cursors.lock().insert(kind.key(), cursor);
+        Ok(rows)
+    }
+
+    /// Append the lines of `file` from `cursor.offset` on (about `pending` bytes). For a large
+    /// backlog a thread reads and parses (on every core) while this one appends, so parsing the
+    /// next read overlaps appending this one; a small increment (the usual refresh) is read and
+    /// parsed here. Advances `cursor` past the last complete line and stores it with the rows.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "private helper of ingest_file, which owns every argument"
+    )]
+    fn append_from(
+        &self,
+        conn: &Connection,
+        kind: Kind,
+        file: File,
+        pending: u64,
+        path: &Path,
+        cursor: &mut Cursor,
+        report: &mut IngestReport,
+    ) -> Result<u64, EngineError> {
         let table = kind.key();
         let mut appender = conn.appender(table)?;
         let mut rows = 0u64;
-        let mut carry: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut line_start = cursor.offset;
-        loop {
-            let n = file.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            carry.extend_from_slice(&buf[..n]);
-            let Some(last_newline) = carry.iter().rposition(|b| *b == b'\n') else {
-                continue;
-            };
-            for piece in carry[..=last_newline].split_inclusive(|b| *b == b'\n') {
-                let this_start = line_start;
-                line_start += piece.len() as u64;
-                let line = piece.strip_suffix(b"\n").unwrap_or(piece);
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+        let mut append = |parts: std::io::Result<Vec<batch::Parsed>>| -> Result<(), EngineError> {
+            let parts = parts.map_err(|source| EngineError::Io {
+                path: path.into(),
+                source,
+            })?;
+            for parsed in parts {
+                let n = parsed.batch.num_rows();
+                if n > 0 {
+                    appender.append_record_batch(parsed.batch)?;
+                    rows += n as u64;
                 }
-                let appended = match kind {
-                    Kind::Telemetry => parse_telemetry(line).map(|(ts_us, r)| {
-                        appender.append_row(params![
-                            ts_us,
-                            r.request_id,
-                            r.tenant_id,
-                            r.caller_id,
-                            r.feature_id,
-                            r.experiment_id,
-                            r.budget_namespace,
-                            r.route_name,
-                            r.requested_model_tier,
-                            r.model_tier,
-                            r.provider,
-                            r.model,
-                            r.tokens_in,
-                            r.tokens_out,
-                            r.estimated_cost_usd,
-                            r.cost_usd,
-                            r.latency_ms,
-                            r.status,
-                            r.finish_reason,
-                            r.is_fallback,
-                            r.policy_decision,
-                            r.policy_id
-                        ])
-                    }),
-                    Kind::Decisions => parse_decision(line).map(|(ts_us, r)| {
-                        appender.append_row(params![
-                            ts_us,
-                            r.request_id,
-                            r.tenant_id,
-                            r.feature_id,
-                            r.experiment_id,
-                            r.budget_namespace,
-                            r.route_name,
-                            r.decision,
-                            r.policy_id,
-                            r.primitive,
-                            r.estimated_cost_usd,
-                            r.requested_model_tier,
-                            r.effective_model_tier
-                        ])
-                    }),
-                };
-                match appended {
-                    Ok(result) => {
-                        result?;
-                        rows += 1;
-                    }
-                    Err(why) => {
-                        cursor.malformed += 1;
-                        if report.malformed.len() < 100 {
-                            report
-                                .malformed
-                                .push(format!("{}:{this_start}: {why}", path.display()));
-                        }
+                for m in parsed.malformed {
+                    cursor.malformed += 1;
+                    if report.malformed.len() < 100 {
+                        report.malformed.push(format!(
+                            "{}:{}: {}",
+                            path.display(),
+                            m.offset,
+                            m.why
+                        ));
                     }
                 }
             }
-            // Whatever follows the last newline is a torn line: it waits for the next pass.
-            carry.drain(..=last_newline);
-        }
+            Ok(())
+        };
+        let start = cursor.offset;
+        let end = if pending < PIPELINE_MIN_BYTES {
+            let mut failed = None;
+            let end = read_and_parse(file, kind, start, pending, |parts| match append(parts) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            end
+        } else {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            std::thread::scope(|s| -> Result<u64, EngineError> {
+                let reader = s.spawn(move || {
+                    read_and_parse(file, kind, start, pending, |parts| tx.send(parts).is_ok())
+                });
+                for parts in &rx {
+                    append(parts)?;
+                }
+                Ok(reader
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            })?
+        };
         appender.flush()?;
         drop(appender);
-        cursor.offset = line_start;
+        cursor.offset = end;
         conn.execute(
             "INSERT OR REPLACE INTO llmscope_ingest VALUES (?, ?, ?, ?)",
             params![
@@ -343,11 +358,6 @@ impl SpendEngine {
                 i64::try_from(cursor.malformed).unwrap_or(i64::MAX)
             ],
         )?;
-        drop(conn);
-        if !report.malformed.is_empty() {
-            tracing::warn!(file = %path.display(), skipped = report.malformed.len(), first = %report.malformed[0], "malformed log lines skipped");
-        }
-        self.cursors.lock().insert(kind.key(), cursor);
         Ok(rows)
     }
 
@@ -422,6 +432,43 @@ impl SpendEngine {
             tables,
         })
     }
+}
+
+/// Read `file` to its end in reads of up to [`CHUNK`] (sized for the `pending` bytes expected)
+/// and hand the complete lines of each, parsed, to `sink`, which returns whether to go on;
+/// returns the offset after the last complete line. A torn last line is left for the next pass;
+/// a read error is handed on and ends the reading.
+fn read_and_parse(
+    mut file: File,
+    kind: Kind,
+    mut line_start: u64,
+    pending: u64,
+    mut sink: impl FnMut(std::io::Result<Vec<batch::Parsed>>) -> bool,
+) -> u64 {
+    let mut carry: Vec<u8> = Vec::new();
+    let size = usize::try_from(pending).map_or(CHUNK, |p| p.clamp(64 << 10, CHUNK));
+    let mut buf = vec![0u8; size];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                sink(Err(e));
+                break;
+            }
+        };
+        carry.extend_from_slice(&buf[..n]);
+        let Some(last_newline) = carry.iter().rposition(|b| *b == b'\n') else {
+            continue;
+        };
+        let parts = batch::parse(kind, &carry[..=last_newline], line_start, batch::threads());
+        line_start += last_newline as u64 + 1;
+        carry.drain(..=last_newline);
+        if !sink(Ok(parts)) {
+            break;
+        }
+    }
+    line_start
 }
 
 fn read_head(file: &mut File) -> std::io::Result<String> {
