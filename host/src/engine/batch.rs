@@ -144,80 +144,72 @@ fn schema(columns: &[(&str, DataType)]) -> SchemaRef {
     ))
 }
 
-/// The `telemetry` table's columns, in order.
-static TELEMETRY_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    use DataType::{Boolean, Float64, Int64, Utf8};
-    schema(&[
-        ("ts_us", Int64),
-        ("request_id", Utf8),
-        ("tenant_id", Utf8),
-        ("caller_id", Utf8),
-        ("feature_id", Utf8),
-        ("experiment_id", Utf8),
-        ("budget_namespace", Utf8),
-        ("route_name", Utf8),
-        ("requested_model_tier", Utf8),
-        ("model_tier", Utf8),
-        ("provider", Utf8),
-        ("model", Utf8),
-        ("tokens_in", Int64),
-        ("tokens_out", Int64),
-        ("estimated_cost_usd", Float64),
-        ("cost_usd", Float64),
-        ("latency_ms", Float64),
-        ("status", Utf8),
-        ("finish_reason", Utf8),
-        ("is_fallback", Boolean),
-        ("policy_decision", Utf8),
-        ("policy_id", Utf8),
-    ])
-});
+/// A table's column builders, their Arrow schema and `finish`, from one list in table order.
+macro_rules! columns {
+    ($(#[$doc:meta])* $name:ident, $schema:ident {
+        $($column:ident: $builder:ident => $ty:ident),* $(,)?
+    }) => {
+        $(#[$doc])*
+        #[derive(Default)]
+        struct $name {
+            $($column: $builder,)*
+        }
 
-/// The `decisions` table's columns, in order.
-static DECISION_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    use DataType::{Float64, Int64, Utf8};
-    schema(&[
-        ("ts_us", Int64),
-        ("request_id", Utf8),
-        ("tenant_id", Utf8),
-        ("feature_id", Utf8),
-        ("experiment_id", Utf8),
-        ("budget_namespace", Utf8),
-        ("route_name", Utf8),
-        ("decision", Utf8),
-        ("policy_id", Utf8),
-        ("primitive", Utf8),
-        ("estimated_cost_usd", Float64),
-        ("requested_model_tier", Utf8),
-        ("effective_model_tier", Utf8),
-    ])
-});
+        impl $name {
+            fn finish(&mut self) -> Vec<ArrayRef> {
+                vec![$(Arc::new(self.$column.finish()) as ArrayRef),*]
+            }
+        }
 
-#[derive(Default)]
-struct TelemetryColumns {
-    ts_us: Int64Builder,
-    request_id: StringBuilder,
-    tenant_id: StringBuilder,
-    caller_id: StringBuilder,
-    feature_id: StringBuilder,
-    experiment_id: StringBuilder,
-    budget_namespace: StringBuilder,
-    route_name: StringBuilder,
-    requested_model_tier: StringBuilder,
-    model_tier: StringBuilder,
-    provider: StringBuilder,
-    model: StringBuilder,
-    tokens_in: Int64Builder,
-    tokens_out: Int64Builder,
-    estimated_cost_usd: Float64Builder,
-    cost_usd: Float64Builder,
-    latency_ms: Float64Builder,
-    status: StringBuilder,
-    finish_reason: StringBuilder,
-    is_fallback: BooleanBuilder,
-    policy_decision: StringBuilder,
-    policy_id: StringBuilder,
+        static $schema: LazyLock<SchemaRef> =
+            LazyLock::new(|| schema(&[$((stringify!($column), DataType::$ty)),*]));
+    };
 }
+
+columns!(
+    /// The `telemetry` table's columns.
+    TelemetryColumns, TELEMETRY_SCHEMA {
+    ts_us: Int64Builder => Int64,
+    request_id: StringBuilder => Utf8,
+    tenant_id: StringBuilder => Utf8,
+    caller_id: StringBuilder => Utf8,
+    feature_id: StringBuilder => Utf8,
+    experiment_id: StringBuilder => Utf8,
+    budget_namespace: StringBuilder => Utf8,
+    route_name: StringBuilder => Utf8,
+    requested_model_tier: StringBuilder => Utf8,
+    model_tier: StringBuilder => Utf8,
+    provider: StringBuilder => Utf8,
+    model: StringBuilder => Utf8,
+    tokens_in: Int64Builder => Int64,
+    tokens_out: Int64Builder => Int64,
+    estimated_cost_usd: Float64Builder => Float64,
+    cost_usd: Float64Builder => Float64,
+    latency_ms: Float64Builder => Float64,
+    status: StringBuilder => Utf8,
+    finish_reason: StringBuilder => Utf8,
+    is_fallback: BooleanBuilder => Boolean,
+    policy_decision: StringBuilder => Utf8,
+    policy_id: StringBuilder => Utf8,
+});
+
+columns!(
+    /// The `decisions` table's columns.
+    DecisionColumns, DECISION_SCHEMA {
+    ts_us: Int64Builder => Int64,
+    request_id: StringBuilder => Utf8,
+    tenant_id: StringBuilder => Utf8,
+    feature_id: StringBuilder => Utf8,
+    experiment_id: StringBuilder => Utf8,
+    budget_namespace: StringBuilder => Utf8,
+    route_name: StringBuilder => Utf8,
+    decision: StringBuilder => Utf8,
+    policy_id: StringBuilder => Utf8,
+    primitive: StringBuilder => Utf8,
+    estimated_cost_usd: Float64Builder => Float64,
+    requested_model_tier: StringBuilder => Utf8,
+    effective_model_tier: StringBuilder => Utf8,
+});
 
 impl TelemetryColumns {
     fn push(&mut self, line: &[u8]) -> Result<(), String> {
@@ -247,50 +239,6 @@ impl TelemetryColumns {
         self.policy_id.append_option(r.policy_id);
         Ok(())
     }
-
-    fn finish(&mut self) -> Vec<ArrayRef> {
-        vec![
-            Arc::new(self.ts_us.finish()),
-            Arc::new(self.request_id.finish()),
-            Arc::new(self.tenant_id.finish()),
-            Arc::new(self.caller_id.finish()),
-            Arc::new(self.feature_id.finish()),
-            Arc::new(self.experiment_id.finish()),
-            Arc::new(self.budget_namespace.finish()),
-            Arc::new(self.route_name.finish()),
-            Arc::new(self.requested_model_tier.finish()),
-            Arc::new(self.model_tier.finish()),
-            Arc::new(self.provider.finish()),
-            Arc::new(self.model.finish()),
-            Arc::new(self.tokens_in.finish()),
-            Arc::new(self.tokens_out.finish()),
-            Arc::new(self.estimated_cost_usd.finish()),
-            Arc::new(self.cost_usd.finish()),
-            Arc::new(self.latency_ms.finish()),
-            Arc::new(self.status.finish()),
-            Arc::new(self.finish_reason.finish()),
-            Arc::new(self.is_fallback.finish()),
-            Arc::new(self.policy_decision.finish()),
-            Arc::new(self.policy_id.finish()),
-        ]
-    }
-}
-
-#[derive(Default)]
-struct DecisionColumns {
-    ts_us: Int64Builder,
-    request_id: StringBuilder,
-    tenant_id: StringBuilder,
-    feature_id: StringBuilder,
-    experiment_id: StringBuilder,
-    budget_namespace: StringBuilder,
-    route_name: StringBuilder,
-    decision: StringBuilder,
-    policy_id: StringBuilder,
-    primitive: StringBuilder,
-    estimated_cost_usd: Float64Builder,
-    requested_model_tier: StringBuilder,
-    effective_model_tier: StringBuilder,
 }
 
 impl DecisionColumns {
@@ -313,29 +261,47 @@ impl DecisionColumns {
             .append_option(r.effective_model_tier);
         Ok(())
     }
-
-    fn finish(&mut self) -> Vec<ArrayRef> {
-        vec![
-            Arc::new(self.ts_us.finish()),
-            Arc::new(self.request_id.finish()),
-            Arc::new(self.tenant_id.finish()),
-            Arc::new(self.feature_id.finish()),
-            Arc::new(self.experiment_id.finish()),
-            Arc::new(self.budget_namespace.finish()),
-            Arc::new(self.route_name.finish()),
-            Arc::new(self.decision.finish()),
-            Arc::new(self.policy_id.finish()),
-            Arc::new(self.primitive.finish()),
-            Arc::new(self.estimated_cost_usd.finish()),
-            Arc::new(self.requested_model_tier.finish()),
-            Arc::new(self.effective_model_tier.finish()),
-        ]
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrow_schemas_match_the_tables_column_for_column() {
+        let conn = duckdb::Connection::open_in_memory().unwrap();
+        conn.execute_batch(super::super::SCHEMA).unwrap();
+        for (table, schema) in [
+            ("telemetry", &*TELEMETRY_SCHEMA),
+            ("decisions", &*DECISION_SCHEMA),
+        ] {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT column_name, data_type FROM information_schema.columns \
+                     WHERE table_name = ? ORDER BY ordinal_position",
+                )
+                .unwrap();
+            let columns: Vec<(String, String)> = stmt
+                .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let arrow: Vec<(String, String)> = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let sql = match f.data_type() {
+                        DataType::Int64 => "BIGINT",
+                        DataType::Float64 => "DOUBLE",
+                        DataType::Boolean => "BOOLEAN",
+                        _ => "VARCHAR",
+                    };
+                    (f.name().clone(), sql.to_owned())
+                })
+                .collect();
+            assert_eq!(arrow, columns, "{table}");
+        }
+    }
 
     #[test]
     fn split_cuts_at_line_ends_and_covers_everything() {
