@@ -85,13 +85,14 @@ fn ingestion_skips_malformed_lines_and_leaves_the_torn_tail() {
 
 #[test]
 fn a_log_of_many_reads_is_ingested_whole_in_parallel_and_names_each_bad_line() {
-    // ~20 MiB: several 8 MiB reads, each parsed in parts on every core while the previous one
-    // is appended. Every good line lands once, every bad one is reported at its offset.
+    // ~40 MiB, a backlog large enough to go parallel: several 8 MiB reads, each parsed in parts
+    // on every core while the previous one is appended. Every good line lands once, every bad
+    // one is reported at its offset.
     let dir = tempfile::tempdir().unwrap();
     let (t, d) = (dir.path().join("t.jsonl"), dir.path().join("d.jsonl"));
     let mut text = Vec::new();
     let (mut good, mut bad_at) = (0u64, Vec::new());
-    while text.len() < 20 << 20 {
+    while text.len() < 40 << 20 {
         let i = good + bad_at.len() as u64;
         if i % 9_973 == 5 {
             bad_at.push(text.len());
@@ -132,6 +133,63 @@ fn a_log_of_many_reads_is_ingested_whole_in_parallel_and_names_each_bad_line() {
         "each line once"
     );
     assert!((total - good as f64 * 0.01).abs() < 1e-6, "{total}");
+}
+
+#[test]
+fn compaction_shrinks_the_tables_and_keeps_every_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, d) = (dir.path().join("t.jsonl"), dir.path().join("d.jsonl"));
+    let rows = llmscope::engine::COMPACT_MIN_ROWS + 1_000;
+    let mut text = String::new();
+    for i in 0..rows {
+        text.push_str(&format!(
+            "{{\"timestamp\":\"2025-11-25T10:{:02}:00Z\",\"request_id\":\"r{i}\",\"tenant_id\":\"t{}\",\"feature_id\":\"f{}\",\"route_name\":\"/r\",\"model\":\"gpt-4o\",\"cost_usd\":0.25,\"latency_ms\":{}.5,\"status\":\"ok\"}}\n",
+            i % 60,
+            i % 7,
+            i % 3,
+            i % 1000
+        ));
+    }
+    std::fs::write(&t, text).unwrap();
+    let e = SpendEngine::open(None, &t, &d).unwrap();
+    assert!(
+        !e.compact().unwrap(),
+        "nothing ingested yet: nothing to compact"
+    );
+    e.ingest().unwrap();
+    let memory = |e: &SpendEngine| -> i64 {
+        e.with_conn(|c| {
+            c.query_row(
+                "SELECT sum(memory_usage_bytes)::BIGINT FROM duckdb_memory()",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap()
+    };
+    let before = rows_of_every_question(&e);
+    assert_eq!(
+        before[0].len(),
+        7 * 3,
+        "cost by tenant and feature has every pair"
+    );
+    let raw = memory(&e);
+    assert!(e.compact().unwrap(), "{rows} rows waiting: compacted");
+    let compacted = memory(&e);
+    assert!(
+        compacted * 3 < raw,
+        "tables shrink: {raw} bytes -> {compacted} bytes"
+    );
+    assert_eq!(rows_of_every_question(&e), before, "same answers");
+    e.ingest().unwrap();
+    assert!(!e.compact().unwrap(), "nothing new: no second compaction");
+}
+
+fn rows_of_every_question(e: &SpendEngine) -> Vec<Vec<Vec<Value>>> {
+    Question::ALL
+        .iter()
+        .map(|q| rows(e, *q, QueryParams::default()))
+        .collect()
 }
 
 #[test]

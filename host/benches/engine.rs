@@ -47,6 +47,23 @@ fn main() {
     let report = engine.ingest().unwrap_or_else(|e| fail(&e.to_string()));
     let ingest_s = started.elapsed().as_secs_f64();
     let rows = report.telemetry_rows + report.decision_rows;
+    let table_mib = || {
+        engine
+            .with_conn(|c| {
+                c.query_row(
+                    "SELECT sum(memory_usage_bytes) FROM duckdb_memory()",
+                    [],
+                    |r| r.get::<_, f64>(0),
+                )
+            })
+            .unwrap_or_else(|e| fail(&e.to_string()))
+            / f64::from(1 << 20)
+    };
+    let raw_mib = table_mib();
+    let started = Instant::now();
+    engine.compact().unwrap_or_else(|e| fail(&e.to_string()));
+    let compact_s = started.elapsed().as_secs_f64();
+    let compact_mib = table_mib();
 
     let rt =
         Arc::new(PolicyRuntime::new(Limits::default()).unwrap_or_else(|e| fail(&e.to_string())));
@@ -120,6 +137,9 @@ fn main() {
         rows as f64 / ingest_s
     );
     println!(
+        "| compaction (checkpoint) after ingestion | {compact_s:.2} s: tables {raw_mib:.0} MiB -> {compact_mib:.0} MiB |"
+    );
+    println!(
         "| snapshot refresh, seed rules ({} aggregates), median of 5 | {:.1} ms |",
         aggregates.len(),
         median_of(&refresh)
@@ -130,7 +150,7 @@ fn main() {
     println!("| decision latency, seed demo namespace, p50 / p99 | {p50:.2} / {p99:.2} µs |");
     let slowest = questions.iter().map(|(_, ms)| *ms).fold(0.0, f64::max);
     println!(
-        "\nbench-result rows={} decision_p50_us={p50:.3} decision_p99_us={p99:.3} ingest_rows_per_s={:.0} refresh_ms={:.2} slowest_question_ms={slowest:.1}",
+        "\nbench-result rows={} decision_p50_us={p50:.3} decision_p99_us={p99:.3} ingest_rows_per_s={:.0} refresh_ms={:.2} slowest_question_ms={slowest:.1} compact_s={compact_s:.3} raw_mib={raw_mib:.1} compact_mib={compact_mib:.1}",
         report.telemetry_rows,
         rows as f64 / ingest_s,
         median_of(&refresh)

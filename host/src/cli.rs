@@ -325,7 +325,17 @@ fn serve(config: &Path, listen: Option<std::net::SocketAddr>) -> Result<ExitCode
                 loop {
                     tokio::time::sleep(interval).await;
                     let g = Arc::clone(&gw);
-                    match tokio::task::spawn_blocking(move || g.refresh()).await {
+                    let refreshed = tokio::task::spawn_blocking(move || {
+                        let refreshed = g.refresh();
+                        // After publishing: compaction holds the engine for a while.
+                        if refreshed.is_ok() {
+                            if let Err(e) = g.engine().compact() {
+                                tracing::warn!(error = %e, "compressing the analytics tables failed; they stay uncompressed until the next try");
+                            }
+                        }
+                        refreshed
+                    });
+                    match refreshed.await {
                         Ok(Err(e)) => tracing::error!(error = %e, "aggregate refresh failed; budgets use the last published values plus the ledger"),
                         Err(e) => tracing::error!(error = %e, "aggregate refresh task failed"),
                         Ok(Ok(_)) => {}
