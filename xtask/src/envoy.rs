@@ -268,9 +268,15 @@ pub fn run_bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<Env
     let (_with, with_url) = start_envoy(&filtered, &dir, "with-filters")?;
     let (_without, without_url) = start_envoy(&plain, &dir, "without-filters")?;
 
+    // The example takes attribution from headers only (`attribution: headers`), as set by an
+    // operator from the authenticated identity; tenant and feature in the body are ignored.
     let target = |base: &str| Target {
         url: format!("{base}/v1/chat/completions"),
-        headers: vec![("x-llmscope-budget-namespace", "demo")],
+        headers: vec![
+            ("x-llmscope-tenant-id", "bench"),
+            ("x-llmscope-feature-id", "summarize"),
+            ("x-llmscope-budget-namespace", "demo"),
+        ],
         body: load::chat_body,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -299,6 +305,16 @@ pub fn run_bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<Env
     std::thread::sleep(Duration::from_millis(500));
     let lines = count() - before;
     let _ = std::fs::remove_dir_all(&dir);
+    for (setup, stats) in [("without filters", &base), ("with the filters", &filters)] {
+        if stats.errors > 0 {
+            bail!(
+                "{} of {} requests through Envoy {setup} failed; a latency comparison would \
+                 be meaningless (run `cargo xtask envoy-demo` and curl it to see the answer)",
+                stats.errors,
+                stats.errors + stats.requests
+            );
+        }
+    }
     Ok(EnvoyResults {
         base,
         filters,
