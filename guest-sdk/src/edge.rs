@@ -224,8 +224,43 @@ pub struct ContextAnswer {
     pub tier_models: BTreeMap<String, String>,
 }
 
-/// What one rule did; serializes like the host's rule outcomes in `policy_decisions.jsonl`.
+/// The kind of a decision, without its tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    /// Allowed.
+    Allow,
+    /// Downgraded.
+    Downgrade,
+    /// Denied.
+    Deny,
+}
+
+impl DecisionKind {
+    /// `allow`, `downgrade` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Downgrade => "downgrade",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+impl From<&Decision> for DecisionKind {
+    fn from(d: &Decision) -> Self {
+        match d {
+            Decision::Allow => Self::Allow,
+            Decision::Downgrade(_) => Self::Downgrade,
+            Decision::Deny => Self::Deny,
+        }
+    }
+}
+
+/// What one rule did for one request: the `rules` entries of `policy_decisions.jsonl`, written
+/// by the host for its own evaluations and reported back in this same shape by edge filters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleOutcome {
     /// Rule id.
     pub rule_id: String,
@@ -235,8 +270,8 @@ pub struct RuleOutcome {
     pub mode: Mode,
     /// Closed or open.
     pub failure_mode: FailureMode,
-    /// `allow`, `downgrade` or `deny` (after the failure mode when the rule failed).
-    pub decision: String,
+    /// What the rule amounts to (after the failure mode when it failed).
+    pub decision: DecisionKind,
     /// Tier of a downgrade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downgrade_to: Option<String>,
@@ -293,7 +328,7 @@ pub fn decide(
         primitive: cfg.primitive.clone(),
         mode: cfg.mode,
         failure_mode: cfg.failure_mode,
-        decision: "allow".into(),
+        decision: DecisionKind::Allow,
         downgrade_to: None,
         reason: None,
         alert: None,
@@ -309,12 +344,12 @@ pub fn decide(
             outcome.facts = verdict.facts.into_iter().collect();
             match verdict.decision {
                 Decision::Downgrade(tier) => {
-                    outcome.decision = "downgrade".into();
+                    outcome.decision = DecisionKind::Downgrade;
                     outcome.downgrade_to = Some(tier.clone());
                     Action::Downgrade { tier }
                 }
                 Decision::Deny => {
-                    outcome.decision = "deny".into();
+                    outcome.decision = DecisionKind::Deny;
                     Action::Deny {
                         reason: outcome
                             .reason
@@ -330,7 +365,7 @@ pub fn decide(
             match cfg.failure_mode {
                 FailureMode::Closed => {
                     let reason = format!("policy rule {} failed and fails closed", cfg.rule_id);
-                    outcome.decision = "deny".into();
+                    outcome.decision = DecisionKind::Deny;
                     outcome.reason = Some(reason.clone());
                     Action::Deny { reason }
                 }
@@ -641,12 +676,12 @@ mod tests {
         assert_eq!(a, Action::Continue);
         let open = config(json!({"id": "r", "failure_mode": "open", "limit_usd": 1})).unwrap();
         let (o, a) = decide(&open, &req, Err("boom".into()), 1.0);
-        assert_eq!((a, o.decision.as_str()), (Action::Continue, "allow"));
+        assert_eq!((a, o.decision), (Action::Continue, DecisionKind::Allow));
         let monitor = config(json!({"id": "r", "mode": "monitor", "limit_usd": 1})).unwrap();
         let (o, a) = decide(&monitor, &req, Ok(Verdict::deny("over")), 1.0);
         assert_eq!(
-            (a, o.decision.as_str(), o.applied),
-            (Action::Continue, "deny", false)
+            (a, o.decision, o.applied),
+            (Action::Continue, DecisionKind::Deny, false)
         );
     }
 

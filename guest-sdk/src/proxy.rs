@@ -25,7 +25,9 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde_json::Value;
 
-use crate::edge::{self, ContextAnswer, ContextCall, FilterConfig, Report, RuleOutcome};
+use crate::edge::{
+    self, ContextAnswer, ContextCall, DecisionKind, FilterConfig, Report, RuleOutcome,
+};
 use crate::types::RequestContext;
 use crate::Policy;
 
@@ -304,7 +306,11 @@ impl<P: Policy> Filter<P> {
             primitive: cfg.primitive.clone(),
             mode: cfg.mode,
             failure_mode: cfg.host.on_unavailable,
-            decision: if open { "allow" } else { "deny" }.into(),
+            decision: if open {
+                DecisionKind::Allow
+            } else {
+                DecisionKind::Deny
+            },
             downgrade_to: None,
             reason: (!open).then(|| format!("policy host unavailable for rule {}", cfg.rule_id)),
             alert: None,
@@ -404,8 +410,10 @@ impl<P: Policy> Filter<P> {
             .rev()
             .find(|o| o.applied && o.downgrade_to.is_some())
             .and_then(|o| o.downgrade_to.clone());
-        let local_reply =
-            self.state.local_reply || outcomes.iter().any(|o| o.applied && o.decision == "deny");
+        let local_reply = self.state.local_reply
+            || outcomes
+                .iter()
+                .any(|o| o.applied && o.decision == DecisionKind::Deny);
         let (usage, finish_reason) = if local_reply {
             (None, None)
         } else {

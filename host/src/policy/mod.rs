@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use llmscope_sdk::types::{Aggregate, Decision, RequestContext, Verdict};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
 pub use config::{is_component_file, ConfigError, FailureMode, Mode, Problem};
+pub use llmscope_sdk::edge::{DecisionKind, RuleOutcome};
 pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots, StaticValue};
 
 /// The namespace used when a request names none, or one that is not configured.
@@ -110,74 +111,6 @@ impl Namespace {
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
-}
-
-/// The kind of a decision, without its tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecisionKind {
-    /// Allowed.
-    Allow,
-    /// Downgraded.
-    Downgrade,
-    /// Denied.
-    Deny,
-}
-
-impl DecisionKind {
-    fn of(d: &Decision) -> Self {
-        match d {
-            Decision::Allow => Self::Allow,
-            Decision::Downgrade(_) => Self::Downgrade,
-            Decision::Deny => Self::Deny,
-        }
-    }
-
-    /// `allow`, `downgrade` or `deny`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Allow => "allow",
-            Self::Downgrade => "downgrade",
-            Self::Deny => "deny",
-        }
-    }
-}
-
-/// What one rule did for one request. Edge filters report the same shape back to the host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleOutcome {
-    /// Rule id.
-    pub rule_id: String,
-    /// Primitive.
-    pub primitive: String,
-    /// Enforce or monitor.
-    pub mode: Mode,
-    /// Closed or open.
-    pub failure_mode: FailureMode,
-    /// What the rule amounts to (after the failure mode when it failed).
-    pub decision: DecisionKind,
-    /// Tier, when the decision is a downgrade.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub downgrade_to: Option<String>,
-    /// The rule's reason.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// The rule's alert.
-    #[serde(default)]
-    pub alert: Option<String>,
-    /// Facts the rule reported.
-    #[serde(default)]
-    pub facts: BTreeMap<String, f64>,
-    /// The failure, when the rule failed.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Whether this rule's decision was applied (enforce mode and it decided the request).
-    #[serde(default)]
-    pub applied: bool,
-    /// Time spent evaluating the rule, in microseconds.
-    #[serde(default)]
-    pub eval_us: f64,
 }
 
 /// The combined decision for a request.
@@ -363,7 +296,7 @@ fn outcome(
         Ok(verdict) => {
             let decision = verdict.decision;
             RuleOutcome {
-                decision: DecisionKind::of(&decision),
+                decision: DecisionKind::from(&decision),
                 downgrade_to: match decision {
                     Decision::Downgrade(tier) => Some(tier),
                     _ => None,
