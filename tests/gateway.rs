@@ -8,7 +8,7 @@
     reason = "integration tests: a failed unwrap or panic is a failed test"
 )]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llmscope_tests::gateway::{read_jsonl, Gateway, Options};
 use serde_json::{json, Value};
@@ -650,7 +650,7 @@ async fn every_model_failing_is_a_502_with_the_failure_logged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_in_flight_requests_and_flushes_logs() {
     let mut opts = Options::new("version: \"1\"\nnamespaces:\n  default:\n    rules: []\n");
-    opts.mock_latency_ms = 700;
+    opts.mock_latency_ms = 1_500;
     let mut gw = Gateway::start(&opts);
     let url = gw.at("/infer");
     let inflight = tokio::spawn(async move {
@@ -660,7 +660,22 @@ async fn sigterm_drains_in_flight_requests_and_flushes_logs() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM only once the request is in flight (its reservation is in the ledger), however
+    // slowly this machine got it there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = reqwest::get(gw.at("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("\nllmscope_ledger_buckets 1\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request never got in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (status, stderr) = tokio::task::block_in_place(|| gw.stop());
     assert!(status.success(), "{stderr}");
     let (s, b) = inflight.await.unwrap();
