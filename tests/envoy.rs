@@ -551,6 +551,18 @@ async fn the_example_config_chains_the_seed_namespace() {
     assert_eq!(d[0]["decision"], "downgrade");
     // The later filters priced the request at the tier the earlier one chose.
     assert_eq!(d[0]["rules"][2]["decision"], "allow");
+    // Two host round trips, not three: route_preference declares no aggregates and evaluated on
+    // the budget filter's answer (same tier); cost_anomaly asked again at the downgraded tier.
+    let metrics = reqwest::get(gw.at("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("llmscope_edge_calls_total{endpoint=\"context\"} 2\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

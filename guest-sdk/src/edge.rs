@@ -213,7 +213,7 @@ pub struct ContextCall<'a> {
 }
 
 /// The host's answer to a context call.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContextAnswer {
     /// The priced request.
     pub request: RequestContext,

@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::edge::{
     self, ContextAnswer, ContextCall, DecisionKind, FilterConfig, Report, RuleOutcome,
 };
-use crate::types::RequestContext;
+use crate::types::{RequestContext, Snapshot};
 use crate::Policy;
 
 /// Filter-state key holding the chain's request id.
@@ -38,6 +38,10 @@ const REQUEST_ID_PROPERTY: &str = "llmscope_request_id";
 const TIER_PROPERTY: &str = "llmscope_tier";
 /// Filter-state key holding the JSON array of rule outcomes.
 const OUTCOMES_PROPERTY: &str = "llmscope_outcomes";
+/// Filter-state key holding the last host answer of the chain (priced request and tier models,
+/// no snapshot): a later filter whose rule declares no aggregates evaluates on it instead of
+/// calling the host again, as long as the tier it was priced at is still the tier.
+const CONTEXT_PROPERTY: &str = "llmscope_context";
 /// Response bytes kept for usage extraction (the tail is kept when longer).
 const MAX_RESPONSE_CAPTURE: usize = 1 << 20;
 /// Reports waiting to be sent, per worker; the oldest is dropped beyond this.
@@ -338,6 +342,28 @@ impl<P: Policy> Filter<P> {
         self.set_property(vec![TIER_PROPERTY], Some(tier.as_bytes()));
     }
 
+    /// Keep `answer`'s priced request for the chain's later filters (see [`CONTEXT_PROPERTY`]).
+    fn share_context(&self, answer: &ContextAnswer) {
+        let shared = ContextAnswer {
+            snapshot: Snapshot::default(),
+            ..answer.clone()
+        };
+        if let Ok(bytes) = serde_json::to_vec(&shared) {
+            self.set_property(vec![CONTEXT_PROPERTY], Some(&bytes));
+        }
+    }
+
+    /// An earlier filter's host answer, when this rule needs no aggregates and the request is
+    /// still at the tier that answer priced.
+    fn shared_context(&self, cfg: &FilterConfig, tier: Option<&str>) -> Option<ContextAnswer> {
+        if !cfg.aggregates.is_empty() {
+            return None;
+        }
+        let answer: ContextAnswer =
+            serde_json::from_slice(&self.get_property(vec![CONTEXT_PROPERTY])?).ok()?;
+        (Some(answer.request.requested_tier.as_str()) == tier).then_some(answer)
+    }
+
     fn mark_dispatch(&mut self) {
         if self.state.owner {
             self.state.dispatched_at = Some(self.get_current_time());
@@ -475,7 +501,10 @@ impl<P: Policy> Context for Filter<P> {
                 "no answer within {timeout} ms or the connection failed"
             )),
             Some(200) => match serde_json::from_slice::<ContextAnswer>(&body) {
-                Ok(answer) => self.apply(answer),
+                Ok(answer) => {
+                    self.share_context(&answer);
+                    self.apply(answer)
+                }
                 Err(e) => self.host_unavailable(format!("unreadable context answer: {e}")),
             },
             Some(s)
@@ -578,11 +607,19 @@ impl<P: Policy> HttpContext for Filter<P> {
         };
         self.state.chat = edge::is_chat(&body);
         // An earlier filter of the chain may have downgraded the request.
-        if let Some(tier) = self
+        let tier = self
             .get_property(vec![TIER_PROPERTY])
             .and_then(|b| String::from_utf8(b).ok())
-            .filter(|t| !t.is_empty())
-        {
+            .filter(|t| !t.is_empty());
+        if let Some(answer) = self.shared_context(&cfg, tier.as_deref()) {
+            self.state.body = Some(body);
+            return if self.apply(answer) {
+                Action::Continue
+            } else {
+                Action::Pause
+            };
+        }
+        if let Some(tier) = tier {
             self.state
                 .headers
                 .insert(edge::TIER_HEADER.to_owned(), tier);

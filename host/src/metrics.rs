@@ -19,6 +19,7 @@ struct Inner {
     fallbacks: BTreeMap<String, u64>,
     rule_errors: BTreeMap<String, u64>,
     reloads: BTreeMap<String, u64>,
+    edge_calls: BTreeMap<String, u64>,
     eval_buckets: [u64; EVAL_BUCKETS.len()],
     eval_count: u64,
     eval_sum: f64,
@@ -89,6 +90,16 @@ impl Metrics {
         m.last_refresh_seconds = seconds;
         m.ingested_rows += rows;
         m.malformed_lines += malformed;
+    }
+
+    /// Count a call from an Envoy filter (`context` or `report`).
+    pub fn edge_call(&self, endpoint: &str) {
+        *self
+            .inner
+            .lock()
+            .edge_calls
+            .entry(endpoint.to_owned())
+            .or_default() += 1;
     }
 
     /// Count a policy reload attempt (`ok` or `failed`).
@@ -169,6 +180,12 @@ impl Metrics {
                 "result",
                 "Policy reload attempts by result.",
                 &m.reloads,
+            ),
+            (
+                "llmscope_edge_calls_total",
+                "endpoint",
+                "Calls from Envoy filters by endpoint (context, report).",
+                &m.edge_calls,
             ),
         ] {
             family(&mut out, name, "counter", help);

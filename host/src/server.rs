@@ -142,11 +142,17 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
             Err(resp) => resp,
         },
         (Method::POST, "/v1/edge/context") => match authorize(gw, req.headers(), Some("*")) {
-            Ok(()) => edge_context(gw, req).await,
+            Ok(()) => {
+                gw.metrics().edge_call("context");
+                edge_context(gw, req).await
+            }
             Err(resp) => resp,
         },
         (Method::POST, "/v1/edge/report") => match authorize(gw, req.headers(), Some("*")) {
-            Ok(()) => edge_report(gw, req).await,
+            Ok(()) => {
+                gw.metrics().edge_call("report");
+                edge_report(gw, req).await
+            }
             Err(resp) => resp,
         },
         (Method::GET, "/v1/snapshot") => {

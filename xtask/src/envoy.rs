@@ -208,7 +208,7 @@ pub fn bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<()> {
         "\nEnvoy filter chain: POST /v1/chat/completions through Envoy 1.40 (V8, 1 worker) to"
     );
     println!("llmscope mock-upstream at 0 ms; {rate:.0} rps open loop, {connections} connections, {seconds} s per row;");
-    println!("the chain is examples/envoy/envoy.yaml (3 filters, 3 host context calls + 1 report per request);");
+    println!("the chain is examples/envoy/envoy.yaml (3 filters; 2 host context calls (route_preference reuses the first answer) + 1 report per request);");
     println!("host, upstream, both Envoys and the load generator share the same 2 cores.\n");
     println!("| setup | requests | errors | p50 (ms) | p99 (ms) |");
     println!("|---|---|---|---|---|");
