@@ -553,12 +553,7 @@ async fn the_example_config_chains_the_seed_namespace() {
     assert_eq!(d[0]["rules"][2]["decision"], "allow");
     // Two host round trips, not three: route_preference declares no aggregates and evaluated on
     // the budget filter's answer (same tier); cost_anomaly asked again at the downgraded tier.
-    let metrics = reqwest::get(gw.at("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("llmscope_edge_calls_total{endpoint=\"context\"} 2\n"),
         "{metrics}"

@@ -226,14 +226,7 @@ async fn a_full_disk_refuses_requests_with_503_and_shows_in_readyz_and_metrics()
     assert_eq!(ready.status().as_u16(), 503);
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(ready["logs_writable"], false);
-    let metrics = client
-        .get(gw.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("llmscope_logs_writable 0"), "{metrics}");
 }
 

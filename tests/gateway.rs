@@ -440,12 +440,7 @@ async fn hot_reload_adds_rejects_and_fixes_policies_without_a_restart() {
     // Break it: rejected, the previous set keeps serving.
     std::fs::write(&gw.policy_file, "version: \"v3\"\nnamespaces:\n  default:\n    rules:\n      - {id: max-req, primitive: max_request_cost, max_usd: -1}\n").unwrap();
     wait_for("the failed reload to be counted", async || {
-        let m = reqwest::get(gw.at("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = gw.metrics().await;
         m.contains("llmscope_policy_reloads_total{result=\"failed\"}")
     })
     .await;
@@ -664,12 +659,7 @@ async fn sigterm_drains_in_flight_requests_and_flushes_logs() {
     // slowly this machine got it there.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let metrics = reqwest::get(gw.at("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = gw.metrics().await;
         if metrics.contains("\nllmscope_ledger_buckets 1\n") {
             break;
         }
@@ -712,12 +702,7 @@ async fn health_readiness_metrics_and_policies() {
     assert_eq!(health["status"], "ok");
     let ready = reqwest::get(gw.at("/readyz")).await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
-    let metrics = reqwest::get(gw.at("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("llmscope_requests_total{route=\"/answer-routed\",decision=\"deny\"} 1"),
         "{metrics}"

@@ -277,6 +277,16 @@ providers:
             format!("{}{path}", self.url)
         }
 
+        /// The text of `GET /metrics`.
+        pub async fn metrics(&self) -> String {
+            let resp = reqwest::get(self.at("/metrics"))
+                .await
+                .unwrap_or_else(|e| fail(&format!("GET /metrics: {e}")));
+            resp.text()
+                .await
+                .unwrap_or_else(|e| fail(&format!("GET /metrics body: {e}")))
+        }
+
         /// SIGTERM and wait; returns the exit status and stderr. The temp dir (and the logs in
         /// it) stay until the gateway is dropped.
         pub fn stop(&mut self) -> (std::process::ExitStatus, String) {
