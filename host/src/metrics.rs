@@ -30,6 +30,11 @@ struct Inner {
     malformed_lines: u64,
 }
 
+/// Add one to the counter of `key`.
+fn bump(counters: &mut BTreeMap<String, u64>, key: &str) {
+    *counters.entry(key.to_owned()).or_default() += 1;
+}
+
 /// The gateway's metrics.
 #[derive(Default)]
 pub struct Metrics {
@@ -58,7 +63,7 @@ impl Metrics {
         m.eval_count += 1;
         m.eval_sum += seconds;
         for rule in rule_errors {
-            *m.rule_errors.entry((*rule).to_owned()).or_default() += 1;
+            bump(&mut m.rule_errors, rule);
         }
     }
 
@@ -74,12 +79,7 @@ impl Metrics {
 
     /// Count a request answered by a fallback model.
     pub fn fallback(&self, route: &str) {
-        *self
-            .inner
-            .lock()
-            .fallbacks
-            .entry(route.to_owned())
-            .or_default() += 1;
+        bump(&mut self.inner.lock().fallbacks, route);
     }
 
     /// Observe one ingest + aggregate refresh.
@@ -94,22 +94,12 @@ impl Metrics {
 
     /// Count a call from an Envoy filter (`context` or `report`).
     pub fn edge_call(&self, endpoint: &str) {
-        *self
-            .inner
-            .lock()
-            .edge_calls
-            .entry(endpoint.to_owned())
-            .or_default() += 1;
+        bump(&mut self.inner.lock().edge_calls, endpoint);
     }
 
     /// Count a policy reload attempt (`ok` or `failed`).
     pub fn reload(&self, result: &str) {
-        *self
-            .inner
-            .lock()
-            .reloads
-            .entry(result.to_owned())
-            .or_default() += 1;
+        bump(&mut self.inner.lock().reloads, result);
     }
 
     /// Render in the Prometheus text format; `gauges` (name, help, value) are appended.
