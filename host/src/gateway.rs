@@ -167,6 +167,25 @@ pub struct Gateway {
     pub(crate) edge: crate::edge::EdgeState,
     /// SHA-256 of each configured API key, in `config.api_keys` order.
     key_digests: Vec<[u8; 32]>,
+    /// Requests inside [`Gateway::handle`] right now.
+    in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a request in [`Gateway::handle`] until dropped (also when the client goes away and
+/// the request's future is dropped).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a std::sync::atomic::AtomicU64) -> Self {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Why the gateway could not start.
@@ -259,6 +278,7 @@ impl Gateway {
             metrics: Metrics::default(),
             started: Instant::now(),
             key_digests,
+            in_flight: std::sync::atomic::AtomicU64::new(0),
             edge: crate::edge::EdgeState::default(),
         });
         // Budgets see history from the first request on.
@@ -309,6 +329,11 @@ impl Gateway {
             }
         }
         matched
+    }
+
+    /// Requests being handled right now (priced, evaluated, at the provider or being logged).
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The analytics engine (for the cost questions).
@@ -536,6 +561,7 @@ impl Gateway {
 
     /// Process one request through the whole lifecycle.
     pub async fn handle(&self, inf: Inference) -> Result<Outcome, GatewayError> {
+        let _in_flight = InFlight::enter(&self.in_flight);
         let cfg = &self.config;
         let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
         let policies = self.policies();

@@ -220,6 +220,11 @@ fn metrics(gw: &Gateway) -> Response<Body> {
             if gw.logs_healthy() { 1.0 } else { 0.0 },
         ),
         (
+            "llmscope_requests_in_flight",
+            "Requests being handled (policy, provider call, logging).",
+            gw.in_flight() as f64,
+        ),
+        (
             "llmscope_ledger_buckets",
             "Dimension tuples with in-flight or unsettled money.",
             buckets as f64,
