@@ -241,23 +241,9 @@ pub fn run_bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<Env
     let dir = std::env::temp_dir().join(format!("llmscope-bench-envoy-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // The host's own rules do not run for edge requests; the seed file keeps it valid.
-    let policy = root.join("examples/policy.yaml");
-    let config = std::fs::read_to_string(root.join("examples/llmscope.yaml"))?
-        .replace("file: policy.yaml", &format!("file: {}", policy.display()))
-        .replace(
-            "policies_dir: ../policies",
-            &format!("policies_dir: {}", root.join("policies").display()),
-        )
-        .replace("hot_reload: true", "hot_reload: false");
-    let config_path = dir.join("llmscope.yaml");
-    std::fs::write(&config_path, config)?;
-    let mut host = Command::new(bin);
-    host.args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config_path)
-        .env("TELEMETRY_PATH", dir.join("telemetry.jsonl"))
-        .env("DECISIONS_PATH", dir.join("policy_decisions.jsonl"))
-        .env("LLMSCOPE_LOG", "error");
-    let (_host, host_url) = start_announcing(host, "llmscope listening on ")?;
+    let config_path = load::gateway_config(root, &dir, &root.join("examples/policy.yaml"))?;
+    let (host, host_url) = load::spawn_gateway(bin, &config_path, &dir)?;
+    let _host = Proc(host);
     let mut upstream = Command::new(bin);
     upstream.args(["mock-upstream", "--listen", "127.0.0.1:0"]);
     let (_upstream, upstream_url) = start_announcing(upstream, "mock upstream listening on ")?;

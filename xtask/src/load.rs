@@ -227,6 +227,12 @@ pub fn bench_config(root: &Path, dir: &Path) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir)?;
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, BENCH_POLICY)?;
+    gateway_config(root, dir, &policy)
+}
+
+/// Write `dir/llmscope.yaml`: the example gateway config with `policy` as its policy file, the
+/// repository's components and no hot reload; returns its path.
+pub fn gateway_config(root: &Path, dir: &Path, policy: &Path) -> Result<std::path::PathBuf> {
     let example = std::fs::read_to_string(root.join("examples/llmscope.yaml"))?;
     let config = example
         .replace("file: policy.yaml", &format!("file: {}", policy.display()))
