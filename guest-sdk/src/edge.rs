@@ -295,6 +295,67 @@ pub struct RuleOutcome {
     pub eval_us: f64,
 }
 
+impl RuleOutcome {
+    /// The outcome of one rule's checked result (see [`Verdict::checked`]): the verdict's
+    /// decision, reason, alert and facts; or, when the rule failed, the error with the failure
+    /// mode applied (`closed`: deny, with a reason naming the rule; `open`: allow). `applied`
+    /// starts false: whether the rule acts depends on its mode and on the other rules.
+    pub fn of(
+        rule_id: &str,
+        primitive: &str,
+        mode: Mode,
+        failure_mode: FailureMode,
+        checked: Result<Verdict, String>,
+        eval_us: f64,
+    ) -> Self {
+        let base = Self {
+            rule_id: rule_id.to_owned(),
+            primitive: primitive.to_owned(),
+            mode,
+            failure_mode,
+            decision: DecisionKind::Allow,
+            downgrade_to: None,
+            reason: None,
+            alert: None,
+            facts: BTreeMap::new(),
+            error: None,
+            applied: false,
+            eval_us,
+        };
+        match checked {
+            Ok(verdict) => {
+                let decision = verdict.decision;
+                Self {
+                    decision: DecisionKind::from(&decision),
+                    downgrade_to: match decision {
+                        Decision::Downgrade(tier) => Some(tier),
+                        _ => None,
+                    },
+                    reason: verdict.reason,
+                    alert: verdict.alert,
+                    facts: verdict.facts.into_iter().collect(),
+                    ..base
+                }
+            }
+            Err(error) => {
+                let (decision, reason) = match failure_mode {
+                    FailureMode::Closed => (
+                        DecisionKind::Deny,
+                        Some(format!("policy rule {rule_id} failed and fails closed")),
+                    ),
+                    FailureMode::Open => (DecisionKind::Allow, None),
+                };
+                Self {
+                    decision,
+                    reason,
+                    error: Some(error),
+                    ..base
+                }
+            }
+        }
+    }
+}
+
 /// What the filter does with the request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
@@ -322,56 +383,23 @@ pub fn decide(
     result: Result<Verdict, String>,
     eval_us: f64,
 ) -> (RuleOutcome, Action) {
-    let checked = result.and_then(|v| v.checked(request));
-    let mut outcome = RuleOutcome {
-        rule_id: cfg.rule_id.clone(),
-        primitive: cfg.primitive.clone(),
-        mode: cfg.mode,
-        failure_mode: cfg.failure_mode,
-        decision: DecisionKind::Allow,
-        downgrade_to: None,
-        reason: None,
-        alert: None,
-        facts: BTreeMap::new(),
-        error: None,
-        applied: false,
+    let mut outcome = RuleOutcome::of(
+        &cfg.rule_id,
+        &cfg.primitive,
+        cfg.mode,
+        cfg.failure_mode,
+        result.and_then(|v| v.checked(request)),
         eval_us,
-    };
-    let action = match checked {
-        Ok(verdict) => {
-            outcome.reason = verdict.reason;
-            outcome.alert = verdict.alert;
-            outcome.facts = verdict.facts.into_iter().collect();
-            match verdict.decision {
-                Decision::Downgrade(tier) => {
-                    outcome.decision = DecisionKind::Downgrade;
-                    outcome.downgrade_to = Some(tier.clone());
-                    Action::Downgrade { tier }
-                }
-                Decision::Deny => {
-                    outcome.decision = DecisionKind::Deny;
-                    Action::Deny {
-                        reason: outcome
-                            .reason
-                            .clone()
-                            .unwrap_or_else(|| "denied by policy".into()),
-                    }
-                }
-                _ => Action::Continue,
-            }
-        }
-        Err(error) => {
-            outcome.error = Some(error);
-            match cfg.failure_mode {
-                FailureMode::Closed => {
-                    let reason = format!("policy rule {} failed and fails closed", cfg.rule_id);
-                    outcome.decision = DecisionKind::Deny;
-                    outcome.reason = Some(reason.clone());
-                    Action::Deny { reason }
-                }
-                FailureMode::Open => Action::Continue,
-            }
-        }
+    );
+    let action = match (outcome.decision, &outcome.downgrade_to) {
+        (DecisionKind::Downgrade, Some(tier)) => Action::Downgrade { tier: tier.clone() },
+        (DecisionKind::Deny, _) => Action::Deny {
+            reason: outcome
+                .reason
+                .clone()
+                .unwrap_or_else(|| "denied by policy".into()),
+        },
+        _ => Action::Continue,
     };
     if cfg.mode == Mode::Monitor {
         return (outcome, Action::Continue);

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use llmscope_sdk::types::{Aggregate, Decision, RequestContext, Verdict};
+use llmscope_sdk::types::{Aggregate, RequestContext, Verdict};
 use serde::Serialize;
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
@@ -278,50 +278,15 @@ fn outcome(
     let checked = result
         .map_err(|e| e.to_string())
         .and_then(|verdict| verdict.checked(request));
-    let base = RuleOutcome {
-        rule_id: rule.id.clone(),
-        primitive: rule.primitive.clone(),
-        mode: rule.mode,
-        failure_mode: rule.failure_mode,
-        decision: DecisionKind::Allow,
-        downgrade_to: None,
-        reason: None,
-        alert: None,
-        facts: BTreeMap::new(),
-        error: None,
-        applied: false,
-        eval_us,
-    };
-    match checked {
-        Ok(verdict) => {
-            let decision = verdict.decision;
-            RuleOutcome {
-                decision: DecisionKind::from(&decision),
-                downgrade_to: match decision {
-                    Decision::Downgrade(tier) => Some(tier),
-                    _ => None,
-                },
-                reason: verdict.reason,
-                alert: verdict.alert,
-                facts: verdict.facts.into_iter().collect(),
-                ..base
-            }
-        }
-        Err(error) => {
-            tracing::warn!(rule = %rule.id, primitive = %rule.primitive, %error, "policy rule failed");
-            let (decision, reason) = match rule.failure_mode {
-                FailureMode::Closed => (
-                    DecisionKind::Deny,
-                    Some(format!("policy rule {} failed and fails closed", rule.id)),
-                ),
-                FailureMode::Open => (DecisionKind::Allow, None),
-            };
-            RuleOutcome {
-                decision,
-                reason,
-                error: Some(error),
-                ..base
-            }
-        }
+    if let Err(error) = &checked {
+        tracing::warn!(rule = %rule.id, primitive = %rule.primitive, %error, "policy rule failed");
     }
+    RuleOutcome::of(
+        &rule.id,
+        &rule.primitive,
+        rule.mode,
+        rule.failure_mode,
+        checked,
+        eval_us,
+    )
 }
