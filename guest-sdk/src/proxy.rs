@@ -38,9 +38,9 @@ const REQUEST_ID_PROPERTY: &str = "llmscope_request_id";
 const TIER_PROPERTY: &str = "llmscope_tier";
 /// Filter-state key holding the JSON array of rule outcomes.
 const OUTCOMES_PROPERTY: &str = "llmscope_outcomes";
-/// Filter-state key holding the last host answer of the chain (priced request and tier models,
-/// no snapshot): a later filter whose rule declares no aggregates evaluates on it instead of
-/// calling the host again, as long as the tier it was priced at is still the tier.
+/// Filter-state key holding the last host answer of the chain (the JSON as received): a later
+/// filter whose rule declares no aggregates evaluates on its priced request instead of calling
+/// the host again, as long as the tier it was priced at is still the tier.
 const CONTEXT_PROPERTY: &str = "llmscope_context";
 /// Response bytes kept for usage extraction (the tail is kept when longer).
 const MAX_RESPONSE_CAPTURE: usize = 1 << 20;
@@ -342,25 +342,16 @@ impl<P: Policy> Filter<P> {
         self.set_property(vec![TIER_PROPERTY], Some(tier.as_bytes()));
     }
 
-    /// Keep `answer`'s priced request for the chain's later filters (see [`CONTEXT_PROPERTY`]).
-    fn share_context(&self, answer: &ContextAnswer) {
-        let shared = ContextAnswer {
-            snapshot: Snapshot::default(),
-            ..answer.clone()
-        };
-        if let Ok(bytes) = serde_json::to_vec(&shared) {
-            self.set_property(vec![CONTEXT_PROPERTY], Some(&bytes));
-        }
-    }
-
-    /// An earlier filter's host answer, when this rule needs no aggregates and the request is
-    /// still at the tier that answer priced.
+    /// An earlier filter's host answer (kept as received, see [`CONTEXT_PROPERTY`]), when this
+    /// rule needs no aggregates and the request is still at the tier that answer priced. The
+    /// earlier rule's aggregate values are dropped: this rule declared none.
     fn shared_context(&self, cfg: &FilterConfig, tier: Option<&str>) -> Option<ContextAnswer> {
         if !cfg.aggregates.is_empty() {
             return None;
         }
-        let answer: ContextAnswer =
+        let mut answer: ContextAnswer =
             serde_json::from_slice(&self.get_property(vec![CONTEXT_PROPERTY])?).ok()?;
+        answer.snapshot = Snapshot::default();
         (Some(answer.request.requested_tier.as_str()) == tier).then_some(answer)
     }
 
@@ -502,7 +493,8 @@ impl<P: Policy> Context for Filter<P> {
             )),
             Some(200) => match serde_json::from_slice::<ContextAnswer>(&body) {
                 Ok(answer) => {
-                    self.share_context(&answer);
+                    // For the chain's later filters: the answer as received, no re-encoding.
+                    self.set_property(vec![CONTEXT_PROPERTY], Some(&body));
                     self.apply(answer)
                 }
                 Err(e) => self.host_unavailable(format!("unreadable context answer: {e}")),
