@@ -212,7 +212,7 @@ pub struct ContextCall<'a> {
     pub attribution: Attribution,
 }
 
-/// The host's answer to a context call.
+/// The host's answer to a context call (`POST /v1/edge/context`); the host serializes this type.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContextAnswer {
     /// The priced request.
@@ -483,8 +483,9 @@ pub fn bad_request_body(chat: bool, message: &str) -> String {
     }
 }
 
-/// Token usage found in a response.
+/// Token usage found in a response; reported to the host, which reads it strictly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Usage {
     /// Input tokens.
     pub tokens_in: u32,

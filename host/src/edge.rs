@@ -22,9 +22,10 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use llmscope_sdk::edge::Attribution;
-use llmscope_sdk::types::{Aggregate, RequestContext, Snapshot};
+pub use llmscope_sdk::edge::{ContextAnswer, Usage};
+use llmscope_sdk::types::{Aggregate, RequestContext};
 use parking_lot::{Mutex, RwLock};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::artifacts::{rfc3339, DecisionRecord, TelemetryRecord, WriteError};
@@ -79,27 +80,6 @@ const IDENTITY_FIELDS: [&str; 5] = [
     "experiment_id",
     "budget_namespace",
 ];
-
-/// `POST /v1/edge/context` answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ContextAnswer {
-    /// The priced request, as the host's own rules would see it.
-    pub request: RequestContext,
-    /// Values of the declared aggregates, in declaration order.
-    pub snapshot: Snapshot,
-    /// The model name the upstream expects for each tier of the route.
-    pub tier_models: BTreeMap<String, String>,
-}
-
-/// Token usage the upstream reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Usage {
-    /// Input tokens billed.
-    pub tokens_in: u32,
-    /// Output tokens billed.
-    pub tokens_out: u32,
-}
 
 /// `POST /v1/edge/report` body.
 #[derive(Debug, Clone, Deserialize)]
