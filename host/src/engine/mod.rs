@@ -303,7 +303,7 @@ impl SpendEngine {
         // a failure (or a crash with `duckdb_path`) never ingests a line twice.
         conn.execute_batch("BEGIN TRANSACTION")?;
         let pending = len - cursor.offset;
-        let appended = self.append_from(&conn, kind, file, pending, path, &mut cursor, report);
+        let appended = append_from(&conn, kind, file, pending, path, &mut cursor, report);
         match appended {
             Ok(_) => conn.execute_batch("COMMIT")?,
             Err(_) => {
@@ -318,98 +318,6 @@ impl SpendEngine {
             tracing::warn!(file = %path.display(), skipped = report.malformed.len(), first = %report.malformed[0], "malformed log lines skipped");
         }
         self.cursors.lock().insert(kind.key(), cursor);
-        Ok(rows)
-    }
-
-    /// Append the lines of `file` from `cursor.offset` on (about `pending` bytes). For a large
-    /// backlog a thread reads and parses (on every core) while this one appends, so parsing the
-    /// next read overlaps appending this one; a smaller increment (the usual refresh) is read
-    /// and parsed here. Advances `cursor` past the last complete line and stores it with the rows.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "private helper of ingest_file, which owns every argument"
-    )]
-    fn append_from(
-        &self,
-        conn: &Connection,
-        kind: Kind,
-        file: File,
-        pending: u64,
-        path: &Path,
-        cursor: &mut Cursor,
-        report: &mut IngestReport,
-    ) -> Result<u64, EngineError> {
-        let table = kind.key();
-        let mut appender = conn.appender(table)?;
-        let mut rows = 0u64;
-        let mut append = |parts: std::io::Result<Vec<batch::Parsed>>| -> Result<(), EngineError> {
-            let parts = parts.map_err(|source| EngineError::Io {
-                path: path.into(),
-                source,
-            })?;
-            for parsed in parts {
-                let n = parsed.batch.num_rows();
-                if n > 0 {
-                    appender.append_record_batch(parsed.batch)?;
-                    rows += n as u64;
-                }
-                for m in parsed.malformed {
-                    cursor.malformed += 1;
-                    if report.malformed.len() < 100 {
-                        report.malformed.push(format!(
-                            "{}:{}: {}",
-                            path.display(),
-                            m.offset,
-                            m.why
-                        ));
-                    }
-                }
-            }
-            Ok(())
-        };
-        let start = cursor.offset;
-        let end = if pending < PARALLEL_MIN_BYTES {
-            let mut failed = None;
-            let end = read_and_parse(file, kind, start, pending, 1, |parts| match append(parts) {
-                Ok(()) => true,
-                Err(e) => {
-                    failed = Some(e);
-                    false
-                }
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            end
-        } else {
-            let (tx, rx) = std::sync::mpsc::sync_channel(2);
-            std::thread::scope(|s| -> Result<u64, EngineError> {
-                let reader = s.spawn(move || {
-                    let threads = batch::threads();
-                    read_and_parse(file, kind, start, pending, threads, |parts| {
-                        tx.send(parts).is_ok()
-                    })
-                });
-                for parts in &rx {
-                    append(parts)?;
-                }
-                Ok(reader
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            })?
-        };
-        appender.flush()?;
-        drop(appender);
-        cursor.offset = end;
-        conn.execute(
-            "INSERT OR REPLACE INTO llmscope_ingest VALUES (?, ?, ?, ?)",
-            params![
-                table,
-                i64::try_from(cursor.offset).unwrap_or(i64::MAX),
-                cursor.head,
-                i64::try_from(cursor.malformed).unwrap_or(i64::MAX)
-            ],
-        )?;
         Ok(rows)
     }
 
@@ -484,6 +392,90 @@ impl SpendEngine {
             tables,
         })
     }
+}
+
+/// Append the lines of `file` from `cursor.offset` on (about `pending` bytes). For a large
+/// backlog a thread reads and parses (on every core) while this one appends, so parsing the
+/// next read overlaps appending this one; a smaller increment (the usual refresh) is read
+/// and parsed here. Advances `cursor` past the last complete line and stores it with the rows.
+fn append_from(
+    conn: &Connection,
+    kind: Kind,
+    file: File,
+    pending: u64,
+    path: &Path,
+    cursor: &mut Cursor,
+    report: &mut IngestReport,
+) -> Result<u64, EngineError> {
+    let table = kind.key();
+    let mut appender = conn.appender(table)?;
+    let mut rows = 0u64;
+    let mut append = |parts: std::io::Result<Vec<batch::Parsed>>| -> Result<(), EngineError> {
+        let parts = parts.map_err(|source| EngineError::Io {
+            path: path.into(),
+            source,
+        })?;
+        for parsed in parts {
+            let n = parsed.batch.num_rows();
+            if n > 0 {
+                appender.append_record_batch(parsed.batch)?;
+                rows += n as u64;
+            }
+            for m in parsed.malformed {
+                cursor.malformed += 1;
+                if report.malformed.len() < 100 {
+                    report
+                        .malformed
+                        .push(format!("{}:{}: {}", path.display(), m.offset, m.why));
+                }
+            }
+        }
+        Ok(())
+    };
+    let start = cursor.offset;
+    let end = if pending < PARALLEL_MIN_BYTES {
+        let mut failed = None;
+        let end = read_and_parse(file, kind, start, pending, 1, |parts| match append(parts) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        end
+    } else {
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        std::thread::scope(|s| -> Result<u64, EngineError> {
+            let reader = s.spawn(move || {
+                let threads = batch::threads();
+                read_and_parse(file, kind, start, pending, threads, |parts| {
+                    tx.send(parts).is_ok()
+                })
+            });
+            for parts in &rx {
+                append(parts)?;
+            }
+            Ok(reader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        })?
+    };
+    appender.flush()?;
+    drop(appender);
+    cursor.offset = end;
+    conn.execute(
+        "INSERT OR REPLACE INTO llmscope_ingest VALUES (?, ?, ?, ?)",
+        params![
+            table,
+            i64::try_from(cursor.offset).unwrap_or(i64::MAX),
+            cursor.head,
+            i64::try_from(cursor.malformed).unwrap_or(i64::MAX)
+        ],
+    )?;
+    Ok(rows)
 }
 
 /// Read `file` to its end in reads of up to [`CHUNK`] (sized for the `pending` bytes expected)
