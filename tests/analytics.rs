@@ -11,8 +11,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use llmscope::engine::{parse_ts_us, SpendEngine};
-use llmscope::ledger::AggregateStore;
 use llmscope::queries::{run, QueryParams, Question};
+use llmscope::snapshots::AggregateStore;
 use llmscope_sdk::testing::request;
 use llmscope_sdk::types::{Aggregate, Aggregation, Metric, Scope, Window};
 use serde_json::{json, Value};

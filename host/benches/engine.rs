@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use llmscope::engine::{declared_aggregates, SpendEngine};
-use llmscope::ledger::{Ledger, LiveSnapshots};
+use llmscope::ledger::Ledger;
 use llmscope::policy::{Limits, PolicyRuntime, PolicySet};
 use llmscope::queries::{run, QueryParams, Question};
+use llmscope::snapshots::LiveSnapshots;
 use llmscope_sdk::testing::request;
 
 fn fail(message: &str) -> ! {

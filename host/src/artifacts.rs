@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -78,11 +79,16 @@ pub struct TelemetryRecord {
     pub estimated_cost_usd: f64,
     /// Actual cost (0 when denied or failed).
     pub cost_usd: f64,
-    /// `provider_usage`, `estimate` (provider reported no usage), or `none` (not dispatched).
+    /// Where `cost_usd` comes from: `provider_usage` (the provider's reported usage),
+    /// `tokenizer` (the provider reported none: our token counts), `estimate` (no answer to
+    /// count from: timed-out attempts, or recovered after a crash), `none` (nothing spent).
     pub cost_source: String,
     /// Provider latency, ms (0 when not dispatched).
     pub latency_ms: f64,
-    /// `ok`, `denied`, or `error`.
+    /// `ok`; `denied` (by policy, never dispatched); `error` (every attempt failed);
+    /// `cancelled` (the client left: recorded at the provider's usage if it answered);
+    /// `unanswered` (written at start for a dispatched request the previous process never
+    /// recorded — a crash — at its estimate).
     pub status: String,
     /// Provider finish reason (`stop`, `length`, ...).
     pub finish_reason: Option<String>,
@@ -96,6 +102,14 @@ pub struct TelemetryRecord {
     pub policy_decision: String,
     /// Deciding rule.
     pub policy_id: Option<String>,
+    /// Part of `cost_usd` charged for provider attempts that timed out, at their estimate
+    /// (the provider usually bills a call it was still answering).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timed_out_cost_usd: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl TelemetryRecord {
@@ -172,17 +186,47 @@ pub struct DecisionRecord<'a> {
     pub window_limit_usd: Option<f64>,
     /// The policy file's `version`.
     pub policy_version: String,
+    /// What was reserved for the dispatch (absent on a denial): the write-ahead record a
+    /// restart counts at its estimate when no telemetry line follows (a crash mid-call).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<ReservationRecord>,
     /// Every alert raised.
     pub alerts: &'a [String],
     /// Every rule's outcome.
     pub rules: &'a [RuleRecord],
 }
 
+/// The reservation a dispatched request holds, in its decision line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReservationRecord {
+    /// Model the request is dispatched to.
+    pub model: String,
+    /// Provider of that model.
+    pub provider: String,
+    /// Reserved cost: the estimate at the effective tier.
+    pub cost_usd: f64,
+    /// Reserved input tokens.
+    pub tokens_in: u64,
+    /// Reserved output tokens (the output cap).
+    pub tokens_out: u64,
+}
+
+/// Where a line ends in a log: the file (its inode, which a rename rotation changes) and the
+/// byte offset just past the line. The ledger keeps a settled entry until ingestion has read
+/// through this position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LogPosition {
+    /// The file's inode number.
+    pub file_id: u64,
+    /// Byte offset just past the line.
+    pub offset: u64,
+}
+
 /// What the writer reports back for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
-    /// Byte offset just past this request's telemetry line.
-    pub telemetry_end: u64,
+    /// Where this request's telemetry line ended (`None`: the job had no telemetry line).
+    pub telemetry: Option<LogPosition>,
 }
 
 /// A write failure.
@@ -196,7 +240,7 @@ pub struct WriteError {
 }
 
 struct Job {
-    telemetry: String,
+    telemetry: Option<String>,
     decision: Option<String>,
     done: oneshot::Sender<Result<Written, WriteError>>,
 }
@@ -207,6 +251,7 @@ pub struct ArtifactWriter {
     thread: Mutex<Option<JoinHandle<()>>>,
     healthy: Arc<AtomicBool>,
     failures: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
     telemetry_path: PathBuf,
     decisions_path: PathBuf,
 }
@@ -214,50 +259,90 @@ pub struct ArtifactWriter {
 /// Most lines written in one batch.
 const MAX_BATCH: usize = 256;
 
-fn open_append(path: &Path) -> Result<File, WriteError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| WriteError {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-    }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| WriteError {
-            path: path.into(),
-            message: e.to_string(),
-        })
+/// One log file as the writer holds it: reopened when the path names another file (a rename
+/// rotation) or on request (SIGHUP).
+struct LogFile {
+    path: PathBuf,
+    file: File,
+    ino: u64,
 }
 
-/// Append `buf` (whole lines) to `file` in one write under an exclusive lock; returns the file
-/// length after the write.
-fn append_locked(file: &mut File, path: &Path, buf: &[u8]) -> Result<u64, WriteError> {
-    let err = |e: std::io::Error| WriteError {
-        path: path.into(),
-        message: e.to_string(),
-    };
-    file.lock_exclusive().map_err(err)?;
-    let result = file
-        .write_all(buf)
-        .and_then(|()| file.seek(SeekFrom::End(0)));
-    let unlock = FileExt::unlock(file);
-    let end = result.map_err(err)?;
-    unlock.map_err(err)?;
-    Ok(end)
+impl LogFile {
+    fn open(path: &Path) -> Result<Self, WriteError> {
+        let err = |e: std::io::Error| WriteError {
+            path: path.into(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        let ino = file.metadata().map_err(err)?.ino();
+        Ok(Self {
+            path: path.into(),
+            file,
+            ino,
+        })
+    }
+
+    /// Follow the path: reopen when it names another file than the one held (renamed away,
+    /// deleted, replaced) or when `force` is set.
+    fn follow(&mut self, force: bool) -> Result<(), WriteError> {
+        let moved = match std::fs::metadata(&self.path) {
+            Ok(m) => m.ino() != self.ino,
+            Err(_) => true,
+        };
+        if moved || force {
+            *self = Self::open(&self.path)?;
+            tracing::info!(file = %self.path.display(), "log reopened");
+        }
+        Ok(())
+    }
+
+    /// Append `buf` (whole lines) in one write under an exclusive lock; returns the file length
+    /// before the write. A failed or short write is rolled back (truncated to the length before
+    /// it) under the same lock, so no fragment is left for the next line to be glued to.
+    fn append_locked(&mut self, buf: &[u8]) -> Result<u64, WriteError> {
+        let err = |e: std::io::Error| WriteError {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        self.file.lock_exclusive().map_err(err)?;
+        let result = (|| {
+            let before = self.file.seek(SeekFrom::End(0))?;
+            if let Err(e) = self.file.write_all(buf) {
+                if let Err(t) = self.file.set_len(before) {
+                    tracing::error!(file = %self.path.display(), error = %t, "cannot roll back a partial write");
+                }
+                return Err(e);
+            }
+            Ok(before)
+        })();
+        let unlock = FileExt::unlock(&self.file);
+        let before = result.map_err(err)?;
+        unlock.map_err(err)?;
+        Ok(before)
+    }
 }
 
 impl ArtifactWriter {
     /// Open (creating directories and files as needed) and start the writer thread.
     pub fn start(telemetry_path: &Path, decisions_path: &Path) -> Result<Self, WriteError> {
-        let mut telemetry = open_append(telemetry_path)?;
-        let mut decisions = open_append(decisions_path)?;
+        let mut telemetry = LogFile::open(telemetry_path)?;
+        let mut decisions = LogFile::open(decisions_path)?;
         let (tx, rx) = mpsc::channel::<Job>();
         let healthy = Arc::new(AtomicBool::new(true));
         let failures = Arc::new(AtomicU64::new(0));
-        let (t_path, d_path) = (telemetry_path.to_path_buf(), decisions_path.to_path_buf());
-        let (h, f) = (Arc::clone(&healthy), Arc::clone(&failures));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (h, f, r) = (
+            Arc::clone(&healthy),
+            Arc::clone(&failures),
+            Arc::clone(&reopen),
+        );
         let thread = std::thread::Builder::new()
             .name("llmscope-artifacts".into())
             .spawn(move || {
@@ -270,15 +355,8 @@ impl ArtifactWriter {
                             Err(_) => break,
                         }
                     }
-                    write_batch(
-                        &mut telemetry,
-                        &t_path,
-                        &mut decisions,
-                        &d_path,
-                        &mut batch,
-                        &h,
-                        &f,
-                    );
+                    let force = r.swap(false, Ordering::Relaxed);
+                    write_batch(&mut telemetry, &mut decisions, force, &mut batch, &h, &f);
                 }
             })
             .map_err(|e| WriteError {
@@ -290,6 +368,7 @@ impl ArtifactWriter {
             thread: Mutex::new(Some(thread)),
             healthy,
             failures,
+            reopen,
             telemetry_path: telemetry_path.into(),
             decisions_path: decisions_path.into(),
         })
@@ -301,20 +380,25 @@ impl ArtifactWriter {
         telemetry: &TelemetryRecord,
         decision: Option<&DecisionRecord<'_>>,
     ) -> Result<Written, WriteError> {
-        let encode = |path: &Path, r: Result<String, serde_json::Error>| {
-            r.map(|mut line| {
-                line.push('\n');
-                line
-            })
-            .map_err(|e| WriteError {
-                path: path.into(),
-                message: format!("cannot encode record: {e}"),
-            })
-        };
-        let telemetry = encode(&self.telemetry_path, serde_json::to_string(telemetry))?;
+        let telemetry = encode(&self.telemetry_path, telemetry)?;
         let decision = decision
-            .map(|d| encode(&self.decisions_path, serde_json::to_string(d)))
+            .map(|d| encode(&self.decisions_path, d))
             .transpose()?;
+        self.submit(Some(telemetry), decision).await
+    }
+
+    /// Append a decision line alone and wait until it is written: the write-ahead record of a
+    /// request about to be dispatched (its telemetry follows when the provider answers).
+    pub async fn append_decision(&self, decision: &DecisionRecord<'_>) -> Result<(), WriteError> {
+        let decision = encode(&self.decisions_path, decision)?;
+        self.submit(None, Some(decision)).await.map(|_| ())
+    }
+
+    async fn submit(
+        &self,
+        telemetry: Option<String>,
+        decision: Option<String>,
+    ) -> Result<Written, WriteError> {
         let (done, wait) = oneshot::channel();
         let closed = || WriteError {
             path: self.telemetry_path.clone(),
@@ -332,6 +416,13 @@ impl ArtifactWriter {
                 .map_err(|_| closed())?;
         }
         wait.await.map_err(|_| closed())?
+    }
+
+    /// Reopen both logs before the next batch (after an external rotation; SIGHUP). A rename
+    /// rotation is also noticed without it: every batch checks that the paths still name the
+    /// files held.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
     }
 
     /// False after a failed write, until a later write succeeds.
@@ -365,44 +456,112 @@ impl Drop for ArtifactWriter {
     }
 }
 
+/// Append `lines` (whole JSON lines) to the log at `path` now, outside the writer thread, in
+/// one locked write (rolled back if it fails); returns where they end. For start-up, before
+/// the gateway serves.
+pub fn append_lines_now(path: &Path, lines: &str) -> Result<LogPosition, WriteError> {
+    let mut log = LogFile::open(path)?;
+    let before = log.append_locked(lines.as_bytes())?;
+    Ok(LogPosition {
+        file_id: log.ino,
+        offset: before.saturating_add(lines.len() as u64),
+    })
+}
+
+/// One record as a JSON line.
+pub(crate) fn encode(path: &Path, record: &impl Serialize) -> Result<String, WriteError> {
+    serde_json::to_string(record)
+        .map(|mut line| {
+            line.push('\n');
+            line
+        })
+        .map_err(|e| WriteError {
+            path: path.into(),
+            message: format!("cannot encode record: {e}"),
+        })
+}
+
+/// Write a batch: first every decision line (one write), then the telemetry lines of the jobs
+/// whose decision, if any, was written (one write), so a telemetry line never stands without
+/// its decision. A job succeeds when all its lines were written.
 fn write_batch(
-    telemetry: &mut File,
-    t_path: &Path,
-    decisions: &mut File,
-    d_path: &Path,
+    telemetry: &mut LogFile,
+    decisions: &mut LogFile,
+    force_reopen: bool,
     batch: &mut Vec<Job>,
     healthy: &AtomicBool,
     failures: &AtomicU64,
 ) {
-    let mut t_buf = String::new();
-    let mut d_buf = String::new();
-    let mut ends = Vec::with_capacity(batch.len());
-    for job in batch.iter() {
-        t_buf.push_str(&job.telemetry);
-        ends.push(t_buf.len() as u64);
-        if let Some(d) = &job.decision {
-            d_buf.push_str(d);
+    let mut results: Vec<Result<Written, WriteError>> =
+        vec![Ok(Written { telemetry: None }); batch.len()];
+    let d_buf: String = batch.iter().filter_map(|j| j.decision.as_deref()).collect();
+    if !d_buf.is_empty() {
+        let written = decisions
+            .follow(force_reopen)
+            .and_then(|()| decisions.append_locked(d_buf.as_bytes()));
+        if let Err(e) = written {
+            for (job, r) in batch.iter().zip(&mut results) {
+                if job.decision.is_some() {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+    } else if force_reopen {
+        if let Err(e) = decisions.follow(true) {
+            tracing::error!(error = %e, "cannot reopen the decision log");
         }
     }
-    let result = (|| {
-        let t_end = append_locked(telemetry, t_path, t_buf.as_bytes())?;
-        if !d_buf.is_empty() {
-            append_locked(decisions, d_path, d_buf.as_bytes())?;
+    let mut t_buf = String::new();
+    let mut ends = Vec::with_capacity(batch.len());
+    for (job, r) in batch.iter().zip(&results) {
+        match (&job.telemetry, r) {
+            (Some(t), Ok(_)) => {
+                t_buf.push_str(t);
+                ends.push(Some(t_buf.len() as u64));
+            }
+            _ => ends.push(None),
         }
-        Ok::<u64, WriteError>(t_end)
-    })();
-    healthy.store(result.is_ok(), Ordering::Relaxed);
-    if result.is_err() {
+    }
+    if !t_buf.is_empty() || force_reopen {
+        match telemetry.follow(force_reopen).and_then(|()| {
+            if t_buf.is_empty() {
+                Ok(0)
+            } else {
+                telemetry.append_locked(t_buf.as_bytes())
+            }
+        }) {
+            Ok(before) => {
+                for (r, end) in results.iter_mut().zip(&ends) {
+                    let Some(end) = end else { continue };
+                    *r = match before.checked_add(*end) {
+                        Some(offset) => Ok(Written {
+                            telemetry: Some(LogPosition {
+                                file_id: telemetry.ino,
+                                offset,
+                            }),
+                        }),
+                        None => Err(WriteError {
+                            path: telemetry.path.clone(),
+                            message: "file offset overflow".into(),
+                        }),
+                    };
+                }
+            }
+            Err(e) => {
+                for (r, end) in results.iter_mut().zip(&ends) {
+                    if end.is_some() {
+                        *r = Err(e.clone());
+                    }
+                }
+            }
+        }
+    }
+    let failed = results.iter().any(Result::is_err);
+    healthy.store(!failed, Ordering::Relaxed);
+    if failed {
         failures.fetch_add(1, Ordering::Relaxed);
     }
-    let start = result.as_ref().map(|end| end - t_buf.len() as u64);
-    for (job, end) in batch.drain(..).zip(ends) {
-        let reply = match &start {
-            Ok(start) => Ok(Written {
-                telemetry_end: start + end,
-            }),
-            Err(e) => Err((*e).clone()),
-        };
+    for (job, reply) in batch.drain(..).zip(results) {
         let _ = job.done.send(reply);
     }
 }
@@ -448,10 +607,69 @@ mod tests {
         w.shutdown();
         let text = std::fs::read_to_string(&t).unwrap();
         assert_eq!(text.lines().count(), 2);
-        assert_eq!(second.telemetry_end, text.len() as u64);
-        assert_eq!(first.telemetry_end * 2, second.telemetry_end);
+        let (first, second) = (first.telemetry.unwrap(), second.telemetry.unwrap());
+        assert_eq!(second.offset, text.len() as u64);
+        assert_eq!(first.offset * 2, second.offset);
+        assert_eq!(first.file_id, std::fs::metadata(&t).unwrap().ino());
         let back: TelemetryRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(back.request_id, "r1");
+    }
+
+    #[tokio::test]
+    async fn a_decision_is_written_ahead_alone_and_rotation_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, d) = (dir.path().join("t.jsonl"), dir.path().join("d.jsonl"));
+        let w = ArtifactWriter::start(&t, &d).unwrap();
+        let decision = DecisionRecord {
+            timestamp: rfc3339(0),
+            request_id: "r1".into(),
+            tenant_id: "acme".into(),
+            caller_id: None,
+            feature_id: None,
+            experiment_id: None,
+            budget_namespace: None,
+            route_name: "chat".into(),
+            requested_model_tier: "cheap".into(),
+            effective_model_tier: "cheap".into(),
+            primitive: None,
+            decision: "allow".into(),
+            reason: None,
+            policy_id: None,
+            estimated_cost_usd: 0.5,
+            latency_ms: 0.0,
+            window_cost_usd: None,
+            window_limit_usd: None,
+            policy_version: "1".into(),
+            reservation: Some(ReservationRecord {
+                model: "gpt-4o".into(),
+                provider: "mock".into(),
+                cost_usd: 0.5,
+                tokens_in: 10,
+                tokens_out: 20,
+            }),
+            alerts: &[],
+            rules: &[],
+        };
+        w.append_decision(&decision).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&d).unwrap().lines().count(), 1);
+        assert!(std::fs::read_to_string(&t).unwrap().is_empty());
+        // logrotate's default: rename, and the writer follows the path on its next batch.
+        std::fs::rename(&t, dir.path().join("t.jsonl.1")).unwrap();
+        std::fs::rename(&d, dir.path().join("d.jsonl.1")).unwrap();
+        let rec = TelemetryRecord {
+            request_id: "r1".into(),
+            ..TelemetryRecord::default()
+        };
+        let at = w.append(&rec, None).await.unwrap().telemetry.unwrap();
+        w.append_decision(&decision).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&t).unwrap().lines().count(), 1);
+        assert_eq!(at.file_id, std::fs::metadata(&t).unwrap().ino());
+        assert_eq!(std::fs::read_to_string(&d).unwrap().lines().count(), 1);
+        // SIGHUP's reopen with the path unchanged keeps appending to the same file.
+        w.reopen();
+        w.append(&rec, None).await.unwrap();
+        w.shutdown();
+        assert_eq!(std::fs::read_to_string(&t).unwrap().lines().count(), 2);
     }
 
     #[tokio::test]

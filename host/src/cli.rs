@@ -343,6 +343,20 @@ fn serve(config: &Path, listen: Option<std::net::SocketAddr>) -> Result<ExitCode
                 }
             })
         };
+        #[cfg(unix)]
+        {
+            // SIGHUP: reopen the logs (after logrotate moved them; a rename is also noticed
+            // on the next write without it).
+            let gw = Arc::clone(&gateway);
+            if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reopening the logs");
+                        gw.reopen_logs();
+                    }
+                });
+            }
+        }
         let _watcher = if hot_reload { Some(crate::reload::watch(Arc::clone(&gateway)).context("watching the policy files")?) } else { None };
         {
             let mut out = std::io::stdout().lock();

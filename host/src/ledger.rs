@@ -5,18 +5,16 @@
 //! tagged with the telemetry offset its line ended at. When ingestion has caught up to that
 //! offset the aggregates include it and the entry is dropped. A snapshot adds the ledger to the
 //! published aggregates for `include_in_flight` sums, so concurrent requests cannot overshoot a
-//! budget between refreshes. Lookups scan ledger buckets keyed by the request's dimensions,
-//! never the log.
+//! budget between refreshes ([`crate::snapshots`] adds it). Lookups scan ledger buckets keyed
+//! by the request's dimensions, never the log.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use llmscope_sdk::types::{
-    Aggregate, AggregateValue, Aggregation, Metric, RequestContext, Scope, Snapshot,
-};
+use llmscope_sdk::types::{Metric, RequestContext, Scope};
 use parking_lot::Mutex;
 
-use crate::policy::{Rule, SnapshotSource};
+use crate::artifacts::LogPosition;
 
 /// The attribution dimensions of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,7 +46,7 @@ impl Dims {
         }
     }
 
-    fn matches(&self, scope: &[Scope], r: &RequestContext) -> bool {
+    pub(crate) fn matches(&self, scope: &[Scope], r: &RequestContext) -> bool {
         scope.iter().all(|s| match s {
             Scope::Tenant => self.tenant == r.tenant_id,
             Scope::Feature => self.feature == r.feature_id,
@@ -81,7 +79,7 @@ impl Sums {
         self.requests += sign * o.requests;
     }
 
-    fn get(&self, metric: Metric) -> Option<f64> {
+    pub(crate) fn get(&self, metric: Metric) -> Option<f64> {
         match metric {
             Metric::CostUsd => Some(self.cost_usd),
             Metric::TokensIn => Some(self.tokens_in),
@@ -92,15 +90,80 @@ impl Sums {
     }
 }
 
+/// One request's money in the ledger.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// When the request arrived (its telemetry timestamp): windows count it from here.
+    at_ms: u64,
+    /// Reserved, or settled at the actual amounts.
+    sums: Sums,
+    /// `None` while reserved; settled: where its telemetry line ended (`Some(None)`: the line
+    /// was not written, so no ingestion will cover it and it stays until it ages out).
+    settled: Option<Option<LogPosition>>,
+}
+
+/// The entries of one dimension tuple, with their total.
+#[derive(Debug, Default)]
+struct Bucket {
+    entries: HashMap<u64, Entry>,
+    total: Sums,
+    /// No entry is older than this (it may be older than the oldest entry left: it is only
+    /// recomputed when entries are dropped in bulk). A window starting at or before it counts
+    /// the whole bucket without looking at the entries.
+    oldest_ms: u64,
+}
+
+impl Bucket {
+    fn insert(&mut self, id: u64, entry: Entry) {
+        if self.entries.is_empty() || entry.at_ms < self.oldest_ms {
+            self.oldest_ms = entry.at_ms;
+        }
+        self.total.add(&entry.sums, 1.0);
+        self.entries.insert(id, entry);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let e = self.entries.remove(&id)?;
+        self.total.add(&e.sums, -1.0);
+        Some(e)
+    }
+
+    /// Drop the entries `drop` selects; recompute the total and the oldest time exactly.
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
+        self.entries.retain(|_, e| keep(e));
+        self.total = Sums::default();
+        self.oldest_ms = u64::MAX;
+        for e in self.entries.values() {
+            self.total.add(&e.sums, 1.0);
+            self.oldest_ms = self.oldest_ms.min(e.at_ms);
+        }
+    }
+
+    /// The bucket's sums over entries at or after `since_ms`.
+    fn since(&self, since_ms: u64) -> Sums {
+        if since_ms <= self.oldest_ms {
+            return self.total;
+        }
+        let mut s = Sums::default();
+        for e in self.entries.values().filter(|e| e.at_ms >= since_ms) {
+            s.add(&e.sums, 1.0);
+        }
+        s
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     /// Outstanding reservations plus settled-but-not-ingested amounts, per dimension tuple.
-    buckets: HashMap<Dims, Sums>,
-    /// Settled entries waiting for ingestion: telemetry end offset, dims, amounts.
-    settled: Vec<(u64, Dims, Sums)>,
+    buckets: HashMap<Dims, Bucket>,
+    next_id: u64,
 }
 
 /// The ledger. Cheap to clone (shared).
+///
+/// Every entry carries its request's time, so a sum counts only the entries inside the asking
+/// aggregate's window; settled entries leave when ingestion has read past their telemetry line
+/// ([`Ledger::ingested_through`]) or when older than the longest window ([`Ledger::expire`]).
 #[derive(Clone, Default)]
 pub struct Ledger {
     inner: Arc<Mutex<Inner>>,
@@ -108,29 +171,32 @@ pub struct Ledger {
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let inner = self.inner.lock();
+        let (buckets, settled) = self.len();
         f.debug_struct("Ledger")
-            .field("buckets", &inner.buckets.len())
-            .field("settled", &inner.settled.len())
+            .field("buckets", &buckets)
+            .field("settled", &settled)
             .finish()
     }
 }
 
-/// An outstanding reservation; released when dropped (a cancelled or failed request gives its
-/// money back), or turned into a settled entry by [`Reservation::settle`].
+/// An outstanding reservation; released when dropped (a request refused before dispatch gives
+/// its money back), or turned into a settled entry by [`Reservation::settle`].
 #[derive(Debug)]
 pub struct Reservation {
     ledger: Ledger,
     dims: Dims,
+    id: u64,
     amount: Sums,
+    at_ms: u64,
     live: bool,
 }
 
 impl Ledger {
-    /// Reserve `estimate_usd` (one request) for `dims`.
+    /// Reserve `estimate_usd` (one request, arrived at `at_ms`) for `dims`.
     pub fn reserve(
         &self,
         dims: Dims,
+        at_ms: u64,
         estimate_usd: f64,
         tokens_in: u32,
         tokens_out: u32,
@@ -142,47 +208,71 @@ impl Ledger {
             requests: 1.0,
         };
         let mut inner = self.inner.lock();
-        inner
-            .buckets
-            .entry(dims.clone())
-            .or_default()
-            .add(&amount, 1.0);
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.buckets.entry(dims.clone()).or_default().insert(
+            id,
+            Entry {
+                at_ms,
+                sums: amount,
+                settled: None,
+            },
+        );
         Reservation {
             ledger: self.clone(),
             dims,
+            id,
             amount,
+            at_ms,
             live: true,
         }
     }
 
-    /// Drop settled entries whose telemetry line ended at or before `offset`: the published
-    /// aggregates include them now.
-    pub fn ingested_through(&self, offset: u64) {
+    /// Drop settled entries whose telemetry line ended at or before one of `positions` (same
+    /// file, offset at or past the line's end): the published aggregates include them now.
+    pub fn ingested_through(&self, positions: &[LogPosition]) {
+        if positions.is_empty() {
+            return;
+        }
         let mut inner = self.inner.lock();
-        let Inner {
-            buckets, settled, ..
-        } = &mut *inner;
-        settled.retain(|(end, dims, amount)| {
-            if *end <= offset {
-                if let Some(b) = buckets.get_mut(dims) {
-                    b.add(amount, -1.0);
-                }
-                false
-            } else {
-                true
-            }
-        });
-        buckets.retain(|_, s| s.requests.abs() > 1e-9 || s.cost_usd.abs() > 1e-12);
+        for bucket in inner.buckets.values_mut() {
+            bucket.retain(|e| match e.settled {
+                Some(Some(at)) => !positions
+                    .iter()
+                    .any(|p| p.file_id == at.file_id && at.offset <= p.offset),
+                _ => true,
+            });
+        }
+        inner.buckets.retain(|_, b| !b.entries.is_empty());
     }
 
-    /// Sum of `metric` over ledger entries matching `request` on `scope`, and the number of
-    /// entries (requests) that contributed.
-    pub fn sum(&self, metric: Metric, scope: &[Scope], request: &RequestContext) -> (f64, f64) {
+    /// Drop settled entries of requests that arrived before `before_ms` (older than every
+    /// window, so no sum counts them any more; or never to be ingested).
+    pub fn expire(&self, before_ms: u64) {
+        let mut inner = self.inner.lock();
+        for bucket in inner.buckets.values_mut() {
+            if bucket.oldest_ms < before_ms {
+                bucket.retain(|e| e.settled.is_none() || e.at_ms >= before_ms);
+            }
+        }
+        inner.buckets.retain(|_, b| !b.entries.is_empty());
+    }
+
+    /// Sum of `metric` over ledger entries matching `request` on `scope` that arrived at or
+    /// after `since_ms`, and the number of entries (requests) that contributed.
+    pub fn sum(
+        &self,
+        metric: Metric,
+        scope: &[Scope],
+        request: &RequestContext,
+        since_ms: u64,
+    ) -> (f64, f64) {
         let inner = self.inner.lock();
         let mut total = 0.0;
         let mut requests = 0.0;
-        for (dims, sums) in &inner.buckets {
+        for (dims, bucket) in &inner.buckets {
             if dims.matches(scope, request) {
+                let sums = bucket.since(since_ms);
                 total += sums.get(metric).unwrap_or(0.0);
                 requests += sums.requests;
             }
@@ -190,15 +280,21 @@ impl Ledger {
         (total, requests)
     }
 
-    /// Outstanding reservations plus unsettled entries, for diagnostics.
+    /// Dimension tuples with entries, and settled entries waiting for ingestion (diagnostics).
     pub fn len(&self) -> (usize, usize) {
         let inner = self.inner.lock();
-        (inner.buckets.len(), inner.settled.len())
+        let settled = inner
+            .buckets
+            .values()
+            .map(|b| b.entries.values().filter(|e| e.settled.is_some()).count())
+            .sum();
+        (inner.buckets.len(), settled)
     }
 }
 
 impl Reservation {
-    /// Move the reservation to new dimensions and amount (after a downgrade re-priced it).
+    /// Move the reservation to new dimensions and amount (after a downgrade or a fallback
+    /// re-priced it).
     pub fn update(&mut self, dims: Dims, estimate_usd: f64, tokens_in: u32, tokens_out: u32) {
         let amount = Sums {
             cost_usd: estimate_usd,
@@ -208,13 +304,16 @@ impl Reservation {
         };
         let mut inner = self.ledger.inner.lock();
         if let Some(b) = inner.buckets.get_mut(&self.dims) {
-            b.add(&self.amount, -1.0);
+            b.remove(self.id);
         }
-        inner
-            .buckets
-            .entry(dims.clone())
-            .or_default()
-            .add(&amount, 1.0);
+        inner.buckets.entry(dims.clone()).or_default().insert(
+            self.id,
+            Entry {
+                at_ms: self.at_ms,
+                sums: amount,
+                settled: None,
+            },
+        );
         self.dims = dims;
         self.amount = amount;
     }
@@ -230,18 +329,20 @@ impl Reservation {
     }
 
     /// Replace the reservation with the actual amounts, kept until ingestion passes
-    /// `telemetry_end_offset` (`None`: the line was not written, so nothing will ingest it; the
-    /// amount stays until the process ends so the budget still sees it).
-    pub fn settle(mut self, actual: Sums, telemetry_end_offset: Option<u64>) {
+    /// `telemetry` (`None`: the line was not written, so nothing will ingest it; the amount
+    /// stays until it is older than every window, so the budget still sees it).
+    pub fn settle(mut self, actual: Sums, telemetry: Option<LogPosition>) {
         let mut inner = self.ledger.inner.lock();
         let bucket = inner.buckets.entry(self.dims.clone()).or_default();
-        bucket.add(&self.amount, -1.0);
-        bucket.add(&actual, 1.0);
-        inner.settled.push((
-            telemetry_end_offset.unwrap_or(u64::MAX),
-            self.dims.clone(),
-            actual,
-        ));
+        bucket.remove(self.id);
+        bucket.insert(
+            self.id,
+            Entry {
+                at_ms: self.at_ms,
+                sums: actual,
+                settled: Some(telemetry),
+            },
+        );
         self.live = false;
     }
 }
@@ -251,91 +352,11 @@ impl Drop for Reservation {
         if self.live {
             let mut inner = self.ledger.inner.lock();
             if let Some(b) = inner.buckets.get_mut(&self.dims) {
-                b.add(&self.amount, -1.0);
+                b.remove(self.id);
+                if b.entries.is_empty() {
+                    inner.buckets.remove(&self.dims);
+                }
             }
-        }
-    }
-}
-
-/// Published aggregate values (computed off the request path, e.g. by DuckDB).
-pub trait AggregateStore: Send + Sync {
-    /// The value of `aggregate` for `request`'s scope, if known.
-    fn lookup(&self, aggregate: &Aggregate, request: &RequestContext) -> Option<AggregateValue>;
-    /// When the values were computed (ms since the epoch), 0 if never.
-    fn taken_at_unix_ms(&self) -> u64;
-}
-
-/// No history: every aggregate starts empty.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoHistory;
-
-impl AggregateStore for NoHistory {
-    fn lookup(&self, _: &Aggregate, _: &RequestContext) -> Option<AggregateValue> {
-        None
-    }
-    fn taken_at_unix_ms(&self) -> u64 {
-        0
-    }
-}
-
-/// Snapshots for one request: published aggregates plus the ledger, minus the request's own
-/// reservation.
-pub struct LiveSnapshots<'a> {
-    /// Published aggregates.
-    pub store: &'a dyn AggregateStore,
-    /// The ledger.
-    pub ledger: &'a Ledger,
-    /// The request's own reservation (excluded from its snapshot).
-    pub own: Option<(&'a Dims, Sums)>,
-}
-
-impl SnapshotSource for LiveSnapshots<'_> {
-    fn snapshot(&self, rule: &Rule, request: &RequestContext) -> Snapshot {
-        self.values(rule.aggregates(), request)
-    }
-}
-
-impl LiveSnapshots<'_> {
-    /// Current values of `aggregates` for `request`: published values plus (where asked for)
-    /// in-flight and settled-but-not-ingested spend, minus the request's own reservation.
-    pub fn values(&self, aggregates: &[Aggregate], request: &RequestContext) -> Snapshot {
-        let values = aggregates
-            .iter()
-            .map(|a| {
-                let base = self.store.lookup(a, request);
-                let summable = matches!(a.aggregation, Aggregation::Sum | Aggregation::Count)
-                    && a.metric != Metric::LatencyMs;
-                let (mut value, mut samples) = match (&base, summable) {
-                    (Some(v), _) => (v.value, v.samples as f64),
-                    (None, true) => (Some(0.0), 0.0),
-                    (None, false) => (None, 0.0),
-                };
-                if a.include_in_flight && summable {
-                    let (mut extra, mut extra_n) = self.ledger.sum(a.metric, &a.scope, request);
-                    if let Some((dims, own)) = self.own {
-                        if dims.matches(&a.scope, request) {
-                            extra -= own.get(a.metric).unwrap_or(0.0);
-                            extra_n -= own.requests;
-                        }
-                    }
-                    let extra = if a.aggregation == Aggregation::Count {
-                        extra_n
-                    } else {
-                        extra
-                    };
-                    value = Some(value.unwrap_or(0.0) + extra.max(0.0));
-                    samples += extra_n.max(0.0);
-                }
-                AggregateValue {
-                    key: a.key.clone(),
-                    value,
-                    samples: samples.round() as u64,
-                }
-            })
-            .collect();
-        Snapshot {
-            taken_at_unix_ms: self.store.taken_at_unix_ms(),
-            values,
         }
     }
 }
@@ -344,6 +365,62 @@ impl LiveSnapshots<'_> {
 mod tests {
     use super::*;
     use llmscope_sdk::testing::request;
+
+    fn pos(file_id: u64, offset: u64) -> LogPosition {
+        LogPosition { file_id, offset }
+    }
+
+    fn sums(cost_usd: f64) -> Sums {
+        Sums {
+            cost_usd,
+            tokens_in: 1.0,
+            tokens_out: 1.0,
+            requests: 1.0,
+        }
+    }
+
+    #[test]
+    fn sums_count_only_entries_inside_the_window_and_old_settled_entries_expire() {
+        let ledger = Ledger::default();
+        let req = request();
+        let scope = [Scope::BudgetNamespace];
+        ledger
+            .reserve(dims("acme"), 1_000, 0.5, 1, 1)
+            .settle(sums(0.5), None);
+        let live = ledger.reserve(dims("acme"), 5_000, 0.25, 1, 1);
+        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req, 0), (0.75, 2.0));
+        assert_eq!(
+            ledger.sum(Metric::CostUsd, &scope, &req, 2_000),
+            (0.25, 1.0)
+        );
+        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req, 6_000), (0.0, 0.0));
+        // An unwritten line is never ingested: it leaves only when older than every window.
+        ledger.ingested_through(&[pos(1, u64::MAX)]);
+        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req, 0).0, 0.75);
+        ledger.expire(10_000);
+        assert_eq!(
+            ledger.sum(Metric::CostUsd, &scope, &req, 0),
+            (0.25, 1.0),
+            "the live reservation stays, however old"
+        );
+        assert_eq!(ledger.len(), (1, 0));
+        drop(live);
+        assert_eq!(ledger.len(), (0, 0));
+    }
+
+    #[test]
+    fn an_entry_settled_in_a_rotated_file_leaves_when_that_file_is_ingested() {
+        let ledger = Ledger::default();
+        let req = request();
+        ledger
+            .reserve(dims("acme"), 1_000, 0.5, 1, 1)
+            .settle(sums(0.5), Some(pos(1, 500)));
+        // The new file (another inode) ingested far past 500 says nothing about file 1.
+        ledger.ingested_through(&[pos(2, 10_000)]);
+        assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0).0, 0.5);
+        ledger.ingested_through(&[pos(1, 500), pos(2, 10_000)]);
+        assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0), (0.0, 0.0));
+    }
 
     fn dims(tenant: &str) -> Dims {
         let mut r = request();
@@ -356,12 +433,15 @@ mod tests {
         let ledger = Ledger::default();
         let req = request();
         let scope = [Scope::BudgetNamespace];
-        let a = ledger.reserve(dims("acme"), 0.5, 10, 20);
-        let b = ledger.reserve(dims("globex"), 0.25, 10, 20);
-        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req), (0.75, 2.0));
-        assert_eq!(ledger.sum(Metric::CostUsd, &[Scope::Tenant], &req).0, 0.5);
+        let a = ledger.reserve(dims("acme"), 1_000, 0.5, 10, 20);
+        let b = ledger.reserve(dims("globex"), 1_000, 0.25, 10, 20);
+        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req, 0), (0.75, 2.0));
+        assert_eq!(
+            ledger.sum(Metric::CostUsd, &[Scope::Tenant], &req, 0).0,
+            0.5
+        );
         drop(b);
-        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req).0, 0.5);
+        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req, 0).0, 0.5);
         a.settle(
             Sums {
                 cost_usd: 0.2,
@@ -369,31 +449,31 @@ mod tests {
                 tokens_out: 5.0,
                 requests: 1.0,
             },
-            Some(100),
+            Some(pos(7, 100)),
         );
-        assert!((ledger.sum(Metric::CostUsd, &scope, &req).0 - 0.2).abs() < 1e-12);
-        ledger.ingested_through(99);
+        assert!((ledger.sum(Metric::CostUsd, &scope, &req, 0).0 - 0.2).abs() < 1e-12);
+        ledger.ingested_through(&[pos(7, 99), pos(8, 1_000)]);
         assert!(
-            (ledger.sum(Metric::CostUsd, &scope, &req).0 - 0.2).abs() < 1e-12,
+            (ledger.sum(Metric::CostUsd, &scope, &req, 0).0 - 0.2).abs() < 1e-12,
             "not yet ingested"
         );
-        ledger.ingested_through(100);
-        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req), (0.0, 0.0));
+        ledger.ingested_through(&[pos(7, 100)]);
+        assert_eq!(ledger.sum(Metric::CostUsd, &scope, &req, 0), (0.0, 0.0));
     }
 
     #[test]
     fn update_moves_the_reservation_to_the_new_model() {
         let ledger = Ledger::default();
         let req = request();
-        let mut r = ledger.reserve(Dims::of(&req), 0.008, 100, 500);
+        let mut r = ledger.reserve(Dims::of(&req), 1_000, 0.008, 100, 500);
         let mut cheap = Dims::of(&req);
         cheap.model = "gpt-4o-mini".into();
         r.update(cheap, 0.0004, 100, 500);
         assert_eq!(
-            ledger.sum(Metric::CostUsd, &[Scope::Model], &req).0,
+            ledger.sum(Metric::CostUsd, &[Scope::Model], &req, 0).0,
             0.0,
             "request's model is gpt-4o"
         );
-        assert!((ledger.sum(Metric::CostUsd, &[], &req).0 - 0.0004).abs() < 1e-12);
+        assert!((ledger.sum(Metric::CostUsd, &[], &req, 0).0 - 0.0004).abs() < 1e-12);
     }
 }

@@ -8,7 +8,6 @@
 
 pub mod artifacts;
 pub mod cli;
-pub mod edge;
 pub mod engine;
 pub mod gateway;
 pub mod ledger;
@@ -21,6 +20,7 @@ pub mod queries;
 pub mod reload;
 pub mod report;
 pub mod server;
+pub mod snapshots;
 
 /// The gateway configuration (parsed by `llmscope-wire`).
 pub use llmscope_wire::config;

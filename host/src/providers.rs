@@ -15,6 +15,9 @@ pub use llmscope_wire::requests::Message;
 /// What the gateway asks a provider for.
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
+    /// The gateway's request id, sent as `X-Client-Request-Id` so a provider's bill can be
+    /// matched to the telemetry line.
+    pub request_id: String,
     /// Model name as the provider knows it.
     pub model: String,
     /// Conversation.
@@ -162,9 +165,12 @@ impl Provider {
 
     /// Complete `req`, retrying retryable failures. Returns the completion and how many attempts
     /// it took.
+    /// Attempts that timed out (the provider may still have answered, and billed, them) are
+    /// added to `timed_out`.
     pub async fn complete(
         &self,
         req: &CompletionRequest,
+        timed_out: &mut u32,
     ) -> Result<(Completion, u32), ProviderError> {
         match self {
             Self::Mock {
@@ -183,8 +189,14 @@ impl Provider {
                 }
                 Ok((mock_completion(req, *output_tokens), 1))
             }
-            Self::OpenAi(http) => http.with_retries(|| openai_call(http, req)).await,
-            Self::Anthropic(http) => http.with_retries(|| anthropic_call(http, req)).await,
+            Self::OpenAi(http) => {
+                http.with_retries(timed_out, || openai_call(http, req))
+                    .await
+            }
+            Self::Anthropic(http) => {
+                http.with_retries(timed_out, || anthropic_call(http, req))
+                    .await
+            }
         }
     }
 }
@@ -211,7 +223,11 @@ fn mock_completion(req: &CompletionRequest, output_tokens: u32) -> Completion {
 }
 
 impl HttpProvider {
-    async fn with_retries<F, Fut>(&self, mut call: F) -> Result<(Completion, u32), ProviderError>
+    async fn with_retries<F, Fut>(
+        &self,
+        timed_out: &mut u32,
+        mut call: F,
+    ) -> Result<(Completion, u32), ProviderError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Completion, ProviderError>>,
@@ -224,6 +240,9 @@ impl HttpProvider {
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::Timeout(self.timeout)),
             };
+            if matches!(result, Err(ProviderError::Timeout(_))) {
+                *timed_out += 1;
+            }
             match result {
                 Ok(c) => return Ok((c, attempt)),
                 Err(e) if e.retryable() && attempt <= self.max_retries => {
@@ -312,11 +331,12 @@ async fn openai_call(
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
     }
-    let headers: Vec<(&str, String)> = http
+    let mut headers: Vec<(&str, String)> = http
         .api_key
         .iter()
         .map(|k| ("authorization", format!("Bearer {k}")))
         .collect();
+    headers.push(("x-client-request-id", req.request_id.clone()));
     let value = http
         .post(
             &format!("{}/chat/completions", http.base_url),
@@ -387,7 +407,10 @@ async fn anthropic_call(
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
     }
-    let mut headers = vec![("anthropic-version", ANTHROPIC_VERSION.to_owned())];
+    let mut headers = vec![
+        ("anthropic-version", ANTHROPIC_VERSION.to_owned()),
+        ("x-client-request-id", req.request_id.clone()),
+    ];
     match &http.api_key {
         Some(k) => headers.push(("x-api-key", k.clone())),
         None => {
@@ -461,6 +484,7 @@ mod tests {
             fail_models: vec!["bad".into()],
         };
         let req = CompletionRequest {
+            request_id: "req-1".into(),
             model: "gpt-4o".into(),
             messages: vec![Message {
                 role: "user".into(),
@@ -469,7 +493,7 @@ mod tests {
             max_tokens: 50,
             temperature: None,
         };
-        let (c, attempts) = p.complete(&req).await.unwrap();
+        let (c, attempts) = p.complete(&req, &mut 0).await.unwrap();
         assert_eq!(
             (c.tokens_out, c.finish_reason.as_str(), attempts),
             (Some(50), "length", 1)
@@ -480,7 +504,7 @@ mod tests {
             ..req
         };
         assert_eq!(
-            p.complete(&failing).await.unwrap_err().kind(),
+            p.complete(&failing, &mut 0).await.unwrap_err().kind(),
             "provider_5xx"
         );
     }

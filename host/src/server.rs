@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 
-use crate::edge::{ContextRequest, EdgeError, Report};
+use crate::gateway::edge::{ContextRequest, EdgeError, Report};
 use crate::gateway::{Gateway, GatewayError, Outcome, Served};
 use crate::queries::{parse_time, QueryParams, Question};
 use crate::requests::{parse_chat, parse_infer, FieldErrors, H_TIER};
@@ -30,6 +30,8 @@ type Reject = Response<Body>;
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Most request header fields (HTTP/1).
 pub const MAX_HEADERS: usize = 100;
+/// How long shutdown waits for requests in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a client has to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,11 +85,24 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+    let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("in-flight requests did not finish within 30 s");
+        tracing::warn!("connections did not finish within the drain timeout");
+    }
+    // Requests whose client left run on: wait for them to record what they spent. Those
+    // still running at the deadline have their decision lines on disk, which the next start
+    // counts at their estimate.
+    let left = gateway
+        .drained(deadline.saturating_duration_since(std::time::Instant::now()))
+        .await;
+    if left > 0 {
+        tracing::warn!(
+            requests = left,
+            "requests still in flight at shutdown; the next start counts them at their estimate"
+        );
     }
     let gw = Arc::clone(&gateway);
     let _ = tokio::task::spawn_blocking(move || gw.shutdown()).await;
@@ -125,7 +140,7 @@ fn openai_error(
     )
 }
 
-async fn route(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
@@ -517,7 +532,7 @@ fn query(gw: &Gateway, name: &str, query_string: &str) -> Response<Body> {
         );
     }
     let answer = tokio::task::block_in_place(|| {
-        gw.engine().ingest()?;
+        gw.ingest()?;
         crate::queries::run(gw.engine(), question, &params)
     });
     match answer {
@@ -667,7 +682,7 @@ async fn read_json(gw: &Gateway, req: Request<Incoming>) -> Result<(HeaderMap, V
     Ok((parts.headers, value))
 }
 
-async fn infer(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+async fn infer(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let (headers, body) = match read_json(gw, req).await {
         Ok(v) => v,
         Err(resp) => return resp,
@@ -752,6 +767,11 @@ fn gateway_error(e: &GatewayError) -> Response<Body> {
             "logs_unavailable",
             json!("the request could not be recorded, so it was not served; see /readyz"),
         ),
+        GatewayError::Internal(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            json!("the request failed inside the gateway; see the gateway log"),
+        ),
     }
 }
 
@@ -764,7 +784,7 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn chat(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
+async fn chat(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let (headers, body) = match read_json(gw, req).await {
         Ok(v) => v,
         Err(resp) => {
@@ -877,6 +897,7 @@ async fn chat(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
                 GatewayError::UnknownTier { .. } => ("invalid_request_error", "unknown_tier"),
                 GatewayError::ProvidersFailed(_) => ("api_error", "provider_error"),
                 GatewayError::Unlogged(_) => ("api_error", "logs_unavailable"),
+                GatewayError::Internal(_) => ("api_error", "internal_error"),
             };
             let message = match &e {
                 GatewayError::UnknownRoute { .. } | GatewayError::UnknownTier { .. } => {
@@ -888,6 +909,7 @@ async fn chat(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
                 GatewayError::Unlogged(_) => {
                     "the request could not be recorded, so it was not served".to_owned()
                 }
+                GatewayError::Internal(_) => "the request failed inside the gateway".to_owned(),
             };
             openai_error(status, &message, kind, code, None)
         }

@@ -27,6 +27,10 @@ pub struct GatewayConfig {
     pub decisions_path: PathBuf,
     /// Refuse requests (503) when the logs cannot be written, instead of serving them unlogged.
     pub reject_unlogged: bool,
+    /// Charge a provider attempt that timed out at its estimate (`artifacts.
+    /// charge_timed_out_attempts`, default true): the provider usually finishes, and bills, a
+    /// call the gateway stopped waiting for.
+    pub charge_timed_out_attempts: bool,
     /// The policy YAML.
     pub policy_file: PathBuf,
     /// Directory of `<primitive>.wasm` components.
@@ -236,6 +240,8 @@ struct RawArtifacts {
     decisions_path: PathBuf,
     #[serde(default = "default_true")]
     reject_unlogged: bool,
+    #[serde(default = "default_true")]
+    charge_timed_out_attempts: bool,
 }
 
 impl Default for RawArtifacts {
@@ -244,6 +250,7 @@ impl Default for RawArtifacts {
             telemetry_path: default_telemetry(),
             decisions_path: default_decisions(),
             reject_unlogged: true,
+            charge_timed_out_attempts: true,
         }
     }
 }
@@ -562,6 +569,7 @@ impl GatewayConfig {
             decisions_path: env("DECISIONS_PATH")
                 .map_or_else(|| resolve(&raw.artifacts.decisions_path), PathBuf::from),
             reject_unlogged: raw.artifacts.reject_unlogged,
+            charge_timed_out_attempts: raw.artifacts.charge_timed_out_attempts,
             policy_file: resolve(&raw.policy.file),
             policies_dir: resolve(&raw.policy.policies_dir),
             limits: Limits {

@@ -26,7 +26,7 @@ use llmscope_sdk::types::{
 };
 use parking_lot::Mutex;
 
-use crate::ledger::AggregateStore;
+use crate::snapshots::AggregateStore;
 pub use llmscope_wire::records::parse_ts_us;
 
 mod batch;
@@ -99,6 +99,8 @@ pub struct IngestReport {
     pub malformed: Vec<String>,
     /// Telemetry bytes ingested so far (the ledger drops settled entries up to here).
     pub telemetry_offset: u64,
+    /// Every telemetry file this pass read, with the offset ingested through.
+    pub telemetry_through: Vec<crate::artifacts::LogPosition>,
     /// Files that were found rotated or truncated and re-read from the start.
     pub rotated: Vec<String>,
 }
@@ -257,6 +259,15 @@ impl SpendEngine {
             }
         }
         report.telemetry_offset = self.cursors.lock().get("telemetry").map_or(0, |c| c.offset);
+        if let Ok(m) = std::fs::metadata(&self.telemetry_path) {
+            use std::os::unix::fs::MetadataExt;
+            report
+                .telemetry_through
+                .push(crate::artifacts::LogPosition {
+                    file_id: m.ino(),
+                    offset: report.telemetry_offset,
+                });
+        }
         self.uncompacted_rows.fetch_add(
             report.telemetry_rows + report.decision_rows,
             std::sync::atomic::Ordering::Relaxed,
@@ -359,7 +370,7 @@ impl SpendEngine {
                 format!(" GROUP BY {}", cols.join(", "))
             };
             let sql = format!(
-                "SELECT {select_cols}{agg}, count(*) FROM telemetry WHERE status = 'ok' AND ts_us >= ? AND ts_us <= ?{group}"
+                "SELECT {select_cols}{agg}, count(*) FROM telemetry WHERE (status = 'ok' OR cost_usd > 0) AND ts_us >= ? AND ts_us <= ?{group}"
             );
             let now_us = i64::try_from(now_ms)
                 .unwrap_or(i64::MAX)

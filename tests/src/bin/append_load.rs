@@ -71,6 +71,7 @@ fn main() -> ExitCode {
                         window_cost_usd: None,
                         window_limit_usd: None,
                         policy_version: "load".into(),
+                        reservation: None,
                         alerts: &[],
                         rules: &[],
                     };

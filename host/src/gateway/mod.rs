@@ -1,6 +1,8 @@
-//! The request lifecycle: price → reserve → evaluate → deny | (downgrade →) dispatch with
-//! fallbacks → settle → append telemetry and decision → answer. Transport-independent: the HTTP
-//! layer (`server`) turns requests into [`Inference`] and [`Outcome`]s into responses.
+//! The gateway: shared state (policies, providers, ledger, logs, engine), the refresh that
+//! publishes aggregates, reload, and snapshots. The request lifecycle itself is in
+//! `lifecycle.rs`, its log lines in `records.rs`, crash recovery in `recovery.rs`.
+//! Transport-independent: the HTTP layer (`server`) turns requests into [`Inference`] and
+//! [`Outcome`]s into responses.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,16 +12,24 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use llmscope_sdk::types::RequestContext;
 use parking_lot::RwLock;
 
-use crate::artifacts::{rfc3339, ArtifactWriter, DecisionRecord, TelemetryRecord, WriteError};
+use crate::artifacts::{ArtifactWriter, WriteError};
 use crate::config::GatewayConfig;
 use crate::engine::{declared_aggregates, EngineError, IngestReport, SpendEngine};
-use crate::ledger::{AggregateStore, Dims, Ledger, LiveSnapshots, NoHistory, Sums};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::policy::{ConfigError, DecisionKind, Evaluation, PolicyRuntime, PolicySet};
+use crate::policy::{ConfigError, Evaluation, PolicyRuntime, PolicySet};
 use crate::pricing;
-use crate::providers::{Completion, CompletionRequest, Provider, ProviderError};
+use crate::providers::{Completion, Provider, ProviderError};
+use crate::snapshots::{AggregateStore, LiveSnapshots, NoHistory};
 
 pub use llmscope_wire::requests::Inference;
+
+pub mod edge;
+mod lifecycle;
+mod records;
+mod recovery;
+
+pub use records::{CostSource, Status};
 
 /// A served request.
 #[derive(Debug, Clone)]
@@ -89,6 +99,9 @@ pub enum GatewayError {
     /// The logs cannot be written and the gateway refuses to serve unlogged.
     #[error("request not served: {0}")]
     Unlogged(WriteError),
+    /// The request's task failed (a bug); its decision line, if written, stands for it.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Attributes of a request whose snapshot is asked for.
@@ -164,28 +177,14 @@ pub struct Gateway {
     engine: SpendEngine,
     metrics: Metrics,
     started: Instant,
-    pub(crate) edge: crate::edge::EdgeState,
+    edge: edge::EdgeState,
     /// SHA-256 of each configured API key, in `config.api_keys` order.
     key_digests: Vec<[u8; 32]>,
     /// Requests inside [`Gateway::handle`] right now.
     in_flight: std::sync::atomic::AtomicU64,
-}
-
-/// Counts a request in [`Gateway::handle`] until dropped (also when the client goes away and
-/// the request's future is dropped).
-struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
-
-impl<'a> InFlight<'a> {
-    fn enter(counter: &'a std::sync::atomic::AtomicU64) -> Self {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    /// Held from ingestion to the ledger drop of a refresh (and across a reload's swap), so
+    /// what the ledger drops is exactly what the published aggregates gained.
+    refresh_lock: parking_lot::Mutex<()>,
 }
 
 /// Why the gateway could not start.
@@ -211,6 +210,9 @@ pub enum StartError {
     /// The analytics engine failed to open or to read the logs.
     #[error("analytics engine: {0}")]
     Engine(#[from] EngineError),
+    /// Requests dispatched before a crash could not be recorded.
+    #[error("recovering unanswered requests: {0}")]
+    Recovery(String),
 }
 
 /// SHA-256 of an API key.
@@ -279,8 +281,12 @@ impl Gateway {
             started: Instant::now(),
             key_digests,
             in_flight: std::sync::atomic::AtomicU64::new(0),
-            edge: crate::edge::EdgeState::default(),
+            refresh_lock: parking_lot::Mutex::new(()),
+            edge: edge::EdgeState::default(),
         });
+        // A crash leaves decisions written ahead without telemetry: record them at their
+        // estimate before the first refresh, so budgets start conservative.
+        gateway.recover_unanswered()?;
         // Budgets see history from the first request on.
         gateway.refresh()?;
         if warm.join().is_err() {
@@ -293,26 +299,65 @@ impl Gateway {
     /// ledger entries now covered by the aggregates are dropped. Blocking: call it off the
     /// async workers.
     pub fn refresh(&self) -> Result<IngestReport, EngineError> {
+        let _serial = self.refresh_lock.lock();
+        let policies = self.policies();
+        self.refresh_locked(&policies, || {})
+    }
+
+    /// The refresh, with `refresh_lock` held: ingest → compute `policies`' aggregates → run
+    /// `swap` → publish → drop from the ledger what ingestion covered → age out old entries.
+    fn refresh_locked(
+        &self,
+        policies: &PolicySet,
+        swap: impl FnOnce(),
+    ) -> Result<IngestReport, EngineError> {
         let started = Instant::now();
         let report = self.engine.ingest()?;
         let edge = self.edge.aggregates();
-        let aggregates = declared_aggregates(self.policies().rules(), &edge);
-        let published = self.engine.compute(&aggregates, now_ms())?;
-        let expired = self.edge.expire(crate::edge::EDGE_RESERVATION_TTL);
+        let aggregates = declared_aggregates(policies.rules(), &edge);
+        let now = now_ms();
+        let published = self.engine.compute(&aggregates, now)?;
+        let expired = self.edge.expire(edge::EDGE_RESERVATION_TTL);
         if expired > 0 {
             tracing::warn!(
                 expired,
                 "edge reservations released without a report (proxy gone?)"
             );
         }
+        swap();
         self.publish_aggregates(Arc::new(published));
-        self.ledger.ingested_through(report.telemetry_offset);
+        self.ledger.ingested_through(&report.telemetry_through);
+        self.ledger
+            .expire(now.saturating_sub(longest_window_ms(&aggregates, now)));
         self.metrics.refresh(
             started.elapsed().as_secs_f64(),
             report.telemetry_rows + report.decision_rows,
             report.malformed.len() as u64,
         );
         Ok(report)
+    }
+
+    /// Ingest new log lines for a question (serialized with refreshes).
+    pub fn ingest(&self) -> Result<IngestReport, EngineError> {
+        let _serial = self.refresh_lock.lock();
+        self.engine.ingest()
+    }
+
+    /// Reopen both logs before the next write (SIGHUP after an external rotation).
+    pub fn reopen_logs(&self) {
+        self.writer.reopen();
+    }
+
+    /// Wait until no request is in flight, at most `timeout`; returns how many still are.
+    pub async fn drained(&self, timeout: std::time::Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.in_flight();
+            if n == 0 || Instant::now() >= deadline {
+                return n;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// The configured API key that `presented` is, compared in constant time.
@@ -372,7 +417,7 @@ impl Gateway {
     }
 
     /// Edge (proxy-wasm) bookkeeping.
-    pub fn edge(&self) -> &crate::edge::EdgeState {
+    pub fn edge(&self) -> &edge::EdgeState {
         &self.edge
     }
 
@@ -393,6 +438,8 @@ impl Gateway {
 
     /// Reload the policy file and components; on success swap them in atomically (requests
     /// already evaluating keep the set they started with), on failure keep serving the old set.
+    /// The new set's aggregates are computed before the swap, so its budgets never read an
+    /// empty window.
     pub fn reload_policies(&self) -> Result<Arc<PolicySet>, ConfigError> {
         match PolicySet::load(
             &self.config.policy_file,
@@ -401,12 +448,16 @@ impl Gateway {
         ) {
             Ok(set) => {
                 let set = Arc::new(set);
-                *self.policies.write() = Arc::clone(&set);
-                self.metrics.reload("ok");
-                // New rules may declare new aggregates: publish them now, not at the next tick.
-                if let Err(e) = self.refresh() {
-                    tracing::error!(error = %e, "aggregate refresh after reload failed");
+                {
+                    let _serial = self.refresh_lock.lock();
+                    let swap = || *self.policies.write() = Arc::clone(&set);
+                    if let Err(e) = self.refresh_locked(&set, swap) {
+                        // Serve the new rules anyway, on the aggregates published last.
+                        tracing::error!(error = %e, "aggregate refresh for the reloaded policies failed");
+                        *self.policies.write() = Arc::clone(&set);
+                    }
                 }
+                self.metrics.reload("ok");
                 tracing::info!(file = %self.config.policy_file.display(), rules = set.rules().count(), "policies reloaded");
                 Ok(set)
             }
@@ -559,262 +610,23 @@ impl Gateway {
         })
     }
 
-    /// Process one request through the whole lifecycle.
-    pub async fn handle(&self, inf: Inference) -> Result<Outcome, GatewayError> {
-        let _in_flight = InFlight::enter(&self.in_flight);
-        let cfg = &self.config;
-        let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
-        let policies = self.policies();
-        let PricedRequest {
-            ctx,
-            route,
-            mut priced,
-            pairs,
-        } = self.price_request(&inf, &policies, request_id.clone())?;
-        let requested_model = &ctx.model;
-        let unix_ms = ctx.unix_time_ms;
-        let requested_estimate = ctx.estimated_cost_usd;
-        let tokens_in_requested = ctx.estimated_tokens_in;
-
-        // Reserve first, so concurrent requests see each other; evaluate against aggregates +
-        // ledger minus this request's own reservation.
-        let dims = Dims::of(&ctx);
-        let mut reservation = self.ledger.reserve(
-            dims.clone(),
-            requested_estimate,
-            tokens_in_requested,
-            priced.tokens_out,
-        );
-        let eval_started = Instant::now();
-        let evaluation = {
-            let store = Arc::clone(&self.store.read());
-            let source = LiveSnapshots {
-                store: store.as_ref(),
-                ledger: &self.ledger,
-                own: Some((&dims, reservation.amount())),
-            };
-            policies.evaluate(&ctx, &source)
-        };
-        let policy_ms = eval_started.elapsed().as_secs_f64() * 1e3;
-        let errors: Vec<&str> = evaluation
-            .rules
-            .iter()
-            .filter(|r| r.error.is_some())
-            .map(|r| r.rule_id.as_str())
-            .collect();
-        self.metrics.policy_eval(policy_ms / 1e3, &errors);
-
-        let effective_tier = match (&evaluation.decision, &evaluation.downgrade_to) {
-            (DecisionKind::Downgrade, Some(tier)) => tier.clone(),
-            _ => inf.model_tier.clone(),
-        };
-        let mut telemetry = TelemetryRecord {
-            model_tier: effective_tier.clone(),
-            provider: cfg
-                .models
-                .get(requested_model)
-                .map(|m| m.provider.clone())
-                .unwrap_or_default(),
-            policy_decision: evaluation.decision.as_str().into(),
-            policy_id: evaluation.policy_id.clone(),
-            ..TelemetryRecord::for_request(&ctx)
-        };
-        let decision = DecisionRecord {
-            timestamp: rfc3339(unix_ms),
-            request_id: request_id.clone(),
-            tenant_id: inf.tenant_id.clone(),
-            caller_id: inf.caller_id.clone(),
-            feature_id: inf.feature_id.clone(),
-            experiment_id: inf.experiment_id.clone(),
-            budget_namespace: evaluation.namespace.clone(),
-            route_name: inf.route_name.clone(),
-            requested_model_tier: inf.model_tier.clone(),
-            effective_model_tier: effective_tier.clone(),
-            primitive: evaluation.primitive.clone(),
-            decision: evaluation.decision.as_str().into(),
-            reason: evaluation.reason.clone(),
-            policy_id: evaluation.policy_id.clone(),
-            estimated_cost_usd: requested_estimate,
-            latency_ms: (policy_ms * 1000.0).round() / 1000.0,
-            window_cost_usd: evaluation.fact("window_cost_usd"),
-            window_limit_usd: evaluation.fact("window_limit_usd"),
-            policy_version: policies.version().to_owned(),
-            alerts: &evaluation.alerts,
-            rules: &evaluation.rules,
-        };
-        drop(policies);
-
-        if evaluation.decision == DecisionKind::Deny {
-            drop(reservation);
-            telemetry.estimated_cost_usd = requested_estimate;
-            telemetry.tokens_in = u64::from(tokens_in_requested);
-            telemetry.tokens_total = telemetry.tokens_in;
-            telemetry.status = "denied".into();
-            telemetry.cost_source = "none".into();
-            self.metrics
-                .request(&inf.route_name, "deny", requested_estimate, 0.0);
-            match self.writer.append(&telemetry, Some(&decision)).await {
-                Ok(_) => {}
-                Err(e) if cfg.reject_unlogged => return Err(GatewayError::Unlogged(e)),
-                Err(e) => tracing::error!(error = %e, "denial served unlogged"),
-            }
-            return Ok(Outcome::Denied {
-                request_id,
-                evaluation,
-            });
-        }
-
-        // Re-price at the effective tier.
-        let model_name = route
-            .tiers
-            .get(&effective_tier)
-            .unwrap_or(requested_model)
-            .clone();
-        let tokens_in_est = priced.tokens_in(cfg, &model_name, &pairs);
-        let estimate = priced
-            .tier(&effective_tier)
-            .map_or(requested_estimate, |t| t.estimated_cost_usd);
-        if model_name != *requested_model {
-            let mut moved = dims.clone();
-            moved.model = model_name.clone();
-            reservation.update(moved, estimate, tokens_in_est, priced.tokens_out);
-        }
-        telemetry.estimated_cost_usd = estimate;
-        telemetry.model_tier = effective_tier.clone();
-
-        // Dispatch along the fallback chain.
-        let chain: Vec<String> = std::iter::once(model_name.clone())
-            .chain(
-                cfg.models
-                    .get(&model_name)
-                    .map(|m| m.fallback.clone())
-                    .unwrap_or_default(),
-            )
-            .collect();
-        let mut failures = Vec::new();
-        let mut answered = None;
-        let dispatch_started = Instant::now();
-        for (i, candidate) in chain.iter().enumerate() {
-            let Some(model_cfg) = cfg.models.get(candidate) else {
-                continue;
-            };
-            let Some(provider) = self.providers.get(&model_cfg.provider) else {
-                continue;
-            };
-            let req = CompletionRequest {
-                model: model_cfg
-                    .provider_model
-                    .clone()
-                    .unwrap_or_else(|| candidate.clone()),
-                messages: inf.messages.clone(),
-                max_tokens: priced.tokens_out,
-                temperature: inf.temperature,
-            };
-            match provider.complete(&req).await {
-                Ok((completion, _attempts)) => {
-                    answered = Some((i, candidate.clone(), model_cfg, completion));
-                    break;
-                }
-                Err(e) => {
-                    self.metrics.provider_error(&model_cfg.provider, e.kind());
-                    tracing::warn!(model = %candidate, provider = %model_cfg.provider, error = %e, "provider call failed");
-                    failures.push((candidate.clone(), model_cfg.provider.clone(), e));
-                }
-            }
-        }
-        let latency_ms = (dispatch_started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-        telemetry.latency_ms = latency_ms;
-        let fallback_reason = (!failures.is_empty()).then(|| {
-            failures
-                .iter()
-                .map(|(m, _, e)| format!("{m}: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
-        telemetry.fallback_reason = fallback_reason.clone();
-
-        let Some((index, model, model_cfg, completion)) = answered else {
-            drop(reservation);
-            let last = failures.last();
-            telemetry.status = "error".into();
-            telemetry.cost_source = "none".into();
-            telemetry.model = model_name.clone();
-            telemetry.error_type = last.map(|(_, _, e)| e.kind().to_owned());
-            self.metrics
-                .request(&inf.route_name, "error", estimate, 0.0);
-            let summary =
-                fallback_reason.unwrap_or_else(|| "no provider configured for the model".into());
-            if let Err(e) = self.writer.append(&telemetry, Some(&decision)).await {
-                tracing::error!(error = %e, "provider failure not logged");
-            }
-            return Err(GatewayError::ProvidersFailed(summary));
-        };
-
-        // Settle at the provider's usage when reported, else at our counts.
-        let tokens_in = match completion.tokens_in {
-            Some(n) => n,
-            None => priced.tokens_in(cfg, &model, &pairs),
-        };
-        let tokens_out = completion.tokens_out.unwrap_or(priced.tokens_out);
-        let cost = pricing::cost_usd(model_cfg, tokens_in, tokens_out);
-        let from_provider = completion.tokens_in.is_some() && completion.tokens_out.is_some();
-        telemetry.provider = model_cfg.provider.clone();
-        telemetry.model = model.clone();
-        telemetry.tokens_in = u64::from(tokens_in);
-        telemetry.tokens_out = u64::from(tokens_out);
-        telemetry.tokens_total = u64::from(tokens_in) + u64::from(tokens_out);
-        telemetry.cost_usd = cost;
-        telemetry.cost_source = if from_provider {
-            "provider_usage"
-        } else {
-            "tokenizer"
-        }
-        .into();
-        telemetry.status = "ok".into();
-        telemetry.finish_reason = Some(completion.finish_reason.clone());
-        telemetry.is_fallback = index > 0;
-        if index > 0 {
-            self.metrics.fallback(&inf.route_name);
-        }
-        self.metrics.request(
-            &inf.route_name,
-            evaluation.decision.as_str(),
-            estimate,
-            cost,
-        );
-        let actual = Sums {
-            cost_usd: cost,
-            tokens_in: f64::from(tokens_in),
-            tokens_out: f64::from(tokens_out),
-            requests: 1.0,
-        };
-        match self.writer.append(&telemetry, Some(&decision)).await {
-            Ok(w) => reservation.settle(actual, Some(w.telemetry_end)),
-            Err(e) => {
-                reservation.settle(actual, None);
-                if cfg.reject_unlogged {
-                    return Err(GatewayError::Unlogged(e));
-                }
-                tracing::error!(error = %e, "request served unlogged");
-            }
-        }
-        Ok(Outcome::Served(Box::new(Served {
-            request_id,
-            completion,
-            model,
-            provider: model_cfg.provider.clone(),
-            effective_tier,
-            estimated_cost_usd: estimate,
-            cost_usd: cost,
-            tokens_in,
-            tokens_out,
-            is_fallback: index > 0,
-            evaluation,
-        })))
-    }
-
     /// Write everything queued and close the logs. Requests after this fail as unlogged.
     pub fn shutdown(&self) {
         self.writer.shutdown();
     }
+}
+
+/// The longest window among `aggregates`, ms (at least a day), measured at `now_ms`: ledger
+/// entries older than it count in no sum.
+fn longest_window_ms(aggregates: &[llmscope_sdk::types::Aggregate], now_ms: u64) -> u64 {
+    let now_us = i64::try_from(now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    aggregates
+        .iter()
+        .map(|a| {
+            let start = crate::engine::window_start_us(a.window, now_ms).0;
+            u64::try_from(now_us.saturating_sub(start) / 1000).unwrap_or(0)
+        })
+        .fold(86_400_000, u64::max)
 }

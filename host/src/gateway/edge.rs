@@ -31,10 +31,11 @@ use serde_json::{Map, Value};
 use crate::artifacts::{rfc3339, DecisionRecord, TelemetryRecord, WriteError};
 use crate::engine::SpecKey;
 use crate::gateway::{Gateway, GatewayError, Inference, PricedRequest};
-use crate::ledger::{Dims, LiveSnapshots, Reservation, Sums};
+use crate::ledger::{Dims, Reservation, Sums};
 use crate::policy::{DecisionKind, Mode, RuleOutcome};
 use crate::pricing;
 use crate::requests::{parse_chat, parse_infer, ChatError};
+use crate::snapshots::LiveSnapshots;
 
 /// How long a reservation made for an edge request waits for its report.
 pub const EDGE_RESERVATION_TTL: Duration = Duration::from_secs(600);
@@ -328,9 +329,13 @@ impl Gateway {
                 return Err(EdgeError::Overloaded(entries.len()));
             }
             let entry = entries.entry(request_id).or_insert_with(|| Entry {
-                reservation: self
-                    .ledger()
-                    .reserve(dims.clone(), estimate, tokens_in, tokens_out),
+                reservation: self.ledger().reserve(
+                    dims.clone(),
+                    ctx.unix_time_ms,
+                    estimate,
+                    tokens_in,
+                    tokens_out,
+                ),
                 created: Instant::now(),
             });
             // A later filter of the chain sees the tier an earlier one downgraded to.
@@ -515,6 +520,7 @@ impl Gateway {
             window_cost_usd: fact("window_cost_usd"),
             window_limit_usd: fact("window_limit_usd"),
             policy_version: "edge".into(),
+            reservation: None,
             alerts: &alerts,
             rules: &report.rules,
         };
@@ -531,15 +537,15 @@ impl Gateway {
         let written = self.writer().append(&telemetry, Some(&record)).await;
         match (reservation, actual) {
             (Some(r), Some(actual)) => {
-                r.settle(actual, written.as_ref().ok().map(|w| w.telemetry_end));
+                r.settle(actual, written.as_ref().ok().and_then(|w| w.telemetry));
             }
             (None, Some(actual)) => {
                 // The reservation expired or the host restarted: the spend still counts.
                 let dims = Dims::of(ctx);
                 let mut moved = dims;
                 moved.model = model_name.clone();
-                let r = self.ledger().reserve(moved, 0.0, 0, 0);
-                r.settle(actual, written.as_ref().ok().map(|w| w.telemetry_end));
+                let r = self.ledger().reserve(moved, ctx.unix_time_ms, 0.0, 0, 0);
+                r.settle(actual, written.as_ref().ok().and_then(|w| w.telemetry));
             }
             (r, None) => drop(r),
         }

@@ -1,0 +1,211 @@
+//! The telemetry and decision lines of one request, built as its lifecycle goes: the decision
+//! once evaluated (written ahead of dispatch), the telemetry once settled.
+
+use llmscope_sdk::types::RequestContext;
+
+use crate::artifacts::{rfc3339, DecisionRecord, ReservationRecord, TelemetryRecord};
+use crate::config::GatewayConfig;
+use crate::policy::{Evaluation, PolicySet};
+
+/// A telemetry line's `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The provider answered and the client received it.
+    Ok,
+    /// Refused by policy; never dispatched.
+    Denied,
+    /// Every attempt failed.
+    Error,
+    /// The client left before the answer; recorded at what the provider billed, if it answered.
+    Cancelled,
+    /// Dispatched by a process that died before recording it; counted at its estimate.
+    Unanswered,
+}
+
+impl Status {
+    /// The name in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Denied => "denied",
+            Self::Error => "error",
+            Self::Cancelled => "cancelled",
+            Self::Unanswered => "unanswered",
+        }
+    }
+}
+
+/// A telemetry line's `cost_source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostSource {
+    /// The provider's reported usage.
+    ProviderUsage,
+    /// The provider reported no usage: our token counts.
+    Tokenizer,
+    /// Nothing to count from: the estimate (timed-out attempts, a crash).
+    Estimate,
+    /// Nothing was spent.
+    None,
+}
+
+impl CostSource {
+    /// The name in the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ProviderUsage => "provider_usage",
+            Self::Tokenizer => "tokenizer",
+            Self::Estimate => "estimate",
+            Self::None => "none",
+        }
+    }
+}
+
+/// The decision's fields that do not borrow the evaluation.
+struct DecisionFields {
+    timestamp: String,
+    budget_namespace: Option<String>,
+    effective_model_tier: String,
+    latency_ms: f64,
+    policy_version: String,
+    reservation: Option<ReservationRecord>,
+}
+
+/// One request's two lines.
+pub struct Records {
+    /// The telemetry line, filled in stage by stage.
+    pub telemetry: TelemetryRecord,
+    ctx: RequestContext,
+    decision: DecisionFields,
+}
+
+impl Records {
+    /// The lines of `ctx` as evaluated: attribution, estimates and the verdict.
+    pub fn new(
+        ctx: &RequestContext,
+        evaluation: &Evaluation,
+        policies: &PolicySet,
+        policy_ms: f64,
+        config: &GatewayConfig,
+    ) -> Self {
+        let effective_tier = match &evaluation.downgrade_to {
+            Some(tier) if evaluation.decision == crate::policy::DecisionKind::Downgrade => {
+                tier.clone()
+            }
+            _ => ctx.requested_tier.clone(),
+        };
+        let telemetry = TelemetryRecord {
+            model_tier: effective_tier.clone(),
+            provider: config
+                .models
+                .get(&ctx.model)
+                .map(|m| m.provider.clone())
+                .unwrap_or_default(),
+            policy_decision: evaluation.decision.as_str().into(),
+            policy_id: evaluation.policy_id.clone(),
+            ..TelemetryRecord::for_request(ctx)
+        };
+        Self {
+            telemetry,
+            ctx: ctx.clone(),
+            decision: DecisionFields {
+                timestamp: rfc3339(ctx.unix_time_ms),
+                budget_namespace: evaluation.namespace.clone(),
+                effective_model_tier: effective_tier,
+                latency_ms: (policy_ms * 1000.0).round() / 1000.0,
+                policy_version: policies.version().to_owned(),
+                reservation: None,
+            },
+        }
+    }
+
+    /// The decision line, borrowing the evaluation's alerts and rule outcomes.
+    pub fn decision<'e>(&self, evaluation: &'e Evaluation) -> DecisionRecord<'e> {
+        let ctx = &self.ctx;
+        DecisionRecord {
+            timestamp: self.decision.timestamp.clone(),
+            request_id: ctx.request_id.clone(),
+            tenant_id: ctx.tenant_id.clone(),
+            caller_id: ctx.caller_id.clone(),
+            feature_id: ctx.feature_id.clone(),
+            experiment_id: ctx.experiment_id.clone(),
+            budget_namespace: self.decision.budget_namespace.clone(),
+            route_name: ctx.route_name.clone(),
+            requested_model_tier: ctx.requested_tier.clone(),
+            effective_model_tier: self.decision.effective_model_tier.clone(),
+            primitive: evaluation.primitive.clone(),
+            decision: evaluation.decision.as_str().into(),
+            reason: evaluation.reason.clone(),
+            policy_id: evaluation.policy_id.clone(),
+            estimated_cost_usd: ctx.estimated_cost_usd,
+            latency_ms: self.decision.latency_ms,
+            window_cost_usd: evaluation.fact("window_cost_usd"),
+            window_limit_usd: evaluation.fact("window_limit_usd"),
+            policy_version: self.decision.policy_version.clone(),
+            reservation: self.decision.reservation.clone(),
+            alerts: &evaluation.alerts,
+            rules: &evaluation.rules,
+        }
+    }
+
+    /// Refused by policy: the estimate and input tokens as asked, nothing spent.
+    pub fn denied(&mut self) {
+        let t = &mut self.telemetry;
+        t.estimated_cost_usd = self.ctx.estimated_cost_usd;
+        t.tokens_in = u64::from(self.ctx.estimated_tokens_in);
+        t.tokens_total = t.tokens_in;
+        t.status = Status::Denied.as_str().into();
+        t.cost_source = CostSource::None.as_str().into();
+    }
+
+    /// About to be dispatched at `tier` with `reservation` (written ahead in the decision).
+    pub fn dispatching(&mut self, tier: &str, reservation: ReservationRecord) {
+        self.telemetry.estimated_cost_usd = reservation.cost_usd;
+        self.telemetry.model_tier = tier.to_owned();
+        self.decision.reservation = Some(reservation);
+    }
+
+    /// No attempt answered: `cost` is what timed-out attempts are charged.
+    pub fn unanswered(&mut self, status: Status, cost: f64, model: &str) {
+        let t = &mut self.telemetry;
+        t.status = status.as_str().into();
+        t.model = model.to_owned();
+        t.cost_usd = cost;
+        t.cost_source = if cost > 0.0 {
+            CostSource::Estimate
+        } else {
+            CostSource::None
+        }
+        .as_str()
+        .into();
+    }
+
+    /// `model` answered; `cost` includes any timed-out attempts before it.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call sets every field of the answer"
+    )]
+    pub fn answered(
+        &mut self,
+        status: Status,
+        source: CostSource,
+        provider: &str,
+        model: &str,
+        tokens_in: u32,
+        tokens_out: u32,
+        cost: f64,
+        finish_reason: &str,
+        is_fallback: bool,
+    ) {
+        let t = &mut self.telemetry;
+        t.provider = provider.to_owned();
+        t.model = model.to_owned();
+        t.tokens_in = u64::from(tokens_in);
+        t.tokens_out = u64::from(tokens_out);
+        t.tokens_total = u64::from(tokens_in) + u64::from(tokens_out);
+        t.cost_usd = cost;
+        t.cost_source = source.as_str().into();
+        t.status = status.as_str().into();
+        t.finish_reason = Some(finish_reason.to_owned());
+        t.is_fallback = is_fallback;
+    }
+}

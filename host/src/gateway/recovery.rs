@@ -1,0 +1,140 @@
+//! Crash recovery at start. Every dispatched request's decision line, with its reservation, is
+//! written before the provider is called; its telemetry line after the provider answers. A
+//! decision with a reservation and no telemetry line was in flight when its process died, and
+//! the provider may have billed it. At start each such request gets a telemetry line with
+//! status `unanswered`, `cost_source: estimate` and its reserved estimate as cost, so budgets
+//! and the questions count it: a crash leaves the books conservative, never optimistic.
+//!
+//! The logs must not be shared with another gateway that is running: its requests in flight
+//! would be counted here too (at their estimate, and again when they finish).
+
+use std::collections::HashSet;
+use std::io::BufRead;
+
+use serde::Deserialize;
+
+use crate::artifacts::{append_lines_now, encode, ReservationRecord, TelemetryRecord};
+
+use super::records::{CostSource, Status};
+use super::{Gateway, StartError};
+
+/// The fields of a decision line recovery needs.
+#[derive(Deserialize)]
+struct Decision {
+    timestamp: String,
+    request_id: String,
+    tenant_id: String,
+    #[serde(default)]
+    caller_id: Option<String>,
+    #[serde(default)]
+    feature_id: Option<String>,
+    #[serde(default)]
+    experiment_id: Option<String>,
+    #[serde(default)]
+    budget_namespace: Option<String>,
+    route_name: String,
+    requested_model_tier: String,
+    effective_model_tier: String,
+    decision: String,
+    #[serde(default)]
+    policy_id: Option<String>,
+    reservation: ReservationRecord,
+}
+
+impl Gateway {
+    /// Write an `unanswered` telemetry line, at its reserved estimate, for every decision
+    /// written ahead of a dispatch that has no telemetry line. Returns how many.
+    pub(crate) fn recover_unanswered(&self) -> Result<usize, StartError> {
+        self.engine.ingest()?;
+        let orphans: HashSet<String> = self.engine.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT d.request_id FROM decisions d WHERE d.decision <> 'deny' \
+                 AND d.request_id IS NOT NULL AND NOT EXISTS \
+                 (SELECT 1 FROM telemetry t WHERE t.request_id = d.request_id)",
+            )?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })?;
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        let path = &self.config.decisions_path;
+        let file = std::fs::File::open(path)
+            .map_err(|e| StartError::Recovery(format!("cannot read {}: {e}", path.display())))?;
+        let mut lines = String::new();
+        let mut seen = HashSet::new();
+        let mut cost = 0.0;
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.map_err(|e| {
+                StartError::Recovery(format!("cannot read {}: {e}", path.display()))
+            })?;
+            // Only write-ahead lines carry a reservation; older logs have none to recover.
+            if !line.contains("\"reservation\":") {
+                continue;
+            }
+            let Ok(d) = serde_json::from_str::<Decision>(&line) else {
+                continue;
+            };
+            if !orphans.contains(&d.request_id) || !seen.insert(d.request_id.clone()) {
+                continue;
+            }
+            cost += d.reservation.cost_usd;
+            let record = unanswered(d);
+            let encoded = encode(&self.config.telemetry_path, &record)?;
+            lines.push_str(&encoded);
+        }
+        if seen.is_empty() {
+            return Ok(0);
+        }
+        append_lines_now(&self.config.telemetry_path, &lines)?;
+        tracing::warn!(
+            requests = seen.len(),
+            cost_usd = cost,
+            "recorded requests dispatched before a crash and never answered, at their estimate"
+        );
+        Ok(seen.len())
+    }
+}
+
+/// The telemetry line of a request that was dispatched and never recorded.
+fn unanswered(d: Decision) -> TelemetryRecord {
+    let namespace = d.budget_namespace.unwrap_or_default();
+    let r = d.reservation;
+    TelemetryRecord {
+        schema_version: crate::artifacts::TELEMETRY_SCHEMA_VERSION.into(),
+        timestamp: d.timestamp,
+        request_id: d.request_id,
+        tenant_id: d.tenant_id,
+        caller_id: d.caller_id,
+        use_case: d.feature_id.clone(),
+        audit_tags: crate::artifacts::AuditTags {
+            feature_id: d.feature_id.clone(),
+            experiment_id: d.experiment_id.clone(),
+            budget_namespace: namespace.clone(),
+        },
+        feature_id: d.feature_id,
+        experiment_id: d.experiment_id,
+        budget_namespace: namespace,
+        route: d.route_name.clone(),
+        route_name: d.route_name,
+        requested_model_tier: d.requested_model_tier,
+        model_tier: d.effective_model_tier,
+        provider: r.provider,
+        model: r.model,
+        tokens_in: r.tokens_in,
+        tokens_out: r.tokens_out,
+        tokens_total: r.tokens_in + r.tokens_out,
+        estimated_cost_usd: r.cost_usd,
+        cost_usd: r.cost_usd,
+        cost_source: CostSource::Estimate.as_str().into(),
+        latency_ms: 0.0,
+        status: Status::Unanswered.as_str().into(),
+        finish_reason: None,
+        is_fallback: false,
+        fallback_reason: None,
+        error_type: Some("unanswered_before_restart".into()),
+        policy_decision: d.decision,
+        policy_id: d.policy_id,
+        timed_out_cost_usd: 0.0,
+    }
+}
