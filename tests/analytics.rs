@@ -482,6 +482,27 @@ fn fallback_latency_masking_ranks_by_p95_latency() {
 }
 
 #[test]
+fn fallback_latency_masking_leaves_out_calls_without_route_or_latency() {
+    let telemetry = [
+        call("acme", "chat", Some("/a"), 0.01, Some(100.0)),
+        call("acme", "chat", Some("/a"), 0.01, None),
+        call("acme", "chat", None, 0.01, Some(5000.0)),
+    ];
+    let (_dir, e) = engine_of(&telemetry, &[]);
+    let r = rows(&e, Question::FallbackLatencyMasking, QueryParams::default());
+    assert_eq!(
+        r,
+        vec![vec![
+            json!("/a"),
+            json!(false),
+            json!(100.0),
+            json!(100.0),
+            json!(1)
+        ]]
+    );
+}
+
+#[test]
 fn budget_pressure_leaves_out_decisions_without_a_namespace() {
     let decision = |ns: Option<&str>, decision: &str| {
         let mut v =
@@ -511,6 +532,17 @@ fn budget_pressure_leaves_out_decisions_without_a_namespace() {
             vec![json!("default"), json!(1), json!(0), json!(0), json!(1)]
         ]
     );
+}
+
+#[test]
+fn unsafe_routes_leaves_out_calls_without_a_route() {
+    let telemetry = [
+        call("acme", "chat", Some("/a"), 0.10, Some(10.0)),
+        call("acme", "chat", None, 0.50, Some(10.0)),
+    ];
+    let (_dir, e) = engine_of(&telemetry, &[]);
+    let r = rows(&e, Question::UnsafeRoutes, QueryParams::default());
+    assert_eq!(r, vec![vec![json!("/a"), json!(0.1), json!(0.1), json!(1)]]);
 }
 
 #[test]

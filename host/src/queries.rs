@@ -30,11 +30,11 @@ pub enum Question {
     /// Which budget namespaces are triggering downgrades or denials? Decisions with a namespace,
     /// per namespace, most downgrades plus denials first (then denials, namespace).
     BudgetPressureByNamespace,
-    /// Which fallbacks or routing choices are masking latency? Per route and `is_fallback`,
-    /// highest p95 latency first (then route, `is_fallback`).
+    /// Which fallbacks or routing choices are masking latency? Calls with a route and a latency,
+    /// per route and `is_fallback`, highest p95 latency first (then route, `is_fallback`).
     FallbackLatencyMasking,
-    /// Which routes or features are no longer margin-safe? Per route, those whose average cost
-    /// is above the threshold, highest average first (then route).
+    /// Which routes or features are no longer margin-safe? Calls with a route, per route, those
+    /// whose average cost is above the threshold, highest average first (then route).
     UnsafeRoutes,
 }
 
@@ -134,12 +134,14 @@ impl Question {
             Self::FallbackLatencyMasking => "
                 SELECT route_name, is_fallback, quantile_cont(latency_ms, 0.95) AS p95_latency_ms,
                        avg(latency_ms) AS avg_latency_ms, count(*) AS request_count
-                FROM telemetry WHERE status <> 'denied' AND ts_us >= ?1 AND ts_us < ?2
+                FROM telemetry
+                WHERE status <> 'denied' AND route_name IS NOT NULL AND latency_ms IS NOT NULL
+                      AND ts_us >= ?1 AND ts_us < ?2
                 GROUP BY route_name, is_fallback
                 ORDER BY p95_latency_ms DESC, route_name, is_fallback",
             Self::UnsafeRoutes => "
                 SELECT route_name, avg(cost_usd) AS avg_cost_usd, max(cost_usd) AS max_cost_usd, count(*) AS request_count
-                FROM telemetry WHERE status <> 'denied' AND ts_us >= ?1 AND ts_us < ?2
+                FROM telemetry WHERE status <> 'denied' AND route_name IS NOT NULL AND ts_us >= ?1 AND ts_us < ?2
                 GROUP BY route_name
                 HAVING avg(cost_usd) > ?3
                 ORDER BY avg_cost_usd DESC, route_name",
