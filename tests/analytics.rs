@@ -352,10 +352,11 @@ fn fallback_latency_masking() {
     let (_dir, t, d) = fixtures();
     let e = engine(&t, &d);
     let r = rows(&e, Question::FallbackLatencyMasking, QueryParams::default());
+    // Highest p95 first, as the reference orders them.
     let expected = [
-        ("/answer-routed", false, 290.0, 200.0, 2),
         ("/answer-routed", true, 1000.0, 1000.0, 1),
         ("/conversation-turn", false, 400.0, 400.0, 1),
+        ("/answer-routed", false, 290.0, 200.0, 2),
         ("/conversation-turn", true, 200.0, 200.0, 1),
     ];
     assert_eq!(r.len(), 4, "{r:?}");
@@ -401,6 +402,147 @@ fn unsafe_routes_with_thresholds() {
         ["/conversation-turn", "/answer-routed"]
     );
     assert!(close(&r[1][1], 0.022));
+}
+
+/// An engine over logs of `telemetry` and `decisions` lines.
+fn engine_of(telemetry: &[Value], decisions: &[Value]) -> (tempfile::TempDir, SpendEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, d) = (
+        dir.path().join("telemetry.jsonl"),
+        dir.path().join("policy_decisions.jsonl"),
+    );
+    let jsonl = |lines: &[Value]| lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    std::fs::write(&t, jsonl(telemetry)).unwrap();
+    std::fs::write(&d, jsonl(decisions)).unwrap();
+    let e = engine(&t, &d);
+    (dir, e)
+}
+
+fn call(
+    tenant: &str,
+    feature: &str,
+    route: Option<&str>,
+    cost: f64,
+    latency: Option<f64>,
+) -> Value {
+    let mut v = json!({
+        "timestamp": "2025-11-24T10:00:00Z", "tenant_id": tenant, "feature_id": feature,
+        "cost_usd": cost, "status": "ok", "is_fallback": false,
+    });
+    if let Some(r) = route {
+        v["route_name"] = json!(r);
+    }
+    if let Some(l) = latency {
+        v["latency_ms"] = json!(l);
+    }
+    v
+}
+
+#[test]
+fn cost_by_tenant_and_feature_ranks_by_total_cost() {
+    // acme/chat: 10 cheap calls, $0.10 in all ($0.01 each); globex/summarize: one $0.05 call.
+    // The reference ranks by total cost, so acme/chat comes first despite its lower average.
+    let mut telemetry: Vec<Value> = (0..10)
+        .map(|_| call("acme", "chat", Some("/r"), 0.01, Some(10.0)))
+        .collect();
+    telemetry.push(call("globex", "summarize", Some("/r"), 0.05, Some(10.0)));
+    let (_dir, e) = engine_of(&telemetry, &[]);
+    let r = rows(&e, Question::CostByTenantAndFeature, QueryParams::default());
+    assert_eq!(
+        r.iter()
+            .map(|row| (row[0].as_str().unwrap(), row[1].as_str().unwrap()))
+            .collect::<Vec<_>>(),
+        [("acme", "chat"), ("globex", "summarize")],
+        "{r:?}"
+    );
+    assert!(
+        close(&r[0][2], 0.1) && close(&r[0][3], 0.01) && r[0][4] == 10,
+        "{r:?}"
+    );
+}
+
+#[test]
+fn fallback_latency_masking_ranks_by_p95_latency() {
+    let mut fallback = call("acme", "chat", Some("/a"), 0.01, Some(50.0));
+    fallback["is_fallback"] = json!(true);
+    let telemetry = [
+        call("acme", "chat", Some("/a"), 0.01, Some(900.0)),
+        fallback,
+        call("acme", "chat", Some("/b"), 0.01, Some(100.0)),
+    ];
+    let (_dir, e) = engine_of(&telemetry, &[]);
+    let r = rows(&e, Question::FallbackLatencyMasking, QueryParams::default());
+    assert_eq!(
+        r.iter()
+            .map(|row| (row[0].as_str().unwrap(), row[1].as_bool().unwrap()))
+            .collect::<Vec<_>>(),
+        [("/a", false), ("/b", false), ("/a", true)],
+        "slowest p95 first: {r:?}"
+    );
+}
+
+#[test]
+fn fallback_latency_masking_leaves_out_calls_without_route_or_latency() {
+    let telemetry = [
+        call("acme", "chat", Some("/a"), 0.01, Some(100.0)),
+        call("acme", "chat", Some("/a"), 0.01, None),
+        call("acme", "chat", None, 0.01, Some(5000.0)),
+    ];
+    let (_dir, e) = engine_of(&telemetry, &[]);
+    let r = rows(&e, Question::FallbackLatencyMasking, QueryParams::default());
+    assert_eq!(
+        r,
+        vec![vec![
+            json!("/a"),
+            json!(false),
+            json!(100.0),
+            json!(100.0),
+            json!(1)
+        ]]
+    );
+}
+
+#[test]
+fn budget_pressure_leaves_out_decisions_without_a_namespace() {
+    let decision = |ns: Option<&str>, decision: &str| {
+        let mut v =
+            json!({"timestamp": "2025-11-24T10:00:00Z", "tenant_id": "acme", "decision": decision});
+        if let Some(ns) = ns {
+            v["budget_namespace"] = json!(ns);
+        }
+        v
+    };
+    let decisions = [
+        decision(None, "deny"),
+        decision(None, "deny"),
+        decision(Some("demo"), "deny"),
+        decision(Some("demo"), "allow"),
+        decision(Some("default"), "allow"),
+    ];
+    let (_dir, e) = engine_of(&[], &decisions);
+    let r = rows(
+        &e,
+        Question::BudgetPressureByNamespace,
+        QueryParams::default(),
+    );
+    assert_eq!(
+        r,
+        vec![
+            vec![json!("demo"), json!(1), json!(0), json!(1), json!(2)],
+            vec![json!("default"), json!(1), json!(0), json!(0), json!(1)]
+        ]
+    );
+}
+
+#[test]
+fn unsafe_routes_leaves_out_calls_without_a_route() {
+    let telemetry = [
+        call("acme", "chat", Some("/a"), 0.10, Some(10.0)),
+        call("acme", "chat", None, 0.50, Some(10.0)),
+    ];
+    let (_dir, e) = engine_of(&telemetry, &[]);
+    let r = rows(&e, Question::UnsafeRoutes, QueryParams::default());
+    assert_eq!(r, vec![vec![json!("/a"), json!(0.1), json!(0.1), json!(1)]]);
 }
 
 #[test]

@@ -1,7 +1,10 @@
-//! The five cost questions of the reference system, with its names and output columns, on the
-//! DuckDB engine. Telemetry questions count provider calls (denied requests never reached a
-//! provider, as in the reference, whose telemetry only had calls); budget pressure counts
-//! decisions.
+//! The five cost questions of the reference system, with its names, output columns, filters and
+//! orderings, on the DuckDB engine. Where the reference's order leaves ties, a tie-breaker after
+//! it keeps answers deterministic.
+//!
+//! Telemetry questions count provider calls: every status but `denied` (denied requests never
+//! reached a provider; the reference's telemetry only had calls), so `error` and any later status
+//! count too. Budget pressure counts decisions.
 
 use std::fmt::Write as _;
 
@@ -17,15 +20,21 @@ use crate::engine::{EngineError, SpendEngine};
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]
 pub enum Question {
-    /// Which tenant or feature is burning the most margin per request?
+    /// Which tenant or feature is burning the most margin per request? Per tenant and feature,
+    /// highest total cost first (then tenant, feature).
     CostByTenantAndFeature,
-    /// Which experiment increased cost without improving outcome?
+    /// Which experiment increased cost without improving outcome? Calls with an experiment, per
+    /// experiment, highest average cost first (then experiment); success is `finish_reason`
+    /// `stop`.
     ExperimentCostVsOutcome,
-    /// Which budget namespaces are triggering downgrades or denials?
+    /// Which budget namespaces are triggering downgrades or denials? Decisions with a namespace,
+    /// per namespace, most downgrades plus denials first (then denials, namespace).
     BudgetPressureByNamespace,
-    /// Which fallbacks or routing choices are masking latency?
+    /// Which fallbacks or routing choices are masking latency? Calls with a route and a latency,
+    /// per route and `is_fallback`, highest p95 latency first (then route, `is_fallback`).
     FallbackLatencyMasking,
-    /// Which routes or features are no longer margin-safe?
+    /// Which routes or features are no longer margin-safe? Calls with a route, per route, those
+    /// whose average cost is above the threshold, highest average first (then route).
     UnsafeRoutes,
 }
 
@@ -104,7 +113,7 @@ impl Question {
                        count(*) AS request_count
                 FROM telemetry WHERE status <> 'denied' AND ts_us >= ?1 AND ts_us < ?2
                 GROUP BY tenant_id, feature_id
-                ORDER BY avg_cost_usd DESC, total_cost_usd DESC, tenant_id, feature_id NULLS LAST",
+                ORDER BY total_cost_usd DESC, tenant_id, feature_id NULLS LAST",
             Self::ExperimentCostVsOutcome => "
                 SELECT experiment_id, avg(tokens_in)::DOUBLE AS avg_tokens_in, avg(tokens_out)::DOUBLE AS avg_tokens_out,
                        avg(cost_usd) AS avg_cost_usd,
@@ -119,18 +128,20 @@ impl Question {
                        count(*) FILTER (WHERE decision = 'downgrade') AS downgrade_count,
                        count(*) FILTER (WHERE decision = 'deny') AS deny_count,
                        count(*) AS total_count
-                FROM decisions WHERE ts_us >= ?1 AND ts_us < ?2
+                FROM decisions WHERE budget_namespace IS NOT NULL AND ts_us >= ?1 AND ts_us < ?2
                 GROUP BY budget_namespace
-                ORDER BY deny_count + downgrade_count DESC, deny_count DESC, budget_namespace NULLS LAST",
+                ORDER BY deny_count + downgrade_count DESC, deny_count DESC, budget_namespace",
             Self::FallbackLatencyMasking => "
                 SELECT route_name, is_fallback, quantile_cont(latency_ms, 0.95) AS p95_latency_ms,
                        avg(latency_ms) AS avg_latency_ms, count(*) AS request_count
-                FROM telemetry WHERE status <> 'denied' AND ts_us >= ?1 AND ts_us < ?2
+                FROM telemetry
+                WHERE status <> 'denied' AND route_name IS NOT NULL AND latency_ms IS NOT NULL
+                      AND ts_us >= ?1 AND ts_us < ?2
                 GROUP BY route_name, is_fallback
-                ORDER BY route_name, is_fallback",
+                ORDER BY p95_latency_ms DESC, route_name, is_fallback",
             Self::UnsafeRoutes => "
                 SELECT route_name, avg(cost_usd) AS avg_cost_usd, max(cost_usd) AS max_cost_usd, count(*) AS request_count
-                FROM telemetry WHERE status <> 'denied' AND ts_us >= ?1 AND ts_us < ?2
+                FROM telemetry WHERE status <> 'denied' AND route_name IS NOT NULL AND ts_us >= ?1 AND ts_us < ?2
                 GROUP BY route_name
                 HAVING avg(cost_usd) > ?3
                 ORDER BY avg_cost_usd DESC, route_name",
