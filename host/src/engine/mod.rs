@@ -3,11 +3,44 @@
 //! - **Ingestion** tails `telemetry.jsonl` and `policy_decisions.jsonl` by byte offset into typed
 //!   tables: lines are parsed into Arrow columns (`batch.rs`) and the Appender takes them in
 //!   file order; a backlog of 32 MiB or more is read and parsed on every core while the
-//!   previous read is appended. The rows and the new offset commit in one transaction. A torn
-//!   last line (no newline yet) is left for the next pass; a malformed line is skipped, counted
-//!   and reported, never fatal. A file that shrank or whose first line changed was rotated or
-//!   truncated: it is read again from the start (rows already ingested stay — they are still
-//!   history).
+//!   previous read is appended.
+//! - **One pass at a time.** [`SpendEngine::ingest`] is serialized per engine (concurrent
+//!   callers — the refresh loop, a query, a reload — wait for each other): a log's cursor is
+//!   read, its lines appended and the new cursor committed and stored under one lock, so the
+//!   same bytes are never appended twice. The rows and the new cursor commit in one DuckDB
+//!   transaction; a failed pass rolls both back and leaves the cursor and the held file as they
+//!   were, so the next pass reads the same lines again, once.
+//! - **Lines.** Every line of a log becomes one row or one malformed count (blank lines are
+//!   neither). A torn last line (no newline yet) is left for the next pass; a malformed line is
+//!   skipped, counted ([`SpendEngine::malformed_total`]) and reported with its file and byte
+//!   offset, never fatal.
+//! - **Rotation.** The engine keeps each log's file open between passes and knows it by
+//!   (device, inode). Each pass opens the path and compares:
+//!   - *The same file*, no shorter than the cursor and with the same first line: read on from
+//!     the cursor.
+//!   - *The same file, shorter than the cursor or with another first line* (copytruncate, or a
+//!     truncate and rewrite): read again from the start; rows already ingested stay (they are
+//!     still history). Lines written between logrotate's copy and its truncate that no pass read
+//!     are only in the copy: they are not ingested.
+//!   - *Another file* (a rename rotation: `mv telemetry.jsonl telemetry.jsonl.1`, then the
+//!     writer reopens the path), once it holds data: the held old file is first read from the
+//!     cursor to its end — lines the writer appended after the rename included — then the new
+//!     file from offset 0, both in one transaction. A fragment without a newline at the old
+//!     file's end will never be completed: it is counted and reported as malformed, named
+//!     `<path> (rotated, inode N):<offset>`. While the new file is still empty (logrotate
+//!     created it, the writer has not reopened yet) or the path is missing, the held file is
+//!     still the log and is tailed as before. A line written to the old file after a pass has
+//!     switched to the new one is not read (a writer that reopens writes the new file only
+//!     after its last write to the old one).
+//!   - *No file held yet* (the first pass, or an engine restarted with a persisted
+//!     `duckdb_path`): the persisted cursor's first line recognises the file. One shorter than
+//!     the cursor or with another first line was rotated or truncated: it is read from offset 0.
+//!     Lines written to the old file after the persisted cursor are not recoverable (the engine
+//!     never learns the old file's new name).
+//!
+//!   [`IngestReport::telemetry_through`] says, per telemetry file, how far it was ingested
+//!   ([`LogPosition`]: inode and offset), so the ledger can drop the in-memory entries the
+//!   tables now count; plain offsets are ambiguous once a log rotates.
 //! - **Aggregates** for policies are computed as grouped SQL, one query per distinct aggregate
 //!   across the loaded rules, and published as hash tables: a request's lookup never touches SQL.
 //! - **The five questions** run on the same tables ([`crate::queries`]).
@@ -16,8 +49,8 @@
 //! re-reading; delete the file to rebuild it from the logs.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::{File, Metadata};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use duckdb::{params, Connection};
@@ -30,6 +63,8 @@ use crate::snapshots::AggregateStore;
 pub use llmscope_wire::records::parse_ts_us;
 
 mod batch;
+#[cfg(test)]
+mod tests;
 
 /// An engine failure.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +115,10 @@ impl Kind {
     }
 }
 
+/// Where ingestion stands in one telemetry file (defined with the writer, which reports the
+/// same positions for the lines it appends).
+pub use crate::artifacts::LogPosition;
+
 /// Where ingestion stands for one file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Cursor {
@@ -95,14 +134,75 @@ pub struct IngestReport {
     pub telemetry_rows: u64,
     /// Decision rows added.
     pub decision_rows: u64,
-    /// Malformed lines skipped in this pass, with file and byte offset.
+    /// Malformed lines skipped in this pass (at most 100), with file and byte offset.
     pub malformed: Vec<String>,
-    /// Telemetry bytes ingested so far (the ledger drops settled entries up to here).
+    /// Telemetry bytes ingested so far in the current telemetry file. After a rotation this is
+    /// an offset in the new file: prefer [`Self::telemetry_through`].
     pub telemetry_offset: u64,
-    /// Every telemetry file this pass read, with the offset ingested through.
-    pub telemetry_through: Vec<crate::artifacts::LogPosition>,
-    /// Files that were found rotated or truncated and re-read from the start.
+    /// Every telemetry file this pass read or drained, in reading order, each with the offset
+    /// it was ingested through: a rotated-away file at its end, then the current file at its
+    /// cursor (listed even when nothing new was read; absent only while no telemetry file has
+    /// been seen). Files drained by an earlier pass whose report was lost to an error come
+    /// first.
+    pub telemetry_through: Vec<LogPosition>,
+    /// Files that were found rotated or truncated and read from the start.
     pub rotated: Vec<String>,
+}
+
+/// A log file held open between passes, and its identity.
+#[derive(Debug)]
+struct Held {
+    file: File,
+    dev: u64,
+    ino: u64,
+}
+
+impl Held {
+    fn new(file: File, meta: &Metadata) -> Self {
+        Self {
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    fn same_file(&self, other: &Self) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
+/// Reading state of one log.
+#[derive(Debug, Default)]
+struct Log {
+    cursor: Cursor,
+    /// The file last read, kept open so that after a rename rotation it can be read to its end.
+    held: Option<Held>,
+}
+
+impl Log {
+    fn position(&self) -> Option<LogPosition> {
+        self.held.as_ref().map(|h| LogPosition {
+            file_id: h.ino,
+            offset: self.cursor.offset,
+        })
+    }
+}
+
+/// Everything an ingestion pass reads and writes besides the tables; one pass holds it.
+#[derive(Debug, Default)]
+struct IngestState {
+    telemetry: Log,
+    decisions: Log,
+    /// Telemetry files drained by passes whose report has not been returned yet.
+    unreported: Vec<LogPosition>,
+}
+
+/// What readers outside a pass may see, published after each log's pass so that they do not
+/// wait for a long one.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    malformed: (u64, u64),
+    telemetry: Option<LogPosition>,
 }
 
 /// The engine. All methods block; call them off the async workers.
@@ -110,7 +210,9 @@ pub struct SpendEngine {
     conn: Mutex<Connection>,
     telemetry_path: PathBuf,
     decisions_path: PathBuf,
-    cursors: Mutex<HashMap<&'static str, Cursor>>,
+    /// Held for a whole [`Self::ingest`] pass, then `conn` inside it (never the other order).
+    ingest: Mutex<IngestState>,
+    progress: Mutex<Progress>,
     /// Rows appended since the last [`Self::compact`].
     uncompacted_rows: std::sync::atomic::AtomicU64,
     /// When [`Self::compact`] last ran.
@@ -139,6 +241,8 @@ const CHUNK: usize = 8 << 20;
 const PARALLEL_MIN_BYTES: u64 = 32 << 20;
 /// Bytes of the first line kept to recognise a file.
 const HEAD_BYTES: usize = 128;
+/// Malformed lines listed in one report.
+const MALFORMED_LISTED: usize = 100;
 
 impl SpendEngine {
     /// Open an engine over the two logs; `db_path` persists tables and offsets.
@@ -166,7 +270,7 @@ impl SpendEngine {
             }
         };
         conn.execute_batch(SCHEMA)?;
-        let mut cursors = HashMap::new();
+        let mut state = IngestState::default();
         {
             let mut stmt =
                 conn.prepare("SELECT file, offset_bytes, head, malformed FROM llmscope_ingest")?;
@@ -180,26 +284,31 @@ impl SpendEngine {
             })?;
             for row in rows {
                 let (file, offset, head, malformed) = row?;
-                let key = if file == Kind::Telemetry.key() {
-                    Kind::Telemetry.key()
+                let log = if file == Kind::Telemetry.key() {
+                    &mut state.telemetry
                 } else {
-                    Kind::Decisions.key()
+                    &mut state.decisions
                 };
-                cursors.insert(
-                    key,
-                    Cursor {
-                        offset: offset.max(0) as u64,
-                        head,
-                        malformed: malformed.max(0) as u64,
-                    },
-                );
+                log.cursor = Cursor {
+                    offset: u64::try_from(offset).unwrap_or(0),
+                    head,
+                    malformed: u64::try_from(malformed).unwrap_or(0),
+                };
             }
         }
+        let progress = Progress {
+            malformed: (
+                state.telemetry.cursor.malformed,
+                state.decisions.cursor.malformed,
+            ),
+            telemetry: None,
+        };
         Ok(Self {
             conn: Mutex::new(conn),
             telemetry_path: telemetry_path.into(),
             decisions_path: decisions_path.into(),
-            cursors: Mutex::new(cursors),
+            ingest: Mutex::new(state),
+            progress: Mutex::new(progress),
             uncompacted_rows: std::sync::atomic::AtomicU64::new(0),
             compacted_at: Mutex::new(None),
         })
@@ -235,100 +344,211 @@ impl SpendEngine {
         &self.telemetry_path
     }
 
-    /// Malformed lines skipped so far, per log.
+    /// Malformed lines skipped so far, per log (telemetry, decisions).
     pub fn malformed_total(&self) -> (u64, u64) {
-        let c = self.cursors.lock();
-        (
-            c.get("telemetry").map_or(0, |c| c.malformed),
-            c.get("decisions").map_or(0, |c| c.malformed),
-        )
+        self.progress.lock().malformed
     }
 
-    /// Ingest whatever was appended to both logs since the last pass.
+    /// Where ingestion of the current telemetry file stands: the file (inode) read last and
+    /// the offset after its last ingested line; `None` until a pass has found a telemetry file.
+    /// It does not wait for a pass under way.
+    pub fn telemetry_position(&self) -> Option<LogPosition> {
+        self.progress.lock().telemetry
+    }
+
+    /// Ingest whatever was appended to both logs since the last pass. One pass runs at a time;
+    /// a concurrent call waits for the one under way, then ingests what is left.
     pub fn ingest(&self) -> Result<IngestReport, EngineError> {
+        let mut state = self.ingest.lock();
+        let IngestState {
+            telemetry,
+            decisions,
+            unreported,
+        } = &mut *state;
         let mut report = IngestReport::default();
-        for kind in [Kind::Telemetry, Kind::Decisions] {
-            let path = match kind {
-                Kind::Telemetry => self.telemetry_path.clone(),
-                Kind::Decisions => self.decisions_path.clone(),
-            };
-            let rows = self.ingest_file(kind, &path, &mut report)?;
-            match kind {
-                Kind::Telemetry => report.telemetry_rows = rows,
-                Kind::Decisions => report.decision_rows = rows,
-            }
-        }
-        report.telemetry_offset = self.cursors.lock().get("telemetry").map_or(0, |c| c.offset);
-        if let Ok(m) = std::fs::metadata(&self.telemetry_path) {
-            use std::os::unix::fs::MetadataExt;
-            report
-                .telemetry_through
-                .push(crate::artifacts::LogPosition {
-                    file_id: m.ino(),
-                    offset: report.telemetry_offset,
-                });
-        }
-        self.uncompacted_rows.fetch_add(
-            report.telemetry_rows + report.decision_rows,
-            std::sync::atomic::Ordering::Relaxed,
+        let telemetry_rows = self.ingest_log(
+            Kind::Telemetry,
+            &self.telemetry_path,
+            telemetry,
+            &mut report,
+            unreported,
         );
+        self.publish(telemetry, decisions);
+        report.telemetry_rows = telemetry_rows?;
+        let decision_rows = self.ingest_log(
+            Kind::Decisions,
+            &self.decisions_path,
+            decisions,
+            &mut report,
+            &mut Vec::new(),
+        );
+        self.publish(telemetry, decisions);
+        report.decision_rows = decision_rows?;
+        report.telemetry_offset = telemetry.cursor.offset;
+        report.telemetry_through = std::mem::take(unreported);
+        report.telemetry_through.extend(telemetry.position());
         Ok(report)
     }
 
-    fn ingest_file(
+    fn publish(&self, telemetry: &Log, decisions: &Log) {
+        *self.progress.lock() = Progress {
+            malformed: (telemetry.cursor.malformed, decisions.cursor.malformed),
+            telemetry: telemetry.position(),
+        };
+    }
+
+    /// One log's pass: pick the file to read (see the module doc on rotation), append its new
+    /// lines and commit them with the new cursor; `log` changes only once that committed. A
+    /// rotated-away file read to its end is added to `drained`.
+    fn ingest_log(
         &self,
         kind: Kind,
         path: &Path,
+        log: &mut Log,
         report: &mut IngestReport,
+        drained: &mut Vec<LogPosition>,
     ) -> Result<u64, EngineError> {
         let io = |source| EngineError::Io {
             path: path.into(),
             source,
         };
-        let mut file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        // Open first, then ask the open file who it is: a rotation between the two cannot
+        // mix one file's identity with another's content.
+        let opened = match File::open(path) {
+            Ok(file) => {
+                let meta = file.metadata().map_err(io)?;
+                Some((Held::new(file, &meta), meta.len()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(e)),
         };
-        let len = file.metadata().map_err(io)?.len();
-        let mut cursor = self
-            .cursors
-            .lock()
-            .get(kind.key())
-            .cloned()
-            .unwrap_or_default();
-        let head = read_head(&mut file).map_err(io)?;
-        if cursor.offset > 0 && (len < cursor.offset || head != cursor.head) {
-            tracing::warn!(file = %path.display(), previous_offset = cursor.offset, len, "log was rotated or truncated; reading it from the start");
-            report.rotated.push(path.display().to_string());
+        let (next, drain_old) = match (&log.held, opened) {
+            // The path is gone (renamed, not yet recreated): the held file is still the log.
+            (_, None) => (None, false),
+            (None, Some((new, _))) => (Some(new), false),
+            // Same file, or a new one nobody has written yet: keep reading the held one.
+            (Some(held), Some((new, len))) if held.same_file(&new) || len == 0 => (None, false),
+            (Some(_), Some((new, _))) => (Some(new), true),
+        };
+        let Some(current) = next.as_ref().or(log.held.as_ref()) else {
+            return Ok(0);
+        };
+        let old = if drain_old { log.held.as_ref() } else { None };
+        let label = path.display().to_string();
+        let mut cursor = log.cursor.clone();
+        let mut rotated = false;
+        // The held old file, from where to read it and how long it is.
+        let mut drain = None;
+        if let Some(old) = old {
+            let old_label = format!("{label} (rotated, inode {})", old.ino);
+            let (start, reset, _) = resume_at(&old.file, &cursor).map_err(io)?;
+            if reset {
+                tracing::warn!(file = %old_label, previous_offset = cursor.offset, "rotated-away log was truncated before it was read to its end; reading it from the start");
+            }
+            let len = old.file.metadata().map_err(io)?.len();
+            drain = Some((old, old_label, start, len));
+            rotated = true;
+            tracing::info!(file = %label, old_inode = old.ino, new_inode = current.ino, "log was rotated (renamed): reading the old file to its end, then the new one from the start");
             cursor.offset = 0;
         }
+        let (start, reset, head) = resume_at(&current.file, &cursor).map_err(io)?;
+        if reset {
+            tracing::warn!(file = %label, previous_offset = cursor.offset, "log was rotated or truncated; reading it from the start");
+            rotated = true;
+        }
+        cursor.offset = start;
         cursor.head = head;
-        if len == cursor.offset {
-            self.cursors.lock().insert(kind.key(), cursor);
+        let len = current.file.metadata().map_err(io)?.len();
+        if rotated {
+            report.rotated.push(label.clone());
+        }
+        if drain.is_none() && len == cursor.offset {
+            log.cursor = cursor;
+            if let Some(next) = next {
+                log.held = Some(next);
+            }
             return Ok(0);
         }
-        file.seek(SeekFrom::Start(cursor.offset)).map_err(io)?;
+
+        let mut skipped = Skipped::default();
         let conn = self.conn.lock();
-        // One transaction: the rows and the new offset are stored together or not at all, so
+        // One transaction: the rows and the new cursor are stored together or not at all, so
         // a failure (or a crash with `duckdb_path`) never ingests a line twice.
         conn.execute_batch("BEGIN TRANSACTION")?;
-        let pending = len - cursor.offset;
-        let appended = append_from(&conn, kind, file, pending, path, &mut cursor, report);
-        match appended {
-            Ok(_) => conn.execute_batch("COMMIT")?,
-            Err(_) => {
-                if let Err(e) = conn.execute_batch("ROLLBACK") {
-                    tracing::warn!(error = %e, "rolling back a failed ingestion");
+        let appended = (|| -> Result<(u64, Option<LogPosition>), EngineError> {
+            let mut rows = 0;
+            let mut drained_at = None;
+            if let Some((old, old_label, start, len)) = &drain {
+                let pending = len.saturating_sub(*start);
+                let (n, end) = append_from(
+                    &conn,
+                    kind,
+                    &old.file,
+                    *start,
+                    pending,
+                    old_label,
+                    &mut skipped,
+                )?;
+                rows += n;
+                if let Some(at) = end.fragment {
+                    skipped.add(format!(
+                        "{old_label}:{at}: an incomplete last line in a rotated-away file, never completed"
+                    ));
                 }
+                drained_at = Some(LogPosition {
+                    file_id: old.ino,
+                    offset: end.eof,
+                });
             }
-        }
-        let rows = appended?;
+            let pending = len.saturating_sub(cursor.offset);
+            let (n, end) = append_from(
+                &conn,
+                kind,
+                &current.file,
+                cursor.offset,
+                pending,
+                &label,
+                &mut skipped,
+            )?;
+            rows += n;
+            cursor.offset = end.lines_end;
+            cursor.malformed = cursor.malformed.saturating_add(skipped.count);
+            conn.execute(
+                "INSERT OR REPLACE INTO llmscope_ingest VALUES (?, ?, ?, ?)",
+                params![
+                    kind.key(),
+                    i64::try_from(cursor.offset).unwrap_or(i64::MAX),
+                    cursor.head,
+                    i64::try_from(cursor.malformed).unwrap_or(i64::MAX)
+                ],
+            )?;
+            conn.execute_batch("COMMIT")?;
+            Ok((rows, drained_at))
+        })();
+        let (rows, drained_at) = match appended {
+            Ok(done) => done,
+            Err(e) => {
+                if let Err(rollback) = conn.execute_batch("ROLLBACK") {
+                    tracing::warn!(error = %rollback, "rolling back a failed ingestion");
+                }
+                return Err(e);
+            }
+        };
         drop(conn);
-        if !report.malformed.is_empty() {
-            tracing::warn!(file = %path.display(), skipped = report.malformed.len(), first = %report.malformed[0], "malformed log lines skipped");
+        if let Some(first) = skipped.listed.first() {
+            tracing::warn!(file = %label, skipped = skipped.count, first = %first, "malformed log lines skipped");
         }
-        self.cursors.lock().insert(kind.key(), cursor);
+        let room = MALFORMED_LISTED.saturating_sub(report.malformed.len());
+        report
+            .malformed
+            .extend(skipped.listed.into_iter().take(room));
+        drained.extend(drained_at);
+        log.cursor = cursor;
+        if let Some(next) = next {
+            log.held = Some(next);
+        }
+        self.uncompacted_rows
+            .fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
         Ok(rows)
     }
 
@@ -405,25 +625,52 @@ impl SpendEngine {
     }
 }
 
-/// Append the lines of `file` from `cursor.offset` on (about `pending` bytes). For a large
-/// backlog a thread reads and parses (on every core) while this one appends, so parsing the
-/// next read overlaps appending this one; a smaller increment (the usual refresh) is read
-/// and parsed here. Advances `cursor` past the last complete line and stores it with the rows.
+/// Malformed lines met in one log's pass: all counted, the first [`MALFORMED_LISTED`] listed.
+#[derive(Debug, Default)]
+struct Skipped {
+    count: u64,
+    listed: Vec<String>,
+}
+
+impl Skipped {
+    fn add(&mut self, line: String) {
+        self.count = self.count.saturating_add(1);
+        if self.listed.len() < MALFORMED_LISTED {
+            self.listed.push(line);
+        }
+    }
+}
+
+/// Where a read to the end of a file stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadEnd {
+    /// The offset after the last complete line.
+    lines_end: u64,
+    /// The offset after the last byte read.
+    eof: u64,
+    /// Where a last line without a newline starts (not blank), if there is one.
+    fragment: Option<u64>,
+}
+
+/// Append the complete lines of `file` from byte `start` on (about `pending` bytes) to
+/// `kind`'s table, counting malformed ones in `skipped` named by `label` and offset. For a
+/// large backlog a thread reads and parses (on every core) while this one appends, so parsing
+/// the next read overlaps appending this one; a smaller increment (the usual refresh) is read
+/// and parsed here. Returns the rows appended and where the read stopped.
 fn append_from(
     conn: &Connection,
     kind: Kind,
-    file: File,
+    file: &File,
+    start: u64,
     pending: u64,
-    path: &Path,
-    cursor: &mut Cursor,
-    report: &mut IngestReport,
-) -> Result<u64, EngineError> {
-    let table = kind.key();
-    let mut appender = conn.appender(table)?;
+    label: &str,
+    skipped: &mut Skipped,
+) -> Result<(u64, ReadEnd), EngineError> {
+    let mut appender = conn.appender(kind.key())?;
     let mut rows = 0u64;
     let mut append = |parts: std::io::Result<Vec<batch::Parsed>>| -> Result<(), EngineError> {
         let parts = parts.map_err(|source| EngineError::Io {
-            path: path.into(),
+            path: label.into(),
             source,
         })?;
         for parsed in parts {
@@ -433,17 +680,11 @@ fn append_from(
                 rows += n as u64;
             }
             for m in parsed.malformed {
-                cursor.malformed += 1;
-                if report.malformed.len() < 100 {
-                    report
-                        .malformed
-                        .push(format!("{}:{}: {}", path.display(), m.offset, m.why));
-                }
+                skipped.add(format!("{label}:{}: {}", m.offset, m.why));
             }
         }
         Ok(())
     };
-    let start = cursor.offset;
     let end = if pending < PARALLEL_MIN_BYTES {
         let mut failed = None;
         let end = read_and_parse(file, kind, start, pending, 1, |parts| match append(parts) {
@@ -459,7 +700,10 @@ fn append_from(
         end
     } else {
         let (tx, rx) = std::sync::mpsc::sync_channel(2);
-        std::thread::scope(|s| -> Result<u64, EngineError> {
+        std::thread::scope(|s| -> Result<ReadEnd, EngineError> {
+            // Owned here, so that a failed append drops it before the scope joins the reader:
+            // the reader's next send then fails and it stops instead of blocking forever.
+            let rx = rx;
             let reader = s.spawn(move || {
                 let threads = batch::threads();
                 read_and_parse(file, kind, start, pending, threads, |parts| {
@@ -475,65 +719,82 @@ fn append_from(
         })?
     };
     appender.flush()?;
-    drop(appender);
-    cursor.offset = end;
-    conn.execute(
-        "INSERT OR REPLACE INTO llmscope_ingest VALUES (?, ?, ?, ?)",
-        params![
-            table,
-            i64::try_from(cursor.offset).unwrap_or(i64::MAX),
-            cursor.head,
-            i64::try_from(cursor.malformed).unwrap_or(i64::MAX)
-        ],
-    )?;
-    Ok(rows)
+    Ok((rows, end))
 }
 
-/// Read `file` to its end in reads of up to [`CHUNK`] (sized for the `pending` bytes expected)
-/// and hand the complete lines of each, parsed on up to `threads` threads, to `sink`, which
-/// returns whether to go on;
-/// returns the offset after the last complete line. A torn last line is left for the next pass;
-/// a read error is handed on and ends the reading.
+/// Read `file` from byte `start` to its end in reads of up to [`CHUNK`] (sized for the
+/// `pending` bytes expected) and hand the complete lines of each, parsed on up to `threads`
+/// threads, to `sink`, which returns whether to go on. Reads are positioned (`pread`): the
+/// handle's own offset is neither used nor moved. A torn last line is not handed on; a read
+/// error is, and ends the reading.
 fn read_and_parse(
-    mut file: File,
+    file: &File,
     kind: Kind,
-    mut line_start: u64,
+    start: u64,
     pending: u64,
     threads: usize,
     mut sink: impl FnMut(std::io::Result<Vec<batch::Parsed>>) -> bool,
-) -> u64 {
+) -> ReadEnd {
     let mut carry: Vec<u8> = Vec::new();
+    let mut line_start = start;
+    let mut at = start;
     let size = usize::try_from(pending).map_or(CHUNK, |p| p.clamp(64 << 10, CHUNK));
     let mut buf = vec![0u8; size];
     loop {
-        let n = match file.read(&mut buf) {
+        let n = match file.read_at(&mut buf, at) {
             Ok(0) => break,
             Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 sink(Err(e));
                 break;
             }
         };
+        at = at.saturating_add(n as u64);
         carry.extend_from_slice(&buf[..n]);
         let Some(last_newline) = carry.iter().rposition(|b| *b == b'\n') else {
             continue;
         };
         let parts = batch::parse(kind, &carry[..=last_newline], line_start, threads);
-        line_start += last_newline as u64 + 1;
+        line_start = line_start.saturating_add(last_newline as u64 + 1);
         carry.drain(..=last_newline);
         if !sink(Ok(parts)) {
             break;
         }
     }
-    line_start
+    ReadEnd {
+        lines_end: line_start,
+        eof: at,
+        fragment: (!carry.iter().all(u8::is_ascii_whitespace)).then_some(line_start),
+    }
 }
 
-fn read_head(file: &mut File) -> std::io::Result<String> {
+/// Where to go on reading `file` for `cursor`, whether that is a restart from 0 because the
+/// file is shorter than the cursor or starts with another line than the one the cursor was
+/// taken on (rotated or truncated), and the file's head now.
+fn resume_at(file: &File, cursor: &Cursor) -> std::io::Result<(u64, bool, String)> {
+    let head = read_head(file)?;
+    if cursor.offset == 0 {
+        return Ok((0, false, head));
+    }
+    let len = file.metadata()?.len();
+    if len < cursor.offset || head != cursor.head {
+        Ok((0, true, head))
+    } else {
+        Ok((cursor.offset, false, head))
+    }
+}
+
+/// The file's first line, at most [`HEAD_BYTES`] of it.
+fn read_head(file: &File) -> std::io::Result<String> {
     let mut head = vec![0u8; HEAD_BYTES];
-    file.seek(SeekFrom::Start(0))?;
     let mut filled = 0;
     while filled < HEAD_BYTES {
-        let n = file.read(&mut head[filled..])?;
+        let n = match file.read_at(&mut head[filled..], filled as u64) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }

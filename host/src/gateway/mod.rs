@@ -185,6 +185,9 @@ pub struct Gateway {
     /// Held from ingestion to the ledger drop of a refresh (and across a reload's swap), so
     /// what the ledger drops is exactly what the published aggregates gained.
     refresh_lock: parking_lot::Mutex<()>,
+    /// Positions ingested by passes outside a refresh (a question's ingest), which the next
+    /// refresh's ledger drop must include: a rotated file drained there is not reported again.
+    ingested_elsewhere: parking_lot::Mutex<Vec<crate::artifacts::LogPosition>>,
 }
 
 /// Why the gateway could not start.
@@ -282,6 +285,7 @@ impl Gateway {
             key_digests,
             in_flight: std::sync::atomic::AtomicU64::new(0),
             refresh_lock: parking_lot::Mutex::new(()),
+            ingested_elsewhere: parking_lot::Mutex::new(Vec::new()),
             edge: edge::EdgeState::default(),
         });
         // A crash leaves decisions written ahead without telemetry: record them at their
@@ -326,7 +330,9 @@ impl Gateway {
         }
         swap();
         self.publish_aggregates(Arc::new(published));
-        self.ledger.ingested_through(&report.telemetry_through);
+        let mut through = std::mem::take(&mut *self.ingested_elsewhere.lock());
+        through.extend_from_slice(&report.telemetry_through);
+        self.ledger.ingested_through(&through);
         self.ledger
             .expire(now.saturating_sub(longest_window_ms(&aggregates, now)));
         self.metrics.refresh(
@@ -337,10 +343,19 @@ impl Gateway {
         Ok(report)
     }
 
-    /// Ingest new log lines for a question (serialized with refreshes).
+    /// Ingest new log lines for a question (serialized with refreshes). The ledger keeps what
+    /// this pass covered until the next refresh publishes aggregates that include it.
     pub fn ingest(&self) -> Result<IngestReport, EngineError> {
         let _serial = self.refresh_lock.lock();
-        self.engine.ingest()
+        let report = self.engine.ingest()?;
+        let mut elsewhere = self.ingested_elsewhere.lock();
+        for p in &report.telemetry_through {
+            match elsewhere.iter_mut().find(|e| e.file_id == p.file_id) {
+                Some(e) => e.offset = e.offset.max(p.offset),
+                None => elsewhere.push(*p),
+            }
+        }
+        Ok(report)
     }
 
     /// Reopen both logs before the next write (SIGHUP after an external rotation).
