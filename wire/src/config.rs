@@ -59,7 +59,10 @@ pub struct GatewayConfig {
 
 /// A priced model.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `provider`, `input_per_1m` and `output_per_1m`"
+)]
 pub struct ModelConfig {
     /// Provider (a key of `providers`) that serves it.
     pub provider: String,
@@ -80,7 +83,7 @@ pub struct ModelConfig {
 
 /// A route: tiers mapped to models, and the output-token budget.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with `tiers`")]
 pub struct RouteConfig {
     /// Tier name → model name.
     pub tiers: BTreeMap<String, String>,
@@ -95,7 +98,12 @@ fn default_max_output_tokens() -> u32 {
 
 /// How to reach a provider.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    expecting = "a mapping with `kind: mock`, `kind: openai` or `kind: anthropic`"
+)]
 pub enum ProviderConfig {
     /// Built-in deterministic provider: no network, no keys.
     Mock {
@@ -166,7 +174,10 @@ impl ApiKey {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of sections (`policy`, `models`, `routes`, `providers`, ...)"
+)]
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
@@ -185,7 +196,7 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
 struct RawAnalytics {
     #[serde(default)]
     duckdb_path: Option<PathBuf>,
@@ -207,7 +218,7 @@ fn default_refresh() -> u64 {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
 struct RawServer {
     #[serde(default = "default_listen")]
     listen: String,
@@ -232,7 +243,7 @@ fn default_body() -> usize {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
 struct RawArtifacts {
     #[serde(default = "default_telemetry")]
     telemetry_path: PathBuf,
@@ -266,7 +277,10 @@ fn default_true() -> bool {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `file` and `policies_dir`"
+)]
 struct RawPolicy {
     file: PathBuf,
     policies_dir: PathBuf,
@@ -289,14 +303,17 @@ fn default_memory() -> usize {
 }
 
 #[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with `api_keys`")]
 struct RawAuth {
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `key_env` (or `key`) and `tenants`"
+)]
 struct RawApiKey {
     #[serde(default)]
     key: Option<String>,
@@ -306,7 +323,7 @@ struct RawApiKey {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
 struct RawDefaults {
     #[serde(default = "default_route")]
     route: String,
@@ -374,22 +391,9 @@ impl GatewayConfig {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, GatewayConfigError> {
-        let fail = |at: &str, message: String| GatewayConfigError {
+        let raw: RawConfig = crate::yaml::from_str(text).map_err(|problem| GatewayConfigError {
             path: path.into(),
-            problems: vec![Problem {
-                at: at.into(),
-                message,
-            }],
-        };
-        let raw: RawConfig = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
-            text,
-        ))
-        .map_err(|e| {
-            let at = match e.path().to_string() {
-                p if p == "." => "(top level)".to_owned(),
-                p => p,
-            };
-            fail(&at, e.into_inner().to_string())
+            problems: vec![problem],
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| {
@@ -408,7 +412,9 @@ impl GatewayConfig {
                 problem(
                     "server.listen".into(),
                     format!(
-                        "{:?} is not host:port ({e}), e.g. 127.0.0.1:8080",
+                        "{:?} is not an IP address and port ({e}): use e.g. 127.0.0.1:8080, \
+                         0.0.0.0:8080 or [::1]:8080 (host names such as localhost are not \
+                         resolved)",
                         raw.server.listen
                     ),
                 );
@@ -439,13 +445,15 @@ impl GatewayConfig {
                 }
             }
             for (i, fb) in model.fallback.iter().enumerate() {
-                if !raw.models.contains_key(fb) || fb == name {
+                if fb == name {
                     problem(
                         format!("{at}.fallback[{i}]"),
-                        format!(
-                            "`{fb}` is not another configured model; defined: {}",
-                            keys(&raw.models)
-                        ),
+                        format!("`{fb}` cannot fall back to itself; remove it from the list"),
+                    );
+                } else if !raw.models.contains_key(fb) {
+                    problem(
+                        format!("{at}.fallback[{i}]"),
+                        format!("unknown model `{fb}`; defined: {}", keys(&raw.models)),
                     );
                 }
             }
@@ -493,7 +501,16 @@ impl GatewayConfig {
         if !raw.routes.contains_key(&raw.defaults.route) {
             problem(
                 "defaults.route".into(),
-                format!("`{}` is not a configured route", raw.defaults.route),
+                format!(
+                    "`{}`{} is not a configured route; defined: {}",
+                    raw.defaults.route,
+                    if raw.defaults.route == default_route() {
+                        " (the default when `defaults.route` is not set)"
+                    } else {
+                        ""
+                    },
+                    keys(&raw.routes)
+                ),
             );
         }
         for (name, provider) in &raw.providers {
@@ -512,19 +529,38 @@ impl GatewayConfig {
         for (i, k) in raw.auth.api_keys.into_iter().enumerate() {
             let at = format!("auth.api_keys[{i}]");
             let key = match (k.key, k.key_env) {
-                (Some(key), None) => Some(key),
+                (Some(key), None) => Some((key, format!("{at}.key"), "the key".to_owned())),
                 (None, Some(var)) => match env(&var) {
-                    Some(v) if !v.is_empty() => Some(v),
-                    _ => {
+                    Some(v) if !v.is_empty() => {
+                        Some((v, format!("{at}.key_env"), format!("the key in {var}")))
+                    }
+                    set => {
                         problem(
                             format!("{at}.key_env"),
-                            format!("environment variable {var} is not set"),
+                            format!(
+                                "environment variable {var} is {}; export the key in it",
+                                if set.is_some() { "empty" } else { "not set" }
+                            ),
                         );
                         None
                     }
                 },
-                _ => {
-                    problem(at.clone(), "set exactly one of `key` or `key_env`".into());
+                (Some(_), Some(_)) => {
+                    problem(
+                        at.clone(),
+                        "set only one of `key` and `key_env` (prefer `key_env`: no secret in the \
+                         file)"
+                            .into(),
+                    );
+                    None
+                }
+                (None, None) => {
+                    problem(
+                        at.clone(),
+                        "set `key_env` to the environment variable holding the key (or `key` to \
+                         the key itself)"
+                            .into(),
+                    );
                     None
                 }
             };
@@ -534,9 +570,16 @@ impl GatewayConfig {
                     "list the tenants this key may act for, or `*`".into(),
                 );
             }
-            if let Some(key) = key {
+            if let Some((key, key_at, what)) = key {
                 if key.len() < 16 {
-                    problem(at, "API keys must be at least 16 characters".into());
+                    problem(
+                        key_at,
+                        format!(
+                            "{what} is {} characters; API keys must be at least 16 (e.g. \
+                             `openssl rand -hex 24`)",
+                            key.len()
+                        ),
+                    );
                 } else {
                     api_keys.push(ApiKey {
                         key,
@@ -592,5 +635,8 @@ impl GatewayConfig {
 }
 
 fn keys<V>(map: &BTreeMap<String, V>) -> String {
+    if map.is_empty() {
+        return "none".into();
+    }
     map.keys().cloned().collect::<Vec<_>>().join(", ")
 }

@@ -1,11 +1,13 @@
 //! llmscope's wire formats and their parsers, apart from the engine and the wasm runtime so they
 //! can be fuzzed on their own: the gateway configuration ([`config`]), `/infer` and
-//! chat-completions request bodies ([`requests`]) and the JSONL log records as the analytics
-//! engine reads them ([`records`]).
+//! chat-completions request bodies ([`requests`]), the JSONL log records as the analytics
+//! engine reads them ([`records`]) and the YAML reader the gateway and policy configs share
+//! ([`yaml`]).
 
 pub mod config;
 pub mod records;
 pub mod requests;
+pub mod yaml;
 
 use std::fmt;
 use std::time::Duration;

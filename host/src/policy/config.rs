@@ -30,7 +30,10 @@ use super::{Namespace, PolicySet, Rule};
 pub use llmscope_sdk::edge::{FailureMode, Mode};
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with `version` and `namespaces`"
+)]
 struct RawPolicyFile {
     version: String,
     namespaces: BTreeMap<String, RawNamespace>,
@@ -41,19 +44,20 @@ struct RawPolicyFile {
 
 /// A component pinned to its digest.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with `sha256`")]
 struct RawPin {
     sha256: String,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with `rules`")]
 struct RawNamespace {
     #[serde(default)]
     rules: Vec<RawRule>,
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a rule: a mapping with `id`, `primitive` and the primitive's settings")]
 struct RawRule {
     id: String,
     primitive: String,
@@ -172,17 +176,8 @@ impl PolicySet {
             path: path.into(),
             problems,
         };
-        let de = serde_yaml::Deserializer::from_str(text);
-        let raw: RawPolicyFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let at = match e.path().to_string() {
-                p if p == "." || p.is_empty() => "(top level)".to_owned(),
-                p => p,
-            };
-            invalid(vec![Problem {
-                at,
-                message: e.into_inner().to_string(),
-            }])
-        })?;
+        let raw: RawPolicyFile =
+            llmscope_wire::yaml::from_str(text).map_err(|problem| invalid(vec![problem]))?;
 
         let mut problems = Vec::new();
         let mut components: BTreeMap<String, Arc<LoadedComponent>> = BTreeMap::new();
