@@ -7,7 +7,9 @@
 //! - `demo`: `build-policies`, then the main job from the README.
 //! - `bench`: every benchmark, then one markdown table of metric, goal, measured, command.
 //! - `envoy-demo`, `bench-envoy`: the policies as proxy-wasm filters in a real Envoy.
+//! - `root`: print the workspace xtask works on, found at run time (see [`workspace_root`]).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -86,6 +88,8 @@ enum Task {
         #[arg(long, default_value_t = 32)]
         connections: usize,
     },
+    /// Print the workspace root xtask works on (CI checks it is the clone xtask runs in).
+    Root,
 }
 
 /// Where each guest crate's component goes, relative to the workspace root.
@@ -132,6 +136,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
     match cli.task {
+        Task::Root => {
+            println!("{}", root.display());
+            Ok(())
+        }
         Task::BuildPolicies => build_policies(&root),
         Task::Test { args } => {
             // The integration tests drive the real binary; `cargo test` alone would not rebuild it.
@@ -231,17 +239,82 @@ fn build_all(root: &Path) -> Result<()> {
     run(build)
 }
 
+/// The workspace xtask runs in, found at run time.
+///
+/// Never the compile-time value of `CARGO_MANIFEST_DIR` (the `env!` macro): with a target
+/// directory shared between clones, cargo may reuse an xtask built in another clone, which would
+/// then build and test that other clone.
 fn workspace_root() -> Result<PathBuf> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask must live one level below the workspace root")
+    let root = root_from(|name| std::env::var_os(name), locate_workspace)?;
+    if !root.join("Cargo.toml").is_file() {
+        bail!(
+            "{}: no Cargo.toml; not the llmscope workspace",
+            root.display()
+        );
+    }
+    Ok(root)
 }
 
+/// [`workspace_root`] over an environment lookup and a fallback: `cargo run` (what `cargo xtask`
+/// is) sets `CARGO_PKG_NAME` and `CARGO_MANIFEST_DIR` for the process it starts, so when they
+/// name xtask the workspace is the parent of xtask's directory; otherwise (the binary started
+/// some other way) ask `locate`.
+fn root_from(
+    env: impl Fn(&str) -> Option<OsString>,
+    locate: impl FnOnce() -> Result<PathBuf>,
+) -> Result<PathBuf> {
+    let from_cargo_run = env("CARGO_PKG_NAME").is_some_and(|name| name == "xtask");
+    if let (true, Some(dir)) = (from_cargo_run, env("CARGO_MANIFEST_DIR")) {
+        let dir = PathBuf::from(dir);
+        return dir.parent().map(Path::to_path_buf).with_context(|| {
+            format!(
+                "CARGO_MANIFEST_DIR={}: xtask must live one level below the workspace root",
+                dir.display()
+            )
+        });
+    }
+    locate().context(
+        "cannot find the llmscope workspace: run xtask as `cargo xtask ...` from inside the \
+         repository (CARGO_MANIFEST_DIR is not set, and `cargo locate-project --workspace` \
+         failed)",
+    )
+}
+
+/// The workspace around the current directory, from `cargo locate-project --workspace`.
+fn locate_workspace() -> Result<PathBuf> {
+    let mut cmd = cargo_command();
+    cmd.args(["locate-project", "--workspace", "--message-format", "plain"]);
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let manifest = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    manifest
+        .parent()
+        .filter(|_| manifest.is_absolute())
+        .map(Path::to_path_buf)
+        .with_context(|| {
+            format!(
+                "{cmd:?} printed {}, not a Cargo.toml path",
+                manifest.display()
+            )
+        })
+}
+
+/// `cargo` in `root`, with the caller's environment (see [`cargo_command`]).
 pub(crate) fn cargo(root: &Path) -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = cargo_command();
     cmd.current_dir(root);
+    cmd
+}
+
+/// The cargo that started xtask, without the package variables `cargo run` set for xtask.
+fn cargo_command() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     // `cargo run` hands xtask the package variables of xtask itself (CARGO_PKG_NAME,
     // CARGO_MANIFEST_DIR, ...). Build scripts such as ring's declare `rerun-if-env-changed` on
     // them, so a nested cargo that inherits them sees "changed" values and rebuilds ring and
@@ -518,4 +591,99 @@ fn demo(root: &Path) -> Result<()> {
         .arg(&config)
         .current_dir(root);
     run(serve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An environment holding only `vars`.
+    fn env<'a>(vars: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    fn unreachable_locate() -> Result<PathBuf> {
+        bail!("locate-project must not run when cargo run named xtask")
+    }
+
+    #[test]
+    fn root_is_the_parent_of_the_run_time_manifest_dir() {
+        let vars = [
+            ("CARGO_PKG_NAME", "xtask"),
+            ("CARGO_MANIFEST_DIR", "/elsewhere/clone-b/xtask"),
+        ];
+        let root = root_from(env(&vars), unreachable_locate).unwrap();
+        assert_eq!(root, Path::new("/elsewhere/clone-b"));
+        // Not the clone this test binary was compiled in.
+        let compiled_in = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        assert_ne!(root, compiled_in);
+    }
+
+    #[test]
+    fn without_cargo_run_the_root_comes_from_locate_project() {
+        let located = || Ok(PathBuf::from("/located/workspace"));
+        assert_eq!(
+            root_from(env(&[]), located).unwrap(),
+            Path::new("/located/workspace")
+        );
+        // Another package's manifest dir (xtask started by some other `cargo run`) is ignored.
+        let other = [
+            ("CARGO_PKG_NAME", "llmscope"),
+            ("CARGO_MANIFEST_DIR", "/elsewhere/host"),
+        ];
+        assert_eq!(
+            root_from(env(&other), located).unwrap(),
+            Path::new("/located/workspace")
+        );
+    }
+
+    #[test]
+    fn no_root_is_a_clear_error() {
+        let err = root_from(env(&[]), || bail!("not in a cargo project")).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("cannot find the llmscope workspace"),
+            "{text}"
+        );
+        assert!(text.contains("not in a cargo project"), "{text}");
+    }
+
+    #[test]
+    fn locate_project_finds_this_workspace() {
+        // Run from this crate's directory, as `cargo test` does.
+        let root = locate_workspace().unwrap();
+        assert!(
+            root.join("xtask/Cargo.toml").is_file(),
+            "{}",
+            root.display()
+        );
+    }
+
+    /// No source file of xtask may take a repository path from compile time again.
+    #[test]
+    fn no_compile_time_paths() {
+        let src = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap()).join("src");
+        let banned = concat!("env!(\"CARGO_", "MANIFEST_DIR\")");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Tests may use it, to check the root is not the compile-time one.
+            let code = text.split("#[cfg(test)]").next().unwrap_or(&text);
+            assert!(!code.contains(banned), "{} uses {banned}", path.display());
+            checked += 1;
+        }
+        assert!(
+            checked >= 5,
+            "found only {checked} sources in {}",
+            src.display()
+        );
+    }
 }
