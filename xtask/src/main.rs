@@ -87,6 +87,10 @@ enum Task {
         /// Keep-alive connections.
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Also load-test this `llmscope` binary (e.g. a build of an earlier commit), in the
+        /// same run and on the same config, and print both tables.
+        #[arg(long)]
+        compare: Option<PathBuf>,
     },
     /// Print the workspace root xtask works on (CI checks it is the clone xtask runs in).
     Root,
@@ -219,8 +223,14 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
         Task::BenchGateway {
             seconds,
             connections,
+            compare,
         } => {
             build_all(&root)?;
+            if let Some(other) = compare {
+                println!("== {}", other.display());
+                load::bench_gateway(&root, &other, seconds, connections)?;
+                println!("\n== this tree's build");
+            }
             load::bench_gateway(
                 &root,
                 &target_dir(&root).join("release/llmscope"),

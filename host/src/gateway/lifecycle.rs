@@ -388,7 +388,9 @@ impl Gateway {
         }
         let mut ctx = req.ctx.clone();
         ctx.model = model.to_owned();
-        ctx.estimated_cost_usd = estimate;
+        // What this request may cost now: the fallback's estimate plus the timed-out attempts
+        // already charged.
+        ctx.estimated_cost_usd = spent + estimate;
         ctx.estimated_tokens_in = tokens_in;
         let policies = self.policies();
         let (evaluation, _) = self.evaluate(&policies, &ctx, reservation);
