@@ -65,11 +65,40 @@ enum Command {
         #[command(flatten)]
         logs: LogArgs,
     },
+    /// Check the JSONL logs themselves.
+    #[command(subcommand)]
+    Logs(LogsCommand),
 }
 
-/// Log locations and filters shared by `query` and `report`.
+#[derive(Debug, Subcommand)]
+enum LogsCommand {
+    /// Check that the telemetry and decisions logs are consistent.
+    ///
+    /// Every line parses, no request id twice, every decision has one telemetry line and every
+    /// telemetry line its decision, deny ⇔ denied, valid statuses and costs. Prints a summary;
+    /// exit 0 when consistent, 1 when not (or on an I/O error).
+    Verify {
+        #[command(flatten)]
+        paths: LogPaths,
+        /// Count decisions without telemetry (requests in flight: use on a live gateway's logs)
+        /// without failing on them.
+        #[arg(long)]
+        allow_unanswered: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = VerifyFormat::Text)]
+        format: VerifyFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum VerifyFormat {
+    Text,
+    Json,
+}
+
+/// Where the two logs are: shared by `query`, `report` and `logs verify`.
 #[derive(Debug, Args)]
-struct LogArgs {
+struct LogPaths {
     /// Telemetry log.
     #[arg(
         long,
@@ -84,6 +113,13 @@ struct LogArgs {
         default_value = "artifacts/logs/policy_decisions.jsonl"
     )]
     decisions: PathBuf,
+}
+
+/// Log locations and filters shared by `query` and `report`.
+#[derive(Debug, Args)]
+struct LogArgs {
+    #[command(flatten)]
+    paths: LogPaths,
     /// unsafe_routes: average cost per request (USD) above which a route is unsafe.
     #[arg(long, default_value_t = crate::queries::DEFAULT_THRESHOLD_USD)]
     threshold: f64,
@@ -99,8 +135,8 @@ impl LogArgs {
     /// Ingest both logs into a fresh in-memory engine, noting missing, empty and malformed input.
     fn engine(&self) -> Result<crate::engine::SpendEngine> {
         for (what, path) in [
-            ("telemetry", &self.telemetry),
-            ("decisions", &self.decisions),
+            ("telemetry", &self.paths.telemetry),
+            ("decisions", &self.paths.decisions),
         ] {
             match std::fs::metadata(path) {
                 Err(_) => eprintln_safe(&format!(
@@ -113,7 +149,8 @@ impl LogArgs {
                 Ok(_) => {}
             }
         }
-        let engine = crate::engine::SpendEngine::open(None, &self.telemetry, &self.decisions)?;
+        let engine =
+            crate::engine::SpendEngine::open(None, &self.paths.telemetry, &self.paths.decisions)?;
         let report = engine.ingest()?;
         for line in &report.malformed {
             eprintln_safe(&format!("skipped malformed line {line}"));
@@ -256,6 +293,24 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs(LogsCommand::Verify {
+            paths,
+            allow_unanswered,
+            format,
+        }) => {
+            let options = crate::verify::Options { allow_unanswered };
+            let summary = crate::verify::verify_files(&paths.telemetry, &paths.decisions, options)?;
+            let text = match format {
+                VerifyFormat::Text => summary.to_text(),
+                VerifyFormat::Json => format!("{}\n", serde_json::to_string_pretty(&summary)?),
+            };
+            std::io::stdout().lock().write_all(text.as_bytes())?;
+            Ok(if summary.consistent {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Policy(PolicyCommand::List { runtime, format }) => list(&runtime, format),
         Command::Policy(PolicyCommand::Check { config, runtime }) => {

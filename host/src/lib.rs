@@ -21,6 +21,7 @@ pub mod reload;
 pub mod report;
 pub mod server;
 pub mod snapshots;
+pub mod verify;
 
 /// The gateway configuration (parsed by `llmscope-wire`).
 pub use llmscope_wire::config;
