@@ -709,6 +709,7 @@ impl Gateway {
                 messages: inf.messages.clone(),
                 max_tokens: priced.tokens_out,
                 temperature: inf.temperature,
+                request_id: request_id.clone(),
             };
             match provider.complete(&req).await {
                 Ok((completion, _attempts)) => {

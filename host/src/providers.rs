@@ -23,7 +23,14 @@ pub struct CompletionRequest {
     pub max_tokens: u32,
     /// Sampling temperature, if the client set one.
     pub temperature: Option<f64>,
+    /// The gateway's id of the request this call belongs to, sent to the provider as
+    /// [`CLIENT_REQUEST_ID_HEADER`] so the provider's bill can be matched to telemetry.
+    pub request_id: String,
 }
+
+/// Header carrying the gateway's request id on every provider call (OpenAI accepts it as the
+/// caller's request id; other providers ignore or log it).
+pub const CLIENT_REQUEST_ID_HEADER: &str = "X-Client-Request-Id";
 
 /// A provider's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -316,6 +323,10 @@ async fn openai_call(
         .api_key
         .iter()
         .map(|k| ("authorization", format!("Bearer {k}")))
+        .chain(std::iter::once((
+            CLIENT_REQUEST_ID_HEADER,
+            req.request_id.clone(),
+        )))
         .collect();
     let value = http
         .post(
@@ -387,7 +398,10 @@ async fn anthropic_call(
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
     }
-    let mut headers = vec![("anthropic-version", ANTHROPIC_VERSION.to_owned())];
+    let mut headers = vec![
+        ("anthropic-version", ANTHROPIC_VERSION.to_owned()),
+        (CLIENT_REQUEST_ID_HEADER, req.request_id.clone()),
+    ];
     match &http.api_key {
         Some(k) => headers.push(("x-api-key", k.clone())),
         None => {
@@ -468,6 +482,7 @@ mod tests {
             }],
             max_tokens: 50,
             temperature: None,
+            request_id: "req-test".into(),
         };
         let (c, attempts) = p.complete(&req).await.unwrap();
         assert_eq!(
