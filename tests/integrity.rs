@@ -387,6 +387,11 @@ impl Rig {
         let before = read_logs(&self.telemetry, &self.decisions);
         self.start_gateway();
         let bills = self.provider.bills();
+        if bills.is_empty() {
+            self.violation(
+                "setup: the provider billed nothing; the scenario tested nothing".into(),
+            );
+        }
         if self.plan.allow_unanswered {
             // Startup writes `unanswered` lines for decisions without telemetry; give it time.
             let logged = before.telemetry_ids();
@@ -436,7 +441,7 @@ fn summary(
     bills: &[Bill],
     after: &Logs,
 ) -> String {
-    let total: f64 = bills.iter().map(billed_cost).sum();
+    let total: f64 = bills.iter().map(billed_cost).sum::<f64>() + 0.0;
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     for l in &after.telemetry {
         *statuses
@@ -1125,23 +1130,28 @@ async fn d_kill_9_with_requests_in_flight_leaves_them_on_record_as_unanswered() 
     plan.allow_unanswered = true;
     let mut rig = Rig::new(plan).await;
     let load = Load::start(&rig);
+    // In flight at the gateway *and* at the provider: dispatched, not yet answered.
     let deadline = Instant::now() + Duration::from_secs(25);
-    let mut in_flight = 0.0;
+    let (mut in_flight, mut at_provider) = (0.0, 0);
     while Instant::now() < deadline {
         in_flight = rig.in_flight().await.unwrap_or(0.0);
-        if in_flight >= 16.0 {
+        at_provider = rig.provider.pending();
+        if in_flight >= 16.0 && at_provider >= 16 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(
-        in_flight >= 16.0,
-        "never 16 requests in flight within 25 s (last {in_flight})"
+        in_flight >= 16.0 && at_provider >= 16,
+        "never 16 requests in flight within 25 s (last: {in_flight} at the gateway, \
+         {at_provider} at the provider)"
     );
     let gw = rig.gw.as_mut().unwrap();
     gw.child.kill().unwrap(); // SIGKILL
     gw.child.wait().unwrap();
-    rig.note(format!("kill -9 with {in_flight} requests in flight"));
+    rig.note(format!(
+        "kill -9 with {in_flight} requests in flight ({at_provider} at the provider)"
+    ));
     let tally = load.stop().await;
     rig.finish(tally).await;
 }
