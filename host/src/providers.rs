@@ -15,8 +15,8 @@ pub use llmscope_wire::requests::Message;
 /// What the gateway asks a provider for.
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
-    /// The gateway's request id, sent as `X-Client-Request-Id` so a provider's bill can be
-    /// matched to the telemetry line.
+    /// The gateway's request id, sent as [`CLIENT_REQUEST_ID_HEADER`] so a provider's bill can
+    /// be matched to the telemetry line.
     pub request_id: String,
     /// Model name as the provider knows it.
     pub model: String,
@@ -27,6 +27,10 @@ pub struct CompletionRequest {
     /// Sampling temperature, if the client set one.
     pub temperature: Option<f64>,
 }
+
+/// Header carrying the gateway's request id on every provider call (OpenAI accepts it as the
+/// caller's request id; other providers ignore or log it).
+pub const CLIENT_REQUEST_ID_HEADER: &str = "x-client-request-id";
 
 /// A provider's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -336,7 +340,7 @@ async fn openai_call(
         .iter()
         .map(|k| ("authorization", format!("Bearer {k}")))
         .collect();
-    headers.push(("x-client-request-id", req.request_id.clone()));
+    headers.push((CLIENT_REQUEST_ID_HEADER, req.request_id.clone()));
     let value = http
         .post(
             &format!("{}/chat/completions", http.base_url),
@@ -409,7 +413,7 @@ async fn anthropic_call(
     }
     let mut headers = vec![
         ("anthropic-version", ANTHROPIC_VERSION.to_owned()),
-        ("x-client-request-id", req.request_id.clone()),
+        (CLIENT_REQUEST_ID_HEADER, req.request_id.clone()),
     ];
     match &http.api_key {
         Some(k) => headers.push(("x-api-key", k.clone())),

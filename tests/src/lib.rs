@@ -71,15 +71,20 @@ pub fn builtin_policies() -> tempfile::TempDir {
     ])
 }
 
-/// The `llmscope` binary built alongside the tests (`cargo test --workspace` builds it).
+/// The `llmscope` binary built alongside the tests (`cargo test --workspace` builds it), or the
+/// one `LLMSCOPE_BIN` names (e.g. a private copy while other trees share the target dir).
 pub fn llmscope() -> Command {
     let exe =
         std::env::current_exe().unwrap_or_else(|e| unreachable_io("locating the test binary", e));
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("llmscope"))
-        .unwrap_or_default();
+    let bin = std::env::var_os("LLMSCOPE_BIN").map_or_else(
+        || {
+            exe.parent()
+                .and_then(Path::parent)
+                .map(|dir| dir.join("llmscope"))
+                .unwrap_or_default()
+        },
+        PathBuf::from,
+    );
     assert!(
         bin.is_file(),
         "{} is missing: build it with `cargo build --release -p llmscope` (cargo xtask test does)",
@@ -465,6 +470,355 @@ pub mod upstream {
             ),
             _ => respond(404, json!({"error": "no such path"})),
         }
+    }
+
+    fn fail(message: &str) -> ! {
+        #[allow(clippy::panic, reason = "test helper: fail the test")]
+        {
+            panic!("{message}")
+        }
+    }
+}
+
+pub mod billing {
+    //! An OpenAI-compatible provider that bills like a real one: every call it answers with a
+    //! completion is billed once its (configurable) latency has passed, whether or not the
+    //! gateway is still connected to receive the answer; calls it answers with an error are not
+    //! billed. Each bill names the gateway's request (the `X-Client-Request-Id` header), the
+    //! model and the tokens, so a test can hold the gateway's telemetry against the bill.
+    //!
+    //! Per model it can fail (503, not billed) or report a usage of its own (e.g. more input
+    //! tokens than were sent, to exceed the gateway's estimate). By default it counts input
+    //! tokens with the same BPE vocabulary the gateway uses for the model and reports
+    //! `min(output_tokens, max_tokens)` output tokens.
+
+    use std::collections::{HashMap, HashSet};
+    use std::convert::Infallible;
+    use std::io::Write;
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::{Request, Response};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use serde_json::{json, Value};
+
+    /// The header carrying the gateway's request id on provider calls.
+    pub const REQUEST_ID_HEADER: &str = "x-client-request-id";
+
+    /// One billed call.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Bill {
+        /// The gateway's request id (`X-Client-Request-Id`; empty when the header was missing).
+        pub request_id: String,
+        /// Model the call was for, as sent.
+        pub model: String,
+        /// Input tokens billed.
+        pub tokens_in: u64,
+        /// Output tokens billed.
+        pub tokens_out: u64,
+    }
+
+    impl Bill {
+        /// The bill as a JSON line's value.
+        pub fn to_json(&self) -> Value {
+            json!({"request_id": self.request_id, "model": self.model,
+                   "tokens_in": self.tokens_in, "tokens_out": self.tokens_out})
+        }
+    }
+
+    /// Usage a model reports instead of the default (each `None` keeps the default).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct Usage {
+        /// Input tokens to report (and bill).
+        pub tokens_in: Option<u64>,
+        /// Output tokens to report (and bill).
+        pub tokens_out: Option<u64>,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Settings {
+        latency: Duration,
+        output_tokens: u64,
+        fail_models: HashSet<String>,
+        usage: HashMap<String, Usage>,
+    }
+
+    /// Shared state of the billing provider.
+    pub struct State {
+        settings: Mutex<Settings>,
+        bills: Mutex<Vec<Bill>>,
+        file: Option<PathBuf>,
+        received: AtomicU64,
+        failed: AtomicU64,
+        pending: AtomicU64,
+    }
+
+    /// A running billing provider.
+    pub struct BillingProvider {
+        /// Its address (`base_url` is `http://{addr}/v1`).
+        pub addr: SocketAddr,
+        /// Its state.
+        pub state: Arc<State>,
+    }
+
+    impl BillingProvider {
+        /// Start on a free port in the current tokio runtime, answering after `latency`. With
+        /// `file`, each bill is also appended there as a JSON line.
+        pub async fn start(latency: Duration, file: Option<PathBuf>) -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            let addr = listener
+                .local_addr()
+                .unwrap_or_else(|e| fail(&e.to_string()));
+            let state = Arc::new(State {
+                settings: Mutex::new(Settings {
+                    latency,
+                    output_tokens: 120,
+                    fail_models: HashSet::new(),
+                    usage: HashMap::new(),
+                }),
+                bills: Mutex::new(Vec::new()),
+                file,
+                received: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+                pending: AtomicU64::new(0),
+            });
+            let st = Arc::clone(&state);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let st = Arc::clone(&st);
+                    tokio::spawn(async move {
+                        let svc =
+                            hyper::service::service_fn(move |req| handle(Arc::clone(&st), req));
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+            Self { addr, state }
+        }
+
+        /// `base_url` for an `openai` provider entry.
+        pub fn base_url(&self) -> String {
+            format!("http://{}/v1", self.addr)
+        }
+
+        fn settings(&self) -> std::sync::MutexGuard<'_, Settings> {
+            self.state
+                .settings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+
+        /// Change the latency of calls from now on.
+        pub fn set_latency(&self, latency: Duration) {
+            self.settings().latency = latency;
+        }
+
+        /// Output tokens reported when the model has no usage override (capped by `max_tokens`).
+        pub fn set_output_tokens(&self, tokens: u64) {
+            self.settings().output_tokens = tokens;
+        }
+
+        /// Make `model` fail with 503 (not billed), or succeed again.
+        pub fn fail_model(&self, model: &str, failing: bool) {
+            let mut s = self.settings();
+            if failing {
+                s.fail_models.insert(model.to_owned());
+            } else {
+                s.fail_models.remove(model);
+            }
+        }
+
+        /// Report (and bill) `usage` for `model` from now on.
+        pub fn set_usage(&self, model: &str, usage: Usage) {
+            self.settings().usage.insert(model.to_owned(), usage);
+        }
+
+        /// Every call billed so far, in billing order.
+        pub fn bills(&self) -> Vec<Bill> {
+            self.state
+                .bills
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        }
+
+        /// Calls received so far (billed, failed or still running).
+        pub fn received(&self) -> u64 {
+            self.state.received.load(Ordering::SeqCst)
+        }
+
+        /// Calls answered with an error (not billed).
+        pub fn failed(&self) -> u64 {
+            self.state.failed.load(Ordering::SeqCst)
+        }
+
+        /// Calls received and not yet answered (or billed).
+        pub fn pending(&self) -> u64 {
+            self.state.pending.load(Ordering::SeqCst)
+        }
+
+        /// Wait until no call is pending, at most `timeout`; whether it got there.
+        pub async fn wait_idle(&self, timeout: Duration) -> bool {
+            let deadline = Instant::now() + timeout;
+            while self.pending() > 0 {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        }
+    }
+
+    /// Decrements `pending` when the call is answered, billed or abandoned.
+    struct Pending(Arc<State>);
+
+    impl Drop for Pending {
+        fn drop(&mut self) {
+            self.0.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn json_response(status: u16, v: &Value) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+        r.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
+    /// Input tokens of the chat `messages` with the BPE vocabulary the gateway uses for `model`.
+    fn count_input(model: &str, messages: &Value) -> u64 {
+        let pairs: Vec<(String, String)> = messages
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| {
+                        (
+                            m["role"].as_str().unwrap_or("").to_owned(),
+                            m["content"].as_str().unwrap_or("").to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cfg = llmscope::config::ModelConfig {
+            provider: String::new(),
+            provider_model: None,
+            input_per_1m: 0.0,
+            output_per_1m: 0.0,
+            fallback: Vec::new(),
+            tokenizer: None,
+        };
+        let tokenizer = llmscope::pricing::Tokenizer::for_model(model, &cfg);
+        u64::from(llmscope::pricing::chat_tokens(tokenizer, &pairs))
+    }
+
+    async fn handle(
+        st: Arc<State>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        st.received.fetch_add(1, Ordering::SeqCst);
+        st.pending.fetch_add(1, Ordering::SeqCst);
+        let guard = Pending(Arc::clone(&st));
+        let path = req.uri().path().to_owned();
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The call runs to its end on its own task: a provider finishes (and bills) a call whose
+        // client hung up.
+        tokio::spawn(async move {
+            let _guard = guard;
+            let settings = st
+                .settings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if !settings.latency.is_zero() {
+                tokio::time::sleep(settings.latency).await;
+            }
+            let model = body["model"].as_str().unwrap_or("unknown").to_owned();
+            let resp = if path != "/v1/chat/completions" {
+                st.failed.fetch_add(1, Ordering::SeqCst);
+                json_response(404, &json!({"error": {"message": "no such path"}}))
+            } else if settings.fail_models.contains(&model) {
+                st.failed.fetch_add(1, Ordering::SeqCst);
+                json_response(
+                    503,
+                    &json!({"error": {"message": format!("{model} is overloaded"), "type": "server_error"}}),
+                )
+            } else {
+                let usage = settings.usage.get(&model).copied().unwrap_or_default();
+                let max_tokens = body["max_tokens"].as_u64().unwrap_or(u64::MAX);
+                let tokens_in = usage
+                    .tokens_in
+                    .unwrap_or_else(|| count_input(&model, &body["messages"]));
+                let tokens_out = usage
+                    .tokens_out
+                    .unwrap_or_else(|| settings.output_tokens.min(max_tokens));
+                let bill = Bill {
+                    request_id,
+                    model: model.clone(),
+                    tokens_in,
+                    tokens_out,
+                };
+                if let Some(file) = &st.file {
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(file)
+                    {
+                        let _ = writeln!(f, "{}", bill.to_json());
+                    }
+                }
+                st.bills
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(bill);
+                let finish = if tokens_out >= max_tokens {
+                    "length"
+                } else {
+                    "stop"
+                };
+                json_response(
+                    200,
+                    &json!({
+                        "id": "chatcmpl-billing", "object": "chat.completion", "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("billed answer from {model}")}, "finish_reason": finish}],
+                        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
+                    }),
+                )
+            };
+            let _ = tx.send(resp);
+        });
+        Ok(rx.await.unwrap_or_else(|_| {
+            json_response(500, &json!({"error": {"message": "billing task failed"}}))
+        }))
     }
 
     fn fail(message: &str) -> ! {
