@@ -184,6 +184,89 @@ pub fn price_tokens(
     })
 }
 
+/// Per-model correction of input-token estimates, learned from what providers bill.
+///
+/// The gateway counts the conversation it sends with the model's BPE vocabulary; a provider
+/// may bill more (a hidden system prompt, tool definitions, another tokenizer). When a provider
+/// reports more input tokens than were counted, the model's factor rises to that ratio at once,
+/// so the requests priced after it reserve what the provider will bill; lower ratios pull it
+/// back down by 5% of the gap per answer, never below 1 (an estimate is never lowered below
+/// the count). Reads and updates are lock-free.
+#[derive(Debug)]
+pub struct Calibration {
+    /// Model names, sorted (the index of `factors`).
+    models: Vec<String>,
+    /// Each model's factor, as `f64` bits.
+    factors: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Calibration {
+    /// Factor 1 for each of `models` (the configured model names).
+    pub fn new(models: impl IntoIterator<Item = String>) -> Self {
+        let mut models: Vec<String> = models.into_iter().collect();
+        models.sort();
+        models.dedup();
+        let factors = models
+            .iter()
+            .map(|_| std::sync::atomic::AtomicU64::new(1f64.to_bits()))
+            .collect();
+        Self { models, factors }
+    }
+
+    fn slot(&self, model: &str) -> Option<&std::sync::atomic::AtomicU64> {
+        let i = self
+            .models
+            .binary_search_by(|m| m.as_str().cmp(model))
+            .ok()?;
+        self.factors.get(i)
+    }
+
+    /// The factor of `model` (1 when unknown or never corrected).
+    pub fn factor(&self, model: &str) -> f64 {
+        self.slot(model).map_or(1.0, |f| {
+            f64::from_bits(f.load(std::sync::atomic::Ordering::Relaxed))
+        })
+    }
+
+    /// `counted` input tokens corrected for `model`.
+    pub fn scale(&self, model: &str, counted: u32) -> u32 {
+        let f = self.factor(model);
+        if f <= 1.0 {
+            return counted;
+        }
+        let scaled = (f64::from(counted) * f).ceil();
+        if scaled >= f64::from(u32::MAX) {
+            u32::MAX
+        } else {
+            scaled as u32
+        }
+    }
+
+    /// The provider billed `billed` input tokens for a conversation counted at `counted`.
+    pub fn observe(&self, model: &str, billed: u32, counted: u32) {
+        let Some(slot) = self.slot(model) else {
+            return;
+        };
+        if counted == 0 {
+            return;
+        }
+        let ratio = f64::from(billed) / f64::from(counted);
+        let _ = slot.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |bits| {
+                let f = f64::from_bits(bits);
+                let next = if ratio >= f {
+                    ratio
+                } else {
+                    f - 0.05 * (f - ratio)
+                };
+                Some(next.max(1.0).to_bits())
+            },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -234,6 +317,22 @@ mod tests {
         let gpt4o = model(2.50, 10.00);
         assert!((cost_usd(&gpt4o, 1000, 500) - 0.0075).abs() < 1e-12);
         assert_eq!(cost_usd(&gpt4o, 0, 0), 0.0);
+    }
+
+    #[test]
+    fn calibration_rises_to_what_providers_bill_and_decays_slowly_never_below_the_count() {
+        let c = Calibration::new(["m".to_owned(), "a".to_owned()]);
+        assert_eq!(c.scale("m", 25), 25);
+        c.observe("m", 4_000, 25);
+        assert_eq!(c.scale("m", 25), 4_000);
+        c.observe("m", 25, 25);
+        let f = c.factor("m");
+        assert!(f < 160.0 && f > 150.0, "{f}");
+        for _ in 0..500 {
+            c.observe("m", 10, 25);
+        }
+        assert_eq!(c.factor("m"), 1.0, "never below the count");
+        assert_eq!(c.scale("unknown", 7), 7);
     }
 
     #[test]

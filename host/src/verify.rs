@@ -741,6 +741,7 @@ mod tests {
             error_type: (status == "error").then(|| "upstream_error".into()),
             policy_decision: if denied { "deny" } else { "allow" }.into(),
             policy_id: denied.then(|| "tight-cap".into()),
+            timed_out_cost_usd: 0.0,
         };
         format!("{}\n", serde_json::to_string(&rec).unwrap())
     }
@@ -767,6 +768,7 @@ mod tests {
             window_cost_usd: Some(0.0),
             window_limit_usd: Some(1.0),
             policy_version: "0.1.0".into(),
+            reservation: None,
             alerts: &[],
             rules: &[],
         };

@@ -233,7 +233,7 @@ impl Gateway {
             _ => req.ctx.requested_tier.clone(),
         };
         let model = req.route.tiers.get(&tier).unwrap_or(&req.ctx.model).clone();
-        let tokens_in = req.priced.tokens_in(&self.config, &model, &req.pairs);
+        let tokens_in = self.tokens_in_estimate(&mut req.priced, &model, &req.pairs);
         let estimate = req
             .priced
             .tier(&tier)
@@ -305,7 +305,7 @@ impl Gateway {
             let estimate = if i == 0 {
                 target.estimate
             } else {
-                let tokens_in = req.priced.tokens_in(cfg, candidate, &req.pairs);
+                let tokens_in = self.tokens_in_estimate(&mut req.priced, candidate, &req.pairs);
                 let estimate = pricing::cost_usd(model_cfg, tokens_in, req.priced.tokens_out);
                 match self.recheck(
                     req,
@@ -469,9 +469,11 @@ impl Gateway {
             return Err(GatewayError::Internal(format!("model {model} vanished")));
         };
         // Settle at the provider's usage when reported, else at our counts.
-        let tokens_in = completion
-            .tokens_in
-            .unwrap_or_else(|| req.priced.tokens_in(cfg, &model, &req.pairs));
+        let counted = req.priced.tokens_in(cfg, &model, &req.pairs);
+        let tokens_in = completion.tokens_in.unwrap_or(counted);
+        if completion.tokens_in.is_some() {
+            self.observe_usage(&model, tokens_in, counted);
+        }
         let tokens_out = completion.tokens_out.unwrap_or(req.priced.tokens_out);
         let call_cost = pricing::cost_usd(model_cfg, tokens_in, tokens_out);
         let cost = call_cost + d.timed_out_usd;

@@ -188,6 +188,8 @@ pub struct Gateway {
     /// Positions ingested by passes outside a refresh (a question's ingest), which the next
     /// refresh's ledger drop must include: a rotated file drained there is not reported again.
     ingested_elsewhere: parking_lot::Mutex<Vec<crate::artifacts::LogPosition>>,
+    /// Input-token estimates corrected by what providers billed.
+    calibration: pricing::Calibration,
 }
 
 /// Why the gateway could not start.
@@ -271,6 +273,7 @@ impl Gateway {
             &config.decisions_path,
         )?;
         let key_digests = config.api_keys.iter().map(|k| key_digest(&k.key)).collect();
+        let calibration = pricing::Calibration::new(config.models.keys().cloned());
         let gateway = Arc::new(Self {
             config,
             runtime,
@@ -286,6 +289,7 @@ impl Gateway {
             in_flight: std::sync::atomic::AtomicU64::new(0),
             refresh_lock: parking_lot::Mutex::new(()),
             ingested_elsewhere: parking_lot::Mutex::new(Vec::new()),
+            calibration,
             edge: edge::EdgeState::default(),
         });
         // A crash leaves decisions written ahead without telemetry: record them at their
@@ -599,6 +603,7 @@ impl Gateway {
             .collect();
         let mut priced = pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens)
             .ok_or_else(|| self.unknown_route(&inf.route_name))?;
+        self.calibrate(&mut priced, &pairs);
         let ctx = RequestContext {
             request_id,
             tenant_id: inf.tenant_id.clone(),
@@ -609,7 +614,7 @@ impl Gateway {
             route_name: inf.route_name.clone(),
             requested_tier: inf.model_tier.clone(),
             model: model.clone(),
-            estimated_tokens_in: priced.tokens_in(cfg, model, &pairs),
+            estimated_tokens_in: self.tokens_in_estimate(&mut priced, model, &pairs),
             estimated_tokens_out: priced.tokens_out,
             estimated_cost_usd: priced
                 .tier(&inf.model_tier)
@@ -623,6 +628,42 @@ impl Gateway {
             priced,
             pairs,
         })
+    }
+
+    /// Input tokens `model` is expected to bill for `pairs`: the BPE count, corrected by what
+    /// its provider billed before ([`pricing::Calibration`]).
+    pub(crate) fn tokens_in_estimate(
+        &self,
+        priced: &mut pricing::Priced,
+        model: &str,
+        pairs: &[(String, String)],
+    ) -> u32 {
+        let counted = priced.tokens_in(&self.config, model, pairs);
+        self.calibration.scale(model, counted)
+    }
+
+    /// Re-price every tier at its corrected input tokens (a no-op while no provider has
+    /// billed more than was counted).
+    fn calibrate(&self, priced: &mut pricing::Priced, pairs: &[(String, String)]) {
+        let models: Vec<String> = priced.tiers.iter().map(|t| t.model.clone()).collect();
+        if models.iter().all(|m| self.calibration.factor(m) <= 1.0) {
+            return;
+        }
+        for (i, model) in models.iter().enumerate() {
+            let tokens_in = self.tokens_in_estimate(priced, model, pairs);
+            if let (Some(cfg), Some(t)) = (self.config.models.get(model), priced.tiers.get_mut(i)) {
+                t.estimated_cost_usd = pricing::cost_usd(cfg, tokens_in, priced.tokens_out);
+            }
+        }
+        priced
+            .tiers
+            .sort_by(|a, b| a.estimated_cost_usd.total_cmp(&b.estimated_cost_usd));
+    }
+
+    /// Learn from a provider's usage: it billed `billed` input tokens where `counted` were
+    /// counted for `model`.
+    pub(crate) fn observe_usage(&self, model: &str, billed: u32, counted: u32) {
+        self.calibration.observe(model, billed, counted);
     }
 
     /// Write everything queued and close the logs. Requests after this fail as unlogged.
