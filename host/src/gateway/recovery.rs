@@ -5,6 +5,8 @@
 //! status `unanswered`, `cost_source: estimate` and its reserved estimate as cost, so budgets
 //! and the questions count it: a crash leaves the books conservative, never optimistic.
 //!
+//! A request answered in the rotated telemetry file (`<telemetry>.1`) is not an orphan: when
+//! only the telemetry log was rotated, its decision is still in the current decision log.
 //! The logs must not be shared with another gateway that is running: its requests in flight
 //! would be counted here too (at their estimate, and again when they finish).
 
@@ -55,6 +57,7 @@ impl Gateway {
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             rows.collect()
         })?;
+        let orphans = answered_in_rotated(&self.config.telemetry_path, orphans)?;
         if orphans.is_empty() {
             return Ok(0);
         }
@@ -94,6 +97,46 @@ impl Gateway {
         );
         Ok(seen.len())
     }
+}
+
+/// The request id of a telemetry line.
+#[derive(Deserialize)]
+struct TelemetryId {
+    request_id: String,
+}
+
+/// Drop from `orphans` the requests answered in the rotated telemetry file (`<path>.1`,
+/// logrotate's name): when only the telemetry log was rotated, the decisions still in the
+/// current decision log have their telemetry there, not in the file the engine reads.
+fn answered_in_rotated(
+    telemetry: &std::path::Path,
+    mut orphans: HashSet<String>,
+) -> Result<HashSet<String>, StartError> {
+    if orphans.is_empty() {
+        return Ok(orphans);
+    }
+    let mut rotated = telemetry.as_os_str().to_owned();
+    rotated.push(".1");
+    let rotated = std::path::PathBuf::from(rotated);
+    let file = match std::fs::File::open(&rotated) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(orphans),
+        Err(e) => {
+            return Err(StartError::Recovery(format!(
+                "cannot read {}: {e}",
+                rotated.display()
+            )))
+        }
+    };
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| {
+            StartError::Recovery(format!("cannot read {}: {e}", rotated.display()))
+        })?;
+        if let Ok(t) = serde_json::from_str::<TelemetryId>(&line) {
+            orphans.remove(&t.request_id);
+        }
+    }
+    Ok(orphans)
 }
 
 /// The telemetry line of a request that was dispatched and never recorded.
