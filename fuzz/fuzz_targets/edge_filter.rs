@@ -47,6 +47,6 @@ fuzz_target!(|data: &[u8]| {
             [("cheap".to_owned(), "gpt-4o-mini".to_owned())].into();
         let chat = edge::is_chat(&body);
         edge::rewrite_tier(&mut body, "cheap", &models);
-        let _ = edge::deny_body(chat, "reason", "rule", "req-1");
+        let _ = llmscope_sdk::http::deny_body(chat, "reason", Some("rule"), "req-1");
     }
 });

@@ -20,43 +20,17 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
-use crate::types::{Aggregate, Decision, RequestContext, Snapshot, Verdict};
+use crate::http::API_KEY_HEADER;
+use crate::types::{Aggregate, RequestContext, Snapshot, Verdict};
+use crate::verdict::{DecisionKind, FailureMode, Mode, RuleOutcome};
 use crate::Policy;
-
-/// Request header carrying the chain's request id (set by the first filter).
-pub const REQUEST_ID_HEADER: &str = "x-llmscope-request-id";
-/// Request header carrying the tier (set on downgrades).
-pub const TIER_HEADER: &str = "x-llmscope-model-tier";
 
 /// Rule-level keys that are not the primitive's settings.
 const RULE_KEYS: [&str; 4] = ["id", "primitive", "mode", "failure_mode"];
 /// Upper bound on the host call timeout.
 const MAX_TIMEOUT_MS: u64 = 10_000;
-
-/// Whether a rule's verdict is applied or only recorded (`mode:` of a rule).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// The verdict is applied.
-    #[default]
-    Enforce,
-    /// The verdict is recorded as what the rule would have done; the request is unaffected.
-    Monitor,
-}
-
-/// What a failure amounts to (`failure_mode:` of a rule; `on_unavailable:` of a filter's
-/// host): a trap, deadline, memory cap, error value or invalid verdict.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureMode {
-    /// Refuse the request.
-    #[default]
-    Closed,
-    /// Let it through.
-    Open,
-}
 
 /// Where the llmscope host is, as an Envoy cluster.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -195,20 +169,28 @@ pub fn parse_config<P: Policy>(bytes: &[u8]) -> Result<(FilterConfig, P::Setting
     ))
 }
 
-/// The body of `POST /v1/edge/context`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ContextCall<'a> {
-    /// The chain's request id.
-    pub request_id: &'a str,
-    /// Request path.
-    pub path: &'a str,
-    /// The request's `x-llmscope-*` headers.
-    pub headers: &'a BTreeMap<String, String>,
-    /// The JSON body.
-    pub body: &'a Value,
-    /// The rule's aggregates.
-    pub aggregates: &'a [Aggregate],
-    /// Where attribution may come from.
+/// The body of `POST /v1/edge/context`, and the `original` of a [`Report`] sent without a
+/// context: serialized by the filter, read strictly by the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextRequest {
+    /// The request id the chain's first filter drew (the filter always sends it; absent, the
+    /// host draws one).
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// The request's path (`/infer`, `/v1/chat/completions`, ...), for errors and logs.
+    #[serde(default)]
+    pub path: String,
+    /// The request's `x-llmscope-*` headers (names lower-case).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The request's JSON body: a `/infer` body, or a chat-completions body (has `messages`).
+    pub body: Value,
+    /// The aggregates the calling rule declared at configure time.
+    #[serde(default)]
+    pub aggregates: Vec<Aggregate>,
+    /// Where attribution may come from (`headers`: the body's identity fields are ignored).
+    #[serde(default)]
     pub attribution: Attribution,
 }
 
@@ -222,138 +204,6 @@ pub struct ContextAnswer {
     /// Upstream model name per tier.
     #[serde(default)]
     pub tier_models: BTreeMap<String, String>,
-}
-
-/// The kind of a decision, without its tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DecisionKind {
-    /// Allowed.
-    Allow,
-    /// Downgraded.
-    Downgrade,
-    /// Denied.
-    Deny,
-}
-
-impl DecisionKind {
-    /// `allow`, `downgrade` or `deny`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Allow => "allow",
-            Self::Downgrade => "downgrade",
-            Self::Deny => "deny",
-        }
-    }
-}
-
-impl From<&Decision> for DecisionKind {
-    fn from(d: &Decision) -> Self {
-        match d {
-            Decision::Allow => Self::Allow,
-            Decision::Downgrade(_) => Self::Downgrade,
-            Decision::Deny => Self::Deny,
-        }
-    }
-}
-
-/// What one rule did for one request: the `rules` entries of `policy_decisions.jsonl`, written
-/// by the host for its own evaluations and reported back in this same shape by edge filters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleOutcome {
-    /// Rule id.
-    pub rule_id: String,
-    /// Primitive.
-    pub primitive: String,
-    /// Enforce or monitor.
-    pub mode: Mode,
-    /// Closed or open.
-    pub failure_mode: FailureMode,
-    /// What the rule amounts to (after the failure mode when it failed).
-    pub decision: DecisionKind,
-    /// Tier of a downgrade.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub downgrade_to: Option<String>,
-    /// The rule's reason.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// The rule's alert.
-    #[serde(default)]
-    pub alert: Option<String>,
-    /// Facts the rule reported.
-    #[serde(default)]
-    pub facts: BTreeMap<String, f64>,
-    /// The failure, when the rule failed.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Whether the decision was applied to the request.
-    #[serde(default)]
-    pub applied: bool,
-    /// Evaluation time, µs.
-    #[serde(default)]
-    pub eval_us: f64,
-}
-
-impl RuleOutcome {
-    /// The outcome of one rule's checked result (see [`Verdict::checked`]): the verdict's
-    /// decision, reason, alert and facts; or, when the rule failed, the error with the failure
-    /// mode applied (`closed`: deny, with a reason naming the rule; `open`: allow). `applied`
-    /// starts false: whether the rule acts depends on its mode and on the other rules.
-    pub fn of(
-        rule_id: &str,
-        primitive: &str,
-        mode: Mode,
-        failure_mode: FailureMode,
-        checked: Result<Verdict, String>,
-        eval_us: f64,
-    ) -> Self {
-        let base = Self {
-            rule_id: rule_id.to_owned(),
-            primitive: primitive.to_owned(),
-            mode,
-            failure_mode,
-            decision: DecisionKind::Allow,
-            downgrade_to: None,
-            reason: None,
-            alert: None,
-            facts: BTreeMap::new(),
-            error: None,
-            applied: false,
-            eval_us,
-        };
-        match checked {
-            Ok(verdict) => {
-                let decision = verdict.decision;
-                Self {
-                    decision: DecisionKind::from(&decision),
-                    downgrade_to: match decision {
-                        Decision::Downgrade(tier) => Some(tier),
-                        _ => None,
-                    },
-                    reason: verdict.reason,
-                    alert: verdict.alert,
-                    facts: verdict.facts.into_iter().collect(),
-                    ..base
-                }
-            }
-            Err(error) => {
-                let (decision, reason) = match failure_mode {
-                    FailureMode::Closed => (
-                        DecisionKind::Deny,
-                        Some(format!("policy rule {rule_id} failed and fails closed")),
-                    ),
-                    FailureMode::Open => (DecisionKind::Allow, None),
-                };
-                Self {
-                    decision,
-                    reason,
-                    error: Some(error),
-                    ..base
-                }
-            }
-        }
-    }
 }
 
 /// What the filter does with the request.
@@ -434,55 +284,6 @@ pub fn rewrite_tier(body: &mut Value, tier: &str, tier_models: &BTreeMap<String,
     true
 }
 
-/// The 402 body, identical to the host's: OpenAI's error shape for chat bodies, the reference
-/// shape otherwise.
-pub fn deny_body(chat: bool, reason: &str, policy_id: &str, request_id: &str) -> String {
-    if chat {
-        json!({"error": {
-            "message": format!("Request denied by policy: {reason}"),
-            "type": "insufficient_quota",
-            "param": null,
-            "code": "policy_denied",
-            "policy_id": policy_id,
-            "reason": reason,
-            "request_id": request_id,
-        }})
-        .to_string()
-    } else {
-        json!({
-            "error": "policy_denied",
-            "reason": reason,
-            "policy_id": policy_id,
-            "request_id": request_id,
-            "detail": format!("Request denied by policy: {reason}"),
-        })
-        .to_string()
-    }
-}
-
-/// The 503 body when the host cannot be reached and the filter fails closed.
-pub fn unavailable_body(chat: bool, rule_id: &str, detail: &str) -> String {
-    let message = format!(
-        "llmscope policy host unavailable for rule {rule_id} ({detail}); the request was not sent"
-    );
-    if chat {
-        json!({"error": {"message": message, "type": "api_error", "param": null, "code": "policy_host_unavailable"}})
-            .to_string()
-    } else {
-        json!({"error": "policy_host_unavailable", "detail": message}).to_string()
-    }
-}
-
-/// A 400 body for a request the filter cannot read.
-pub fn bad_request_body(chat: bool, message: &str) -> String {
-    if chat {
-        json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_json"}})
-            .to_string()
-    } else {
-        json!({"error": "invalid_json", "detail": message}).to_string()
-    }
-}
-
 /// Token usage found in a response; reported to the host, which reads it strictly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -556,29 +357,54 @@ pub fn parse_usage(body: &[u8]) -> (Option<Usage>, Option<String>) {
     (usage, finish)
 }
 
-/// The body of `POST /v1/edge/report`.
-#[derive(Debug, Clone, Serialize)]
+/// The body of `POST /v1/edge/report`: serialized by the chain's first filter after the
+/// response (or a local reply), read strictly by the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Report {
-    /// The context the first filter received (None: the host was unreachable).
+    /// The context the first filter received (ids, attribution, estimates); absent when the
+    /// host could not be reached before dispatch (fail-open), then `original` is priced now.
+    #[serde(default)]
     pub request: Option<RequestContext>,
-    /// The request as seen, when there is no context: priced by the host on receipt.
-    pub original: Option<Value>,
-    /// Tier dispatched at.
+    /// The request as the filter saw it, sent when `request` is absent.
+    #[serde(default, serialize_with = "through_value")]
+    pub original: Option<ContextRequest>,
+    /// Tier the request was dispatched at (after downgrades).
     pub effective_tier: String,
-    /// HTTP status the client got.
+    /// HTTP status the client received.
     pub status: u16,
-    /// A filter answered locally (the upstream was not called).
+    /// Whether a filter answered locally (deny, host unavailable): the upstream was not called.
+    #[serde(default)]
     pub local_reply: bool,
-    /// Dispatch to end of response, ms.
+    /// Time from dispatch to the end of the upstream response, ms.
+    #[serde(default)]
     pub latency_ms: f64,
-    /// Usage from the response.
+    /// Usage from the upstream's response, when it reported one.
+    #[serde(default)]
     pub usage: Option<Usage>,
-    /// Finish reason from the response.
+    /// `finish_reason` / `stop_reason` from the response.
+    #[serde(default)]
     pub finish_reason: Option<String>,
-    /// Every rule's outcome in chain order.
+    /// Every rule's outcome, in chain order.
+    #[serde(default)]
     pub rules: Vec<RuleOutcome>,
-    /// Why the host could not be reached, if it could not.
+    /// Set when the filter could not reach the host before evaluating.
+    #[serde(default)]
     pub host_error: Option<String>,
+}
+
+/// Serialize through a [`Value`], as reports always have been: the object's keys come out
+/// sorted rather than in field order.
+fn through_value<S: serde::Serializer>(
+    original: &Option<ContextRequest>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let value = original
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(serde::ser::Error::custom)?;
+    value.serialize(serializer)
 }
 
 /// Headers sent with every host call.
@@ -593,7 +419,7 @@ pub fn host_headers<'a>(host: &'a HostConfig, path: &'a str) -> Vec<(&'a str, &'
         ("content-type", "application/json"),
     ];
     if let Some(key) = &host.api_key {
-        h.push(("x-api-key", key.as_str()));
+        h.push((API_KEY_HEADER, key.as_str()));
     }
     h
 }
@@ -603,6 +429,7 @@ mod tests {
     use super::*;
     use crate::testing::request;
     use crate::types::{Aggregation, Metric, Scope, Window};
+    use serde_json::json;
 
     struct Cap;
     #[derive(Debug, Deserialize)]
@@ -769,14 +596,5 @@ mod tests {
             )
         );
         assert_eq!(parse_usage(b"not json"), (None, None));
-    }
-
-    #[test]
-    fn deny_bodies_match_the_host_shapes() {
-        let chat: Value = serde_json::from_str(&deny_body(true, "over", "cap", "req-1")).unwrap();
-        assert_eq!(chat["error"]["code"], "policy_denied");
-        let infer: Value = serde_json::from_str(&deny_body(false, "over", "cap", "req-1")).unwrap();
-        assert_eq!(infer["error"], "policy_denied");
-        assert_eq!(infer["detail"], "Request denied by policy: over");
     }
 }

@@ -53,8 +53,10 @@
 extern crate self as llmscope_sdk;
 
 pub mod edge;
+pub mod http;
 pub mod testing;
 pub mod types;
+pub mod verdict;
 
 use std::any::Any;
 use std::cell::RefCell;

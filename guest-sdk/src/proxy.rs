@@ -25,10 +25,13 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde_json::Value;
 
-use crate::edge::{
-    self, ContextAnswer, ContextCall, DecisionKind, FilterConfig, Report, RuleOutcome,
+use crate::edge::{self, ContextAnswer, ContextRequest, FilterConfig, Report};
+use crate::http::{
+    self, CLIENT_ERROR_HEADER, HEADER_PREFIX, POLICY_DECISION_HEADER, REQUEST_ID_HEADER,
+    TIER_HEADER,
 };
 use crate::types::{RequestContext, Snapshot};
+use crate::verdict::{DecisionKind, FailureMode, RuleOutcome};
 use crate::Policy;
 
 /// Filter-state key holding the chain's request id.
@@ -50,8 +53,6 @@ const MAX_QUEUED_REPORTS: usize = 10_000;
 const MAX_REPORT_ATTEMPTS: u32 = 8;
 /// How often the root context sends queued reports.
 const REPORT_TICK: Duration = Duration::from_millis(20);
-/// Header the host sets on errors caused by the client's request.
-const CLIENT_ERROR_HEADER: &str = "x-llmscope-client-error";
 
 /// Register `P` as this module's root context. Called from `_initialize` by
 /// [`crate::export_policy!`].
@@ -274,7 +275,7 @@ impl<P: Policy> Filter<P> {
         headers.extend_from_slice(extra);
         let id = self.state.request_id.clone();
         if !id.is_empty() {
-            headers.push(("x-llmscope-request-id", id.as_str()));
+            headers.push((REQUEST_ID_HEADER, id.as_str()));
         }
         self.send_http_response(status, headers, Some(body.as_bytes()));
         self.state.local_reply = true;
@@ -299,7 +300,7 @@ impl<P: Policy> Filter<P> {
         let Some(cfg) = self.cfg().cloned() else {
             return false;
         };
-        let open = cfg.host.on_unavailable == edge::FailureMode::Open;
+        let open = cfg.host.on_unavailable == FailureMode::Open;
         log::warn!(
             "llmscope: rule {}: policy host unavailable ({detail}); failing {}",
             cfg.rule_id,
@@ -330,8 +331,8 @@ impl<P: Policy> Filter<P> {
             self.mark_dispatch();
             true
         } else {
-            let body = edge::unavailable_body(self.state.chat, &cfg.rule_id, &detail);
-            self.json_reply(503, &body, &[]);
+            let body = http::unavailable_body(self.state.chat, &cfg.rule_id, &detail);
+            self.json_reply(503, &body.to_string(), &[]);
             false
         }
     }
@@ -401,13 +402,13 @@ impl<P: Policy> Filter<P> {
                 true
             }
             edge::Action::Deny { reason } => {
-                let body = edge::deny_body(
+                let body = http::deny_body(
                     self.state.chat,
                     &reason,
-                    &cfg.rule_id,
+                    Some(&cfg.rule_id),
                     &answer.request.request_id,
                 );
-                self.json_reply(402, &body, &[("x-llmscope-policy-decision", "deny")]);
+                self.json_reply(402, &body.to_string(), &[(POLICY_DECISION_HEADER, "deny")]);
                 false
             }
         }
@@ -441,17 +442,16 @@ impl<P: Policy> Filter<P> {
             _ => 0.0,
         };
         let original = if self.state.ctx.is_none() {
-            let call = ContextCall {
-                request_id: &self.state.request_id,
-                path: &self.state.path,
-                headers: &self.state.headers,
-                body: self.state.body.as_ref().unwrap_or(&Value::Null),
-                aggregates: &[],
+            Some(ContextRequest {
+                request_id: Some(self.state.request_id.clone()),
+                path: std::mem::take(&mut self.state.path),
+                headers: std::mem::take(&mut self.state.headers),
+                body: self.state.body.take().unwrap_or(Value::Null),
+                aggregates: Vec::new(),
                 attribution: self
                     .cfg()
                     .map_or(edge::Attribution::Any, |c| c.host.attribution),
-            };
-            serde_json::to_value(call).ok()
+            })
         } else {
             None
         };
@@ -535,7 +535,7 @@ impl<P: Policy> HttpContext for Filter<P> {
         }
         self.state.path = self.get_http_request_header(":path").unwrap_or_default();
         for (name, value) in self.get_http_request_headers() {
-            if name.starts_with("x-llmscope-") && name != edge::REQUEST_ID_HEADER {
+            if name.starts_with(HEADER_PREFIX) && name != REQUEST_ID_HEADER {
                 self.state.headers.insert(name, value);
             }
         }
@@ -549,7 +549,7 @@ impl<P: Policy> HttpContext for Filter<P> {
                 let seed = u64::from(self.reports.borrow().queue.len() as u32);
                 let id = new_request_id(seed);
                 self.set_property(vec![REQUEST_ID_PROPERTY], Some(id.as_bytes()));
-                self.set_http_request_header(edge::REQUEST_ID_HEADER, Some(&id));
+                self.set_http_request_header(REQUEST_ID_HEADER, Some(&id));
                 // Usage is read from the response: ask for it uncompressed.
                 self.set_http_request_header("accept-encoding", None);
                 self.state.request_id = id;
@@ -571,7 +571,8 @@ impl<P: Policy> HttpContext for Filter<P> {
         let Some(cfg) = self.cfg().cloned() else {
             self.json_reply(
                 503,
-                &edge::unavailable_body(false, "(unconfigured)", "filter not configured"),
+                &http::unavailable_body(false, "(unconfigured)", "filter not configured")
+                    .to_string(),
                 &[],
             );
             return Action::Pause;
@@ -584,7 +585,7 @@ impl<P: Policy> HttpContext for Filter<P> {
                 self.state.owner = false;
                 self.json_reply(
                     400,
-                    &edge::bad_request_body(false, "body must be a JSON object"),
+                    &http::invalid_json_body(false, "body must be a JSON object").to_string(),
                     &[],
                 );
                 return Action::Pause;
@@ -593,7 +594,7 @@ impl<P: Policy> HttpContext for Filter<P> {
                 self.state.owner = false;
                 let chat = self.state.path.contains("/chat/completions");
                 let msg = format!("body is not valid JSON: {e}");
-                self.json_reply(400, &edge::bad_request_body(chat, &msg), &[]);
+                self.json_reply(400, &http::invalid_json_body(chat, &msg).to_string(), &[]);
                 return Action::Pause;
             }
         };
@@ -612,20 +613,21 @@ impl<P: Policy> HttpContext for Filter<P> {
             };
         }
         if let Some(tier) = tier {
-            self.state
-                .headers
-                .insert(edge::TIER_HEADER.to_owned(), tier);
+            self.state.headers.insert(TIER_HEADER.to_owned(), tier);
         }
-        let call = ContextCall {
-            request_id: &self.state.request_id,
-            path: &self.state.path,
-            headers: &self.state.headers,
-            body: &body,
-            aggregates: &cfg.aggregates,
+        // Moved into the call and back out: the body and headers are not copied.
+        let call = ContextRequest {
+            request_id: Some(self.state.request_id.clone()),
+            path: std::mem::take(&mut self.state.path),
+            headers: std::mem::take(&mut self.state.headers),
+            body,
+            aggregates: cfg.aggregates.clone(),
             attribution: cfg.host.attribution,
         };
         let encoded = serde_json::to_vec(&call).unwrap_or_default();
-        self.state.body = Some(body);
+        self.state.path = call.path;
+        self.state.headers = call.headers;
+        self.state.body = Some(call.body);
         match self.dispatch_http_call(
             &cfg.host.cluster,
             edge::host_headers(&cfg.host, "/v1/edge/context"),

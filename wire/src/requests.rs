@@ -7,20 +7,13 @@ use serde_json::{json, Map, Value};
 
 use crate::config::GatewayConfig;
 
-/// Attribution header: tenant.
-pub const H_TENANT: &str = "x-llmscope-tenant-id";
-/// Attribution header: caller.
-pub const H_CALLER: &str = "x-llmscope-caller-id";
-/// Attribution header: feature.
-pub const H_FEATURE: &str = "x-llmscope-feature-id";
-/// Attribution header: experiment.
-pub const H_EXPERIMENT: &str = "x-llmscope-experiment-id";
-/// Attribution header: budget namespace.
-pub const H_NAMESPACE: &str = "x-llmscope-budget-namespace";
-/// Attribution header: route.
-pub const H_ROUTE: &str = "x-llmscope-route";
-/// Attribution header: model tier (also set on downgrades).
-pub const H_TIER: &str = "x-llmscope-model-tier";
+/// The attribution headers, under the names this module uses; defined once in
+/// [`llmscope_sdk::http`], which the Envoy filters share.
+pub use llmscope_sdk::http::{
+    CALLER_HEADER as H_CALLER, EXPERIMENT_HEADER as H_EXPERIMENT, FEATURE_HEADER as H_FEATURE,
+    NAMESPACE_HEADER as H_NAMESPACE, ROUTE_HEADER as H_ROUTE, TENANT_HEADER as H_TENANT,
+    TIER_HEADER as H_TIER,
+};
 
 /// A request as the gateway sees it, whatever API it came through.
 #[derive(Debug, Clone)]

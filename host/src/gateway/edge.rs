@@ -22,17 +22,18 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use llmscope_sdk::edge::Attribution;
-pub use llmscope_sdk::edge::{ContextAnswer, Usage};
+/// The edge wire bodies, defined once in the SDK: the filters serialize them, the host reads
+/// them strictly.
+pub use llmscope_sdk::edge::{ContextAnswer, ContextRequest, Report, Usage};
 use llmscope_sdk::types::{Aggregate, RequestContext};
 use parking_lot::{Mutex, RwLock};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::artifacts::{rfc3339, DecisionRecord, TelemetryRecord, WriteError};
 use crate::engine::SpecKey;
 use crate::gateway::{Gateway, GatewayError, Inference, PricedRequest};
 use crate::ledger::{Dims, Reservation, Sums};
-use crate::policy::{DecisionKind, Mode, RuleOutcome};
+use crate::policy::{Combination, DecisionKind};
 use crate::pricing;
 use crate::requests::{parse_chat, parse_infer, ChatError};
 use crate::snapshots::LiveSnapshots;
@@ -49,29 +50,6 @@ pub const MAX_PENDING: usize = 100_000;
 /// How many reported request ids are remembered to make reports idempotent.
 const REPORTED_MEMORY: usize = 16_384;
 
-/// `POST /v1/edge/context` body.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ContextRequest {
-    /// The request id the chain's first filter received (absent on the first call).
-    #[serde(default)]
-    pub request_id: Option<String>,
-    /// The request's path (`/infer`, `/v1/chat/completions`, ...), for errors and logs.
-    #[serde(default)]
-    pub path: String,
-    /// The request's `x-llmscope-*` headers (names lower-case).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// The request's JSON body: a `/infer` body, or a chat-completions body (has `messages`).
-    pub body: Value,
-    /// The aggregates the calling rule declared at configure time.
-    #[serde(default)]
-    pub aggregates: Vec<Aggregate>,
-    /// Where attribution may come from (`headers`: the body's identity fields are ignored).
-    #[serde(default)]
-    pub attribution: Attribution,
-}
-
 /// Identity fields of a `/infer` body and of chat `metadata`, ignored under
 /// [`Attribution::Headers`] (route and tier stay: they choose the request, not who pays).
 const IDENTITY_FIELDS: [&str; 5] = [
@@ -81,41 +59,6 @@ const IDENTITY_FIELDS: [&str; 5] = [
     "experiment_id",
     "budget_namespace",
 ];
-
-/// `POST /v1/edge/report` body.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Report {
-    /// The context the first filter received (ids, attribution, estimates); absent when the
-    /// host could not be reached before dispatch (fail-open), then `original` is priced now.
-    #[serde(default)]
-    pub request: Option<RequestContext>,
-    /// The request as the filter saw it, sent when `request` is absent.
-    #[serde(default)]
-    pub original: Option<ContextRequest>,
-    /// Tier the request was dispatched at (after downgrades).
-    pub effective_tier: String,
-    /// HTTP status the client received.
-    pub status: u16,
-    /// Whether a filter answered locally (deny, host unavailable): the upstream was not called.
-    #[serde(default)]
-    pub local_reply: bool,
-    /// Time from dispatch to the end of the upstream response, ms.
-    #[serde(default)]
-    pub latency_ms: f64,
-    /// Usage from the upstream's response, when it reported one.
-    #[serde(default)]
-    pub usage: Option<Usage>,
-    /// `finish_reason` / `stop_reason` from the response.
-    #[serde(default)]
-    pub finish_reason: Option<String>,
-    /// Every rule's outcome, in chain order.
-    #[serde(default)]
-    pub rules: Vec<RuleOutcome>,
-    /// Set when the filter could not reach the host before evaluating.
-    #[serde(default)]
-    pub host_error: Option<String>,
-}
 
 /// Why an edge call was refused.
 #[derive(Debug, thiserror::Error)]
@@ -414,18 +357,13 @@ impl Gateway {
             .remove(&ctx.request_id)
             .map(|e| e.reservation);
 
-        let denied_by = report
-            .rules
-            .iter()
-            .find(|r| r.applied && r.decision == DecisionKind::Deny && r.mode == Mode::Enforce);
-        let downgraded_by = report
-            .rules
-            .iter()
-            .rev()
-            .find(|r| r.applied && r.decision == DecisionKind::Downgrade);
-        let (decision, deciding) = match (denied_by, downgraded_by) {
-            (Some(d), _) => (DecisionKind::Deny, Some(d)),
-            (None, Some(d)) if report.effective_tier != ctx.requested_tier => {
+        // A downgrade counts only if the request really went out at another tier.
+        let (decision, deciding) = match Combination::Applied
+            .deciding(&report.rules)
+            .map(|i| &report.rules[i])
+        {
+            Some(d) if d.decision == DecisionKind::Deny => (DecisionKind::Deny, Some(d)),
+            Some(d) if report.effective_tier != ctx.requested_tier => {
                 (DecisionKind::Downgrade, Some(d))
             }
             _ => (DecisionKind::Allow, None),

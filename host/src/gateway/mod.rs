@@ -1,7 +1,7 @@
 //! The gateway: shared state (policies, providers, ledger, logs, engine), the refresh that
 //! publishes aggregates, reload, and snapshots. The request lifecycle itself is in
 //! `lifecycle.rs`, its log lines in `records.rs`, crash recovery in `recovery.rs`.
-//! Transport-independent: the HTTP layer (`server`) turns requests into [`Inference`] and
+//! Transport-independent: the HTTP layer ([`crate::http`]) turns requests into [`Inference`] and
 //! [`Outcome`]s into responses.
 
 use std::collections::BTreeMap;
@@ -76,12 +76,12 @@ pub enum Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// The route is not configured.
-    #[error("unknown route `{route}`; known routes: {known}")]
+    #[error("unknown route `{route}`; known routes: {}", .known.join(", "))]
     UnknownRoute {
         /// Asked for.
         route: String,
         /// Configured routes.
-        known: String,
+        known: Vec<String>,
     },
     /// The tier is not offered on the route.
     #[error("route {route} has no tier `{tier}`; tiers: {known}")]
@@ -520,13 +520,7 @@ impl Gateway {
     pub(crate) fn unknown_route(&self, route: &str) -> GatewayError {
         GatewayError::UnknownRoute {
             route: route.to_owned(),
-            known: self
-                .config
-                .routes
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: self.config.routes.keys().cloned().collect(),
         }
     }
 

@@ -27,7 +27,7 @@ use super::component::{CallError, InstancePool, LoadedComponent, PolicyRuntime};
 use super::{Namespace, PolicySet, Rule};
 
 /// Rule modes and failure modes: the SDK's, so the host and the Envoy filters read rules alike.
-pub use llmscope_sdk::edge::{FailureMode, Mode};
+pub use llmscope_sdk::verdict::{FailureMode, Mode};
 
 #[derive(Deserialize)]
 #[serde(

@@ -1,10 +1,12 @@
 //! The policy runtime: load a policy YAML and its WebAssembly components, evaluate a request's
 //! namespace, and combine the rules' verdicts.
 //!
-//! Combination: every rule of the namespace is evaluated. Any enforced deny wins (the first
-//! deny's reason); otherwise the first enforced downgrade applies; alerts never block and are all
-//! recorded. A rule that fails becomes a deny (`failure_mode: closed`, the default) or an allow
-//! (`open`), with the error recorded. `mode: monitor` rules are recorded but never act.
+//! Combination: every rule of the namespace is evaluated, then the verdicts combine as
+//! [`Combination::Evaluated`] states (the first enforced deny, else the first enforced
+//! downgrade; the edge chain's variant differs, see [`llmscope_sdk::verdict`]); alerts never
+//! block and are all recorded. A rule that fails becomes a deny (`failure_mode: closed`, the
+//! default) or an allow (`open`), with the error recorded. `mode: monitor` rules are recorded
+//! but never act.
 //!
 //! Namespace resolution follows the reference: an absent or unknown namespace resolves to
 //! `default`; with no `default` the request is allowed.
@@ -24,7 +26,7 @@ use serde::Serialize;
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
 pub use config::{is_component_file, ConfigError, FailureMode, Mode, Problem};
-pub use llmscope_sdk::edge::{DecisionKind, RuleOutcome};
+pub use llmscope_sdk::verdict::{Combination, DecisionKind, RuleOutcome};
 pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots, StaticValue};
 
 /// The namespace used when a request names none, or one that is not configured.
@@ -226,8 +228,6 @@ impl PolicySet {
         snapshots: &dyn SnapshotSource,
     ) -> Evaluation {
         let mut rules = Vec::with_capacity(ns.rules.len());
-        let mut deny: Option<usize> = None;
-        let mut downgrade: Option<usize> = None;
         let wit_request = bindings::request_to_wit(request);
         for rule in &ns.rules {
             let snapshot = snapshots.snapshot(rule, request);
@@ -236,17 +236,9 @@ impl PolicySet {
                 rule.component
                     .evaluate(&rule.pool, &rule.settings_json, &wit_request, &snapshot);
             let eval_us = (started.elapsed().as_secs_f64() * 1e8).round() / 100.0;
-            let outcome = outcome(rule, request, result, eval_us);
-            if rule.mode == Mode::Enforce {
-                match outcome.decision {
-                    DecisionKind::Deny if deny.is_none() => deny = Some(rules.len()),
-                    DecisionKind::Downgrade if downgrade.is_none() => downgrade = Some(rules.len()),
-                    _ => {}
-                }
-            }
-            rules.push(outcome);
+            rules.push(outcome(rule, request, result, eval_us));
         }
-        let deciding = deny.or(downgrade);
+        let deciding = Combination::Evaluated.deciding(&rules);
         if let Some(i) = deciding {
             rules[i].applied = true;
         }

@@ -1,0 +1,90 @@
+//! The HTTP side of the edge control plane (`POST /v1/edge/context`, `POST /v1/edge/report`;
+//! the bookkeeping is [`crate::gateway::edge`]). Errors about the client's request (invalid
+//! body, unknown route or tier) are rendered in the client's dialect and, from a context call,
+//! marked with [`CLIENT_ERROR_HEADER`](llmscope_sdk::http::CLIENT_ERROR_HEADER) for the filter
+//! to relay; any other error is the host's, and the filter applies its host failure mode.
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::error::{ApiError, Dialect};
+use super::request::{authorize, json_response, read_json, Body};
+use crate::gateway::edge::{ContextRequest, EdgeError, Report};
+use crate::gateway::Gateway;
+
+/// `POST /v1/edge/context`: price a proxied request and snapshot a filter's aggregates.
+pub async fn context(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    authorize(gw, req.headers(), Some("*"))?;
+    gw.metrics().edge_call("context");
+    let call: ContextRequest = read_edge(gw, req).await?;
+    match gw.edge().register(&call.aggregates) {
+        // New aggregates: compute them before answering, so the first request already sees
+        // the spend in the logs.
+        Ok(true) => {
+            if let Err(e) = tokio::task::block_in_place(|| gw.refresh()) {
+                tracing::error!(error = %e, "aggregate refresh for new edge aggregates failed");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => return Err(edge_error(e, false, true)),
+    }
+    let chat = call.body.get("messages").is_some();
+    let answer = gw
+        .edge_context(&call)
+        .map_err(|e| edge_error(e, chat, true))?;
+    Ok(json_response(StatusCode::OK, &json!(answer)))
+}
+
+/// `POST /v1/edge/report`: record a proxied request's outcome.
+pub async fn report(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    authorize(gw, req.headers(), Some("*"))?;
+    gw.metrics().edge_call("report");
+    let report: Report = read_edge(gw, req).await?;
+    // A report is never the client's fault from the filter's point of view: nothing is relayed.
+    let first = gw
+        .edge_report(&report)
+        .await
+        .map_err(|e| edge_error(e, false, false))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"recorded": first, "duplicate": !first}),
+    ))
+}
+
+/// Decode an edge call's JSON body into `T`, naming the field path on failure.
+async fn read_edge<T: serde::de::DeserializeOwned>(
+    gw: &Gateway,
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let (_, body) = read_json(gw, req).await?;
+    serde_path_to_error::deserialize(Value::Object(body))
+        .map_err(|e| ApiError::BadEdgeCall(format!("{}: {}", e.path(), e.inner())))
+}
+
+/// The API error of an edge error. `chat`: the client's request is a chat-completions one
+/// (route and tier errors then take OpenAI's shape); `relay`: mark client errors for relaying.
+fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
+    let client = |error: ApiError, dialect| ApiError::ClientRequest {
+        error: Box::new(error),
+        dialect,
+        relay,
+    };
+    match e {
+        EdgeError::InvalidInfer(fields) => {
+            client(ApiError::InvalidFields(fields), Dialect::Reference)
+        }
+        EdgeError::InvalidChat(c) => client(ApiError::InvalidChat(c), Dialect::OpenAi),
+        EdgeError::Gateway(g) => client(
+            ApiError::Gateway(g),
+            if chat {
+                Dialect::OpenAi
+            } else {
+                Dialect::Reference
+            },
+        ),
+        EdgeError::BadCall { .. } => ApiError::BadEdgeCall(e.to_string()),
+        EdgeError::Unlogged(_) => ApiError::EdgeReportUnlogged,
+        EdgeError::Overloaded(_) => ApiError::EdgeOverloaded(e.to_string()),
+    }
+}

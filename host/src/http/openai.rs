@@ -1,0 +1,64 @@
+//! `POST /v1/chat/completions`: the OpenAI-compatible API. Errors render in OpenAI's shape
+//! ([`Dialect::OpenAi`](super::error::Dialect::OpenAi)).
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Request, Response, StatusCode};
+use llmscope_sdk::http::{COST_HEADER, POLICY_DECISION_HEADER, REQUEST_ID_HEADER, TIER_HEADER};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::request::{authorize, header, json_response, read_json, Body};
+use crate::gateway::{Gateway, Outcome, Served};
+use crate::requests::parse_chat;
+
+/// Parse, authorize, serve; a denial is a 402 [`ApiError::Denied`].
+pub async fn chat(gw: &Arc<Gateway>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (headers, obj) = read_json(gw, req).await?;
+    if obj.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err(ApiError::UnsupportedStream);
+    }
+    let inf =
+        parse_chat(&obj, &|h| header(&headers, h), gw.config()).map_err(ApiError::InvalidChat)?;
+    authorize(gw, &headers, Some(&inf.tenant_id))?;
+    match gw.handle(inf).await? {
+        Outcome::Served(s) => Ok(completion(&s)),
+        Outcome::Denied {
+            request_id,
+            evaluation,
+        } => Err(ApiError::denied(request_id, &evaluation)),
+    }
+}
+
+/// A `chat.completion` object, with the llmscope headers.
+fn completion(s: &Served) -> Response<Body> {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let body = json!({
+        "id": format!("chatcmpl-{}", s.request_id),
+        "object": "chat.completion",
+        "created": created,
+        "model": s.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": s.completion.text}, "finish_reason": s.completion.finish_reason}],
+        "usage": {"prompt_tokens": s.tokens_in, "completion_tokens": s.tokens_out, "total_tokens": s.tokens_in + s.tokens_out},
+    });
+    let mut resp = json_response(StatusCode::OK, &body);
+    let h = resp.headers_mut();
+    for (name, value) in [
+        (REQUEST_ID_HEADER, s.request_id.clone()),
+        (
+            POLICY_DECISION_HEADER,
+            s.evaluation.decision.as_str().to_owned(),
+        ),
+        (TIER_HEADER, s.effective_tier.clone()),
+        (COST_HEADER, format!("{:.8}", s.cost_usd)),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    resp
+}
