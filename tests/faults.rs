@@ -213,6 +213,20 @@ async fn a_full_disk_refuses_requests_with_503_and_shows_in_readyz_and_metrics()
     opts.logs = Some((telemetry, dir.path().join("policy_decisions.jsonl")));
     let gw = Gateway::start(&opts);
     let client = reqwest::Client::new();
+    // The decision log is writable, so the first request is written ahead and served; its
+    // telemetry line fails, and from then on nothing is dispatched while the telemetry log
+    // cannot take a line.
+    let first = client
+        .post(gw.at("/infer"))
+        .json(&json!({"prompt": "hi", "tenant_id": "acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        [200, 503].contains(&first.status().as_u16()),
+        "{}",
+        first.status()
+    );
     let resp = client
         .post(gw.at("/infer"))
         .json(&json!({"prompt": "hi", "tenant_id": "acme"}))

@@ -249,7 +249,8 @@ struct Job {
 pub struct ArtifactWriter {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    healthy: Arc<AtomicBool>,
+    /// Whether the last write to each log (telemetry, decisions) succeeded.
+    healthy: Arc<[AtomicBool; 2]>,
     failures: Arc<AtomicU64>,
     reopen: Arc<AtomicBool>,
     telemetry_path: PathBuf,
@@ -335,7 +336,7 @@ impl ArtifactWriter {
         let mut telemetry = LogFile::open(telemetry_path)?;
         let mut decisions = LogFile::open(decisions_path)?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let healthy = Arc::new(AtomicBool::new(true));
+        let healthy = Arc::new([AtomicBool::new(true), AtomicBool::new(true)]);
         let failures = Arc::new(AtomicU64::new(0));
         let reopen = Arc::new(AtomicBool::new(false));
         let (h, f, r) = (
@@ -427,7 +428,12 @@ impl ArtifactWriter {
 
     /// False after a failed write, until a later write succeeds.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.healthy.iter().all(|h| h.load(Ordering::Relaxed))
+    }
+
+    /// False after a failed telemetry write, until a later one succeeds.
+    pub fn telemetry_healthy(&self) -> bool {
+        self.healthy[0].load(Ordering::Relaxed)
     }
 
     /// Failed batches since start.
@@ -489,7 +495,7 @@ fn write_batch(
     decisions: &mut LogFile,
     force_reopen: bool,
     batch: &mut Vec<Job>,
-    healthy: &AtomicBool,
+    healthy: &[AtomicBool; 2],
     failures: &AtomicU64,
 ) {
     let mut results: Vec<Result<Written, WriteError>> =
@@ -499,6 +505,7 @@ fn write_batch(
         let written = decisions
             .follow(force_reopen)
             .and_then(|()| decisions.append_locked(d_buf.as_bytes()));
+        healthy[1].store(written.is_ok(), Ordering::Relaxed);
         if let Err(e) = written {
             for (job, r) in batch.iter().zip(&mut results) {
                 if job.decision.is_some() {
@@ -530,7 +537,9 @@ fn write_batch(
                 telemetry.append_locked(t_buf.as_bytes())
             }
         }) {
+            Ok(_) if t_buf.is_empty() => {}
             Ok(before) => {
+                healthy[0].store(true, Ordering::Relaxed);
                 for (r, end) in results.iter_mut().zip(&ends) {
                     let Some(end) = end else { continue };
                     *r = match before.checked_add(*end) {
@@ -548,6 +557,7 @@ fn write_batch(
                 }
             }
             Err(e) => {
+                healthy[0].store(false, Ordering::Relaxed);
                 for (r, end) in results.iter_mut().zip(&ends) {
                     if end.is_some() {
                         *r = Err(e.clone());
@@ -557,7 +567,6 @@ fn write_batch(
         }
     }
     let failed = results.iter().any(Result::is_err);
-    healthy.store(!failed, Ordering::Relaxed);
     if failed {
         failures.fetch_add(1, Ordering::Relaxed);
     }

@@ -370,6 +370,10 @@ fn serve(config: &Path, listen: Option<std::net::SocketAddr>) -> Result<ExitCode
     runtime.block_on(async move {
         let hot_reload = cfg.hot_reload;
         let addr = cfg.listen;
+        // SIGHUP (logrotate's postrotate) must not kill a gateway that is still starting
+        // (recovery, ingesting large logs): take it over before the start.
+        #[cfg(unix)]
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let gateway = tokio::task::block_in_place(|| crate::gateway::Gateway::start(cfg, &env))?;
         let listener = crate::server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let bound = listener.local_addr()?;
@@ -403,7 +407,7 @@ fn serve(config: &Path, listen: Option<std::net::SocketAddr>) -> Result<ExitCode
             // SIGHUP: reopen the logs (after logrotate moved them; a rename is also noticed
             // on the next write without it).
             let gw = Arc::clone(&gateway);
-            if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            if let Some(mut hup) = hup {
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
                         tracing::info!("SIGHUP: reopening the logs");

@@ -157,6 +157,9 @@ struct Inner {
     /// Outstanding reservations plus settled-but-not-ingested amounts, per dimension tuple.
     buckets: HashMap<Dims, Bucket>,
     next_id: u64,
+    /// How far each telemetry file (by inode) is ingested and published: a request settled
+    /// at or before it is already in the aggregates.
+    published: HashMap<u64, u64>,
 }
 
 /// The ledger. Cheap to clone (shared).
@@ -235,6 +238,10 @@ impl Ledger {
             return;
         }
         let mut inner = self.inner.lock();
+        for p in positions {
+            let mark = inner.published.entry(p.file_id).or_insert(0);
+            *mark = (*mark).max(p.offset);
+        }
         for bucket in inner.buckets.values_mut() {
             bucket.retain(|e| match e.settled {
                 Some(Some(at)) => !positions
@@ -333,6 +340,24 @@ impl Reservation {
     /// stays until it is older than every window, so the budget still sees it).
     pub fn settle(mut self, actual: Sums, telemetry: Option<LogPosition>) {
         let mut inner = self.ledger.inner.lock();
+        self.live = false;
+        // Already ingested and published (a refresh ran between the write and this call):
+        // the aggregates count it, so the ledger must not count it again.
+        let published = telemetry.is_some_and(|at| {
+            inner
+                .published
+                .get(&at.file_id)
+                .is_some_and(|&mark| at.offset <= mark)
+        });
+        if published {
+            if let Some(b) = inner.buckets.get_mut(&self.dims) {
+                b.remove(self.id);
+                if b.entries.is_empty() {
+                    inner.buckets.remove(&self.dims);
+                }
+            }
+            return;
+        }
         let bucket = inner.buckets.entry(self.dims.clone()).or_default();
         bucket.remove(self.id);
         bucket.insert(
@@ -343,7 +368,6 @@ impl Reservation {
                 settled: Some(telemetry),
             },
         );
-        self.live = false;
     }
 }
 
@@ -406,6 +430,21 @@ mod tests {
         assert_eq!(ledger.len(), (1, 0));
         drop(live);
         assert_eq!(ledger.len(), (0, 0));
+    }
+
+    #[test]
+    fn a_request_settled_after_its_line_was_published_is_not_counted_twice() {
+        let ledger = Ledger::default();
+        let req = request();
+        let r = ledger.reserve(dims("acme"), 1_000, 0.5, 1, 1);
+        ledger.ingested_through(&[pos(1, 500)]);
+        r.settle(sums(0.5), Some(pos(1, 400)));
+        assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0), (0.0, 0.0));
+        assert_eq!(ledger.len(), (0, 0));
+        ledger
+            .reserve(dims("acme"), 1_000, 0.5, 1, 1)
+            .settle(sums(0.25), Some(pos(1, 600)));
+        assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0).0, 0.25);
     }
 
     #[test]

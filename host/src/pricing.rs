@@ -51,7 +51,7 @@ impl Tokenizer {
             Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
             Self::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
         };
-        u32::try_from(bpe.encode_with_special_tokens(text).len()).unwrap_or(u32::MAX)
+        u32::try_from(bpe.encode_ordinary(text).len()).unwrap_or(u32::MAX)
     }
 }
 

@@ -249,7 +249,14 @@ impl HttpProvider {
             }
             match result {
                 Ok(c) => return Ok((c, attempt)),
-                Err(e) if e.retryable() && attempt <= self.max_retries => {
+                // A timed-out attempt may still be answered, and billed, by the provider:
+                // it is not retried on the same model unpriced; the fallback chain (re-priced
+                // and re-checked by the gateway) takes over.
+                Err(e)
+                    if e.retryable()
+                        && !matches!(e, ProviderError::Timeout(_))
+                        && attempt <= self.max_retries =>
+                {
                     let backoff = Duration::from_millis(100 * (1 << (attempt - 1).min(5)));
                     tracing::warn!(error = %e, attempt, elapsed_ms = started.elapsed().as_millis() as u64, "provider call failed; retrying");
                     tokio::time::sleep(backoff).await;

@@ -243,6 +243,8 @@ const PARALLEL_MIN_BYTES: u64 = 32 << 20;
 const HEAD_BYTES: usize = 128;
 /// Malformed lines listed in one report.
 const MALFORMED_LISTED: usize = 100;
+/// Most rotated files (`<log>.1` … `<log>.N`) read at start.
+const MAX_ROTATED: usize = 400;
 
 impl SpendEngine {
     /// Open an engine over the two logs; `db_path` persists tables and offsets.
@@ -312,6 +314,64 @@ impl SpendEngine {
             uncompacted_rows: std::sync::atomic::AtomicU64::new(0),
             compacted_at: Mutex::new(None),
         })
+    }
+
+    /// Append the rotated logs' history: `<log>.1`, `<log>.2`, … (logrotate's rename rotation,
+    /// uncompressed; the first missing number ends the list), oldest first. Only for a log with
+    /// nothing ingested yet (an in-memory engine at start, or a new `duckdb_path`): without it a
+    /// restart after a rotation would start the windows from the current file alone, and
+    /// budgets would forget what the rotated files hold. Call before the first
+    /// [`Self::ingest`]. Returns the rows appended; malformed lines are logged and skipped.
+    pub fn ingest_rotated(&self) -> Result<u64, EngineError> {
+        let state = self.ingest.lock();
+        let mut total = 0u64;
+        for (kind, path, log) in [
+            (Kind::Telemetry, &self.telemetry_path, &state.telemetry),
+            (Kind::Decisions, &self.decisions_path, &state.decisions),
+        ] {
+            if log.cursor.offset > 0 || !log.cursor.head.is_empty() || log.held.is_some() {
+                continue;
+            }
+            let rotated: Vec<PathBuf> = (1..=MAX_ROTATED)
+                .map(|n| {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(format!(".{n}"));
+                    PathBuf::from(p)
+                })
+                .take_while(|p| p.is_file())
+                .collect();
+            let conn = self.conn.lock();
+            for p in rotated.iter().rev() {
+                let io = |source| EngineError::Io {
+                    path: p.clone(),
+                    source,
+                };
+                let file = File::open(p).map_err(io)?;
+                let len = file.metadata().map_err(io)?.len();
+                let label = p.display().to_string();
+                let mut skipped = Skipped::default();
+                conn.execute_batch("BEGIN TRANSACTION")?;
+                match append_from(&conn, kind, &file, 0, len, &label, &mut skipped) {
+                    Ok((rows, _)) => {
+                        conn.execute_batch("COMMIT")?;
+                        total = total.saturating_add(rows);
+                    }
+                    Err(e) => {
+                        if let Err(r) = conn.execute_batch("ROLLBACK") {
+                            tracing::warn!(error = %r, "rolling back a failed ingestion");
+                        }
+                        return Err(e);
+                    }
+                }
+                if skipped.count > 0 {
+                    tracing::warn!(file = %label, skipped = skipped.count, first = ?skipped.listed.first(), "malformed lines skipped in a rotated log");
+                }
+                tracing::info!(file = %label, "rotated log ingested");
+            }
+        }
+        self.uncompacted_rows
+            .fetch_add(total, std::sync::atomic::Ordering::Relaxed);
+        Ok(total)
     }
 
     /// Compress what was ingested since the last compaction (a DuckDB checkpoint), once at

@@ -324,3 +324,21 @@ fn an_old_file_truncated_below_the_cursor_before_its_drain_is_read_from_its_star
     );
     assert_eq!(telemetry_rows(&e), (23, 23));
 }
+
+#[test]
+fn a_fresh_engine_reads_the_rotated_logs_before_the_current_one() {
+    let (_dir, t, d) = logs();
+    let rotated = |n: u32| PathBuf::from(format!("{}.{n}", t.display()));
+    append(&rotated(2), &lines(0, 3));
+    append(&rotated(1), &lines(3, 4));
+    // A gap ends the list: `.4` without `.3` is not read.
+    append(&rotated(4), &lines(100, 50));
+    append(&t, &lines(7, 2));
+    let e = SpendEngine::open(None, &t, &d).unwrap();
+    assert_eq!(e.ingest_rotated().unwrap(), 7);
+    e.ingest().unwrap();
+    assert_eq!(telemetry_rows(&e), (9, 9));
+    // Once the current log was read, rotated files are history already in the tables.
+    assert_eq!(e.ingest_rotated().unwrap(), 0);
+    assert_eq!(telemetry_rows(&e), (9, 9));
+}

@@ -289,13 +289,16 @@ impl Gateway {
             }
             entry.reservation.amount()
         };
-        let store = self.store();
-        let source = LiveSnapshots {
-            store: store.as_ref(),
-            ledger: self.ledger(),
-            own: Some((&dims, own)),
+        let snapshot = {
+            let _view = self.view();
+            let store = self.store();
+            let source = LiveSnapshots {
+                store: store.as_ref(),
+                ledger: self.ledger(),
+                own: Some((&dims, own)),
+            };
+            source.values(&call.aggregates, &ctx)
         };
-        let snapshot = source.values(&call.aggregates, &ctx);
         Ok(ContextAnswer {
             request: ctx,
             snapshot,

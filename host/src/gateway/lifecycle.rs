@@ -126,6 +126,10 @@ impl Gateway {
             drop(reservation);
             return self.deny(&req, records, evaluation).await;
         }
+        if self.config.reject_unlogged && !self.writer.telemetry_healthy() {
+            drop(reservation);
+            return self.refuse_unlogged(&req, records, &evaluation).await;
+        }
         let target = self.target(&mut req, &evaluation, &mut reservation);
         records.dispatching(
             &target.tier,
@@ -176,6 +180,7 @@ impl Gateway {
     ) -> (Evaluation, f64) {
         let started = Instant::now();
         let evaluation = {
+            let _view = self.view();
             let store = self.store();
             let source = LiveSnapshots {
                 store: store.as_ref(),
@@ -220,6 +225,36 @@ impl Gateway {
         })
     }
 
+    /// The telemetry log failed its last write: nothing is dispatched until it takes a line
+    /// again, since a billed answer might then go unrecorded. This request is refused (503) and
+    /// its own two lines (status `error`, `logs_unavailable`, nothing spent, no reservation) are
+    /// the probe: once they are written the next request is served.
+    async fn refuse_unlogged(
+        &self,
+        req: &PricedRequest<'_>,
+        mut records: Records,
+        evaluation: &Evaluation,
+    ) -> Result<Outcome, GatewayError> {
+        records.unanswered(Status::Error, 0.0, &req.ctx.model);
+        records.telemetry.error_type = Some("logs_unavailable".into());
+        self.metrics.request(
+            &req.ctx.route_name,
+            "unlogged",
+            req.ctx.estimated_cost_usd,
+            0.0,
+        );
+        let written = self
+            .writer
+            .append(&records.telemetry, Some(&records.decision(evaluation)))
+            .await;
+        Err(GatewayError::Unlogged(written.err().unwrap_or_else(|| {
+            crate::artifacts::WriteError {
+                path: self.config.telemetry_path.clone(),
+                message: "the previous telemetry write failed; retry (this probe succeeded)".into(),
+            }
+        })))
+    }
+
     /// The tier and model the verdict sends the request to, re-priced; the reservation moves
     /// there.
     fn target(
@@ -260,9 +295,9 @@ impl Gateway {
             .unwrap_or_default()
     }
 
-    /// Try the target model, then its fallbacks. A fallback pricier than what is reserved is
-    /// re-priced and re-checked first: the reservation moves to its estimate and the
-    /// namespace's rules run again; a deny skips it. No attempt is made once the client is
+    /// Try the target model, then its fallbacks. A fallback is re-priced and re-checked
+    /// first: the reservation moves to its estimate and the namespace's rules run again; a
+    /// deny skips it. No attempt is made once the client is
     /// gone. Timed-out attempts are charged at their estimate (configurable).
     async fn dispatch(
         &self,
@@ -367,8 +402,9 @@ impl Gateway {
     }
 
     /// Before a fallback: move the reservation to `model` at `estimate` (plus what timed-out
-    /// attempts already cost) and, when that is more than was reserved, run the namespace's
-    /// rules again at the new estimate. Returns the evaluation when it denies.
+    /// attempts already cost) and run the namespace's rules again for that model at that
+    /// estimate (a model-scoped rule may refuse even a cheaper one). Returns the evaluation
+    /// when it denies.
     fn recheck(
         &self,
         req: &PricedRequest<'_>,
@@ -378,14 +414,10 @@ impl Gateway {
         spent: f64,
         reservation: &mut Reservation,
     ) -> Option<Evaluation> {
-        let pricier = spent + estimate > reservation.amount().cost_usd + 1e-12;
         let previous = (reservation.dims().clone(), reservation.amount());
         let mut moved = previous.0.clone();
         moved.model = model.to_owned();
         reservation.update(moved, spent + estimate, tokens_in, req.priced.tokens_out);
-        if !pricier {
-            return None;
-        }
         let mut ctx = req.ctx.clone();
         ctx.model = model.to_owned();
         // What this request may cost now: the fallback's estimate plus the timed-out attempts

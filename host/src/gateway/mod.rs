@@ -190,6 +190,8 @@ pub struct Gateway {
     ingested_elsewhere: parking_lot::Mutex<Vec<crate::artifacts::LogPosition>>,
     /// Input-token estimates corrected by what providers billed.
     calibration: pricing::Calibration,
+    /// Read by snapshot assembly, written by a refresh's publish + ledger drop.
+    view: RwLock<()>,
 }
 
 /// Why the gateway could not start.
@@ -290,6 +292,7 @@ impl Gateway {
             refresh_lock: parking_lot::Mutex::new(()),
             ingested_elsewhere: parking_lot::Mutex::new(Vec::new()),
             calibration,
+            view: RwLock::new(()),
             edge: edge::EdgeState::default(),
         });
         // A crash leaves decisions written ahead without telemetry: record them at their
@@ -312,8 +315,11 @@ impl Gateway {
         self.refresh_locked(&policies, || {})
     }
 
-    /// The refresh, with `refresh_lock` held: ingest → compute `policies`' aggregates → run
-    /// `swap` → publish → drop from the ledger what ingestion covered → age out old entries.
+    /// The refresh, with `refresh_lock` held: ingest → compute the aggregates of `policies`
+    /// (and of the set serving now, during a reload: requests that started on it still read
+    /// its aggregates) → run `swap` → publish and drop from the ledger what ingestion covered,
+    /// under the `view` write lock (so no evaluation reads the old aggregates after the ledger
+    /// dropped what only the new ones include) → age out old entries.
     fn refresh_locked(
         &self,
         policies: &PolicySet,
@@ -321,8 +327,13 @@ impl Gateway {
     ) -> Result<IngestReport, EngineError> {
         let started = Instant::now();
         let report = self.engine.ingest()?;
+        // Kept until published: a failed compute must not lose a drained file's position.
+        self.ingested_elsewhere
+            .lock()
+            .extend_from_slice(&report.telemetry_through);
         let edge = self.edge.aggregates();
-        let aggregates = declared_aggregates(policies.rules(), &edge);
+        let serving = self.policies();
+        let aggregates = declared_aggregates(policies.rules().chain(serving.rules()), &edge);
         let now = now_ms();
         let published = self.engine.compute(&aggregates, now)?;
         let expired = self.edge.expire(edge::EDGE_RESERVATION_TTL);
@@ -333,10 +344,12 @@ impl Gateway {
             );
         }
         swap();
-        self.publish_aggregates(Arc::new(published));
-        let mut through = std::mem::take(&mut *self.ingested_elsewhere.lock());
-        through.extend_from_slice(&report.telemetry_through);
-        self.ledger.ingested_through(&through);
+        {
+            let _view = self.view.write();
+            self.publish_aggregates(Arc::new(published));
+            let through = std::mem::take(&mut *self.ingested_elsewhere.lock());
+            self.ledger.ingested_through(&through);
+        }
         self.ledger
             .expire(now.saturating_sub(longest_window_ms(&aggregates, now)));
         self.metrics.refresh(
@@ -345,6 +358,12 @@ impl Gateway {
             report.malformed.len() as u64,
         );
         Ok(report)
+    }
+
+    /// Held (read) while a request's snapshots are assembled from the published aggregates and
+    /// the ledger, so a refresh cannot publish and drop ledger entries in between.
+    pub(crate) fn view(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.view.read()
     }
 
     /// Ingest new log lines for a question (serialized with refreshes). The ledger keeps what
@@ -552,6 +571,7 @@ impl Gateway {
             tiers: priced.tiers.clone(),
             unix_time_ms: now_ms(),
         };
+        let _view = self.view();
         let store = Arc::clone(&self.store.read());
         let source = LiveSnapshots {
             store: store.as_ref(),

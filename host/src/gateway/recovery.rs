@@ -47,6 +47,7 @@ impl Gateway {
     /// Write an `unanswered` telemetry line, at its reserved estimate, for every decision
     /// written ahead of a dispatch that has no telemetry line. Returns how many.
     pub(crate) fn recover_unanswered(&self) -> Result<usize, StartError> {
+        self.engine.ingest_rotated()?;
         self.engine.ingest()?;
         let orphans: HashSet<String> = self.engine.with_conn(|conn| {
             let mut stmt = conn.prepare(
@@ -61,30 +62,43 @@ impl Gateway {
         if orphans.is_empty() {
             return Ok(0);
         }
-        let path = &self.config.decisions_path;
-        let file = std::fs::File::open(path)
-            .map_err(|e| StartError::Recovery(format!("cannot read {}: {e}", path.display())))?;
         let mut lines = String::new();
         let mut seen = HashSet::new();
         let mut cost = 0.0;
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.map_err(|e| {
-                StartError::Recovery(format!("cannot read {}: {e}", path.display()))
-            })?;
-            // Only write-ahead lines carry a reservation; older logs have none to recover.
-            if !line.contains("\"reservation\":") {
-                continue;
-            }
-            let Ok(d) = serde_json::from_str::<Decision>(&line) else {
-                continue;
+        // The decision may be in the current log or, rotated since, in `<decisions>.1`.
+        let current = self.config.decisions_path.clone();
+        let mut rotated = current.as_os_str().to_owned();
+        rotated.push(".1");
+        for path in [std::path::PathBuf::from(rotated), current] {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(StartError::Recovery(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    )))
+                }
             };
-            if !orphans.contains(&d.request_id) || !seen.insert(d.request_id.clone()) {
-                continue;
+            for line in std::io::BufReader::new(file).lines() {
+                let line = line.map_err(|e| {
+                    StartError::Recovery(format!("cannot read {}: {e}", path.display()))
+                })?;
+                // Only write-ahead lines carry a reservation; older logs have none to recover.
+                if !line.contains("\"reservation\":") {
+                    continue;
+                }
+                let Ok(d) = serde_json::from_str::<Decision>(&line) else {
+                    continue;
+                };
+                if !orphans.contains(&d.request_id) || !seen.insert(d.request_id.clone()) {
+                    continue;
+                }
+                cost += d.reservation.cost_usd;
+                let record = unanswered(d);
+                let encoded = encode(&self.config.telemetry_path, &record)?;
+                lines.push_str(&encoded);
             }
-            cost += d.reservation.cost_usd;
-            let record = unanswered(d);
-            let encoded = encode(&self.config.telemetry_path, &record)?;
-            lines.push_str(&encoded);
         }
         if seen.is_empty() {
             return Ok(0);
@@ -129,9 +143,8 @@ fn answered_in_rotated(
         }
     };
     for line in std::io::BufReader::new(file).lines() {
-        let line = line.map_err(|e| {
-            StartError::Recovery(format!("cannot read {}: {e}", rotated.display()))
-        })?;
+        let line = line
+            .map_err(|e| StartError::Recovery(format!("cannot read {}: {e}", rotated.display())))?;
         if let Ok(t) = serde_json::from_str::<TelemetryId>(&line) {
             orphans.remove(&t.request_id);
         }
