@@ -908,7 +908,8 @@ fn verify_logs(telemetry: &Path, decisions: &Path) -> Result<(), String> {
         Ok(())
     } else {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let first: Vec<&str> = stderr.lines().take(3).collect();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let first: Vec<&str> = stderr.lines().chain(stdout.lines()).take(40).collect();
         Err(format!("{}: {}", out.status, first.join(" | ")))
     }
 }

@@ -237,6 +237,19 @@ impl Gateway {
     ) -> Result<Outcome, GatewayError> {
         records.unanswered(Status::Error, 0.0, &req.ctx.model);
         records.telemetry.error_type = Some("logs_unavailable".into());
+        // Nothing reserved, nothing dispatched: if only the decision line lands, a restart
+        // records this request at 0.
+        records.dispatching(
+            &req.ctx.requested_tier,
+            ReservationRecord {
+                provider: self.provider_of(&req.ctx.model),
+                model: req.ctx.model.clone(),
+                cost_usd: 0.0,
+                tokens_in: 0,
+                tokens_out: 0,
+            },
+        );
+        records.telemetry.estimated_cost_usd = req.ctx.estimated_cost_usd;
         self.metrics.request(
             &req.ctx.route_name,
             "unlogged",

@@ -40,19 +40,22 @@ struct Decision {
     decision: String,
     #[serde(default)]
     policy_id: Option<String>,
-    reservation: ReservationRecord,
+    #[serde(default)]
+    estimated_cost_usd: f64,
+    #[serde(default)]
+    reservation: Option<ReservationRecord>,
 }
 
 impl Gateway {
-    /// Write an `unanswered` telemetry line, at its reserved estimate, for every decision
-    /// written ahead of a dispatch that has no telemetry line. Returns how many.
+    /// Write the missing telemetry line of every decision that has none (see [`unanswered`]
+    /// for what each records): a dispatched one `unanswered` at its reserved estimate. Returns
+    /// how many.
     pub(crate) fn recover_unanswered(&self) -> Result<usize, StartError> {
         self.engine.ingest_rotated()?;
         self.engine.ingest()?;
         let orphans: HashSet<String> = self.engine.with_conn(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT d.request_id FROM decisions d WHERE d.decision <> 'deny' \
-                 AND d.request_id IS NOT NULL AND NOT EXISTS \
+                "SELECT d.request_id FROM decisions d WHERE d.request_id IS NOT NULL AND NOT EXISTS \
                  (SELECT 1 FROM telemetry t WHERE t.request_id = d.request_id)",
             )?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
@@ -84,18 +87,14 @@ impl Gateway {
                 let line = line.map_err(|e| {
                     StartError::Recovery(format!("cannot read {}: {e}", path.display()))
                 })?;
-                // Only write-ahead lines carry a reservation; older logs have none to recover.
-                if !line.contains("\"reservation\":") {
-                    continue;
-                }
                 let Ok(d) = serde_json::from_str::<Decision>(&line) else {
                     continue;
                 };
                 if !orphans.contains(&d.request_id) || !seen.insert(d.request_id.clone()) {
                     continue;
                 }
-                cost += d.reservation.cost_usd;
                 let record = unanswered(d);
+                cost += record.cost_usd;
                 let encoded = encode(&self.config.telemetry_path, &record)?;
                 lines.push_str(&encoded);
             }
@@ -107,7 +106,7 @@ impl Gateway {
         tracing::warn!(
             requests = seen.len(),
             cost_usd = cost,
-            "recorded requests dispatched before a crash and never answered, at their estimate"
+            "recorded requests whose telemetry line was missing (a crash or a failed write): dispatched ones at their estimate"
         );
         Ok(seen.len())
     }
@@ -152,10 +151,37 @@ fn answered_in_rotated(
     Ok(orphans)
 }
 
-/// The telemetry line of a request that was dispatched and never recorded.
+/// The telemetry line of a request whose decision has none:
+/// - written ahead of a dispatch (it carries a reservation): `unanswered` at the reservation;
+/// - a denial, or a request refused before dispatch (reservation of 0), whose telemetry write
+///   failed: nothing was spent (`denied` / `error`, cost 0);
+/// - a decision without a reservation that is not a denial (an Envoy filter's report, or logs
+///   from before write-ahead): `unanswered` at its estimate, since the upstream may have been
+///   called.
 fn unanswered(d: Decision) -> TelemetryRecord {
     let namespace = d.budget_namespace.unwrap_or_default();
-    let r = d.reservation;
+    let (status, source, error) = match (&d.reservation, d.decision.as_str()) {
+        (None, "deny") => (Status::Denied, CostSource::None, None),
+        (Some(r), _) if r.cost_usd <= 0.0 => {
+            (Status::Error, CostSource::None, Some("logs_unavailable"))
+        }
+        _ => (
+            Status::Unanswered,
+            CostSource::Estimate,
+            Some("unanswered_before_restart"),
+        ),
+    };
+    let r = d.reservation.unwrap_or_else(|| ReservationRecord {
+        model: String::new(),
+        provider: String::new(),
+        cost_usd: if status == Status::Unanswered {
+            d.estimated_cost_usd.max(0.0)
+        } else {
+            0.0
+        },
+        tokens_in: 0,
+        tokens_out: 0,
+    });
     TelemetryRecord {
         schema_version: crate::artifacts::TELEMETRY_SCHEMA_VERSION.into(),
         timestamp: d.timestamp,
@@ -182,13 +208,13 @@ fn unanswered(d: Decision) -> TelemetryRecord {
         tokens_total: r.tokens_in + r.tokens_out,
         estimated_cost_usd: r.cost_usd,
         cost_usd: r.cost_usd,
-        cost_source: CostSource::Estimate.as_str().into(),
+        cost_source: source.as_str().into(),
         latency_ms: 0.0,
-        status: Status::Unanswered.as_str().into(),
+        status: status.as_str().into(),
         finish_reason: None,
         is_fallback: false,
         fallback_reason: None,
-        error_type: Some("unanswered_before_restart".into()),
+        error_type: error.map(str::to_owned),
         policy_decision: d.decision,
         policy_id: d.policy_id,
         timed_out_cost_usd: 0.0,
