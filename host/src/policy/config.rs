@@ -178,131 +178,29 @@ impl PolicySet {
         };
         let raw: RawPolicyFile =
             llmscope_wire::yaml::from_str(text).map_err(|problem| invalid(vec![problem]))?;
-
-        let mut problems = Vec::new();
-        let mut components: BTreeMap<String, Arc<LoadedComponent>> = BTreeMap::new();
-        let mut component_errors: BTreeMap<String, String> = BTreeMap::new();
-        let mut seen_ids: BTreeMap<String, String> = BTreeMap::new();
+        let mut loader = Loader {
+            pins: &raw.components,
+            policies_dir,
+            runtime,
+            components: BTreeMap::new(),
+            component_errors: BTreeMap::new(),
+            seen_ids: BTreeMap::new(),
+            problems: file_problems(&raw),
+        };
         let mut namespaces = BTreeMap::new();
-
-        if raw.version.trim().is_empty() {
-            problems.push(Problem {
-                at: "version".into(),
-                message: "must not be empty, e.g. \"0.1.0\"".into(),
-            });
-        }
-        if raw.namespaces.is_empty() {
-            problems.push(Problem {
-                at: "namespaces".into(),
-                message: "no namespaces defined; add at least `default:` with its rules".into(),
-            });
-        }
-
-        for (primitive, pin) in &raw.components {
-            let digest = pin.sha256.trim();
-            if !valid_primitive(primitive) {
-                problems.push(Problem {
-                    at: format!("components.{primitive}"),
-                    message: "not a valid primitive name (lowercase letters, digits and `_`)"
-                        .into(),
-                });
-            } else if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-                problems.push(Problem {
-                    at: format!("components.{primitive}.sha256"),
-                    message: "must be 64 hex digits (`sha256sum policies/<primitive>.wasm`, or the sha256 column of `llmscope policy list`)".into(),
-                });
-            }
-        }
-
         for (ns_name, raw_ns) in raw.namespaces {
             if ns_name.trim().is_empty() {
-                problems.push(Problem {
+                loader.problems.push(Problem {
                     at: "namespaces".into(),
                     message: "a namespace name is empty".into(),
                 });
             }
-            let mut rules = Vec::new();
-            for (index, raw_rule) in raw_ns.rules.into_iter().enumerate() {
-                let at = format!("namespaces.{ns_name}.rules[{index}] (id {:?})", raw_rule.id);
-                let mut problem = |message: String| {
-                    problems.push(Problem {
-                        at: at.clone(),
-                        message,
-                    })
-                };
-
-                if raw_rule.id.trim().is_empty() {
-                    problem("id: must not be empty".into());
-                    continue;
-                }
-                if let Some(first) = seen_ids.get(&raw_rule.id) {
-                    problem(format!("id: duplicate rule id, already used at {first}; rule ids must be unique across the file"));
-                    continue;
-                }
-                seen_ids.insert(
-                    raw_rule.id.clone(),
-                    format!("namespaces.{ns_name}.rules[{index}]"),
-                );
-
-                if !valid_primitive(&raw_rule.primitive) {
-                    problem(format!(
-                        "primitive: {:?} is not a valid primitive name (lowercase letters, digits and `_`, e.g. budget_threshold)",
-                        raw_rule.primitive
-                    ));
-                    continue;
-                }
-                let component = match components.get(&raw_rule.primitive) {
-                    Some(c) => Arc::clone(c),
-                    None => {
-                        if let Some(err) = component_errors.get(&raw_rule.primitive) {
-                            problem(err.clone());
-                            continue;
-                        }
-                        let pin = raw
-                            .components
-                            .get(&raw_rule.primitive)
-                            .map(|p| p.sha256.trim().to_ascii_lowercase());
-                        match load_primitive(
-                            &raw_rule.primitive,
-                            policies_dir,
-                            runtime,
-                            pin.as_deref(),
-                        ) {
-                            Ok(c) => {
-                                components.insert(raw_rule.primitive.clone(), Arc::clone(&c));
-                                c
-                            }
-                            Err(err) => {
-                                component_errors.insert(raw_rule.primitive.clone(), err.clone());
-                                problem(err);
-                                continue;
-                            }
-                        }
-                    }
-                };
-
-                let settings_json = serde_json::Value::Object(raw_rule.settings).to_string();
-                match component.configure(&settings_json) {
-                    Ok(aggregates) => rules.push(Rule {
-                        id: raw_rule.id,
-                        primitive: raw_rule.primitive,
-                        mode: raw_rule.mode,
-                        failure_mode: raw_rule.failure_mode,
-                        settings_json,
-                        aggregates,
-                        component,
-                        pool: InstancePool::default(),
-                    }),
-                    Err(CallError::Policy(message)) => problem(format!(
-                        "invalid settings for {}: {message}",
-                        raw_rule.primitive
-                    )),
-                    Err(err) => problem(format!(
-                        "invalid settings for {}: configure failed: {err}",
-                        raw_rule.primitive
-                    )),
-                }
-            }
+            let rules = raw_ns
+                .rules
+                .into_iter()
+                .enumerate()
+                .filter_map(|(index, raw_rule)| loader.rule(&ns_name, index, raw_rule))
+                .collect();
             namespaces.insert(
                 ns_name.clone(),
                 Namespace {
@@ -311,7 +209,11 @@ impl PolicySet {
                 },
             );
         }
-
+        let Loader {
+            components,
+            problems,
+            ..
+        } = loader;
         if !problems.is_empty() {
             return Err(invalid(problems));
         }
@@ -321,6 +223,136 @@ impl PolicySet {
             namespaces,
             components,
         })
+    }
+}
+
+/// Problems of the file as a whole: its version, its namespaces, its component pins.
+fn file_problems(raw: &RawPolicyFile) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if raw.version.trim().is_empty() {
+        problems.push(Problem {
+            at: "version".into(),
+            message: "must not be empty, e.g. \"0.1.0\"".into(),
+        });
+    }
+    if raw.namespaces.is_empty() {
+        problems.push(Problem {
+            at: "namespaces".into(),
+            message: "no namespaces defined; add at least `default:` with its rules".into(),
+        });
+    }
+    for (primitive, pin) in &raw.components {
+        let digest = pin.sha256.trim();
+        if !valid_primitive(primitive) {
+            problems.push(Problem {
+                at: format!("components.{primitive}"),
+                message: "not a valid primitive name (lowercase letters, digits and `_`)".into(),
+            });
+        } else if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            problems.push(Problem {
+                at: format!("components.{primitive}.sha256"),
+                message: "must be 64 hex digits (`sha256sum policies/<primitive>.wasm`, or the sha256 column of `llmscope policy list`)".into(),
+            });
+        }
+    }
+    problems
+}
+
+/// The rules of a file being loaded: each primitive's component loaded once (or its error
+/// remembered), rule ids checked unique across the file, every problem collected.
+struct Loader<'a> {
+    pins: &'a BTreeMap<String, RawPin>,
+    policies_dir: &'a Path,
+    runtime: &'a Arc<PolicyRuntime>,
+    components: BTreeMap<String, Arc<LoadedComponent>>,
+    component_errors: BTreeMap<String, String>,
+    seen_ids: BTreeMap<String, String>,
+    problems: Vec<Problem>,
+}
+
+impl Loader<'_> {
+    /// Rule `index` of namespace `ns_name`, configured in its component; `None` (and its one
+    /// problem recorded) when it cannot be.
+    fn rule(&mut self, ns_name: &str, index: usize, raw_rule: RawRule) -> Option<Rule> {
+        let at = format!("namespaces.{ns_name}.rules[{index}] (id {:?})", raw_rule.id);
+        match self.checked_rule(ns_name, index, raw_rule) {
+            Ok(rule) => Some(rule),
+            Err(message) => {
+                self.problems.push(Problem { at, message });
+                None
+            }
+        }
+    }
+
+    fn checked_rule(
+        &mut self,
+        ns_name: &str,
+        index: usize,
+        raw_rule: RawRule,
+    ) -> Result<Rule, String> {
+        if raw_rule.id.trim().is_empty() {
+            return Err("id: must not be empty".into());
+        }
+        if let Some(first) = self.seen_ids.get(&raw_rule.id) {
+            return Err(format!("id: duplicate rule id, already used at {first}; rule ids must be unique across the file"));
+        }
+        self.seen_ids.insert(
+            raw_rule.id.clone(),
+            format!("namespaces.{ns_name}.rules[{index}]"),
+        );
+        if !valid_primitive(&raw_rule.primitive) {
+            return Err(format!(
+                "primitive: {:?} is not a valid primitive name (lowercase letters, digits and `_`, e.g. budget_threshold)",
+                raw_rule.primitive
+            ));
+        }
+        let component = self.component(&raw_rule.primitive)?;
+        let settings_json = serde_json::Value::Object(raw_rule.settings).to_string();
+        match component.configure(&settings_json) {
+            Ok(aggregates) => Ok(Rule {
+                id: raw_rule.id,
+                primitive: raw_rule.primitive,
+                mode: raw_rule.mode,
+                failure_mode: raw_rule.failure_mode,
+                settings_json,
+                aggregates,
+                component,
+                pool: InstancePool::default(),
+            }),
+            Err(CallError::Policy(message)) => Err(format!(
+                "invalid settings for {}: {message}",
+                raw_rule.primitive
+            )),
+            Err(err) => Err(format!(
+                "invalid settings for {}: configure failed: {err}",
+                raw_rule.primitive
+            )),
+        }
+    }
+
+    /// `primitive`'s component, loaded (against its pin, if any) the first time it is named.
+    fn component(&mut self, primitive: &str) -> Result<Arc<LoadedComponent>, String> {
+        if let Some(c) = self.components.get(primitive) {
+            return Ok(Arc::clone(c));
+        }
+        if let Some(err) = self.component_errors.get(primitive) {
+            return Err(err.clone());
+        }
+        let pin = self
+            .pins
+            .get(primitive)
+            .map(|p| p.sha256.trim().to_ascii_lowercase());
+        match load_primitive(primitive, self.policies_dir, self.runtime, pin.as_deref()) {
+            Ok(c) => {
+                self.components.insert(primitive.to_owned(), Arc::clone(&c));
+                Ok(c)
+            }
+            Err(err) => {
+                self.component_errors
+                    .insert(primitive.to_owned(), err.clone());
+                Err(err)
+            }
+        }
     }
 }
 
