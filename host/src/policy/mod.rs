@@ -14,6 +14,7 @@
 mod bindings;
 mod component;
 mod config;
+mod instance;
 mod snapshot;
 
 use std::collections::BTreeMap;
