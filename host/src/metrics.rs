@@ -106,148 +106,170 @@ impl Metrics {
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
         let m = self.inner.lock();
         let mut out = String::with_capacity(4096);
-        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        family(
-            &mut out,
-            "llmscope_requests_total",
-            "counter",
-            "Requests by route and policy decision.",
-        );
-        for ((route, decision), n) in &m.requests {
-            let _ = writeln!(
-                out,
-                "llmscope_requests_total{{route=\"{}\",decision=\"{decision}\"}} {n}",
-                esc(route)
-            );
-        }
-        for (name, help, values) in [
-            (
-                "llmscope_cost_usd_total",
-                "Actual cost of served requests, USD.",
-                &m.cost_usd,
-            ),
-            (
-                "llmscope_estimated_cost_usd_total",
-                "Pre-dispatch estimates, USD.",
-                &m.estimated_cost_usd,
-            ),
-        ] {
-            family(&mut out, name, "counter", help);
-            for (route, v) in values {
-                let _ = writeln!(out, "{name}{{route=\"{}\"}} {v}", esc(route));
-            }
-        }
-        family(
-            &mut out,
-            "llmscope_provider_errors_total",
-            "counter",
-            "Failed provider calls by provider and error type.",
-        );
-        for ((p, kind), n) in &m.provider_errors {
-            let _ = writeln!(
-                out,
-                "llmscope_provider_errors_total{{provider=\"{}\",type=\"{kind}\"}} {n}",
-                esc(p)
-            );
-        }
-        for (name, label, help, values) in [
-            (
-                "llmscope_fallbacks_total",
-                "route",
-                "Requests answered by a fallback model.",
-                &m.fallbacks,
-            ),
-            (
-                "llmscope_policy_rule_errors_total",
-                "rule",
-                "Policy rules that failed (trap, deadline, error).",
-                &m.rule_errors,
-            ),
-            (
-                "llmscope_policy_reloads_total",
-                "result",
-                "Policy reload attempts by result.",
-                &m.reloads,
-            ),
-            (
-                "llmscope_edge_calls_total",
-                "endpoint",
-                "Calls from Envoy filters by endpoint (context, report).",
-                &m.edge_calls,
-            ),
-        ] {
-            family(&mut out, name, "counter", help);
-            for (key, n) in values {
-                let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", esc(key));
-            }
-        }
-        family(
-            &mut out,
-            "llmscope_policy_evaluation_seconds",
-            "histogram",
-            "Time to evaluate a namespace's rules.",
-        );
-        for (bound, n) in EVAL_BUCKETS.iter().zip(m.eval_buckets) {
-            let _ = writeln!(
-                out,
-                "llmscope_policy_evaluation_seconds_bucket{{le=\"{bound}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "llmscope_policy_evaluation_seconds_bucket{{le=\"+Inf\"}} {}",
-            m.eval_count
-        );
-        let _ = writeln!(out, "llmscope_policy_evaluation_seconds_sum {}", m.eval_sum);
-        let _ = writeln!(
-            out,
-            "llmscope_policy_evaluation_seconds_count {}",
-            m.eval_count
-        );
-        for (name, help, value) in [
-            (
-                "llmscope_ingested_rows_total",
-                "Log rows ingested into DuckDB.",
-                m.ingested_rows as f64,
-            ),
-            (
-                "llmscope_malformed_log_lines_total",
-                "Malformed log lines skipped by ingestion.",
-                m.malformed_lines as f64,
-            ),
-            (
-                "llmscope_aggregate_refreshes_total",
-                "Ingest + aggregate refresh passes.",
-                m.refreshes as f64,
-            ),
-            (
-                "llmscope_aggregate_refresh_seconds_total",
-                "Time spent in refresh passes.",
-                m.refresh_seconds_sum,
-            ),
-        ] {
-            family(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {value}");
-        }
-        family(
-            &mut out,
-            "llmscope_aggregate_refresh_last_seconds",
-            "gauge",
-            "Duration of the last refresh pass.",
-        );
-        let _ = writeln!(
-            out,
-            "llmscope_aggregate_refresh_last_seconds {}",
-            m.last_refresh_seconds
-        );
+        request_counters(&mut out, &m);
+        error_counters(&mut out, &m);
+        evaluation_histogram(&mut out, &m);
+        refresh_metrics(&mut out, &m);
         for (name, help, value) in gauges {
             family(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{name} {value}");
         }
         out
     }
+}
+
+/// A metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Requests, actual and estimated cost, by route.
+fn request_counters(out: &mut String, m: &Inner) {
+    family(
+        out,
+        "llmscope_requests_total",
+        "counter",
+        "Requests by route and policy decision.",
+    );
+    for ((route, decision), n) in &m.requests {
+        let _ = writeln!(
+            out,
+            "llmscope_requests_total{{route=\"{}\",decision=\"{decision}\"}} {n}",
+            esc(route)
+        );
+    }
+    for (name, help, values) in [
+        (
+            "llmscope_cost_usd_total",
+            "Actual cost of served requests, USD.",
+            &m.cost_usd,
+        ),
+        (
+            "llmscope_estimated_cost_usd_total",
+            "Pre-dispatch estimates, USD.",
+            &m.estimated_cost_usd,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        for (route, v) in values {
+            let _ = writeln!(out, "{name}{{route=\"{}\"}} {v}", esc(route));
+        }
+    }
+}
+
+/// Provider errors, fallbacks, rule errors, reloads and edge calls.
+fn error_counters(out: &mut String, m: &Inner) {
+    family(
+        out,
+        "llmscope_provider_errors_total",
+        "counter",
+        "Failed provider calls by provider and error type.",
+    );
+    for ((p, kind), n) in &m.provider_errors {
+        let _ = writeln!(
+            out,
+            "llmscope_provider_errors_total{{provider=\"{}\",type=\"{kind}\"}} {n}",
+            esc(p)
+        );
+    }
+    for (name, label, help, values) in [
+        (
+            "llmscope_fallbacks_total",
+            "route",
+            "Requests answered by a fallback model.",
+            &m.fallbacks,
+        ),
+        (
+            "llmscope_policy_rule_errors_total",
+            "rule",
+            "Policy rules that failed (trap, deadline, error).",
+            &m.rule_errors,
+        ),
+        (
+            "llmscope_policy_reloads_total",
+            "result",
+            "Policy reload attempts by result.",
+            &m.reloads,
+        ),
+        (
+            "llmscope_edge_calls_total",
+            "endpoint",
+            "Calls from Envoy filters by endpoint (context, report).",
+            &m.edge_calls,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        for (key, n) in values {
+            let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", esc(key));
+        }
+    }
+}
+
+/// Policy evaluation time.
+fn evaluation_histogram(out: &mut String, m: &Inner) {
+    family(
+        out,
+        "llmscope_policy_evaluation_seconds",
+        "histogram",
+        "Time to evaluate a namespace's rules.",
+    );
+    for (bound, n) in EVAL_BUCKETS.iter().zip(m.eval_buckets) {
+        let _ = writeln!(
+            out,
+            "llmscope_policy_evaluation_seconds_bucket{{le=\"{bound}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "llmscope_policy_evaluation_seconds_bucket{{le=\"+Inf\"}} {}",
+        m.eval_count
+    );
+    let _ = writeln!(out, "llmscope_policy_evaluation_seconds_sum {}", m.eval_sum);
+    let _ = writeln!(
+        out,
+        "llmscope_policy_evaluation_seconds_count {}",
+        m.eval_count
+    );
+}
+
+/// Ingestion and refresh counters, and the last refresh's duration.
+fn refresh_metrics(out: &mut String, m: &Inner) {
+    for (name, help, value) in [
+        (
+            "llmscope_ingested_rows_total",
+            "Log rows ingested into DuckDB.",
+            m.ingested_rows as f64,
+        ),
+        (
+            "llmscope_malformed_log_lines_total",
+            "Malformed log lines skipped by ingestion.",
+            m.malformed_lines as f64,
+        ),
+        (
+            "llmscope_aggregate_refreshes_total",
+            "Ingest + aggregate refresh passes.",
+            m.refreshes as f64,
+        ),
+        (
+            "llmscope_aggregate_refresh_seconds_total",
+            "Time spent in refresh passes.",
+            m.refresh_seconds_sum,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    family(
+        out,
+        "llmscope_aggregate_refresh_last_seconds",
+        "gauge",
+        "Duration of the last refresh pass.",
+    );
+    let _ = writeln!(
+        out,
+        "llmscope_aggregate_refresh_last_seconds {}",
+        m.last_refresh_seconds
+    );
 }
 
 fn esc(label: &str) -> String {
