@@ -266,7 +266,13 @@ struct LogFile {
     path: PathBuf,
     file: File,
     ino: u64,
+    /// When the path was last compared with the file held.
+    checked: std::time::Instant,
 }
+
+/// How often the writer checks that a log's path still names the file it holds. Lines written
+/// to a renamed file in between are not lost: the engine drains a renamed log to its end.
+const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl LogFile {
     fn open(path: &Path) -> Result<Self, WriteError> {
@@ -287,12 +293,17 @@ impl LogFile {
             path: path.into(),
             file,
             ino,
+            checked: std::time::Instant::now(),
         })
     }
 
     /// Follow the path: reopen when it names another file than the one held (renamed away,
-    /// deleted, replaced) or when `force` is set.
+    /// deleted, replaced; checked at most every [`FOLLOW_INTERVAL`]) or when `force` is set.
     fn follow(&mut self, force: bool) -> Result<(), WriteError> {
+        if !force && self.checked.elapsed() < FOLLOW_INTERVAL {
+            return Ok(());
+        }
+        self.checked = std::time::Instant::now();
         let moved = match std::fs::metadata(&self.path) {
             Ok(m) => m.ino() != self.ino,
             Err(_) => true,
@@ -665,6 +676,7 @@ mod tests {
         // logrotate's default: rename, and the writer follows the path on its next batch.
         std::fs::rename(&t, dir.path().join("t.jsonl.1")).unwrap();
         std::fs::rename(&d, dir.path().join("d.jsonl.1")).unwrap();
+        std::thread::sleep(FOLLOW_INTERVAL + std::time::Duration::from_millis(20));
         let rec = TelemetryRecord {
             request_id: "r1".into(),
             ..TelemetryRecord::default()
