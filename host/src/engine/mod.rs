@@ -838,7 +838,10 @@ fn resume_at(file: &File, cursor: &Cursor) -> std::io::Result<(u64, bool, String
         return Ok((0, false, head));
     }
     let len = file.metadata()?.len();
-    if len < cursor.offset || head != cursor.head {
+    // A head taken while the first line was still being written is a prefix of the whole
+    // one: that is the same file, not a rotation (reading it again would double its rows).
+    let same_head = head.starts_with(&cursor.head) || cursor.head.starts_with(&head);
+    if len < cursor.offset || !same_head {
         Ok((0, true, head))
     } else {
         Ok((cursor.offset, false, head))

@@ -342,3 +342,32 @@ fn a_fresh_engine_reads_the_rotated_logs_before_the_current_one() {
     assert_eq!(e.ingest_rotated().unwrap(), 0);
     assert_eq!(telemetry_rows(&e), (9, 9));
 }
+
+#[test]
+fn a_head_taken_mid_write_of_the_first_line_is_the_same_file() {
+    // A pass can take the head while the writer is still writing the first line, then read
+    // lines written after it: the next pass sees the whole first line and must not take the
+    // file for a rotated one (it used to, and read everything again: 4041 rows for 4000).
+    let (_dir, t, _) = logs();
+    append(&t, &lines(0, 3));
+    let file = File::open(&t).unwrap();
+    let whole = read_head(&file).unwrap();
+    let partial = Cursor {
+        offset: 20,
+        head: whole[..10].to_owned(),
+        malformed: 0,
+    };
+    assert_eq!(
+        resume_at(&file, &partial).unwrap(),
+        (20, false, whole.clone())
+    );
+    let other = Cursor {
+        offset: 20,
+        head: "{\"timestamp\":\"1999".into(),
+        malformed: 0,
+    };
+    assert!(
+        resume_at(&file, &other).unwrap().1,
+        "another first line is a rotation"
+    );
+}
