@@ -1,0 +1,222 @@
+//! Model providers: the built-in deterministic `mock`, any OpenAI-compatible chat-completions
+//! API, and Anthropic's Messages API. Each attempt has a timeout; retryable failures (timeouts,
+//! connection errors, 429, 5xx) are retried with exponential backoff; the gateway then falls back
+//! along the model's fallback chain. One file each: `mock.rs`, `openai.rs`, `anthropic.rs`, and
+//! `http.rs` for what the two HTTP providers share (the client, retries, the POST).
+
+use std::time::Duration;
+
+use crate::config::ProviderConfig;
+
+mod anthropic;
+mod http;
+mod mock;
+mod openai;
+
+pub use http::HttpProvider;
+pub use llmscope_wire::requests::Message;
+
+/// What the gateway asks a provider for.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    /// The gateway's request id, sent as [`CLIENT_REQUEST_ID_HEADER`] so a provider's bill can
+    /// be matched to the telemetry line.
+    pub request_id: String,
+    /// Model name as the provider knows it.
+    pub model: String,
+    /// Conversation.
+    pub messages: Vec<Message>,
+    /// Output-token cap.
+    pub max_tokens: u32,
+    /// Sampling temperature, if the client set one.
+    pub temperature: Option<f64>,
+}
+
+/// Header carrying the gateway's request id on every provider call (OpenAI accepts it as the
+/// caller's request id; other providers ignore or log it).
+pub const CLIENT_REQUEST_ID_HEADER: &str = "x-client-request-id";
+
+/// A provider's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Generated text.
+    pub text: String,
+    /// Input tokens the provider billed, if reported.
+    pub tokens_in: Option<u32>,
+    /// Output tokens the provider billed, if reported.
+    pub tokens_out: Option<u32>,
+    /// `stop`, `length`, ...
+    pub finish_reason: String,
+}
+
+/// A failed call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// No answer within the timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// Could not connect or the connection broke.
+    #[error("connection error: {0}")]
+    Connect(String),
+    /// Non-success HTTP status.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// Status code.
+        status: u16,
+        /// Start of the response body.
+        body: String,
+    },
+    /// The response was not in the expected shape.
+    #[error("unexpected response: {0}")]
+    Decode(String),
+    /// Configuration problem (e.g. missing API key).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ProviderError {
+    /// Worth retrying on the same provider.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Timeout(_) | Self::Connect(_) => true,
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            Self::Decode(_) | Self::Config(_) => false,
+        }
+    }
+
+    /// Short class for telemetry's `error_type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Connect(_) => "connection",
+            Self::Status { status: 429, .. } => "rate_limited",
+            Self::Status { status, .. } if *status >= 500 => "provider_5xx",
+            Self::Status { .. } => "provider_4xx",
+            Self::Decode(_) => "decode",
+            Self::Config(_) => "config",
+        }
+    }
+}
+
+/// A configured provider.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// Deterministic, local.
+    Mock {
+        /// Simulated latency.
+        latency: Duration,
+        /// Output tokens to report.
+        output_tokens: u32,
+        /// Models that fail.
+        fail_models: Vec<String>,
+    },
+    /// OpenAI-compatible.
+    OpenAi(HttpProvider),
+    /// Anthropic Messages.
+    Anthropic(HttpProvider),
+}
+
+impl Provider {
+    /// Build from configuration; `env` resolves `api_key_env`.
+    pub fn from_config(
+        cfg: &ProviderConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ProviderError> {
+        let http =
+            |base_url: &str, api_key_env: &Option<String>, timeout_ms: u64, max_retries: u32| {
+                let client = reqwest::Client::builder()
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build()
+                    .map_err(|e| ProviderError::Config(format!("cannot build HTTP client: {e}")))?;
+                Ok::<_, ProviderError>(HttpProvider {
+                    client,
+                    base_url: base_url.trim_end_matches('/').to_owned(),
+                    api_key: api_key_env.as_deref().and_then(env),
+                    timeout: Duration::from_millis(timeout_ms),
+                    max_retries,
+                })
+            };
+        Ok(match cfg {
+            ProviderConfig::Mock {
+                latency_ms,
+                output_tokens,
+                fail_models,
+            } => Self::Mock {
+                latency: Duration::from_millis(*latency_ms),
+                output_tokens: *output_tokens,
+                fail_models: fail_models.clone(),
+            },
+            ProviderConfig::Openai {
+                base_url,
+                api_key_env,
+                timeout_ms,
+                max_retries,
+            } => Self::OpenAi(http(base_url, api_key_env, *timeout_ms, *max_retries)?),
+            ProviderConfig::Anthropic {
+                base_url,
+                api_key_env,
+                timeout_ms,
+                max_retries,
+            } => Self::Anthropic(http(base_url, api_key_env, *timeout_ms, *max_retries)?),
+        })
+    }
+
+    /// Complete `req`, retrying retryable failures. Returns the completion and how many attempts
+    /// it took.
+    /// Attempts that timed out (the provider may still have answered, and billed, them) are
+    /// added to `timed_out`.
+    pub async fn complete(
+        &self,
+        req: &CompletionRequest,
+        timed_out: &mut u32,
+    ) -> Result<(Completion, u32), ProviderError> {
+        match self {
+            Self::Mock {
+                latency,
+                output_tokens,
+                fail_models,
+            } => mock::complete(req, *latency, *output_tokens, fail_models).await,
+            Self::OpenAi(http) => {
+                http.with_retries(timed_out, || openai::call(http, req))
+                    .await
+            }
+            Self::Anthropic(http) => {
+                http.with_retries(timed_out, || anthropic::call(http, req))
+                    .await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_classification() {
+        assert!(ProviderError::Status {
+            status: 429,
+            body: String::new()
+        }
+        .retryable());
+        assert!(ProviderError::Status {
+            status: 503,
+            body: String::new()
+        }
+        .retryable());
+        assert!(!ProviderError::Status {
+            status: 400,
+            body: String::new()
+        }
+        .retryable());
+        assert!(ProviderError::Timeout(Duration::from_secs(1)).retryable());
+        assert_eq!(
+            ProviderError::Status {
+                status: 502,
+                body: String::new()
+            }
+            .kind(),
+            "provider_5xx"
+        );
+    }
+}
