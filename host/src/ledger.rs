@@ -231,22 +231,29 @@ impl Ledger {
         }
     }
 
-    /// Drop settled entries whose telemetry line ended at or before one of `positions` (same
-    /// file, offset at or past the line's end): the published aggregates include them now.
+    /// Drop settled entries whose telemetry line ended at or before where `positions` say its
+    /// file is ingested now (the last position given per file): the published aggregates
+    /// include them.
     pub fn ingested_through(&self, positions: &[LogPosition]) {
         if positions.is_empty() {
             return;
         }
-        let mut inner = self.inner.lock();
+        // The last position of each file is where it stands now: within one life of a file
+        // offsets only grow, and a lower one after a higher one means the file was truncated
+        // (copytruncate) or its inode reused by a new file, so older marks no longer hold.
+        let mut latest: HashMap<u64, u64> = HashMap::new();
         for p in positions {
-            let mark = inner.published.entry(p.file_id).or_insert(0);
-            *mark = (*mark).max(p.offset);
+            latest.insert(p.file_id, p.offset);
+        }
+        let mut inner = self.inner.lock();
+        for (file, offset) in &latest {
+            inner.published.insert(*file, *offset);
         }
         for bucket in inner.buckets.values_mut() {
             bucket.retain(|e| match e.settled {
-                Some(Some(at)) => !positions
-                    .iter()
-                    .any(|p| p.file_id == at.file_id && at.offset <= p.offset),
+                Some(Some(at)) => latest
+                    .get(&at.file_id)
+                    .is_none_or(|offset| at.offset > *offset),
                 _ => true,
             });
         }
@@ -445,6 +452,23 @@ mod tests {
             .reserve(dims("acme"), 1_000, 0.5, 1, 1)
             .settle(sums(0.25), Some(pos(1, 600)));
         assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0).0, 0.25);
+    }
+
+    #[test]
+    fn a_truncated_file_forgets_its_old_mark() {
+        let ledger = Ledger::default();
+        let req = request();
+        ledger.ingested_through(&[pos(1, 10_000)]);
+        // copytruncate: same inode, offsets start again; the line at 300 is not ingested yet.
+        ledger.ingested_through(&[pos(1, 10_000), pos(1, 100)]);
+        ledger
+            .reserve(dims("acme"), 1_000, 0.5, 1, 1)
+            .settle(sums(0.5), Some(pos(1, 300)));
+        assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0).0, 0.5);
+        ledger.ingested_through(&[pos(1, 299)]);
+        assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0).0, 0.5);
+        ledger.ingested_through(&[pos(1, 300)]);
+        assert_eq!(ledger.sum(Metric::CostUsd, &[], &req, 0), (0.0, 0.0));
     }
 
     #[test]

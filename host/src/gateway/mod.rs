@@ -343,9 +343,9 @@ impl Gateway {
                 "edge reservations released without a report (proxy gone?)"
             );
         }
-        swap();
         {
             let _view = self.view.write();
+            swap();
             self.publish_aggregates(Arc::new(published));
             let through = std::mem::take(&mut *self.ingested_elsewhere.lock());
             self.ledger.ingested_through(&through);
@@ -373,8 +373,9 @@ impl Gateway {
         let report = self.engine.ingest()?;
         let mut elsewhere = self.ingested_elsewhere.lock();
         for p in &report.telemetry_through {
+            // The newest position of a file replaces older ones (a truncated file restarts).
             match elsewhere.iter_mut().find(|e| e.file_id == p.file_id) {
-                Some(e) => e.offset = e.offset.max(p.offset),
+                Some(e) => e.offset = p.offset,
                 None => elsewhere.push(*p),
             }
         }

@@ -55,7 +55,10 @@ impl Gateway {
         self.engine.ingest()?;
         let orphans: HashSet<String> = self.engine.with_conn(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT d.request_id FROM decisions d WHERE d.request_id IS NOT NULL AND NOT EXISTS \
+                // Decisions older than every telemetry line still readable may have theirs in
+                // a rotated file that is compressed or gone: only newer ones are orphans.
+                "SELECT d.request_id FROM decisions d WHERE d.request_id IS NOT NULL \
+                 AND d.ts_us >= (SELECT coalesce(min(ts_us), 0) FROM telemetry) AND NOT EXISTS \
                  (SELECT 1 FROM telemetry t WHERE t.request_id = d.request_id)",
             )?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
