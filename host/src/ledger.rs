@@ -162,6 +162,18 @@ struct Inner {
     published: HashMap<u64, u64>,
 }
 
+impl Inner {
+    /// Remove entry `id` of `dims`, and the bucket when it is left empty.
+    fn release(&mut self, dims: &Dims, id: u64) {
+        if let Some(b) = self.buckets.get_mut(dims) {
+            b.remove(id);
+            if b.entries.is_empty() {
+                self.buckets.remove(dims);
+            }
+        }
+    }
+}
+
 /// The ledger. Cheap to clone (shared).
 ///
 /// Every entry carries its request's time, so a sum counts only the entries inside the asking
@@ -357,12 +369,7 @@ impl Reservation {
                 .is_some_and(|&mark| at.offset <= mark)
         });
         if published {
-            if let Some(b) = inner.buckets.get_mut(&self.dims) {
-                b.remove(self.id);
-                if b.entries.is_empty() {
-                    inner.buckets.remove(&self.dims);
-                }
-            }
+            inner.release(&self.dims, self.id);
             return;
         }
         let bucket = inner.buckets.entry(self.dims.clone()).or_default();
@@ -381,13 +388,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.live {
-            let mut inner = self.ledger.inner.lock();
-            if let Some(b) = inner.buckets.get_mut(&self.dims) {
-                b.remove(self.id);
-                if b.entries.is_empty() {
-                    inner.buckets.remove(&self.dims);
-                }
-            }
+            self.ledger.inner.lock().release(&self.dims, self.id);
         }
     }
 }

@@ -350,19 +350,10 @@ impl SpendEngine {
                 let len = file.metadata().map_err(io)?.len();
                 let label = p.display().to_string();
                 let mut skipped = Skipped::default();
-                conn.execute_batch("BEGIN TRANSACTION")?;
-                match append_from(&conn, kind, &file, 0, len, &label, &mut skipped) {
-                    Ok((rows, _)) => {
-                        conn.execute_batch("COMMIT")?;
-                        total = total.saturating_add(rows);
-                    }
-                    Err(e) => {
-                        if let Err(r) = conn.execute_batch("ROLLBACK") {
-                            tracing::warn!(error = %r, "rolling back a failed ingestion");
-                        }
-                        return Err(e);
-                    }
-                }
+                let (rows, _) = in_transaction(&conn, || {
+                    append_from(&conn, kind, &file, 0, len, &label, &mut skipped)
+                })?;
+                total = total.saturating_add(rows);
                 if skipped.count > 0 {
                     tracing::warn!(file = %label, skipped = skipped.count, first = ?skipped.listed.first(), "malformed lines skipped in a rotated log");
                 }
@@ -534,8 +525,7 @@ impl SpendEngine {
         let conn = self.conn.lock();
         // One transaction: the rows and the new cursor are stored together or not at all, so
         // a failure (or a crash with `duckdb_path`) never ingests a line twice.
-        conn.execute_batch("BEGIN TRANSACTION")?;
-        let appended = (|| -> Result<(u64, Option<LogPosition>), EngineError> {
+        let (rows, drained_at) = in_transaction(&conn, || {
             let mut rows = 0;
             let mut drained_at = None;
             if let Some((old, old_label, start, len)) = &drain {
@@ -582,18 +572,8 @@ impl SpendEngine {
                     i64::try_from(cursor.malformed).unwrap_or(i64::MAX)
                 ],
             )?;
-            conn.execute_batch("COMMIT")?;
             Ok((rows, drained_at))
-        })();
-        let (rows, drained_at) = match appended {
-            Ok(done) => done,
-            Err(e) => {
-                if let Err(rollback) = conn.execute_batch("ROLLBACK") {
-                    tracing::warn!(error = %rollback, "rolling back a failed ingestion");
-                }
-                return Err(e);
-            }
-        };
+        })?;
         drop(conn);
         if let Some(first) = skipped.listed.first() {
             tracing::warn!(file = %label, skipped = skipped.count, first = %first, "malformed log lines skipped");
@@ -710,6 +690,24 @@ struct ReadEnd {
     eof: u64,
     /// Where a last line without a newline starts (not blank), if there is one.
     fragment: Option<u64>,
+}
+
+/// Run `f` in one DuckDB transaction: committed when it succeeds, rolled back when it (or the
+/// commit) fails, so rows and the cursor stored with them land together or not at all.
+fn in_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    conn.execute_batch("BEGIN TRANSACTION")?;
+    match f().and_then(|v| conn.execute_batch("COMMIT").map(|()| v).map_err(Into::into)) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            if let Err(rollback) = conn.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %rollback, "rolling back a failed ingestion");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Append the complete lines of `file` from byte `start` on (about `pending` bytes) to
