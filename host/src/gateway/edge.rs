@@ -29,14 +29,16 @@ use llmscope_sdk::types::{Aggregate, RequestContext};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value};
 
-use crate::artifacts::{rfc3339, DecisionRecord, TelemetryRecord, WriteError};
+use crate::artifacts::{rfc3339, DecisionRecord, TelemetryRecord};
 use crate::engine::SpecKey;
-use crate::gateway::{Gateway, GatewayError, Inference, PricedRequest};
+use crate::gateway::{Gateway, Inference, PricedRequest};
 use crate::ledger::{Dims, Reservation, Sums};
 use crate::policy::{Combination, DecisionKind};
 use crate::pricing;
-use crate::requests::{parse_chat, parse_infer, ChatError};
+use crate::requests::{parse_chat, parse_infer};
 use crate::snapshots::LiveSnapshots;
+
+pub use super::error::EdgeError;
 
 /// How long a reservation made for an edge request waits for its report.
 pub const EDGE_RESERVATION_TTL: Duration = Duration::from_secs(600);
@@ -59,34 +61,6 @@ const IDENTITY_FIELDS: [&str; 5] = [
     "experiment_id",
     "budget_namespace",
 ];
-
-/// Why an edge call was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum EdgeError {
-    /// The `/infer` body is invalid (every bad field).
-    #[error("invalid request body")]
-    InvalidInfer(Vec<Value>),
-    /// The chat body is invalid.
-    #[error("{}", .0.message)]
-    InvalidChat(ChatError),
-    /// Route or tier unknown.
-    #[error(transparent)]
-    Gateway(#[from] GatewayError),
-    /// Something about the edge call itself (not the client's request) is wrong.
-    #[error("{field}: {message}")]
-    BadCall {
-        /// Field of the edge call.
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// The lines could not be written.
-    #[error("report not recorded: {0}")]
-    Unlogged(WriteError),
-    /// Too many reservations wait for reports.
-    #[error("{0} edge requests are waiting for their reports; refusing more until some report or expire")]
-    Overloaded(usize),
-}
 
 struct Entry {
     reservation: Reservation,

@@ -1,0 +1,98 @@
+//! Why the gateway could not start, serve a request, or take an edge call. Kept apart from
+//! [`super::Gateway`], so code below the gateway can name these errors without importing it.
+
+use serde_json::Value;
+
+use crate::artifacts::WriteError;
+use crate::engine::EngineError;
+use crate::policy::ConfigError;
+use crate::providers::ProviderError;
+use crate::requests::ChatError;
+
+/// Why a request could not be processed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The route is not configured.
+    #[error("unknown route `{route}`; known routes: {}", .known.join(", "))]
+    UnknownRoute {
+        /// Asked for.
+        route: String,
+        /// Configured routes.
+        known: Vec<String>,
+    },
+    /// The tier is not offered on the route.
+    #[error("route {route} has no tier `{tier}`; tiers: {known}")]
+    UnknownTier {
+        /// Route.
+        route: String,
+        /// Asked for.
+        tier: String,
+        /// Offered tiers.
+        known: String,
+    },
+    /// Every model in the fallback chain failed.
+    #[error("all providers failed: {0}")]
+    ProvidersFailed(String),
+    /// The logs cannot be written and the gateway refuses to serve unlogged.
+    #[error("request not served: {0}")]
+    Unlogged(WriteError),
+    /// The request's task failed (a bug); its decision line, if written, stands for it.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The policy configuration is invalid.
+    #[error(transparent)]
+    Policy(#[from] ConfigError),
+    /// A provider could not be set up.
+    #[error("provider {name}: {source}")]
+    Provider {
+        /// Provider name.
+        name: String,
+        /// Cause.
+        source: ProviderError,
+    },
+    /// The logs cannot be opened.
+    #[error(transparent)]
+    Artifacts(#[from] WriteError),
+    /// The wasm runtime failed to start.
+    #[error("wasm runtime: {0}")]
+    Runtime(String),
+    /// The analytics engine failed to open or to read the logs.
+    #[error("analytics engine: {0}")]
+    Engine(#[from] EngineError),
+    /// Requests dispatched before a crash could not be recorded.
+    #[error("recovering unanswered requests: {0}")]
+    Recovery(String),
+}
+
+/// Why an edge call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The `/infer` body is invalid (every bad field).
+    #[error("invalid request body")]
+    InvalidInfer(Vec<Value>),
+    /// The chat body is invalid.
+    #[error("{}", .0.message)]
+    InvalidChat(ChatError),
+    /// Route or tier unknown.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    /// Something about the edge call itself (not the client's request) is wrong.
+    #[error("{field}: {message}")]
+    BadCall {
+        /// Field of the edge call.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The lines could not be written.
+    #[error("report not recorded: {0}")]
+    Unlogged(WriteError),
+    /// Too many reservations wait for reports.
+    #[error("{0} edge requests are waiting for their reports; refusing more until some report or expire")]
+    Overloaded(usize),
+}

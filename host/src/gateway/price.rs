@@ -1,0 +1,208 @@
+//! Pricing a request before evaluation: its route and the model its tier maps to, every tier
+//! priced (input tokens corrected by what providers billed before), and the one builder of the
+//! [`RequestContext`] the rules see, shared by requests and `/v1/snapshot`.
+
+use llmscope_sdk::types::RequestContext;
+
+use crate::config::RouteConfig;
+use crate::policy::PolicySet;
+use crate::pricing;
+
+use super::{now_ms, Gateway, GatewayError, Inference, SnapshotQuery};
+
+/// A request priced for evaluation (see [`Gateway::price_request`]).
+pub(crate) struct PricedRequest<'a> {
+    /// The context the rules see.
+    pub ctx: RequestContext,
+    /// Its route.
+    pub route: &'a RouteConfig,
+    /// The pricing, kept to re-price a downgrade.
+    pub priced: pricing::Priced,
+    /// The conversation as (role, content) pairs.
+    pub pairs: Vec<(String, String)>,
+}
+
+/// Who a request is for and what it asks for, borrowed from an [`Inference`] or a
+/// [`SnapshotQuery`]: the caller's part of a [`RequestContext`].
+struct Attributes<'a> {
+    tenant_id: &'a String,
+    caller_id: &'a Option<String>,
+    feature_id: &'a Option<String>,
+    experiment_id: &'a Option<String>,
+    budget_namespace: Option<&'a str>,
+    route_name: &'a String,
+    model_tier: &'a String,
+}
+
+impl<'a> From<&'a Inference> for Attributes<'a> {
+    fn from(inf: &'a Inference) -> Self {
+        Self {
+            tenant_id: &inf.tenant_id,
+            caller_id: &inf.caller_id,
+            feature_id: &inf.feature_id,
+            experiment_id: &inf.experiment_id,
+            budget_namespace: inf.budget_namespace.as_deref(),
+            route_name: &inf.route_name,
+            model_tier: &inf.model_tier,
+        }
+    }
+}
+
+impl<'a> From<&'a SnapshotQuery> for Attributes<'a> {
+    fn from(q: &'a SnapshotQuery) -> Self {
+        Self {
+            tenant_id: &q.tenant_id,
+            caller_id: &q.caller_id,
+            feature_id: &q.feature_id,
+            experiment_id: &q.experiment_id,
+            budget_namespace: q.budget_namespace.as_deref(),
+            route_name: &q.route_name,
+            model_tier: &q.model_tier,
+        }
+    }
+}
+
+/// The context the rules see for `asked`, sent to `model` with `tokens_in` input tokens and
+/// priced `priced`, its namespace resolved in `policies`, stamped now.
+fn context(
+    asked: Attributes<'_>,
+    policies: &PolicySet,
+    request_id: String,
+    model: &str,
+    tokens_in: u32,
+    priced: &pricing::Priced,
+) -> RequestContext {
+    RequestContext {
+        request_id,
+        tenant_id: asked.tenant_id.clone(),
+        caller_id: asked.caller_id.clone(),
+        feature_id: asked.feature_id.clone(),
+        experiment_id: asked.experiment_id.clone(),
+        budget_namespace: policies.namespace_name(asked.budget_namespace),
+        route_name: asked.route_name.clone(),
+        requested_tier: asked.model_tier.clone(),
+        model: model.to_owned(),
+        estimated_tokens_in: tokens_in,
+        estimated_tokens_out: priced.tokens_out,
+        estimated_cost_usd: priced
+            .tier(asked.model_tier)
+            .map_or(0.0, |t| t.estimated_cost_usd),
+        tiers: priced.tiers.clone(),
+        unix_time_ms: now_ms(),
+    }
+}
+
+impl Gateway {
+    /// The route `route` and the model its tier `tier` maps to, or the error naming what is
+    /// configured instead.
+    pub(crate) fn route_model(
+        &self,
+        route: &str,
+        tier: &str,
+    ) -> Result<(&RouteConfig, &String), GatewayError> {
+        let cfg = &self.config;
+        let r = cfg
+            .routes
+            .get(route)
+            .ok_or_else(|| self.unknown_route(route))?;
+        let model = r.tiers.get(tier).ok_or_else(|| GatewayError::UnknownTier {
+            route: route.to_owned(),
+            tier: tier.to_owned(),
+            known: r.tiers.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        Ok((r, model))
+    }
+
+    /// The error for a route that is not configured.
+    pub(crate) fn unknown_route(&self, route: &str) -> GatewayError {
+        GatewayError::UnknownRoute {
+            route: route.to_owned(),
+            known: self.config.routes.keys().cloned().collect(),
+        }
+    }
+
+    /// Price `inf` for evaluation: its route, every tier priced (input tokens counted with the
+    /// requested model's tokenizer), the namespace it resolves to in `policies`, stamped now.
+    pub(crate) fn price_request(
+        &self,
+        inf: &Inference,
+        policies: &PolicySet,
+        request_id: String,
+    ) -> Result<PricedRequest<'_>, GatewayError> {
+        let cfg = &self.config;
+        let (route, model) = self.route_model(&inf.route_name, &inf.model_tier)?;
+        let pairs: Vec<(String, String)> = inf
+            .messages
+            .iter()
+            .map(|m| (m.role.clone(), m.content.clone()))
+            .collect();
+        let mut priced = pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens)
+            .ok_or_else(|| self.unknown_route(&inf.route_name))?;
+        self.calibrate(&mut priced, &pairs);
+        let tokens_in = self.tokens_in_estimate(&mut priced, model, &pairs);
+        let ctx = context(inf.into(), policies, request_id, model, tokens_in, &priced);
+        Ok(PricedRequest {
+            ctx,
+            route,
+            priced,
+            pairs,
+        })
+    }
+
+    /// The context of a `/v1/snapshot` query: priced at the caller's own input-token count
+    /// (no calibration), with a `snap-` request id.
+    pub(crate) fn price_query(
+        &self,
+        q: &SnapshotQuery,
+        policies: &PolicySet,
+    ) -> Result<RequestContext, GatewayError> {
+        let (_, model) = self.route_model(&q.route_name, &q.model_tier)?;
+        let priced = pricing::price_tokens(&self.config, &q.route_name, q.tokens_in, q.max_tokens)
+            .ok_or_else(|| self.unknown_route(&q.route_name))?;
+        let request_id = format!("snap-{}", uuid::Uuid::now_v7().simple());
+        Ok(context(
+            q.into(),
+            policies,
+            request_id,
+            model,
+            q.tokens_in,
+            &priced,
+        ))
+    }
+
+    /// Input tokens `model` is expected to bill for `pairs`: the BPE count, corrected by what
+    /// its provider billed before ([`pricing::Calibration`]).
+    pub(crate) fn tokens_in_estimate(
+        &self,
+        priced: &mut pricing::Priced,
+        model: &str,
+        pairs: &[(String, String)],
+    ) -> u32 {
+        let counted = priced.tokens_in(&self.config, model, pairs);
+        self.calibration.scale(model, counted)
+    }
+
+    /// Re-price every tier at its corrected input tokens (a no-op while no provider has
+    /// billed more than was counted).
+    fn calibrate(&self, priced: &mut pricing::Priced, pairs: &[(String, String)]) {
+        let models: Vec<String> = priced.tiers.iter().map(|t| t.model.clone()).collect();
+        if models.iter().all(|m| self.calibration.factor(m) <= 1.0) {
+            return;
+        }
+        for (i, model) in models.iter().enumerate() {
+            let tokens_in = self.tokens_in_estimate(priced, model, pairs);
+            if let (Some(cfg), Some(t)) = (self.config.models.get(model), priced.tiers.get_mut(i)) {
+                t.estimated_cost_usd = pricing::cost_usd(cfg, tokens_in, priced.tokens_out);
+            }
+        }
+        priced
+            .tiers
+            .sort_by(|a, b| a.estimated_cost_usd.total_cmp(&b.estimated_cost_usd));
+    }
+
+    /// Learn from a provider's usage: it billed `billed` input tokens where `counted` were
+    /// counted for `model`.
+    pub(crate) fn observe_usage(&self, model: &str, billed: u32, counted: u32) {
+        self.calibration.observe(model, billed, counted);
+    }
+}
