@@ -1,5 +1,6 @@
-//! The request lifecycle, one stage a function: price → reserve → evaluate → (deny | write the
-//! decision ahead) → dispatch along the fallback chain → settle → record.
+//! The request lifecycle, one stage a function: price (`price.rs`) → reserve → evaluate →
+//! (deny | write the decision ahead) → dispatch along the fallback chain (`dispatch.rs`) →
+//! settle and record (`settle.rs`).
 //!
 //! Once admitted, a request runs to its end on its own task, detached from the connection: a
 //! client that hangs up mid-call cannot undo the reservation or skip the telemetry line of a
@@ -12,22 +13,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::artifacts::{ReservationRecord, TelemetryRecord};
-use crate::ledger::{Dims, Reservation, Sums};
+use crate::ledger::{Dims, Reservation};
 use crate::policy::{DecisionKind, Evaluation, PolicySet};
-use crate::pricing;
-use crate::providers::{Completion, CompletionRequest};
 use crate::snapshots::LiveSnapshots;
 
-use super::records::{CostSource, Records, Status};
-use super::{Gateway, GatewayError, Inference, Outcome, PricedRequest, Served};
+use super::records::{reservation_record, Records, Status};
+use super::{Gateway, GatewayError, Inference, Outcome, PricedRequest};
 
 /// Set when the client stopped waiting for the answer (its request future was dropped).
 #[derive(Debug, Default, Clone)]
-struct ClientGone(Arc<AtomicBool>);
+pub(super) struct ClientGone(Arc<AtomicBool>);
 
 impl ClientGone {
-    fn is_set(&self) -> bool {
+    /// Whether the client is gone.
+    pub(super) fn is_set(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
 }
@@ -66,29 +65,15 @@ impl Drop for InFlight<'_> {
 }
 
 /// Where the request goes after evaluation: the tier, model and estimate it is reserved at.
-struct Target {
-    tier: String,
-    model: String,
-    estimate: f64,
-    tokens_in: u32,
-}
-
-/// What dispatching along the chain produced.
-struct Dispatched {
-    /// Chain index, model and completion of the attempt that answered.
-    answered: Option<(usize, String, Completion)>,
-    /// Failed candidates: model, provider, error.
-    failures: Vec<(String, String, String)>,
-    /// Last provider error class.
-    last_error: Option<&'static str>,
-    /// Estimates of attempts that timed out (a provider usually bills those).
-    timed_out_usd: f64,
-    /// Set when a pricier fallback was refused by the namespace's rules.
-    over_budget: Option<Evaluation>,
-    /// Set when the client was gone before an attempt, which was then not made.
-    abandoned: bool,
-    /// Time spent dispatching, ms.
-    latency_ms: f64,
+pub(super) struct Target {
+    /// Tier dispatched at (the requested one, or the downgrade's).
+    pub(super) tier: String,
+    /// Its model (the first of the fallback chain).
+    pub(super) model: String,
+    /// The estimate at that tier.
+    pub(super) estimate: f64,
+    /// Input tokens expected for that model.
+    pub(super) tokens_in: u32,
 }
 
 impl Gateway {
@@ -112,13 +97,7 @@ impl Gateway {
         let mut req = self.price_request(&inf, &policies, request_id)?;
         // Reserve first, so concurrent requests see each other; evaluate against aggregates +
         // ledger minus this request's own reservation.
-        let mut reservation = self.ledger.reserve(
-            Dims::of(&req.ctx),
-            req.ctx.unix_time_ms,
-            req.ctx.estimated_cost_usd,
-            req.ctx.estimated_tokens_in,
-            req.priced.tokens_out,
-        );
+        let mut reservation = self.reserve(&req);
         let (evaluation, policy_ms) = self.evaluate(&policies, &req.ctx, &reservation);
         let mut records = Records::new(&req.ctx, &evaluation, &policies, policy_ms, &self.config);
         drop(policies);
@@ -131,29 +110,12 @@ impl Gateway {
             return self.refuse_unlogged(&req, records, &evaluation).await;
         }
         let target = self.target(&mut req, &evaluation, &mut reservation);
-        records.dispatching(
-            &target.tier,
-            ReservationRecord {
-                provider: self.provider_of(&target.model),
-                model: target.model.clone(),
-                cost_usd: target.estimate,
-                tokens_in: u64::from(target.tokens_in),
-                tokens_out: u64::from(req.priced.tokens_out),
-            },
-        );
-        // Write ahead: the decision and its reservation are on disk before any money is spent.
         if let Err(e) = self
-            .writer
-            .append_decision(&records.decision(&evaluation))
+            .write_ahead(&req, &target, &mut records, &evaluation)
             .await
         {
-            if self.config.reject_unlogged {
-                drop(reservation);
-                self.metrics
-                    .request(&req.ctx.route_name, "unlogged", target.estimate, 0.0);
-                return Err(GatewayError::Unlogged(e));
-            }
-            tracing::error!(error = %e, "request dispatched without its decision line");
+            drop(reservation);
+            return Err(e);
         }
         let dispatched = self
             .dispatch(&inf, &mut req, &target, &mut reservation, gone)
@@ -170,9 +132,20 @@ impl Gateway {
         .await
     }
 
+    /// Reserve `req`'s estimate at the requested tier in the ledger.
+    fn reserve(&self, req: &PricedRequest<'_>) -> Reservation {
+        self.ledger.reserve(
+            Dims::of(&req.ctx),
+            req.ctx.unix_time_ms,
+            req.ctx.estimated_cost_usd,
+            req.ctx.estimated_tokens_in,
+            req.priced.tokens_out,
+        )
+    }
+
     /// Evaluate the namespace's rules for `ctx` with this request's own reservation left out
     /// of its snapshots; returns the evaluation and the time it took, ms.
-    fn evaluate(
+    pub(super) fn evaluate(
         &self,
         policies: &PolicySet,
         ctx: &llmscope_sdk::types::RequestContext,
@@ -241,13 +214,7 @@ impl Gateway {
         // records this request at 0.
         records.dispatching(
             &req.ctx.requested_tier,
-            ReservationRecord {
-                provider: self.provider_of(&req.ctx.model),
-                model: req.ctx.model.clone(),
-                cost_usd: 0.0,
-                tokens_in: 0,
-                tokens_out: 0,
-            },
+            reservation_record(&self.config, &req.ctx.model, 0.0, 0, 0),
         );
         records.telemetry.estimated_cost_usd = req.ctx.estimated_cost_usd;
         self.metrics.request(
@@ -299,308 +266,38 @@ impl Gateway {
         }
     }
 
-    /// The provider serving `model` (empty when not configured).
-    fn provider_of(&self, model: &str) -> String {
-        self.config
-            .models
-            .get(model)
-            .map(|m| m.provider.clone())
-            .unwrap_or_default()
-    }
-
-    /// Try the target model, then its fallbacks. A fallback is re-priced and re-checked
-    /// first: the reservation moves to its estimate and the namespace's rules run again; a
-    /// deny skips it. No attempt is made once the client is
-    /// gone. Timed-out attempts are charged at their estimate (configurable).
-    async fn dispatch(
-        &self,
-        inf: &Inference,
-        req: &mut PricedRequest<'_>,
-        target: &Target,
-        reservation: &mut Reservation,
-        gone: &ClientGone,
-    ) -> Dispatched {
-        let cfg = &self.config;
-        let chain: Vec<String> = std::iter::once(target.model.clone())
-            .chain(
-                cfg.models
-                    .get(&target.model)
-                    .map(|m| m.fallback.clone())
-                    .unwrap_or_default(),
-            )
-            .collect();
-        let mut out = Dispatched {
-            answered: None,
-            failures: Vec::new(),
-            last_error: None,
-            timed_out_usd: 0.0,
-            over_budget: None,
-            abandoned: false,
-            latency_ms: 0.0,
-        };
-        let started = Instant::now();
-        for (i, candidate) in chain.iter().enumerate() {
-            if gone.is_set() {
-                out.abandoned = true;
-                break;
-            }
-            let Some(model_cfg) = cfg.models.get(candidate) else {
-                continue;
-            };
-            let Some(provider) = self.providers.get(&model_cfg.provider) else {
-                continue;
-            };
-            let estimate = if i == 0 {
-                target.estimate
-            } else {
-                let tokens_in = self.tokens_in_estimate(&mut req.priced, candidate, &req.pairs);
-                let estimate = pricing::cost_usd(model_cfg, tokens_in, req.priced.tokens_out);
-                match self.recheck(
-                    req,
-                    candidate,
-                    estimate,
-                    tokens_in,
-                    out.timed_out_usd,
-                    reservation,
-                ) {
-                    None => estimate,
-                    Some(evaluation) => {
-                        out.failures.push((
-                            candidate.clone(),
-                            model_cfg.provider.clone(),
-                            format!(
-                                "over budget at its estimate of {estimate:.6} USD ({})",
-                                evaluation.reason.as_deref().unwrap_or("denied by policy")
-                            ),
-                        ));
-                        out.over_budget = Some(evaluation);
-                        continue;
-                    }
-                }
-            };
-            let creq = CompletionRequest {
-                request_id: req.ctx.request_id.clone(),
-                model: model_cfg
-                    .provider_model
-                    .clone()
-                    .unwrap_or_else(|| candidate.clone()),
-                messages: inf.messages.clone(),
-                max_tokens: req.priced.tokens_out,
-                temperature: inf.temperature,
-            };
-            let mut timed_out = 0u32;
-            let result = provider.complete(&creq, &mut timed_out).await;
-            if cfg.charge_timed_out_attempts {
-                out.timed_out_usd += f64::from(timed_out) * estimate;
-            }
-            match result {
-                Ok((completion, _attempts)) => {
-                    out.answered = Some((i, candidate.clone(), completion));
-                    break;
-                }
-                Err(e) => {
-                    self.metrics.provider_error(&model_cfg.provider, e.kind());
-                    tracing::warn!(model = %candidate, provider = %model_cfg.provider, error = %e, "provider call failed");
-                    out.last_error = Some(e.kind());
-                    out.failures.push((
-                        candidate.clone(),
-                        model_cfg.provider.clone(),
-                        e.to_string(),
-                    ));
-                }
-            }
-        }
-        out.latency_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-        out
-    }
-
-    /// Before a fallback: move the reservation to `model` at `estimate` (plus what timed-out
-    /// attempts already cost) and run the namespace's rules again for that model at that
-    /// estimate (a model-scoped rule may refuse even a cheaper one). Returns the evaluation
-    /// when it denies.
-    fn recheck(
+    /// Write the decision ahead, with the reservation `target` holds: on disk before any money
+    /// is spent. When it cannot be written the request is refused if unlogged requests are
+    /// (`Err`), else dispatched anyway.
+    async fn write_ahead(
         &self,
         req: &PricedRequest<'_>,
-        model: &str,
-        estimate: f64,
-        tokens_in: u32,
-        spent: f64,
-        reservation: &mut Reservation,
-    ) -> Option<Evaluation> {
-        let previous = (reservation.dims().clone(), reservation.amount());
-        let mut moved = previous.0.clone();
-        moved.model = model.to_owned();
-        reservation.update(moved, spent + estimate, tokens_in, req.priced.tokens_out);
-        let mut ctx = req.ctx.clone();
-        ctx.model = model.to_owned();
-        // What this request may cost now: the fallback's estimate plus the timed-out attempts
-        // already charged.
-        ctx.estimated_cost_usd = spent + estimate;
-        ctx.estimated_tokens_in = tokens_in;
-        let policies = self.policies();
-        let (evaluation, _) = self.evaluate(&policies, &ctx, reservation);
-        if evaluation.decision == DecisionKind::Deny {
-            let (dims, amount) = previous;
-            reservation.update(
-                dims,
-                amount.cost_usd,
-                amount.tokens_in as u32,
-                amount.tokens_out as u32,
-            );
-            return Some(evaluation);
-        }
-        None
-    }
-
-    /// Settle the reservation at what the request cost, write its telemetry line, answer.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the stages' products, each consumed once here"
-    )]
-    async fn settle(
-        &self,
-        mut req: PricedRequest<'_>,
-        target: Target,
-        mut records: Records,
-        evaluation: Evaluation,
-        d: Dispatched,
-        reservation: Reservation,
-        gone: &ClientGone,
-    ) -> Result<Outcome, GatewayError> {
-        let cfg = &self.config;
-        let route = req.ctx.route_name.clone();
-        let t: &mut TelemetryRecord = &mut records.telemetry;
-        t.latency_ms = d.latency_ms;
-        t.fallback_reason = (!d.failures.is_empty()).then(|| {
-            d.failures
-                .iter()
-                .map(|(m, _, e)| format!("{m}: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        });
-        t.timed_out_cost_usd = d.timed_out_usd;
-        let cancelled = gone.is_set();
-        let Some((index, model, completion)) = d.answered else {
-            let status = if cancelled || d.abandoned {
-                Status::Cancelled
-            } else {
-                Status::Error
-            };
-            records.unanswered(status, d.timed_out_usd, &target.model);
-            let t = &mut records.telemetry;
-            t.error_type = match (&d.over_budget, d.abandoned) {
-                (_, true) => Some("client_gone".into()),
-                (Some(_), _) => Some("fallback_over_budget".into()),
-                (None, _) => d.last_error.map(str::to_owned),
-            };
-            self.metrics
-                .request(&route, status.as_str(), target.estimate, d.timed_out_usd);
-            let written = self.writer.append(&records.telemetry, None).await;
-            self.settle_ledger(reservation, d.timed_out_usd, 0, 0, written);
-            if let (Some(evaluation), false) = (d.over_budget, d.abandoned) {
-                return Ok(Outcome::Denied {
-                    request_id: req.ctx.request_id.clone(),
-                    evaluation,
-                });
-            }
-            let summary = records
-                .telemetry
-                .fallback_reason
-                .clone()
-                .unwrap_or_else(|| "no provider configured for the model".into());
-            return Err(GatewayError::ProvidersFailed(summary));
-        };
-        let Some(model_cfg) = cfg.models.get(&model) else {
-            return Err(GatewayError::Internal(format!("model {model} vanished")));
-        };
-        // Settle at the provider's usage when reported, else at our counts.
-        let counted = req.priced.tokens_in(cfg, &model, &req.pairs);
-        let tokens_in = completion.tokens_in.unwrap_or(counted);
-        if completion.tokens_in.is_some() {
-            self.observe_usage(&model, tokens_in, counted);
-        }
-        let tokens_out = completion.tokens_out.unwrap_or(req.priced.tokens_out);
-        let call_cost = pricing::cost_usd(model_cfg, tokens_in, tokens_out);
-        let cost = call_cost + d.timed_out_usd;
-        let source = if completion.tokens_in.is_some() && completion.tokens_out.is_some() {
-            CostSource::ProviderUsage
-        } else {
-            CostSource::Tokenizer
-        };
-        let status = if cancelled {
-            Status::Cancelled
-        } else {
-            Status::Ok
-        };
-        records.answered(
-            status,
-            source,
-            &model_cfg.provider,
-            &model,
-            tokens_in,
-            tokens_out,
-            cost,
-            &completion.finish_reason,
-            index > 0,
+        target: &Target,
+        records: &mut Records,
+        evaluation: &Evaluation,
+    ) -> Result<(), GatewayError> {
+        records.dispatching(
+            &target.tier,
+            reservation_record(
+                &self.config,
+                &target.model,
+                target.estimate,
+                target.tokens_in,
+                req.priced.tokens_out,
+            ),
         );
-        if index > 0 {
-            self.metrics.fallback(&route);
-        }
-        let decision = if cancelled {
-            "cancelled"
-        } else {
-            evaluation.decision.as_str()
-        };
-        self.metrics
-            .request(&route, decision, target.estimate, cost);
-        let written = self.writer.append(&records.telemetry, None).await;
-        self.settle_ledger(reservation, cost, tokens_in, tokens_out, written);
-        Ok(Outcome::Served(Box::new(Served {
-            request_id: req.ctx.request_id.clone(),
-            completion,
-            model,
-            provider: model_cfg.provider.clone(),
-            effective_tier: target.tier,
-            estimated_cost_usd: target.estimate,
-            cost_usd: cost,
-            tokens_in,
-            tokens_out,
-            is_fallback: index > 0,
-            evaluation,
-        })))
-    }
-
-    /// Turn the reservation into a settled entry at `cost`, kept until ingestion passes the
-    /// telemetry line (or, unwritten, until it ages out: the decision line is on disk, so a
-    /// restart counts it at its estimate). A request that cost nothing gives its reservation
-    /// back.
-    fn settle_ledger(
-        &self,
-        reservation: Reservation,
-        cost: f64,
-        tokens_in: u32,
-        tokens_out: u32,
-        written: Result<crate::artifacts::Written, crate::artifacts::WriteError>,
-    ) {
-        let position = match written {
-            Ok(w) => w.telemetry,
-            Err(e) => {
-                tracing::error!(error = %e, "telemetry line not written; the decision line stands for it and a restart counts it at its estimate");
-                None
+        if let Err(e) = self
+            .writer
+            .append_decision(&records.decision(evaluation))
+            .await
+        {
+            if self.config.reject_unlogged {
+                self.metrics
+                    .request(&req.ctx.route_name, "unlogged", target.estimate, 0.0);
+                return Err(GatewayError::Unlogged(e));
             }
-        };
-        if cost <= 0.0 && tokens_in == 0 && tokens_out == 0 {
-            drop(reservation);
-            return;
+            tracing::error!(error = %e, "request dispatched without its decision line");
         }
-        reservation.settle(
-            Sums {
-                cost_usd: cost,
-                tokens_in: f64::from(tokens_in),
-                tokens_out: f64::from(tokens_out),
-                requests: 1.0,
-            },
-            position,
-        );
+        Ok(())
     }
 }

@@ -1,9 +1,9 @@
 //! The gateway: shared state (policies, providers, ledger, logs, engine), start-up and the
 //! accessors the HTTP layer reads. Each idea of the request path has its own file: pricing a
 //! request (`price.rs`), the snapshot a request would see (`snapshot.rs`), the refresh that
-//! publishes aggregates and reload (`refresh.rs`), the lifecycle's stages (`lifecycle.rs`), its log
-//! lines (`records.rs`), crash recovery (`recovery.rs`), the edge control plane (`edge.rs`)
-//! and the error types (`error.rs`).
+//! publishes aggregates and reload (`refresh.rs`), the lifecycle's stages (`lifecycle.rs`, then
+//! `dispatch.rs` and `settle.rs`), its log lines (`records.rs`), crash recovery
+//! (`recovery.rs`), the edge control plane (`edge.rs`) and the error types (`error.rs`).
 //! Transport-independent: the HTTP layer ([`crate::http`]) turns requests into [`Inference`] and
 //! [`Outcome`]s into responses.
 
@@ -25,6 +25,7 @@ use crate::snapshots::{AggregateStore, NoHistory};
 
 pub use llmscope_wire::requests::Inference;
 
+mod dispatch;
 pub mod edge;
 mod error;
 mod lifecycle;
@@ -32,6 +33,7 @@ mod price;
 mod records;
 mod recovery;
 mod refresh;
+mod settle;
 mod snapshot;
 
 pub use error::{GatewayError, StartError};

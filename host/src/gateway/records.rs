@@ -60,6 +60,32 @@ impl CostSource {
     }
 }
 
+/// The provider serving `model` (empty when not configured).
+pub(super) fn provider_of(config: &GatewayConfig, model: &str) -> String {
+    config
+        .models
+        .get(model)
+        .map(|m| m.provider.clone())
+        .unwrap_or_default()
+}
+
+/// What a dispatch to `model` holds, as its decision line writes it ahead.
+pub(super) fn reservation_record(
+    config: &GatewayConfig,
+    model: &str,
+    cost_usd: f64,
+    tokens_in: u32,
+    tokens_out: u32,
+) -> ReservationRecord {
+    ReservationRecord {
+        provider: provider_of(config, model),
+        model: model.to_owned(),
+        cost_usd,
+        tokens_in: u64::from(tokens_in),
+        tokens_out: u64::from(tokens_out),
+    }
+}
+
 /// The decision's fields that do not borrow the evaluation.
 struct DecisionFields {
     timestamp: String,
@@ -95,11 +121,7 @@ impl Records {
         };
         let telemetry = TelemetryRecord {
             model_tier: effective_tier.clone(),
-            provider: config
-                .models
-                .get(&ctx.model)
-                .map(|m| m.provider.clone())
-                .unwrap_or_default(),
+            provider: provider_of(config, &ctx.model),
             policy_decision: evaluation.decision.as_str().into(),
             policy_id: evaluation.policy_id.clone(),
             ..TelemetryRecord::for_request(ctx)
