@@ -1,5 +1,6 @@
 //! Why the gateway could not start, serve a request, or take an edge call. Kept apart from
-//! [`super::Gateway`], so code below the gateway can name these errors without importing it.
+//! [`super::Gateway`] so the edge bookkeeping ([`super::edge::state`]) names its errors without
+//! importing the gateway.
 
 use serde_json::Value;
 

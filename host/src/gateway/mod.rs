@@ -3,7 +3,7 @@
 //! request (`price.rs`), the snapshot a request would see (`snapshot.rs`), the refresh that
 //! publishes aggregates and reload (`refresh.rs`), the lifecycle's stages (`lifecycle.rs`, then
 //! `dispatch.rs` and `settle.rs`), its log lines (`records.rs`), crash recovery
-//! (`recovery.rs`), the edge control plane (`edge.rs`) and the error types (`error.rs`).
+//! (`recovery.rs`), the edge control plane (`edge/`) and the error types (`error.rs`).
 //! Transport-independent: the HTTP layer ([`crate::http`]) turns requests into [`Inference`] and
 //! [`Outcome`]s into responses.
 
@@ -94,7 +94,7 @@ pub struct Gateway {
     engine: SpendEngine,
     metrics: Metrics,
     started: Instant,
-    edge: edge::EdgeState,
+    edge: edge::state::EdgeState,
     /// SHA-256 of each configured API key, in `config.api_keys` order.
     key_digests: Vec<[u8; 32]>,
     /// Requests inside [`Gateway::handle`] right now.
@@ -182,7 +182,7 @@ impl Gateway {
             ingested_elsewhere: parking_lot::Mutex::new(Vec::new()),
             calibration,
             view: RwLock::new(()),
-            edge: edge::EdgeState::default(),
+            edge: edge::state::EdgeState::default(),
         });
         // A crash leaves decisions written ahead without telemetry: record them at their
         // estimate before the first refresh, so budgets start conservative.
@@ -269,7 +269,7 @@ impl Gateway {
     }
 
     /// Edge (proxy-wasm) bookkeeping.
-    pub fn edge(&self) -> &edge::EdgeState {
+    pub fn edge(&self) -> &edge::state::EdgeState {
         &self.edge
     }
 

@@ -1,11 +1,13 @@
 //! The telemetry and decision lines of one request, built as its lifecycle goes: the decision
-//! once evaluated (written ahead of dispatch), the telemetry once settled.
+//! once evaluated (written ahead of dispatch), the telemetry once settled. The one builder of
+//! both lines for every request the gateway records: the ones it serves (`/infer`, chat) and
+//! the ones an edge proxy reports ([`Records::reported`]).
 
 use llmscope_sdk::types::RequestContext;
 
 use crate::artifacts::{rfc3339, DecisionRecord, ReservationRecord, TelemetryRecord};
 use crate::config::GatewayConfig;
-use crate::policy::{Evaluation, PolicySet};
+use crate::policy::{DecisionKind, Evaluation, PolicySet, RuleOutcome};
 
 /// A telemetry line's `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +88,64 @@ pub(super) fn reservation_record(
     }
 }
 
-/// The decision's fields that do not borrow the evaluation.
+/// What a decision line says of the verdict, borrowed from where it was reached: the host's
+/// [`Evaluation`], or the rule outcomes an edge proxy reported.
+pub struct Verdict<'e> {
+    /// `allow`, `downgrade`, `deny`.
+    pub decision: DecisionKind,
+    /// Deciding rule.
+    pub policy_id: Option<String>,
+    /// Its primitive.
+    pub primitive: Option<String>,
+    /// Its reason.
+    pub reason: Option<String>,
+    /// Window spend reported by a budget rule.
+    pub window_cost_usd: Option<f64>,
+    /// Window limit reported by a budget rule.
+    pub window_limit_usd: Option<f64>,
+    /// Every alert raised.
+    pub alerts: &'e [String],
+    /// Every rule's outcome.
+    pub rules: &'e [RuleOutcome],
+}
+
+impl<'e> From<&'e Evaluation> for Verdict<'e> {
+    fn from(evaluation: &'e Evaluation) -> Self {
+        Self {
+            decision: evaluation.decision,
+            policy_id: evaluation.policy_id.clone(),
+            primitive: evaluation.primitive.clone(),
+            reason: evaluation.reason.clone(),
+            window_cost_usd: evaluation.fact("window_cost_usd"),
+            window_limit_usd: evaluation.fact("window_limit_usd"),
+            alerts: &evaluation.alerts,
+            rules: &evaluation.rules,
+        }
+    }
+}
+
+/// Where an edge proxy sent a request, and what of its upstream's answer it reported.
+pub struct Upstream<'a> {
+    /// Tier dispatched at (after downgrades).
+    pub tier: &'a str,
+    /// Model of that tier.
+    pub model: &'a str,
+    /// Its provider (empty when not configured).
+    pub provider: String,
+    /// Estimate at that tier.
+    pub estimate: f64,
+    /// Time from dispatch to the end of the upstream response, ms.
+    pub latency_ms: f64,
+    /// The response's finish reason.
+    pub finish_reason: Option<String>,
+}
+
+/// `ms` rounded to the µs, as decision lines give policy latency.
+fn round_to_us(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
+}
+
+/// The decision's fields that do not borrow the verdict.
 struct DecisionFields {
     timestamp: String,
     budget_namespace: Option<String>,
@@ -114,9 +173,7 @@ impl Records {
         config: &GatewayConfig,
     ) -> Self {
         let effective_tier = match &evaluation.downgrade_to {
-            Some(tier) if evaluation.decision == crate::policy::DecisionKind::Downgrade => {
-                tier.clone()
-            }
+            Some(tier) if evaluation.decision == DecisionKind::Downgrade => tier.clone(),
             _ => ctx.requested_tier.clone(),
         };
         let telemetry = TelemetryRecord {
@@ -133,15 +190,50 @@ impl Records {
                 timestamp: rfc3339(ctx.unix_time_ms),
                 budget_namespace: evaluation.namespace.clone(),
                 effective_model_tier: effective_tier,
-                latency_ms: (policy_ms * 1000.0).round() / 1000.0,
+                latency_ms: round_to_us(policy_ms),
                 policy_version: policies.version().to_owned(),
                 reservation: None,
             },
         }
     }
 
-    /// The decision line, borrowing the evaluation's alerts and rule outcomes.
-    pub fn decision<'e>(&self, evaluation: &'e Evaluation) -> DecisionRecord<'e> {
+    /// The lines of a request an edge proxy reports: evaluated by its filters (`verdict`,
+    /// taking `eval_ms`) and sent `upstream`. Recorded under policy version `edge`, in the
+    /// namespace the context resolved.
+    pub fn reported(
+        ctx: &RequestContext,
+        verdict: &Verdict<'_>,
+        upstream: Upstream<'_>,
+        eval_ms: f64,
+    ) -> Self {
+        let telemetry = TelemetryRecord {
+            model_tier: upstream.tier.to_owned(),
+            provider: upstream.provider,
+            model: upstream.model.to_owned(),
+            estimated_cost_usd: upstream.estimate,
+            latency_ms: upstream.latency_ms,
+            policy_decision: verdict.decision.as_str().into(),
+            policy_id: verdict.policy_id.clone(),
+            finish_reason: upstream.finish_reason,
+            ..TelemetryRecord::for_request(ctx)
+        };
+        Self {
+            telemetry,
+            ctx: ctx.clone(),
+            decision: DecisionFields {
+                timestamp: rfc3339(ctx.unix_time_ms),
+                budget_namespace: Some(ctx.budget_namespace.clone()),
+                effective_model_tier: upstream.tier.to_owned(),
+                latency_ms: round_to_us(eval_ms),
+                policy_version: "edge".into(),
+                reservation: None,
+            },
+        }
+    }
+
+    /// The decision line, borrowing the verdict's alerts and rule outcomes.
+    pub fn decision<'e>(&self, verdict: impl Into<Verdict<'e>>) -> DecisionRecord<'e> {
+        let verdict = verdict.into();
         let ctx = &self.ctx;
         DecisionRecord {
             timestamp: self.decision.timestamp.clone(),
@@ -154,24 +246,28 @@ impl Records {
             route_name: ctx.route_name.clone(),
             requested_model_tier: ctx.requested_tier.clone(),
             effective_model_tier: self.decision.effective_model_tier.clone(),
-            primitive: evaluation.primitive.clone(),
-            decision: evaluation.decision.as_str().into(),
-            reason: evaluation.reason.clone(),
-            policy_id: evaluation.policy_id.clone(),
+            primitive: verdict.primitive,
+            decision: verdict.decision.as_str().into(),
+            reason: verdict.reason,
+            policy_id: verdict.policy_id,
             estimated_cost_usd: ctx.estimated_cost_usd,
             latency_ms: self.decision.latency_ms,
-            window_cost_usd: evaluation.fact("window_cost_usd"),
-            window_limit_usd: evaluation.fact("window_limit_usd"),
+            window_cost_usd: verdict.window_cost_usd,
+            window_limit_usd: verdict.window_limit_usd,
             policy_version: self.decision.policy_version.clone(),
             reservation: self.decision.reservation.clone(),
-            alerts: &evaluation.alerts,
-            rules: &evaluation.rules,
+            alerts: verdict.alerts,
+            rules: verdict.rules,
         }
     }
 
-    /// Refused by policy: the estimate and input tokens as asked, nothing spent.
+    /// Refused (by policy, or at the edge with no policy host): at the tier, model, estimate
+    /// and input tokens asked for, nothing spent.
     pub fn denied(&mut self) {
+        self.decision.effective_model_tier = self.ctx.requested_tier.clone();
         let t = &mut self.telemetry;
+        t.model_tier = self.ctx.requested_tier.clone();
+        t.model = self.ctx.model.clone();
         t.estimated_cost_usd = self.ctx.estimated_cost_usd;
         t.tokens_in = u64::from(self.ctx.estimated_tokens_in);
         t.tokens_total = t.tokens_in;
@@ -221,13 +317,39 @@ impl Records {
         let t = &mut self.telemetry;
         t.provider = provider.to_owned();
         t.model = model.to_owned();
+        t.finish_reason = Some(finish_reason.to_owned());
+        t.is_fallback = is_fallback;
+        self.billed(status, source, tokens_in, tokens_out, cost);
+    }
+
+    /// An edge request's upstream answered: `tokens_in` and `tokens_out` from its usage report
+    /// (`source`: provider usage) or our counts (tokenizer), at `cost`. Provider, model and
+    /// finish reason are the report's, as [`Self::reported`] set them.
+    pub fn upstream_answered(
+        &mut self,
+        source: CostSource,
+        tokens_in: u32,
+        tokens_out: u32,
+        cost: f64,
+    ) {
+        self.billed(Status::Ok, source, tokens_in, tokens_out, cost);
+    }
+
+    /// What an answered request is billed: tokens, cost, where the cost comes from, status.
+    fn billed(
+        &mut self,
+        status: Status,
+        source: CostSource,
+        tokens_in: u32,
+        tokens_out: u32,
+        cost: f64,
+    ) {
+        let t = &mut self.telemetry;
         t.tokens_in = u64::from(tokens_in);
         t.tokens_out = u64::from(tokens_out);
         t.tokens_total = u64::from(tokens_in) + u64::from(tokens_out);
         t.cost_usd = cost;
         t.cost_source = source.as_str().into();
         t.status = status.as_str().into();
-        t.finish_reason = Some(finish_reason.to_owned());
-        t.is_fallback = is_fallback;
     }
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::engine::{declared_aggregates, EngineError, IngestReport};
 use crate::policy::{ConfigError, PolicySet};
 
-use super::edge::EDGE_RESERVATION_TTL;
+use super::edge::state::EDGE_RESERVATION_TTL;
 use super::{now_ms, Gateway};
 
 /// Diagnostics keep the target they had before this file was split out of `gateway`.

@@ -1,0 +1,154 @@
+//! The control plane for edge proxies: the Envoy (proxy-wasm) builds of the policies evaluate
+//! requests inside Envoy, and ask llmscope for what only the host knows.
+//!
+//! 1. `POST /v1/edge/context` — before evaluating, a filter sends the request's attribution
+//!    headers and JSON body plus the aggregates its rule declared. The host parses the body with
+//!    the same parsers as `/infer` and `/v1/chat/completions`, prices every tier of the route with
+//!    its tokenizer, reserves the estimate in the in-flight ledger (once per request, however many
+//!    filters ask) and answers with the priced [`RequestContext`], the rule's [`Snapshot`] and the
+//!    upstream model name of every tier (for rewriting `model` on a downgrade). Aggregates the
+//!    host's own rules do not declare are registered and computed before the answer, then kept
+//!    fresh by every refresh.
+//! 2. `POST /v1/edge/report` — after the response (or a denial), the first filter of the chain
+//!    reports what happened: the rules' outcomes, the HTTP status, the upstream's token usage and
+//!    latency. The host settles the reservation at the actual cost and appends the telemetry and
+//!    decision lines, exactly as if it had served the request itself. Reports are idempotent per
+//!    request id, so a filter may retry one whose answer it did not see.
+//!
+//! Reservations whose report never arrives (the proxy died) are released after
+//! [`EDGE_RESERVATION_TTL`]. The bookkeeping is in `state.rs` (below the gateway: it imports
+//! none of it), recording a report in `report.rs`.
+
+use std::collections::BTreeMap;
+
+use llmscope_sdk::edge::Attribution;
+/// The edge wire bodies, defined once in the SDK: the filters serialize them, the host reads
+/// them strictly.
+pub use llmscope_sdk::edge::{ContextAnswer, ContextRequest, Report, Usage};
+use llmscope_sdk::types::RequestContext;
+use serde_json::{Map, Value};
+
+use crate::gateway::{Gateway, Inference, PricedRequest};
+use crate::ledger::Dims;
+use crate::requests::{parse_chat, parse_infer};
+use crate::snapshots::LiveSnapshots;
+
+pub use super::error::EdgeError;
+pub use state::{
+    EdgeState, EDGE_RESERVATION_TTL, MAX_AGGREGATES_PER_CALL, MAX_EDGE_AGGREGATES, MAX_PENDING,
+};
+
+mod report;
+pub(super) mod state;
+
+use state::valid_request_id;
+
+/// Identity fields of a `/infer` body and of chat `metadata`, ignored under
+/// [`Attribution::Headers`] (route and tier stay: they choose the request, not who pays).
+const IDENTITY_FIELDS: [&str; 5] = [
+    "tenant_id",
+    "caller_id",
+    "feature_id",
+    "experiment_id",
+    "budget_namespace",
+];
+
+impl Gateway {
+    /// Parse an edge request's body into an [`Inference`]: a chat body when it has `messages`,
+    /// else a `/infer` body.
+    fn edge_inference(&self, call: &ContextRequest) -> Result<Inference, EdgeError> {
+        let empty = Map::new();
+        let obj = call.body.as_object().unwrap_or(&empty);
+        if !call.body.is_object() {
+            return Err(EdgeError::InvalidInfer(vec![
+                serde_json::json!({"field": "(body)", "message": "must be a JSON object"}),
+            ]));
+        }
+        let header = |name: &str| {
+            call.headers
+                .get(name)
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        let mut stripped;
+        let obj = if call.attribution == Attribution::Headers {
+            stripped = obj.clone();
+            if let Some(Value::Object(meta)) = stripped.get_mut("metadata") {
+                meta.retain(|k, _| !IDENTITY_FIELDS.contains(&k.as_str()));
+            }
+            if !stripped.contains_key("messages") {
+                stripped.retain(|k, _| !IDENTITY_FIELDS.contains(&k.as_str()));
+            }
+            &stripped
+        } else {
+            obj
+        };
+        if obj.contains_key("messages") {
+            parse_chat(obj, &header, self.config()).map_err(EdgeError::InvalidChat)
+        } else {
+            parse_infer(obj, &header, self.config()).map_err(EdgeError::InvalidInfer)
+        }
+    }
+
+    /// Price a call's request: the context the host's own rules would see, and the upstream
+    /// model name of every tier of its route.
+    fn price_call(
+        &self,
+        call: &ContextRequest,
+        request_id: String,
+    ) -> Result<(RequestContext, BTreeMap<String, String>), EdgeError> {
+        let inf = self.edge_inference(call)?;
+        let cfg = self.config();
+        let PricedRequest { ctx, route, .. } =
+            self.price_request(&inf, &self.policies(), request_id)?;
+        let tier_models = route
+            .tiers
+            .iter()
+            .map(|(tier, model)| {
+                let upstream = cfg
+                    .models
+                    .get(model)
+                    .and_then(|m| m.provider_model.clone())
+                    .unwrap_or_else(|| model.clone());
+                (tier.clone(), upstream)
+            })
+            .collect();
+        Ok((ctx, tier_models))
+    }
+
+    /// Answer a filter's context call (see the module docs). Register the call's aggregates
+    /// with [`EdgeState::register`] and refresh first when any is new.
+    pub fn edge_context(&self, call: &ContextRequest) -> Result<ContextAnswer, EdgeError> {
+        if let Some(id) = &call.request_id {
+            if !valid_request_id(id) {
+                return Err(EdgeError::BadCall {
+                    field: "request_id",
+                    message: "must be 1-128 characters of [A-Za-z0-9._-]".into(),
+                });
+            }
+        }
+        let request_id = call
+            .request_id
+            .clone()
+            .unwrap_or_else(|| format!("req-{}", uuid::Uuid::now_v7().simple()));
+        let (ctx, tier_models) = self.price_call(call, request_id)?;
+        let dims = Dims::of(&ctx);
+        let own = self.edge.hold(self.ledger(), &ctx, &dims)?;
+        let snapshot = {
+            let _view = self.view();
+            let store = self.store();
+            let source = LiveSnapshots {
+                store: store.as_ref(),
+                ledger: self.ledger(),
+                own: Some((&dims, own)),
+            };
+            source.values(&call.aggregates, &ctx)
+        };
+        Ok(ContextAnswer {
+            request: ctx,
+            snapshot,
+            tier_models,
+        })
+    }
+}

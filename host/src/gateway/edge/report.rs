@@ -1,0 +1,226 @@
+//! Recording an edge proxy's report (`POST /v1/edge/report`, see [`super`]): settle the
+//! reservation at the actual cost and append the telemetry and decision lines through the
+//! same builder as the gateway's own requests ([`Records`]).
+
+use std::borrow::Cow;
+
+use llmscope_sdk::types::RequestContext;
+
+use crate::artifacts::{WriteError, Written};
+use crate::gateway::records::{provider_of, CostSource, Records, Status, Upstream, Verdict};
+use crate::gateway::Gateway;
+use crate::ledger::{Dims, Reservation, Sums};
+use crate::policy::{Combination, DecisionKind};
+use crate::pricing;
+
+use super::{valid_request_id, EdgeError, Report};
+
+impl Gateway {
+    /// Record a filter's report: settle the reservation, append telemetry and decision lines.
+    /// Returns false when the request id was already reported (nothing written again).
+    pub async fn edge_report(&self, report: &Report) -> Result<bool, EdgeError> {
+        let ctx = self.reported_context(report)?;
+        let ctx = ctx.as_ref();
+        let model = self.reported_model(ctx, &report.effective_tier)?;
+        if !self.edge.first_report(&ctx.request_id) {
+            return Ok(false);
+        }
+        let reservation = self.edge.take(&ctx.request_id);
+        let alerts: Vec<String> = report
+            .rules
+            .iter()
+            .filter_map(|r| r.alert.as_ref().map(|a| format!("{}: {a}", r.rule_id)))
+            .collect();
+        let verdict = reported_verdict(report, ctx, &alerts);
+        let decision = verdict.decision;
+        let (records, actual) = self.reported_records(report, ctx, model, &verdict);
+        let telemetry = &records.telemetry;
+        self.metrics().request(
+            &ctx.route_name,
+            if telemetry.status == Status::Error.as_str() {
+                "error"
+            } else {
+                decision.as_str()
+            },
+            telemetry.estimated_cost_usd,
+            telemetry.cost_usd,
+        );
+        let written = self
+            .writer()
+            .append(telemetry, Some(&records.decision(verdict)))
+            .await;
+        self.settle_reported(ctx, model, reservation, actual, &written);
+        written.map_err(EdgeError::Unlogged)?;
+        Ok(true)
+    }
+
+    /// The context a report is about: the one the filter received, else its `original`
+    /// request priced now (the filter could not reach the host before dispatch).
+    fn reported_context<'r>(
+        &self,
+        report: &'r Report,
+    ) -> Result<Cow<'r, RequestContext>, EdgeError> {
+        let ctx = match (&report.request, &report.original) {
+            (Some(ctx), _) => Cow::Borrowed(ctx),
+            (None, Some(call)) => {
+                let id = call
+                    .request_id
+                    .clone()
+                    .unwrap_or_else(|| format!("req-{}", uuid::Uuid::now_v7().simple()));
+                Cow::Owned(self.price_call(call, id)?.0)
+            }
+            (None, None) => {
+                return Err(EdgeError::BadCall {
+                    field: "request",
+                    message: "send the context the filter received, or `original` when it got none"
+                        .into(),
+                })
+            }
+        };
+        if !valid_request_id(&ctx.request_id) {
+            return Err(EdgeError::BadCall {
+                field: "request.request_id",
+                message: "must be 1-128 characters of [A-Za-z0-9._-]".into(),
+            });
+        }
+        Ok(ctx)
+    }
+
+    /// The model `tier` of the reported request's route maps to.
+    fn reported_model(&self, ctx: &RequestContext, tier: &str) -> Result<&str, EdgeError> {
+        let route = self
+            .config()
+            .routes
+            .get(&ctx.route_name)
+            .ok_or_else(|| self.unknown_route(&ctx.route_name))?;
+        let Some(model) = route.tiers.get(tier) else {
+            return Err(EdgeError::BadCall {
+                field: "effective_tier",
+                message: format!(
+                    "route {} has no tier `{tier}`; tiers: {}",
+                    ctx.route_name,
+                    route.tiers.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        };
+        Ok(model)
+    }
+
+    /// A report's lines, and what the request spent when the upstream served it: denied
+    /// (by a rule, or answered locally without the host), served (at the upstream's usage,
+    /// else our counts) or failed (the upstream's HTTP status).
+    fn reported_records(
+        &self,
+        report: &Report,
+        ctx: &RequestContext,
+        model: &str,
+        verdict: &Verdict<'_>,
+    ) -> (Records, Option<Sums>) {
+        let model_cfg = self.config().models.get(model);
+        let upstream = Upstream {
+            tier: &report.effective_tier,
+            model,
+            provider: provider_of(self.config(), model),
+            estimate: ctx
+                .tier(&report.effective_tier)
+                .map_or(ctx.estimated_cost_usd, |t| t.estimated_cost_usd),
+            latency_ms: report.latency_ms,
+            finish_reason: report.finish_reason.clone(),
+        };
+        let eval_ms: f64 = report.rules.iter().map(|r| r.eval_us).sum::<f64>() / 1e3;
+        let mut records = Records::reported(ctx, verdict, upstream, eval_ms);
+        let served = !report.local_reply && (200..300).contains(&report.status);
+        let denied = verdict.decision == DecisionKind::Deny;
+        if denied || (report.local_reply && !served) {
+            records.denied();
+            if !denied {
+                records.telemetry.error_type = Some("policy_host_unavailable".into());
+            }
+            return (records, None);
+        }
+        if !served {
+            records.unanswered(Status::Error, 0.0, model);
+            records.telemetry.error_type = Some(format!("upstream_http_{}", report.status));
+            return (records, None);
+        }
+        let (tokens_in, tokens_out, source) = match report.usage {
+            Some(u) => (u.tokens_in, u.tokens_out, CostSource::ProviderUsage),
+            None => (
+                ctx.estimated_tokens_in,
+                ctx.estimated_tokens_out,
+                CostSource::Tokenizer,
+            ),
+        };
+        let cost = model_cfg.map_or(0.0, |m| pricing::cost_usd(m, tokens_in, tokens_out));
+        records.upstream_answered(source, tokens_in, tokens_out, cost);
+        let actual = Sums {
+            cost_usd: cost,
+            tokens_in: f64::from(tokens_in),
+            tokens_out: f64::from(tokens_out),
+            requests: 1.0,
+        };
+        (records, Some(actual))
+    }
+
+    /// Settle what a served edge request spent (`actual`) on its reservation, kept until
+    /// ingestion passes the telemetry line; with none left (it expired, or the host restarted)
+    /// the spend still counts, at `model`. Without spend the reservation is released.
+    fn settle_reported(
+        &self,
+        ctx: &RequestContext,
+        model: &str,
+        reservation: Option<Reservation>,
+        actual: Option<Sums>,
+        written: &Result<Written, WriteError>,
+    ) {
+        let position = written.as_ref().ok().and_then(|w| w.telemetry);
+        match (reservation, actual) {
+            (Some(r), Some(actual)) => r.settle(actual, position),
+            (None, Some(actual)) => {
+                let mut moved = Dims::of(ctx);
+                moved.model = model.to_owned();
+                let r = self.ledger().reserve(moved, ctx.unix_time_ms, 0.0, 0, 0);
+                r.settle(actual, position);
+            }
+            (r, None) => drop(r),
+        }
+    }
+}
+
+/// The verdict an edge chain reached, from its rules' outcomes: the deciding rule's deny, or
+/// its downgrade when the request really went out at another tier, else allow; `alerts` are
+/// the rules' alerts. Without a deciding rule the reason is the filter's host error, if any.
+fn reported_verdict<'r>(
+    report: &'r Report,
+    ctx: &RequestContext,
+    alerts: &'r [String],
+) -> Verdict<'r> {
+    let (decision, deciding) = match Combination::Applied
+        .deciding(&report.rules)
+        .map(|i| &report.rules[i])
+    {
+        Some(d) if d.decision == DecisionKind::Deny => (DecisionKind::Deny, Some(d)),
+        Some(d) if report.effective_tier != ctx.requested_tier => {
+            (DecisionKind::Downgrade, Some(d))
+        }
+        _ => (DecisionKind::Allow, None),
+    };
+    let fact = |name: &str| {
+        deciding
+            .and_then(|r| r.facts.get(name))
+            .or_else(|| report.rules.iter().find_map(|r| r.facts.get(name)))
+            .copied()
+    };
+    Verdict {
+        decision,
+        policy_id: deciding.map(|r| r.rule_id.clone()),
+        primitive: deciding.map(|r| r.primitive.clone()),
+        reason: deciding
+            .and_then(|r| r.reason.clone())
+            .or_else(|| report.host_error.clone()),
+        window_cost_usd: fact("window_cost_usd"),
+        window_limit_usd: fact("window_limit_usd"),
+        alerts,
+        rules: &report.rules,
+    }
+}
