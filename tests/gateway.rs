@@ -480,6 +480,30 @@ async fn hot_reload_adds_rejects_and_fixes_policies_without_a_restart() {
     assert_eq!(policies["version"], "v4");
 }
 
+/// A million spaces made the tokenizer's regex give up and tiktoken panic: the request died
+/// with a 500. It is priced like any other prompt now, and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_of_a_million_spaces_is_priced_not_a_crash() {
+    let mut opts = Options::new("version: \"1\"\nnamespaces:\n  default:\n    rules: []\n");
+    opts.max_body_bytes = 4 << 20;
+    let gw = Gateway::start(&opts);
+    let infer = gw.at("/infer");
+    let (status, body) = post(
+        &infer,
+        json!({"prompt": format!("Summarize:{}done", " ".repeat(1_000_000)), "tenant_id": "acme-corp", "model_tier": "expensive"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let lines = llmscope_tests::gateway::read_jsonl(&gw.telemetry);
+    assert!(lines[0]["tokens_in"].as_u64().unwrap() > 0, "{}", lines[0]);
+    let (status, _) = post(
+        &infer,
+        json!({"prompt": "Summarize this document", "tenant_id": "acme-corp"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
 /// A Kubernetes ConfigMap volume updates by writing a new `..<timestamp>` directory and
 /// renaming a `..data` symlink over the old one; `policy.yaml -> ..data/policy.yaml` itself is
 /// never touched. The reload must follow.
