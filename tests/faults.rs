@@ -531,3 +531,76 @@ fn compiled_components_are_cached_privately_and_bad_cache_files_are_recompiled()
     rt.load(&source).unwrap();
     assert_eq!(std::fs::read_dir(&open).unwrap().count(), 0);
 }
+
+/// Digests are public, so anyone who can write into the compile cache's path can plant native
+/// code under a component's digest. Planted here: the compiled form of another component,
+/// under route_preference's digest. Loaded from a cache the running user does not own alone,
+/// it would report itself as that other component.
+#[test]
+fn a_planted_compiled_component_is_not_run_unless_the_whole_path_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let donor_cache = base.path().join("donor");
+    let rt = Arc::new(
+        PolicyRuntime::new(llmscope::policy::Limits {
+            compile_cache: Some(donor_cache.clone()),
+            ..llmscope::policy::Limits::default()
+        })
+        .unwrap(),
+    );
+    let donor = rt.load(&builtin("budget_threshold")).unwrap();
+    let planted = std::fs::read(donor_cache.join(format!("{}.cwasm", donor.sha256()))).unwrap();
+    let target = builtin("route_preference");
+    let digest = rt.load(&target).unwrap().sha256().to_owned();
+    let plant_and_load = |cache: &std::path::Path| {
+        std::fs::write(cache.join(format!("{digest}.cwasm")), &planted).unwrap();
+        let rt = Arc::new(
+            PolicyRuntime::new(llmscope::policy::Limits {
+                compile_cache: Some(cache.to_owned()),
+                ..llmscope::policy::Limits::default()
+            })
+            .unwrap(),
+        );
+        rt.load(&target).unwrap().info().name.clone()
+    };
+
+    // Control: in the user's own private directory the cache is trusted (that is its point).
+    let own = base.path().join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(
+        plant_and_load(&own),
+        "budget_threshold",
+        "the control plant is used"
+    );
+
+    // A private directory below one that others can write to (no sticky bit): whoever can
+    // write there can replace the directory itself.
+    let open = base.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let below = open.join("cache");
+    std::fs::create_dir(&below).unwrap();
+    std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(plant_and_load(&below), "route_preference");
+
+    // Owned by someone else (needs root to arrange: skipped otherwise).
+    let foreign = base.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).is_ok() {
+        assert_eq!(plant_and_load(&foreign), "route_preference");
+        // A file owned by someone else in the user's own directory.
+        let file = own.join(format!("{digest}.cwasm"));
+        std::fs::write(&file, &planted).unwrap();
+        std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+        let rt = Arc::new(
+            PolicyRuntime::new(llmscope::policy::Limits {
+                compile_cache: Some(own.clone()),
+                ..llmscope::policy::Limits::default()
+            })
+            .unwrap(),
+        );
+        assert_eq!(rt.load(&target).unwrap().info().name, "route_preference");
+    }
+}

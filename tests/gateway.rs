@@ -480,6 +480,71 @@ async fn hot_reload_adds_rejects_and_fixes_policies_without_a_restart() {
     assert_eq!(policies["version"], "v4");
 }
 
+/// A million spaces made the tokenizer's regex give up and tiktoken panic: the request died
+/// with a 500. It is priced like any other prompt now, and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_of_a_million_spaces_is_priced_not_a_crash() {
+    let mut opts = Options::new("version: \"1\"\nnamespaces:\n  default:\n    rules: []\n");
+    opts.max_body_bytes = 4 << 20;
+    let gw = Gateway::start(&opts);
+    let infer = gw.at("/infer");
+    let (status, body) = post(
+        &infer,
+        json!({"prompt": format!("Summarize:{}done", " ".repeat(1_000_000)), "tenant_id": "acme-corp", "model_tier": "expensive"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let lines = llmscope_tests::gateway::read_jsonl(&gw.telemetry);
+    assert!(lines[0]["tokens_in"].as_u64().unwrap() > 0, "{}", lines[0]);
+    let (status, _) = post(
+        &infer,
+        json!({"prompt": "Summarize this document", "tenant_id": "acme-corp"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+/// A Kubernetes ConfigMap volume updates by writing a new `..<timestamp>` directory and
+/// renaming a `..data` symlink over the old one; `policy.yaml -> ..data/policy.yaml` itself is
+/// never touched. The reload must follow.
+#[tokio::test(flavor = "multi_thread")]
+async fn hot_reload_follows_a_configmap_symlink_swap() {
+    let allow = "version: \"v1\"\nnamespaces:\n  default:\n    rules: []\n";
+    let deny = "version: \"v2\"\nnamespaces:\n  default:\n    rules:\n      - {id: cap, primitive: budget_threshold, period: hourly, limit_usd: 0.0000001, action: deny}\n";
+    let gw = Gateway::start(&Options::new(allow));
+    let root = gw.policy_file.parent().unwrap().to_path_buf();
+    // Turn policy.yaml into the ConfigMap layout, same content.
+    std::fs::create_dir(root.join("..2026_12_01_v1")).unwrap();
+    std::fs::write(root.join("..2026_12_01_v1/policy.yaml"), allow).unwrap();
+    std::os::unix::fs::symlink("..2026_12_01_v1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/policy.yaml", root.join("policy.yaml.link")).unwrap();
+    std::fs::rename(root.join("policy.yaml.link"), &gw.policy_file).unwrap();
+    let infer = gw.at("/infer");
+    let request = json!({"prompt": "Summarize this document", "tenant_id": "acme-corp"});
+    // Two requests spend something, so the cap below is exceeded.
+    assert_eq!(post(&infer, request.clone()).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(post(&infer, request.clone()).await.0, 200);
+
+    // The kubelet's update: new directory, new symlink renamed over ..data, old one removed.
+    std::fs::create_dir(root.join("..2026_12_01_v2")).unwrap();
+    std::fs::write(root.join("..2026_12_01_v2/policy.yaml"), deny).unwrap();
+    std::os::unix::fs::symlink("..2026_12_01_v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..2026_12_01_v1")).unwrap();
+    wait_for("the swapped-in policy to serve", async || {
+        post(&infer, request.clone()).await.0 == 402
+    })
+    .await;
+    let policies: Value = reqwest::get(gw.at("/v1/policies"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(policies["version"], "v2");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_clients_cannot_overshoot_a_budget() {
     const LIMIT: f64 = 0.01;

@@ -12,8 +12,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use fs2::FileExt;
 use parking_lot::Mutex;
@@ -245,16 +244,107 @@ struct Job {
     done: oneshot::Sender<Result<Written, WriteError>>,
 }
 
-/// Handle to the writer thread.
+/// The log writer: group commit without a writer thread. A request that finds no write in
+/// progress becomes the leader and writes every line queued meanwhile (its own included) in one
+/// batch per log, then the lines that arrived during that batch, and so on; the others wait
+/// for their result. Lines thus reach the files without a hand-off to another thread, which on
+/// a busy 2-core machine costs more than the write itself.
 pub struct ArtifactWriter {
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-    /// Whether the last write to each log (telemetry, decisions) succeeded.
-    healthy: Arc<[AtomicBool; 2]>,
-    failures: Arc<AtomicU64>,
-    reopen: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     telemetry_path: PathBuf,
     decisions_path: PathBuf,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// The two files, held by the leader while it writes; `None` once shut down.
+    files: Mutex<Option<(LogFile, LogFile)>>,
+    /// Signalled when a leader steps down (shutdown waits for it).
+    idle: parking_lot::Condvar,
+    /// Whether the last write to each log (telemetry, decisions) succeeded.
+    healthy: [AtomicBool; 2],
+    failures: AtomicU64,
+    reopen: AtomicBool,
+    telemetry_path: PathBuf,
+}
+
+/// Clears the leader flag when a leader unwinds.
+struct StepDown<'a>(&'a Shared);
+
+impl Drop for StepDown<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.queue.lock();
+        q.writing = false;
+        self.0.idle.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// A leader is writing (and will take what is queued).
+    writing: bool,
+    closed: bool,
+}
+
+/// Batches a request writes as leader before it hands the rest to a thread of its own, so that a request
+/// is not kept writing other requests' lines under sustained load.
+const LEADER_ROUNDS: usize = 4;
+
+impl Shared {
+    /// Write queued batches until the queue is empty, then step down. A `bounded` leader (a
+    /// request) hands what is still queued after [`LEADER_ROUNDS`] to a thread of its own.
+    fn lead(self: &Arc<Self>, bounded: bool) {
+        // Steps down if a write panics, so later lines find a leader again (the jobs of the
+        // batch in hand get a closed channel: an error).
+        let guard = StepDown(self);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        for round in 0.. {
+            {
+                let mut q = self.queue.lock();
+                if q.jobs.is_empty() {
+                    q.writing = false;
+                    self.idle.notify_all();
+                    std::mem::forget(guard);
+                    return;
+                }
+                if bounded && round >= LEADER_ROUNDS {
+                    drop(q);
+                    let this = Arc::clone(self);
+                    let spawned = std::thread::Builder::new()
+                        .name("llmscope-artifacts".into())
+                        .spawn(move || this.lead(false));
+                    if spawned.is_ok() {
+                        std::mem::forget(guard);
+                        return;
+                    }
+                    q = self.queue.lock();
+                }
+                let n = q.jobs.len().min(MAX_BATCH);
+                batch.extend(q.jobs.drain(..n));
+            }
+            let force = self.reopen.swap(false, Ordering::Relaxed);
+            let mut files = self.files.lock();
+            match files.as_mut() {
+                Some((telemetry, decisions)) => write_batch(
+                    telemetry,
+                    decisions,
+                    force,
+                    &mut batch,
+                    &self.healthy,
+                    &self.failures,
+                ),
+                None => {
+                    for job in batch.drain(..) {
+                        let _ = job.done.send(Err(WriteError {
+                            path: self.telemetry_path.clone(),
+                            message: "the writer has stopped".into(),
+                        }));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Most lines written in one batch.
@@ -342,45 +432,20 @@ impl LogFile {
 }
 
 impl ArtifactWriter {
-    /// Open (creating directories and files as needed) and start the writer thread.
+    /// Open (creating directories and files as needed).
     pub fn start(telemetry_path: &Path, decisions_path: &Path) -> Result<Self, WriteError> {
-        let mut telemetry = LogFile::open(telemetry_path)?;
-        let mut decisions = LogFile::open(decisions_path)?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        let healthy = Arc::new([AtomicBool::new(true), AtomicBool::new(true)]);
-        let failures = Arc::new(AtomicU64::new(0));
-        let reopen = Arc::new(AtomicBool::new(false));
-        let (h, f, r) = (
-            Arc::clone(&healthy),
-            Arc::clone(&failures),
-            Arc::clone(&reopen),
-        );
-        let thread = std::thread::Builder::new()
-            .name("llmscope-artifacts".into())
-            .spawn(move || {
-                let mut batch = Vec::with_capacity(MAX_BATCH);
-                while let Ok(job) = rx.recv() {
-                    batch.push(job);
-                    while batch.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => batch.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    let force = r.swap(false, Ordering::Relaxed);
-                    write_batch(&mut telemetry, &mut decisions, force, &mut batch, &h, &f);
-                }
-            })
-            .map_err(|e| WriteError {
-                path: telemetry_path.into(),
-                message: format!("cannot start writer: {e}"),
-            })?;
+        let telemetry = LogFile::open(telemetry_path)?;
+        let decisions = LogFile::open(decisions_path)?;
         Ok(Self {
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-            healthy,
-            failures,
-            reopen,
+            shared: Arc::new(Shared {
+                queue: Mutex::new(Queue::default()),
+                files: Mutex::new(Some((telemetry, decisions))),
+                idle: parking_lot::Condvar::new(),
+                healthy: [AtomicBool::new(true), AtomicBool::new(true)],
+                failures: AtomicU64::new(0),
+                reopen: AtomicBool::new(false),
+                telemetry_path: telemetry_path.into(),
+            }),
             telemetry_path: telemetry_path.into(),
             decisions_path: decisions_path.into(),
         })
@@ -411,21 +476,28 @@ impl ArtifactWriter {
         telemetry: Option<String>,
         decision: Option<String>,
     ) -> Result<Written, WriteError> {
-        let (done, wait) = oneshot::channel();
+        let (done, mut wait) = oneshot::channel();
         let closed = || WriteError {
             path: self.telemetry_path.clone(),
             message: "the writer has stopped".into(),
         };
-        {
-            let tx = self.tx.lock();
-            tx.as_ref()
-                .ok_or_else(closed)?
-                .send(Job {
-                    telemetry,
-                    decision,
-                    done,
-                })
-                .map_err(|_| closed())?;
+        let lead = {
+            let mut q = self.shared.queue.lock();
+            if q.closed {
+                return Err(closed());
+            }
+            q.jobs.push(Job {
+                telemetry,
+                decision,
+                done,
+            });
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if lead {
+            self.shared.lead(true);
+            if let Ok(result) = wait.try_recv() {
+                return result;
+            }
         }
         wait.await.map_err(|_| closed())?
     }
@@ -434,22 +506,25 @@ impl ArtifactWriter {
     /// rotation is also noticed without it: every batch checks that the paths still name the
     /// files held.
     pub fn reopen(&self) {
-        self.reopen.store(true, Ordering::Relaxed);
+        self.shared.reopen.store(true, Ordering::Relaxed);
     }
 
     /// False after a failed write, until a later write succeeds.
     pub fn healthy(&self) -> bool {
-        self.healthy.iter().all(|h| h.load(Ordering::Relaxed))
+        self.shared
+            .healthy
+            .iter()
+            .all(|h| h.load(Ordering::Relaxed))
     }
 
     /// False after a failed telemetry write, until a later one succeeds.
     pub fn telemetry_healthy(&self) -> bool {
-        self.healthy[0].load(Ordering::Relaxed)
+        self.shared.healthy[0].load(Ordering::Relaxed)
     }
 
     /// Failed batches since start.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.shared.failures.load(Ordering::Relaxed)
     }
 
     /// Paths written.
@@ -457,13 +532,16 @@ impl ArtifactWriter {
         (&self.telemetry_path, &self.decisions_path)
     }
 
-    /// Stop accepting lines, write everything queued, and wait for the thread.
+    /// Stop accepting lines, let the current leader write everything queued, and close the
+    /// files.
     pub fn shutdown(&self) {
-        self.tx.lock().take();
-        let thread = self.thread.lock().take();
-        if let Some(t) = thread {
-            let _ = t.join();
+        let mut q = self.shared.queue.lock();
+        q.closed = true;
+        while q.writing {
+            self.shared.idle.wait(&mut q);
         }
+        drop(q);
+        self.shared.files.lock().take();
     }
 }
 
@@ -633,6 +711,49 @@ mod tests {
         assert_eq!(first.file_id, std::fs::metadata(&t).unwrap().ino());
         let back: TelemetryRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(back.request_id, "r1");
+    }
+
+    /// Many concurrent writers on a multi-threaded runtime, enough to make leaders hand off to
+    /// a thread: every line lands whole, once, at the offset its writer was told.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_each_land_once_at_their_reported_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, d) = (dir.path().join("t.jsonl"), dir.path().join("d.jsonl"));
+        let w = Arc::new(ArtifactWriter::start(&t, &d).unwrap());
+        let mut tasks = Vec::new();
+        for task in 0..32 {
+            let w = Arc::clone(&w);
+            tasks.push(tokio::spawn(async move {
+                let mut ends = Vec::new();
+                for i in 0..200 {
+                    let rec = TelemetryRecord {
+                        request_id: format!("r-{task}-{i}"),
+                        ..TelemetryRecord::default()
+                    };
+                    let written = w.append(&rec, None).await.unwrap();
+                    ends.push((rec.request_id, written.telemetry.unwrap().offset));
+                }
+                ends
+            }));
+        }
+        let mut ends = Vec::new();
+        for t in tasks {
+            ends.extend(t.await.unwrap());
+        }
+        w.shutdown();
+        let text = std::fs::read_to_string(&t).unwrap();
+        assert_eq!(text.lines().count(), 32 * 200);
+        for (id, end) in &ends {
+            let end = usize::try_from(*end).unwrap();
+            let line = text[..end].lines().last().unwrap();
+            let back: TelemetryRecord = serde_json::from_str(line).unwrap();
+            assert_eq!(&back.request_id, id);
+        }
+        let rec = TelemetryRecord::default();
+        assert!(
+            w.append(&rec, None).await.is_err(),
+            "a stopped writer refuses lines"
+        );
     }
 
     #[tokio::test]

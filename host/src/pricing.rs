@@ -45,14 +45,74 @@ impl Tokenizer {
         }
     }
 
-    /// Number of tokens in `text`.
+    /// Number of tokens in `text`. Large texts are counted with the async worker handed over
+    /// to the runtime's other tasks ([`tokio::task::block_in_place`]): BPE costs 100–400 ms of
+    /// CPU per MiB.
     pub fn count(self, text: &str) -> u32 {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if text.len() >= OFF_WORKER_BYTES && multi_thread {
+            tokio::task::block_in_place(|| self.count_now(text))
+        } else {
+            self.count_now(text)
+        }
+    }
+
+    /// Count on this thread. Whitespace runs longer than [`MAX_WHITESPACE_RUN`] are counted in
+    /// pieces (the tokenizer's regex gives up, and tiktoken panics, on a run of ~1M spaces);
+    /// that changes the count by at most a token per piece. Should the tokenizer still panic,
+    /// the byte length stands in: no token is shorter than a byte, so it never undercounts.
+    fn count_now(self, text: &str) -> u32 {
         let bpe = match self {
             Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
             Self::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
         };
-        u32::try_from(bpe.encode_ordinary(text).len()).unwrap_or(u32::MAX)
+        let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            split_long_whitespace(text)
+                .map(|piece| bpe.encode_ordinary(piece).len())
+                .sum::<usize>()
+        }));
+        let n = counted.unwrap_or_else(|_| {
+            tracing::warn!(
+                bytes = text.len(),
+                "tokenizer failed; counting one token per byte"
+            );
+            text.len()
+        });
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
+}
+
+/// Texts at least this long are tokenized off the async worker.
+const OFF_WORKER_BYTES: usize = 64 * 1024;
+
+/// Longest whitespace run handed to the tokenizer in one piece.
+const MAX_WHITESPACE_RUN: usize = 4096;
+
+/// `text` cut into pieces that together are `text`, none holding a whitespace run longer than
+/// [`MAX_WHITESPACE_RUN`] bytes (cuts fall on char boundaries inside such runs).
+fn split_long_whitespace(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut run_start = None;
+        for (i, c) in rest.char_indices() {
+            if !c.is_whitespace() {
+                run_start = None;
+                continue;
+            }
+            let start = *run_start.get_or_insert(i);
+            let end = i + c.len_utf8();
+            if end - start >= MAX_WHITESPACE_RUN {
+                let (piece, tail) = rest.split_at(end);
+                rest = tail;
+                return Some(piece);
+            }
+        }
+        Some(std::mem::take(&mut rest))
+    })
 }
 
 /// Tokens added per chat message for role and separators (OpenAI's published accounting).
@@ -287,6 +347,40 @@ mod tests {
             fallback: vec![],
             tokenizer: None,
         }
+    }
+
+    #[test]
+    fn pathological_whitespace_is_counted_without_panicking() {
+        let spaces = " ".repeat(1_000_000);
+        for t in [Tokenizer::O200kBase, Tokenizer::Cl100kBase] {
+            let n = t.count(&spaces);
+            assert!(n > 0 && n <= 1_000_000, "{t:?}: {n}");
+            let mixed = format!("a{spaces}b");
+            assert!(t.count(&mixed) >= n);
+        }
+    }
+
+    #[test]
+    fn pieces_rejoin_to_the_text_and_short_texts_are_one_piece() {
+        let text = format!(
+            "x{}y\u{3000}{}z",
+            " ".repeat(10_000),
+            "\u{3000}".repeat(3000)
+        );
+        let pieces: Vec<&str> = split_long_whitespace(&text).collect();
+        assert_eq!(pieces.concat(), text);
+        assert!(pieces.len() > 3);
+        assert_eq!(split_long_whitespace("hello world").count(), 1);
+        assert_eq!(split_long_whitespace("").count(), 0);
+        assert_eq!(
+            Tokenizer::O200kBase.count("hello   world"),
+            u32::try_from(
+                tiktoken_rs::o200k_base_singleton()
+                    .encode_ordinary("hello   world")
+                    .len()
+            )
+            .unwrap()
+        );
     }
 
     #[test]
