@@ -604,3 +604,96 @@ fn a_planted_compiled_component_is_not_run_unless_the_whole_path_is_private() {
         assert_eq!(rt.load(&target).unwrap().info().name, "route_preference");
     }
 }
+
+async fn edge_call(client: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
+    let resp = client.post(url).json(body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// An edge report that could not be written used to be remembered as seen anyway: the
+/// filter's retry was answered "duplicate" and the billed call never reached the logs. And the
+/// host recorded whatever context the report carried, so a report could move spend to
+/// another tenant or date it out of every window.
+#[tokio::test(flavor = "multi_thread")]
+async fn edge_reports_are_recorded_once_after_a_failed_write_and_with_the_issued_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let telemetry = dir.path().join("telemetry.jsonl");
+    std::os::unix::fs::symlink("/dev/full", &telemetry).unwrap();
+    let mut opts = Options::new(&capped_policy());
+    opts.logs = Some((telemetry.clone(), dir.path().join("policy_decisions.jsonl")));
+    let gw = Gateway::start(&opts);
+    let client = reqwest::Client::new();
+    let context = |id: &str| {
+        json!({"request_id": id, "path": "/infer", "aggregates": [],
+               "body": {"prompt": "Summarize this document", "tenant_id": "acme"}})
+    };
+    let (status, answer) = edge_call(
+        &client,
+        gw.at("/v1/edge/context"),
+        &context("req-edge-retry"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let report = |ctx: &Value| {
+        json!({"request": ctx, "effective_tier": ctx["requested_tier"], "status": 200,
+               "latency_ms": 5.0, "usage": {"tokens_in": 1000, "tokens_out": 500}, "rules": []})
+    };
+    let (status, body) = edge_call(
+        &client,
+        gw.at("/v1/edge/report"),
+        &report(&answer["request"]),
+    )
+    .await;
+    assert_eq!(status, 503, "the disk is full: {body}");
+
+    // The disk has room again (the writer follows the path to the new file).
+    std::fs::remove_file(&telemetry).unwrap();
+    std::fs::write(&telemetry, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = edge_call(
+        &client,
+        gw.at("/v1/edge/report"),
+        &report(&answer["request"]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["recorded"], true, "the retry records it: {body}");
+    let (_, body) = edge_call(
+        &client,
+        gw.at("/v1/edge/report"),
+        &report(&answer["request"]),
+    )
+    .await;
+    assert_eq!(body["duplicate"], true, "{body}");
+
+    // A report claiming another tenant and a time long ago, for a context this host issued.
+    let (_, answer) = edge_call(
+        &client,
+        gw.at("/v1/edge/context"),
+        &context("req-edge-forged"),
+    )
+    .await;
+    let mut forged = answer["request"].clone();
+    forged["tenant_id"] = json!("victim");
+    forged["unix_time_ms"] = json!(0);
+    let (status, body) = edge_call(&client, gw.at("/v1/edge/report"), &report(&forged)).await;
+    assert_eq!(status, 200, "{body}");
+
+    let lines = llmscope_tests::gateway::read_jsonl(&telemetry);
+    let retry: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["request_id"] == "req-edge-retry")
+        .collect();
+    assert_eq!(retry.len(), 1, "recorded exactly once: {lines:?}");
+    assert!(retry[0]["cost_usd"].as_f64().unwrap() > 0.0);
+    let forged = lines
+        .iter()
+        .find(|l| l["request_id"] == "req-edge-forged")
+        .unwrap();
+    assert_eq!(forged["tenant_id"], "acme", "{forged}");
+    assert!(
+        !forged["timestamp"].as_str().unwrap().starts_with("1970"),
+        "{forged}"
+    );
+}

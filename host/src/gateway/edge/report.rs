@@ -13,6 +13,7 @@ use crate::ledger::{Dims, Reservation, Sums};
 use crate::policy::{Combination, DecisionKind};
 use crate::pricing;
 
+use super::state::ReportState;
 use super::{valid_request_id, EdgeError, Report};
 
 impl Gateway {
@@ -22,10 +23,17 @@ impl Gateway {
         let ctx = self.reported_context(report)?;
         let ctx = ctx.as_ref();
         let model = self.reported_model(ctx, &report.effective_tier)?;
-        if !self.edge.first_report(&ctx.request_id) {
-            return Ok(false);
+        match self.edge.begin_report(&ctx.request_id) {
+            ReportState::Fresh => {}
+            ReportState::Done => return Ok(false),
+            ReportState::InProgress => {
+                return Err(EdgeError::Unlogged(WriteError {
+                    path: self.writer().paths().0.to_path_buf(),
+                    message: "another delivery of this report is being written; retry".into(),
+                }))
+            }
         }
-        let reservation = self.edge.take(&ctx.request_id);
+        let held = self.edge.take(&ctx.request_id);
         let alerts: Vec<String> = report
             .rules
             .iter()
@@ -34,6 +42,23 @@ impl Gateway {
         let verdict = reported_verdict(report, ctx, &alerts);
         let decision = verdict.decision;
         let (records, actual) = self.reported_records(report, ctx, model, &verdict);
+        let written = self
+            .writer()
+            .append(&records.telemetry, Some(&records.decision(verdict)))
+            .await;
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Nothing recorded: the report stays unseen and its reservation waits, so the
+                // filter's retry records it once.
+                self.edge.finish_report(&ctx.request_id, false);
+                if let Some(held) = held {
+                    self.edge.restore(&ctx.request_id, held);
+                }
+                return Err(EdgeError::Unlogged(e));
+            }
+        };
+        self.edge.finish_report(&ctx.request_id, true);
         let telemetry = &records.telemetry;
         self.metrics().request(
             &ctx.route_name,
@@ -45,23 +70,27 @@ impl Gateway {
             telemetry.estimated_cost_usd,
             telemetry.cost_usd,
         );
-        let written = self
-            .writer()
-            .append(telemetry, Some(&records.decision(verdict)))
-            .await;
-        self.settle_reported(ctx, model, reservation, actual, &written);
-        written.map_err(EdgeError::Unlogged)?;
+        self.settle_reported(ctx, model, held.map(|(r, _)| r), actual, written);
         Ok(true)
     }
 
-    /// The context a report is about: the one the filter received, else its `original`
-    /// request priced now (the filter could not reach the host before dispatch).
+    /// The context a report is about: the one this host issued for its id (whatever the report
+    /// claims of tenant, time or tiers), else the one the report carries — timed now, so no
+    /// report can date spend out of the windows — else its `original` request priced now (the
+    /// filter could not reach the host before dispatch).
     fn reported_context<'r>(
         &self,
         report: &'r Report,
     ) -> Result<Cow<'r, RequestContext>, EdgeError> {
         let ctx = match (&report.request, &report.original) {
-            (Some(ctx), _) => Cow::Borrowed(ctx),
+            (Some(ctx), _) => match self.edge.issued(&ctx.request_id) {
+                Some(issued) => Cow::<RequestContext>::Owned(issued),
+                None => {
+                    let mut ctx = ctx.clone();
+                    ctx.unix_time_ms = crate::gateway::now_ms();
+                    Cow::Owned(ctx)
+                }
+            },
             (None, Some(call)) => {
                 let id = call
                     .request_id
@@ -171,9 +200,9 @@ impl Gateway {
         model: &str,
         reservation: Option<Reservation>,
         actual: Option<Sums>,
-        written: &Result<Written, WriteError>,
+        written: Written,
     ) {
-        let position = written.as_ref().ok().and_then(|w| w.telemetry);
+        let position = written.telemetry;
         match (reservation, actual) {
             (Some(r), Some(actual)) => r.settle(actual, position),
             (None, Some(actual)) => {

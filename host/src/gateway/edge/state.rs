@@ -3,6 +3,7 @@
 //! reads the gateway, so its refresh can register and expire without a cycle.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::time::{Duration, Instant};
 
 use llmscope_sdk::types::{Aggregate, RequestContext};
@@ -22,12 +23,35 @@ pub const MAX_EDGE_AGGREGATES: usize = 256;
 /// Most reservations waiting for a report; beyond it context calls are refused (503), so a
 /// flood of context calls cannot grow memory or hold budgets without bound.
 pub const MAX_PENDING: usize = 100_000;
-/// How many reported request ids are remembered to make reports idempotent.
-const REPORTED_MEMORY: usize = 16_384;
+/// Most reported request ids remembered at once (16 bytes each); within it every id is kept
+/// for [`EDGE_RESERVATION_TTL`], the longest a filter retries a report.
+const REPORTED_MEMORY: usize = 2_000_000;
 
 struct Entry {
     reservation: Reservation,
+    /// The context the host issued first for this id: a report is recorded with it, not with
+    /// what the report claims.
+    issued: RequestContext,
     created: Instant,
+}
+
+/// Where a report of a request id stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReportState {
+    /// Not reported yet: this delivery records it (and must [`EdgeState::finish_report`]).
+    Fresh,
+    /// Another delivery is being written right now.
+    InProgress,
+    /// Already recorded.
+    Done,
+}
+
+/// Reported ids (as keyed hashes) with when they were reported, oldest first.
+#[derive(Default)]
+struct Reported {
+    hasher: RandomState,
+    state: HashMap<u64, bool>,
+    order: VecDeque<(Instant, u64)>,
 }
 
 /// Edge bookkeeping inside the gateway.
@@ -36,7 +60,7 @@ pub struct EdgeState {
     entries: Mutex<HashMap<String, Entry>>,
     aggregates: RwLock<Vec<Aggregate>>,
     keys: Mutex<HashSet<SpecKey>>,
-    reported: Mutex<(HashSet<String>, VecDeque<String>)>,
+    reported: Mutex<Reported>,
 }
 
 impl EdgeState {
@@ -121,6 +145,7 @@ impl EdgeState {
                     tokens_in,
                     tokens_out,
                 ),
+                issued: ctx.clone(),
                 created: Instant::now(),
             });
         if entry.reservation.dims() != dims {
@@ -131,29 +156,73 @@ impl EdgeState {
         Ok(entry.reservation.amount())
     }
 
-    /// The reservation `request_id` held, handed over to be settled (`None`: it expired, or
-    /// the context call went to another process).
-    pub(crate) fn take(&self, request_id: &str) -> Option<Reservation> {
+    /// The context first issued for `request_id`, while its reservation waits.
+    pub(crate) fn issued(&self, request_id: &str) -> Option<RequestContext> {
+        self.entries
+            .lock()
+            .get(request_id)
+            .map(|e| e.issued.clone())
+    }
+
+    /// The reservation `request_id` held and its issued context, handed over to be settled
+    /// (`None`: it expired, or the context call went to another process).
+    pub(crate) fn take(&self, request_id: &str) -> Option<(Reservation, RequestContext)> {
         self.entries
             .lock()
             .remove(request_id)
-            .map(|e| e.reservation)
+            .map(|e| (e.reservation, e.issued))
     }
 
-    /// Mark `id` reported; false if it already was.
-    pub(crate) fn first_report(&self, id: &str) -> bool {
-        let mut guard = self.reported.lock();
-        let (set, order) = &mut *guard;
-        if !set.insert(id.to_owned()) {
-            return false;
+    /// Put back what [`Self::take`] handed over, when the report could not be recorded: its
+    /// retry settles it.
+    pub(crate) fn restore(&self, request_id: &str, held: (Reservation, RequestContext)) {
+        let (reservation, issued) = held;
+        self.entries.lock().insert(
+            request_id.to_owned(),
+            Entry {
+                reservation,
+                issued,
+                created: Instant::now(),
+            },
+        );
+    }
+
+    /// Start recording the report of `id`: [`ReportState::Fresh`] marks it in progress.
+    pub(crate) fn begin_report(&self, id: &str) -> ReportState {
+        let mut r = self.reported.lock();
+        let key = r.hasher.hash_one(id);
+        let now = Instant::now();
+        while let Some(&(at, old)) = r.order.front() {
+            if now.duration_since(at) < EDGE_RESERVATION_TTL && r.order.len() < REPORTED_MEMORY {
+                break;
+            }
+            r.order.pop_front();
+            r.state.remove(&old);
         }
-        order.push_back(id.to_owned());
-        while order.len() > REPORTED_MEMORY {
-            if let Some(old) = order.pop_front() {
-                set.remove(&old);
+        match r.state.get(&key) {
+            Some(true) => ReportState::Done,
+            Some(false) => ReportState::InProgress,
+            None => {
+                r.state.insert(key, false);
+                r.order.push_back((now, key));
+                ReportState::Fresh
             }
         }
-        true
+    }
+
+    /// Finish what [`Self::begin_report`] started: `recorded` keeps `id` as reported; else it
+    /// is forgotten, so a retry records it.
+    pub(crate) fn finish_report(&self, id: &str, recorded: bool) {
+        let mut r = self.reported.lock();
+        let key = r.hasher.hash_one(id);
+        if recorded {
+            if let Some(done) = r.state.get_mut(&key) {
+                *done = true;
+            }
+        } else {
+            r.state.remove(&key);
+            r.order.retain(|&(_, k)| k != key);
+        }
     }
 }
 
@@ -196,11 +265,24 @@ mod tests {
     }
 
     #[test]
-    fn reports_are_idempotent_per_request_id() {
+    fn reports_are_idempotent_once_recorded_and_retryable_when_not() {
         let state = EdgeState::default();
-        assert!(state.first_report("req-1"));
-        assert!(!state.first_report("req-1"));
-        assert!(state.first_report("req-2"));
+        assert_eq!(state.begin_report("req-1"), ReportState::Fresh);
+        assert_eq!(state.begin_report("req-1"), ReportState::InProgress);
+        state.finish_report("req-1", false);
+        assert_eq!(
+            state.begin_report("req-1"),
+            ReportState::Fresh,
+            "a failed write is retried"
+        );
+        state.finish_report("req-1", true);
+        assert_eq!(state.begin_report("req-1"), ReportState::Done);
+        assert_eq!(state.begin_report("req-2"), ReportState::Fresh);
+        // Far more ids than the old 16k memory: the first is still known.
+        for i in 0..20_000 {
+            state.begin_report(&format!("bulk-{i}"));
+        }
+        assert_eq!(state.begin_report("req-1"), ReportState::Done);
     }
 
     #[test]
