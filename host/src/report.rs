@@ -247,34 +247,26 @@ pub fn render(
         .iter()
         .map(|q| run(engine, *q, p))
         .collect::<Result<_, _>>()?;
-    let (days, series) = daily_cost(engine, p)?;
-    let pressure: Vec<(String, Vec<f64>)> = answers[2]
-        .rows
-        .iter()
-        .map(|r| (text(&r[0]), vec![num(&r[1]), num(&r[2]), num(&r[3])]))
-        .collect();
-    let mut latency: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for r in &answers[3].rows {
-        let entry = latency.entry(text(&r[0])).or_insert_with(|| vec![0.0, 0.0]);
-        entry[usize::from(r[1].as_bool().unwrap_or(false))] = num(&r[2]);
-    }
-    let latency: Vec<(String, Vec<f64>)> = latency.into_iter().collect();
-    let all_routes = run(
-        engine,
-        Question::UnsafeRoutes,
-        &QueryParams {
-            threshold_usd: -1.0,
-            ..*p
-        },
-    )?;
-    let routes: Vec<(String, Vec<f64>)> = all_routes
-        .rows
-        .iter()
-        .map(|r| (text(&r[0]), vec![num(&r[1]), num(&r[2])]))
-        .collect();
+    let charts = Charts::gather(engine, p, &answers)?;
     let unsafe_count = answers[4].rows.len();
 
     let mut html = String::with_capacity(64 * 1024);
+    write_head(&mut html, engine, p, generated_at);
+    charts.write(&mut html, p, unsafe_count);
+    for a in &answers {
+        let _ = write!(
+            html,
+            "<section><h2>{}</h2>{}</section>",
+            esc(a.query),
+            table(a)
+        );
+    }
+    html.push_str("</body></html>\n");
+    Ok(html)
+}
+
+/// The document up to the first section: the style sheet, the title and where the data is from.
+fn write_head(html: &mut String, engine: &SpendEngine, p: &QueryParams, generated_at: &str) {
     let _ = write!(
         html,
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>llmscope cost report</title><style>
@@ -288,35 +280,93 @@ table{{border-collapse:collapse;width:100%;font-size:12px}}th,td{{border-bottom:
         esc(&engine.telemetry_path().display().to_string()),
         p.threshold_usd
     );
-    let _ = write!(
-        html,
-        "<section><h2>Daily cost by tenant and feature</h2>{}</section>",
-        line_chart(&days, &series)
-    );
-    let _ = write!(
-        html,
-        "<section><h2>Budget pressure per namespace</h2>{}</section>",
-        bar_chart(&pressure, &["allow", "downgrade", "deny"], "count", None)
-    );
-    let _ = write!(
-        html,
-        "<section><h2>p95 latency: primary vs fallback</h2>{}</section>",
-        bar_chart(&latency, &["primary", "fallback"], "ms", None)
-    );
-    let _ =
-        write!(
-        html,
-        "<section><h2>Routes against the margin threshold ({unsafe_count} unsafe)</h2>{}</section>",
-        bar_chart(&routes, &["average cost", "max cost"], "usd", Some(p.threshold_usd))
-    );
-    for a in &answers {
+}
+
+/// What the four charts plot, gathered before any HTML is written.
+struct Charts {
+    /// Days of the cost-over-time chart.
+    days: Vec<i64>,
+    /// Cost per day of each `tenant / feature` series.
+    series: Series,
+    /// Allow, downgrade and deny counts per namespace.
+    pressure: Series,
+    /// p95 latency per route, primary then fallback.
+    latency: Series,
+    /// Average and max cost per route, every route (not only the unsafe ones).
+    routes: Series,
+}
+
+impl Charts {
+    /// The chart data: daily cost and every route's cost are queried; pressure and latency are
+    /// taken from the five `answers`.
+    fn gather(
+        engine: &SpendEngine,
+        p: &QueryParams,
+        answers: &[Answer],
+    ) -> Result<Self, EngineError> {
+        let (days, series) = daily_cost(engine, p)?;
+        let pressure: Vec<(String, Vec<f64>)> = answers[2]
+            .rows
+            .iter()
+            .map(|r| (text(&r[0]), vec![num(&r[1]), num(&r[2]), num(&r[3])]))
+            .collect();
+        let mut latency: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for r in &answers[3].rows {
+            let entry = latency.entry(text(&r[0])).or_insert_with(|| vec![0.0, 0.0]);
+            entry[usize::from(r[1].as_bool().unwrap_or(false))] = num(&r[2]);
+        }
+        let latency: Vec<(String, Vec<f64>)> = latency.into_iter().collect();
+        let all_routes = run(
+            engine,
+            Question::UnsafeRoutes,
+            &QueryParams {
+                threshold_usd: -1.0,
+                ..*p
+            },
+        )?;
+        let routes: Vec<(String, Vec<f64>)> = all_routes
+            .rows
+            .iter()
+            .map(|r| (text(&r[0]), vec![num(&r[1]), num(&r[2])]))
+            .collect();
+        Ok(Self {
+            days,
+            series,
+            pressure,
+            latency,
+            routes,
+        })
+    }
+
+    /// The four chart sections; `unsafe_count` routes are above the threshold.
+    fn write(&self, html: &mut String, p: &QueryParams, unsafe_count: usize) {
+        let Self {
+            days,
+            series,
+            pressure,
+            latency,
+            routes,
+        } = self;
         let _ = write!(
             html,
-            "<section><h2>{}</h2>{}</section>",
-            esc(a.query),
-            table(a)
+            "<section><h2>Daily cost by tenant and feature</h2>{}</section>",
+            line_chart(days, series)
+        );
+        let _ = write!(
+            html,
+            "<section><h2>Budget pressure per namespace</h2>{}</section>",
+            bar_chart(pressure, &["allow", "downgrade", "deny"], "count", None)
+        );
+        let _ = write!(
+            html,
+            "<section><h2>p95 latency: primary vs fallback</h2>{}</section>",
+            bar_chart(latency, &["primary", "fallback"], "ms", None)
+        );
+        let _ =
+            write!(
+            html,
+            "<section><h2>Routes against the margin threshold ({unsafe_count} unsafe)</h2>{}</section>",
+            bar_chart(routes, &["average cost", "max cost"], "usd", Some(p.threshold_usd))
         );
     }
-    html.push_str("</body></html>\n");
-    Ok(html)
 }

@@ -12,23 +12,22 @@
 //!
 //! Blessing writes every `.err` whose text changed and deletes `.err` files whose `.yaml` is gone.
 //! Without it, a changed message, a `.yaml` without its `.err` or a stray `.err` fails the test,
-//! listing every mismatching case. A case that loads without error fails either way.
+//! listing every mismatching case. A case that loads without error fails either way. The harness
+//! is `tests/src/golden.rs`, shared with the policy-config cases.
 //!
 //! Environment seen by the cases: `LLMSCOPE_TEST_KEY` holds a usable key, `LLMSCOPE_SHORT_KEY` a
 //! key that is too short, `LLMSCOPE_EMPTY_KEY` is set but empty; nothing else is set.
 #![allow(
     clippy::unwrap_used,
-    clippy::panic,
-    reason = "test harness: a failed unwrap or a panic is a failed test"
+    reason = "test harness: a failed unwrap is a failed test"
 )]
 
-use std::collections::BTreeSet;
-use std::fs;
+#[path = "../../tests/src/golden.rs"]
+mod golden;
+
 use std::path::{Path, PathBuf};
 
 use llmscope_wire::config::GatewayConfig;
-
-const BLESS_VAR: &str = "LLMSCOPE_BLESS";
 
 fn env(name: &str) -> Option<String> {
     match name {
@@ -47,75 +46,13 @@ fn cases_dir() -> PathBuf {
 /// config loads.
 fn actual(dir: &Path, yaml: &Path) -> Option<String> {
     let err = GatewayConfig::load(yaml, &env).err()?;
-    let mut text = err.to_string().replace(&dir.display().to_string(), "$DIR");
-    text.push('\n');
-    Some(text)
+    Some(golden::error_text(dir, &err))
 }
 
 #[test]
 fn config_errors_match_the_golden_files() {
     let dir = cases_dir();
-    let bless = std::env::var_os(BLESS_VAR).is_some_and(|v| !v.is_empty() && v != "0");
-    let mut yamls = BTreeSet::new();
-    let mut errs = BTreeSet::new();
-    for entry in fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
-        match path.extension().and_then(|x| x.to_str()) {
-            Some("yaml") => {
-                yamls.insert(stem);
-            }
-            Some("err") => {
-                errs.insert(stem);
-            }
-            _ => panic!(
-                "{}: cases are <name>.yaml and <name>.err only",
-                path.display()
-            ),
-        }
-    }
-    assert!(!yamls.is_empty(), "no cases in {}", dir.display());
-
-    let mut failures = Vec::new();
-    for stale in errs.difference(&yamls) {
-        let err = dir.join(format!("{stale}.err"));
-        if bless {
-            fs::remove_file(&err).unwrap();
-        } else {
-            failures.push(format!("{stale}: {} has no {stale}.yaml", err.display()));
-        }
-    }
-    for case in &yamls {
-        let err = dir.join(format!("{case}.err"));
-        let Some(got) = actual(&dir, &dir.join(format!("{case}.yaml"))) else {
-            failures.push(format!(
-                "{case}: loads without error; a case must be invalid"
-            ));
-            continue;
-        };
-        let want = fs::read_to_string(&err).ok();
-        if want.as_deref() == Some(got.as_str()) {
-            continue;
-        }
-        if bless {
-            fs::write(&err, &got).unwrap();
-        } else if let Some(want) = want {
-            failures.push(format!(
-                "{case}: error text differs from {}\n--- expected\n{want}--- actual\n{got}",
-                err.display()
-            ));
-        } else {
-            failures.push(format!("{case}: no {} yet; actual:\n{got}", err.display()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} config-error cases failed (if the change is intended, rerun with {BLESS_VAR}=1 \
-         and review the diff):\n\n{}",
-        failures.len(),
-        yamls.len(),
-        failures.join("\n\n")
-    );
+    golden::check_cases(&dir, "config-error", |yaml| actual(&dir, yaml));
 }
 
 #[test]

@@ -15,6 +15,7 @@ mod bindings;
 mod component;
 mod config;
 mod instance;
+mod policies_dir;
 mod snapshot;
 
 use std::collections::BTreeMap;
@@ -26,8 +27,9 @@ use llmscope_sdk::types::{Aggregate, RequestContext, Verdict};
 use serde::Serialize;
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
-pub use config::{is_component_file, ConfigError, FailureMode, Mode, Problem};
+pub use config::{ConfigError, FailureMode, Mode, Problem};
 pub use llmscope_sdk::verdict::{Combination, DecisionKind, RuleOutcome};
+pub use policies_dir::is_component_file;
 pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots, StaticValue};
 
 /// The namespace used when a request names none, or one that is not configured.
