@@ -120,7 +120,11 @@ async fn allow_passes_through_and_the_usage_is_reported() {
     assert_eq!(path, "/v1/chat/completions");
     assert_eq!(
         sent_body["model"], "gpt-4o",
-        "allowed bodies are not rewritten"
+        "an allowed body keeps its model"
+    );
+    assert_eq!(
+        sent_body["max_tokens"], 500,
+        "and asks for no more than the priced output"
     );
     assert!(
         sent_headers.contains("x-llmscope-model-tier: expensive\n"),
