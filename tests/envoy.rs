@@ -120,7 +120,11 @@ async fn allow_passes_through_and_the_usage_is_reported() {
     assert_eq!(path, "/v1/chat/completions");
     assert_eq!(
         sent_body["model"], "gpt-4o",
-        "allowed bodies are not rewritten"
+        "an allowed body keeps its model"
+    );
+    assert_eq!(
+        sent_body["max_tokens"], 500,
+        "and asks for no more than the priced output"
     );
     assert!(
         sent_headers.contains("x-llmscope-model-tier: expensive\n"),
@@ -287,33 +291,49 @@ async fn downgrade_sets_the_tier_header_and_rewrites_the_model() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn reported_usage_moves_the_budget_so_a_later_request_is_denied() {
+async fn one_request_spends_at_most_what_the_cap_allows_and_the_next_is_denied() {
+    // The estimate at gpt-4o (~15 tokens in, the route's 500 out) is about $0.005: the first
+    // request fits under the cap, a second one on top of the first's spend does not.
+    let cap = 0.008;
     let s = stack(vec![Filter::builtin(
         "budget_threshold",
-        &budget("half-dollar", 0.5),
+        &budget("small-cap", cap),
         &host("closed", 2000),
     )])
     .await;
-    // The upstream bills 100k output tokens: $1.00 at gpt-4o, twice the cap.
+    // The upstream would write 100k output tokens ($1.00 at gpt-4o, 125 times the cap) if the
+    // body let it; like a real provider it writes no more than `max_tokens`.
     *s.upstream.state.usage.lock().unwrap() = Some((1000, 100_000));
+    s.upstream
+        .state
+        .honour_max_tokens
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let (status, _, body) = chat(&s.envoy, "acme", "gpt-4o").await;
     assert_eq!(status, 200, "{body}\n{}", s.envoy.log());
-    let id = seen(&s.upstream)[0]
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("x-llmscope-request-id: "))
-        .unwrap()
-        .to_owned();
+    let (_, sent_headers, sent) = seen(&s.upstream)[0].clone();
+    assert_eq!(
+        sent["max_tokens"], 500,
+        "the body goes out capped at the priced output: {sent}"
+    );
+    let id = request_id_of(&sent_headers);
     let t = lines_for(&s.gw.telemetry, &id).await;
+    let d = lines_for(&s.gw.decisions, &id).await;
+    let spent = t[0]["cost_usd"].as_f64().unwrap();
+    let reservation = d[0]["estimated_cost_usd"].as_f64().unwrap();
+    let before = d[0]["rules"][0]["facts"]["window_cost_usd"]
+        .as_f64()
+        .unwrap();
+    // 1000 × $2.50/M + 500 × $10/M.
+    assert!((spent - 0.0075).abs() < 1e-9, "{}", t[0]);
     assert!(
-        (t[0]["cost_usd"].as_f64().unwrap() - 1.0025).abs() < 1e-9,
-        "{}",
-        t[0]
+        spent <= (cap - before) + reservation + 1e-12,
+        "one request spent ${spent}: more than the cap left (${}) plus its reservation (${reservation})",
+        cap - before
     );
 
     let (status, _, body) = chat(&s.envoy, "acme", "gpt-4o").await;
     assert_eq!(status, 402, "{body}");
-    assert_eq!(body["error"]["policy_id"], "half-dollar");
+    assert_eq!(body["error"]["policy_id"], "small-cap");
     assert_eq!(s.upstream.calls(), 1);
     let id = body["error"]["request_id"].as_str().unwrap().to_owned();
     let d = lines_for(&s.gw.decisions, &id).await;
@@ -321,10 +341,211 @@ async fn reported_usage_moves_the_budget_so_a_later_request_is_denied() {
         .as_f64()
         .unwrap();
     assert!(
-        window >= 1.0025 - 1e-9,
+        window >= spent - 1e-9,
         "the budget saw the reported spend: {}",
         d[0]
     );
+}
+
+fn request_id_of(upstream_headers: &str) -> String {
+    upstream_headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-llmscope-request-id: "))
+        .unwrap_or_else(|| panic!("no request id in {upstream_headers}"))
+        .to_owned()
+}
+
+/// POST `body` to `path` through `envoy` with the usual attribution headers plus `extra`.
+async fn post(envoy: &Envoy, path: &str, extra: &[(&str, &str)], body: &Value) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(envoy.at(path))
+        .header("x-llmscope-tenant-id", "acme")
+        .header("x-llmscope-budget-namespace", "demo")
+        .header("x-llmscope-route", "/answer-routed");
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = req.json(body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn messages() -> Value {
+    json!([{"role": "user", "content": "Summarize this document for the board"}])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spoofed_tier_header_is_priced_at_the_body_model() {
+    let mut h = host("closed", 2000);
+    h["attribution"] = json!("headers");
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("cap", 100.0),
+        &h,
+    )])
+    .await;
+    // The body asks the upstream for gpt-4o; the header claims the cheap tier.
+    let (status, body) = post(
+        &s.envoy,
+        "/v1/chat/completions",
+        &[("x-llmscope-model-tier", "cheap")],
+        &json!({"model": "gpt-4o", "messages": messages()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}\n{}", s.envoy.log());
+    let (_, sent_headers, sent) = seen(&s.upstream)[0].clone();
+    assert_eq!(sent["model"], "gpt-4o");
+    assert!(
+        sent_headers.contains("x-llmscope-model-tier: expensive\n"),
+        "the tier sent upstream is the body model's: {sent_headers}"
+    );
+    let id = request_id_of(&sent_headers);
+    let t = lines_for(&s.gw.telemetry, &id).await;
+    assert_eq!(t[0]["model"], "gpt-4o", "{}", t[0]);
+    assert_eq!(t[0]["model_tier"], "expensive", "{}", t[0]);
+    // Settled at gpt-4o rates: 42 × $2.50/M + 7 × $10/M.
+    assert!(
+        (t[0]["cost_usd"].as_f64().unwrap() - 0.000175).abs() < 1e-12,
+        "{}",
+        t[0]
+    );
+    let d = lines_for(&s.gw.decisions, &id).await;
+    assert_eq!(d[0]["requested_model_tier"], "expensive", "{}", d[0]);
+    // Priced (and checked against the cap) at gpt-4o: 500 output tokens at $10/M at least.
+    assert!(
+        d[0]["estimated_cost_usd"].as_f64().unwrap() >= 0.005,
+        "{}",
+        d[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_forwarded_body_is_capped_at_the_priced_output() {
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("cap", 100.0),
+        &host("closed", 2000),
+    )])
+    .await;
+    let cases = [
+        // (body fields, field the upstream must see, value)
+        (json!({"max_tokens": 100_000}), "max_tokens", 500),
+        (
+            json!({"max_completion_tokens": 4000}),
+            "max_completion_tokens",
+            500,
+        ),
+        // No cap at all: the route's (the priced output) is added.
+        (json!({}), "max_tokens", 500),
+        // Below the route's: priced and sent as asked.
+        (json!({"max_tokens": 50}), "max_tokens", 50),
+    ];
+    for (i, (extra, field, want)) in cases.iter().enumerate() {
+        let mut body = json!({"model": "gpt-4o", "messages": messages()});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, answer) = post(&s.envoy, "/v1/chat/completions", &[], &body).await;
+        assert_eq!(status, 200, "{body}: {answer}\n{}", s.envoy.log());
+        let (_, sent_headers, sent) = seen(&s.upstream)[i].clone();
+        assert_eq!(sent[*field], *want, "sent for {body}: {sent}");
+        if *field == "max_completion_tokens" {
+            assert!(sent.get("max_tokens").is_none(), "{sent}");
+        }
+        let id = request_id_of(&sent_headers);
+        let d = lines_for(&s.gw.decisions, &id).await;
+        assert!(!d.is_empty());
+    }
+    // A /infer body (an llmscope gateway upstream) is capped the same way.
+    let (status, _) = post(
+        &s.envoy,
+        "/infer",
+        &[],
+        &json!({"prompt": "hello", "model_tier": "expensive", "max_tokens": 9000}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(seen(&s.upstream)[4].2["max_tokens"], 500);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unpriced_requests_are_refused_before_the_upstream() {
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("cap", 100.0),
+        &host("closed", 2000),
+    )])
+    .await;
+    let with = |extra: Value| {
+        let mut body = json!({"model": "gpt-4o", "messages": messages()});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let image = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]});
+    let tools =
+        with(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}));
+    for (body, param) in [
+        (with(json!({"n": 3})), "n"),
+        (image, "messages[0].content[1]"),
+        (tools, "tools"),
+    ] {
+        let (status, answer) = post(&s.envoy, "/v1/chat/completions", &[], &body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
+        assert_eq!(answer["error"]["param"], param, "{answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("llmscope"),
+            "{answer}"
+        );
+    }
+    assert_eq!(
+        s.upstream.calls(),
+        0,
+        "nothing unpriced reached the upstream"
+    );
+    // n = 1 is one choice: priced and served.
+    let (status, answer) = post(
+        &s.envoy,
+        "/v1/chat/completions",
+        &[],
+        &with(json!({"n": 1})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(s.upstream.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_is_sent_asking_for_its_usage() {
+    let s = stack(vec![Filter::builtin(
+        "budget_threshold",
+        &budget("cap", 100.0),
+        &host("closed", 2000),
+    )])
+    .await;
+    let (status, answer) = post(
+        &s.envoy,
+        "/v1/chat/completions",
+        &[],
+        &json!({"model": "gpt-4o", "messages": messages(), "stream": true,
+                "stream_options": {"include_usage": false}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}\n{}", s.envoy.log());
+    let (_, _, sent) = seen(&s.upstream)[0].clone();
+    assert_eq!(sent["stream"], true);
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "a stream without its usage would settle at the estimate: {sent}"
+    );
+    assert_eq!(sent["max_tokens"], 500, "{sent}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -284,6 +284,135 @@ pub fn rewrite_tier(body: &mut Value, tier: &str, tier_models: &BTreeMap<String,
     true
 }
 
+/// Why a body cannot go out as it is: it asks for something the host does not price.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpriced {
+    /// Machine-readable code (`unsupported_n`, `unsupported_tools`, `unsupported_content`, ...).
+    pub code: &'static str,
+    /// The offending parameter, e.g. `messages[0].content[1]`.
+    pub param: String,
+    /// What to do instead.
+    pub message: String,
+}
+
+fn unpriced(code: &'static str, param: impl Into<String>, what: &str) -> Unpriced {
+    let param = param.into();
+    Unpriced {
+        message: format!(
+            "{param}: {what}; llmscope prices text messages and one choice per request, so this request was not sent"
+        ),
+        code,
+        param,
+    }
+}
+
+/// Refuse a chat body that would be billed for more than the host prices: the host counts the
+/// text of `messages` and one choice of at most the route's output tokens. So `n` other than 1,
+/// `tools` / `functions`, audio output and message parts other than text (images, audio, files)
+/// are refused rather than forwarded unpriced. `/infer` bodies have nothing of the kind.
+pub fn check_priceable(body: &Value) -> Result<(), Unpriced> {
+    let Some(obj) = body.as_object() else {
+        return Ok(());
+    };
+    if !obj.contains_key("messages") {
+        return Ok(());
+    }
+    match obj.get("n") {
+        None | Some(Value::Null) => {}
+        Some(n) if n.as_u64() == Some(1) => {}
+        Some(n) => {
+            return Err(unpriced(
+                "unsupported_n",
+                "n",
+                &format!(
+                    "is {n}: several choices are billed several times; send n = 1 or leave it out"
+                ),
+            ))
+        }
+    }
+    for field in ["tools", "functions"] {
+        let present = match obj.get(field) {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if present {
+            return Err(unpriced(
+                "unsupported_tools",
+                field,
+                "tool definitions are billed as input tokens that are not priced",
+            ));
+        }
+    }
+    if obj.get("audio").is_some_and(|a| !a.is_null()) {
+        return Err(unpriced(
+            "unsupported_content",
+            "audio",
+            "audio output is billed at audio rates that are not priced",
+        ));
+    }
+    let messages = obj.get("messages").and_then(Value::as_array);
+    for (i, m) in messages.into_iter().flatten().enumerate() {
+        let Some(parts) = m.get("content").and_then(Value::as_array) else {
+            continue;
+        };
+        for (j, part) in parts.iter().enumerate() {
+            let kind = part.get("type").and_then(Value::as_str);
+            let text = part.get("text").is_some_and(Value::is_string);
+            if !(text && matches!(kind, None | Some("text"))) {
+                return Err(unpriced(
+                    "unsupported_content",
+                    format!("messages[{i}].content[{j}]"),
+                    &format!(
+                        "a `{}` part is billed but not priced; send text parts only",
+                        kind.unwrap_or("(untyped)")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Make the forwarded body ask for no more than was priced. `max_out` is the priced output
+/// (`estimated_tokens_out`: the client's cap bounded by the route's): a chat body's
+/// `max_completion_tokens` and/or `max_tokens` become it (`max_tokens` is added when the body
+/// has neither), a `/infer` body's `max_tokens` too. With `openai`, a streamed chat body gets
+/// `stream_options.include_usage: true`, so the stream ends with the usage that is settled (an
+/// OpenAI stream carries none otherwise). Returns whether the body changed.
+pub fn enforce_priced(body: &mut Value, max_out: Option<u32>, openai: bool) -> bool {
+    let Some(obj) = body.as_object_mut() else {
+        return false;
+    };
+    let mut changed = false;
+    let mut set = |obj: &mut Map<String, Value>, field: &str, value: Value| {
+        if obj.get(field) != Some(&value) {
+            obj.insert(field.to_owned(), value);
+            changed = true;
+        }
+    };
+    let chat = obj.contains_key("messages");
+    if let Some(max) = max_out {
+        let present = |obj: &Map<String, Value>, f: &str| obj.get(f).is_some_and(|v| !v.is_null());
+        let completion = chat && present(obj, "max_completion_tokens");
+        if completion {
+            set(obj, "max_completion_tokens", Value::from(max));
+        }
+        if !completion || present(obj, "max_tokens") {
+            set(obj, "max_tokens", Value::from(max));
+        }
+    }
+    if chat && openai && obj.get("stream").and_then(Value::as_bool) == Some(true) {
+        let mut options = match obj.get("stream_options") {
+            Some(Value::Object(o)) => o.clone(),
+            _ => Map::new(),
+        };
+        options.insert("include_usage".into(), Value::Bool(true));
+        set(obj, "stream_options", Value::Object(options));
+    }
+    changed
+}
+
 /// Token usage found in a response; reported to the host, which reads it strictly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -552,6 +681,82 @@ mod tests {
         let mut infer = json!({"prompt": "hi", "model_tier": "expensive"});
         assert!(rewrite_tier(&mut infer, "cheap", &models));
         assert_eq!(infer["model_tier"], "cheap");
+    }
+
+    #[test]
+    fn unpriced_bodies_are_named() {
+        let chat = |extra: Value| {
+            let mut b = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            b
+        };
+        assert_eq!(check_priceable(&chat(json!({}))), Ok(()));
+        assert_eq!(
+            check_priceable(&chat(json!({"n": 1, "tools": [], "functions": null}))),
+            Ok(())
+        );
+        let code = |b: Value| check_priceable(&b).map_err(|e| (e.code, e.param));
+        assert_eq!(
+            code(chat(json!({"n": 2}))),
+            Err(("unsupported_n", "n".into()))
+        );
+        assert_eq!(
+            code(chat(json!({"n": "1"}))),
+            Err(("unsupported_n", "n".into()))
+        );
+        assert_eq!(
+            code(chat(json!({"tools": [{"type": "function"}]}))),
+            Err(("unsupported_tools", "tools".into()))
+        );
+        assert_eq!(
+            code(chat(json!({"audio": {"voice": "alloy"}}))),
+            Err(("unsupported_content", "audio".into()))
+        );
+        let parts = json!({"model": "m", "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]});
+        let e = check_priceable(&parts).unwrap_err();
+        assert_eq!(e.param, "messages[1].content[1]");
+        assert!(e.message.contains("`image_url`"), "{}", e.message);
+        let text_parts =
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]});
+        assert_eq!(check_priceable(&text_parts), Ok(()));
+        // /infer bodies are priced by the llmscope gateway they go to.
+        assert_eq!(check_priceable(&json!({"prompt": "x", "n": 4})), Ok(()));
+    }
+
+    #[test]
+    fn the_forwarded_body_asks_for_what_was_priced() {
+        let mut b = json!({"messages": [], "max_tokens": 100000});
+        assert!(enforce_priced(&mut b, Some(500), true));
+        assert_eq!(b["max_tokens"], 500);
+        assert!(!enforce_priced(&mut b, Some(500), true), "idempotent");
+        let mut b = json!({"messages": []});
+        assert!(enforce_priced(&mut b, Some(500), true));
+        assert_eq!(b, json!({"messages": [], "max_tokens": 500}));
+        let mut b = json!({"messages": [], "max_completion_tokens": 4000});
+        assert!(enforce_priced(&mut b, Some(500), true));
+        assert_eq!(b, json!({"messages": [], "max_completion_tokens": 500}));
+        let mut b = json!({"messages": [], "max_completion_tokens": 4000, "max_tokens": 9});
+        enforce_priced(&mut b, Some(9), true);
+        assert_eq!(
+            (
+                b["max_completion_tokens"].as_u64(),
+                b["max_tokens"].as_u64()
+            ),
+            (Some(9), Some(9))
+        );
+        let mut b = json!({"messages": [], "stream": true, "stream_options": {"include_usage": false, "x": 1}});
+        assert!(enforce_priced(&mut b, None, true));
+        assert_eq!(b["stream_options"], json!({"include_usage": true, "x": 1}));
+        // Not OpenAI (an Anthropic stream reports usage by itself): left alone.
+        let mut b = json!({"messages": [], "stream": true, "max_tokens": 10});
+        assert!(!enforce_priced(&mut b, Some(10), false));
+        let mut infer = json!({"prompt": "x", "max_tokens": 9000});
+        assert!(enforce_priced(&mut infer, Some(500), true));
+        assert_eq!(infer["max_tokens"], 500);
     }
 
     #[test]

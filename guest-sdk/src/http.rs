@@ -39,6 +39,27 @@ pub const COST_HEADER: &str = "x-llmscope-cost-usd";
 pub const CLIENT_ERROR_HEADER: &str = "x-llmscope-client-error";
 /// Request header carrying an API key (besides `Authorization: Bearer`).
 pub const API_KEY_HEADER: &str = "x-api-key";
+/// The `x-llmscope-*` headers only llmscope itself sets (the tier, and the answer's decision,
+/// cost and client-error marks). An edge filter removes client-sent ones from the request on
+/// entry and never reads them: the tier a request goes out at travels between the filters of a
+/// chain in filter state (see `proxy`), so no client can claim one. The request id is not
+/// listed: the chain's first filter overwrites it.
+pub const CONTROL_HEADERS: [&str; 4] = [
+    TIER_HEADER,
+    POLICY_DECISION_HEADER,
+    COST_HEADER,
+    CLIENT_ERROR_HEADER,
+];
+
+/// The 400 body of a request whose content llmscope cannot price (`n > 1`, tools, images, ...):
+/// OpenAI's shape for chat bodies, the reference shape otherwise.
+pub fn unpriced_body(chat: bool, message: &str, code: &str, param: &str) -> Value {
+    if chat {
+        openai_error_body(message, "invalid_request_error", code, Some(param))
+    } else {
+        error_body(code, json!([{"field": param, "message": message}]))
+    }
+}
 
 /// The reference API's error body: `{"error": code, "detail": detail}`.
 pub fn error_body(code: &str, detail: Value) -> Value {

@@ -3,13 +3,19 @@
 //! policy crates contain no proxy code.
 //!
 //! Per request (only requests with a body are evaluated; others pass through):
-//! 1. headers: the first llmscope filter of the chain (the *owner*) draws a request id, stores it
-//!    in Envoy filter state and the `x-llmscope-request-id` header; later filters reuse it.
-//! 2. body (buffered): `POST /v1/edge/context` to the host cluster with the `x-llmscope-*`
+//! 1. headers: every filter removes client-sent llmscope control headers
+//!    ([`CONTROL_HEADERS`]: the tier above all; no llmscope filter sets one on the request, the
+//!    tier travels in filter state). The first llmscope filter of the chain (the *owner*) draws
+//!    a request id, stores it in Envoy filter state and the `x-llmscope-request-id` header
+//!    (replacing a client's); later filters reuse it.
+//! 2. body (buffered): what the host cannot price (`n` > 1, tools, non-text parts) is refused
+//!    with a 400; else `POST /v1/edge/context` to the host cluster with the attribution
 //!    headers, the JSON body and the rule's aggregates; the answer is the priced context and
-//!    snapshot.
-//! 3. evaluate locally; deny → local 402 (the host's JSON), downgrade → `x-llmscope-model-tier`
-//!    and the body's `model` / `model_tier` rewritten, allow → continue. Host unreachable, slow
+//!    snapshot. The body's `model` decides the tier it is priced at.
+//! 3. evaluate locally; deny → local 402 (the host's JSON), downgrade → the tier in filter state
+//!    and the body's `model` / `model_tier` rewritten, allow → continue. Whatever goes on, the
+//!    body is made to ask for what was priced: `max_tokens` / `max_completion_tokens` set to the
+//!    priced output, `stream_options.include_usage` on OpenAI streams. Host unreachable, slow
 //!    (`host.timeout_ms`) or failing → 503 (`on_unavailable: closed`) or continue (`open`).
 //! 4. every filter appends its rule outcome to filter state; after the response the owner
 //!    queues one report (status, usage parsed from the response, latency, all outcomes) that
@@ -27,8 +33,8 @@ use serde_json::Value;
 
 use crate::edge::{self, ContextAnswer, ContextRequest, FilterConfig, Report};
 use crate::http::{
-    self, CLIENT_ERROR_HEADER, HEADER_PREFIX, POLICY_DECISION_HEADER, REQUEST_ID_HEADER,
-    TIER_HEADER,
+    self, CLIENT_ERROR_HEADER, CONTROL_HEADERS, HEADER_PREFIX, POLICY_DECISION_HEADER,
+    REQUEST_ID_HEADER, TIER_HEADER,
 };
 use crate::types::{RequestContext, Snapshot};
 use crate::verdict::{DecisionKind, FailureMode, RuleOutcome};
@@ -223,6 +229,8 @@ struct State {
     body: Option<Value>,
     body_len: usize,
     chat: bool,
+    /// The path is OpenAI's chat-completions API (streams report usage only when asked).
+    openai: bool,
     request_id: String,
     owner: bool,
     evaluated: bool,
@@ -328,6 +336,16 @@ impl<P: Policy> Filter<P> {
         self.state.host_error = Some(detail.clone());
         self.state.evaluated = true;
         if open {
+            // Unpriced (no context): no output cap to set, but a stream still asks for its
+            // usage, which prices the report.
+            let openai = self.state.openai;
+            if let Some(body) = self.state.body.as_mut() {
+                if edge::enforce_priced(body, None, openai) {
+                    let bytes = body.to_string().into_bytes();
+                    self.set_http_request_body(0, self.state.body_len, &bytes);
+                    self.state.body_len = bytes.len();
+                }
+            }
             self.mark_dispatch();
             true
         } else {
@@ -386,18 +404,17 @@ impl<P: Policy> Filter<P> {
                 if self.state.owner {
                     self.set_tier(&answer.request.requested_tier);
                 }
+                self.forward_priced(None, Some(answer.request.estimated_tokens_out), &answer);
                 self.mark_dispatch();
                 true
             }
             edge::Action::Downgrade { tier } => {
                 self.set_tier(&tier);
-                if let Some(body) = self.state.body.as_mut() {
-                    if edge::rewrite_tier(body, &tier, &answer.tier_models) {
-                        let bytes = body.to_string().into_bytes();
-                        self.set_http_request_body(0, self.state.body_len, &bytes);
-                        self.state.body_len = bytes.len();
-                    }
-                }
+                self.forward_priced(
+                    Some(&tier),
+                    Some(answer.request.estimated_tokens_out),
+                    &answer,
+                );
                 self.mark_dispatch();
                 true
             }
@@ -411,6 +428,26 @@ impl<P: Policy> Filter<P> {
                 self.json_reply(402, &body.to_string(), &[(POLICY_DECISION_HEADER, "deny")]);
                 false
             }
+        }
+    }
+
+    /// Rewrite the body that goes on (once, whatever changed): the tier's model on a downgrade,
+    /// the output cap at `max_out` (the priced output) and the usage asked for on an OpenAI
+    /// stream ([`edge::enforce_priced`]).
+    fn forward_priced(&mut self, tier: Option<&str>, max_out: Option<u32>, answer: &ContextAnswer) {
+        let openai = self.state.openai;
+        let Some(body) = self.state.body.as_mut() else {
+            return;
+        };
+        let mut changed = false;
+        if let Some(tier) = tier {
+            changed |= edge::rewrite_tier(body, tier, &answer.tier_models);
+        }
+        changed |= edge::enforce_priced(body, max_out, openai);
+        if changed {
+            let bytes = body.to_string().into_bytes();
+            self.set_http_request_body(0, self.state.body_len, &bytes);
+            self.state.body_len = bytes.len();
         }
     }
 
@@ -529,13 +566,27 @@ impl<P: Policy> Context for Filter<P> {
 
 impl<P: Policy> HttpContext for Filter<P> {
     fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
+        // Control headers are llmscope's: a client's (say a cheaper `x-llmscope-model-tier`
+        // than its body's model) is dropped before anything reads it or it reaches the upstream.
+        // No llmscope filter sets one on the request (the tier goes through filter state to the
+        // upstream cluster's `header_mutation`), so every filter may drop them.
+        let headers = self.get_http_request_headers();
+        for (name, _) in &headers {
+            if CONTROL_HEADERS.contains(&name.as_str()) {
+                self.set_http_request_header(name, None);
+            }
+        }
         if end_of_stream {
             // No body: not an inference call.
             return Action::Continue;
         }
         self.state.path = self.get_http_request_header(":path").unwrap_or_default();
-        for (name, value) in self.get_http_request_headers() {
-            if name.starts_with(HEADER_PREFIX) && name != REQUEST_ID_HEADER {
+        self.state.openai = self.state.path.contains("/chat/completions");
+        for (name, value) in headers {
+            if name.starts_with(HEADER_PREFIX)
+                && name != REQUEST_ID_HEADER
+                && !CONTROL_HEADERS.contains(&name.as_str())
+            {
                 self.state.headers.insert(name, value);
             }
         }
@@ -599,6 +650,22 @@ impl<P: Policy> HttpContext for Filter<P> {
             }
         };
         self.state.chat = edge::is_chat(&body);
+        if let Err(refusal) = edge::check_priceable(&body) {
+            log::info!(
+                "llmscope: rule {}: refused unpriced request ({})",
+                cfg.rule_id,
+                refusal.message
+            );
+            self.state.owner = false;
+            let reply = http::unpriced_body(
+                self.state.chat,
+                &refusal.message,
+                refusal.code,
+                &refusal.param,
+            );
+            self.json_reply(400, &reply.to_string(), &[]);
+            return Action::Pause;
+        }
         // An earlier filter of the chain may have downgraded the request.
         let tier = self
             .get_property(vec![TIER_PROPERTY])

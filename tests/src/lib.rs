@@ -365,6 +365,9 @@ pub mod upstream {
         pub seen: Mutex<Vec<(String, String, Value)>>,
         /// Usage reported as (input, output) tokens; `None`: (42, 7).
         pub usage: Mutex<Option<(u64, u64)>>,
+        /// Report at most the body's `max_tokens` (else `max_completion_tokens`) output tokens,
+        /// as a real provider writes no more than it was allowed to.
+        pub honour_max_tokens: std::sync::atomic::AtomicBool,
     }
 
     /// A running fake upstream.
@@ -445,7 +448,13 @@ pub mod upstream {
             return respond(503, json!({"error": {"message": "overloaded"}}));
         }
         let model = body["model"].as_str().unwrap_or("unknown").to_owned();
-        let (tin, tout) = st.usage.lock().ok().and_then(|u| *u).unwrap_or((42, 7));
+        let (tin, mut tout) = st.usage.lock().ok().and_then(|u| *u).unwrap_or((42, 7));
+        if st.honour_max_tokens.load(Ordering::SeqCst) {
+            let cap = body["max_tokens"]
+                .as_u64()
+                .or_else(|| body["max_completion_tokens"].as_u64());
+            tout = cap.map_or(tout, |c| tout.min(c));
+        }
         match path.as_str() {
             "/v1/chat/completions" => respond(
                 200,

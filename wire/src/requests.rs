@@ -209,9 +209,76 @@ impl ChatError {
     }
 }
 
+/// The tier a chat body is priced at. The body's `model` is what the upstream bills, so it
+/// decides: a tier of the route, or the model (or provider model) of one of its tiers. The tier
+/// header only picks the tier of a body that names no model; one that contradicts the body's
+/// model is refused (400 `model_tier_conflict`), so a request can never be priced at one model
+/// while it is sent to another.
+fn chat_tier(
+    model_field: &str,
+    header_tier: Option<String>,
+    route_name: &str,
+    config: &GatewayConfig,
+) -> Result<String, ChatError> {
+    let not_found = || {
+        ChatError::unprocessable(
+            format!("model `{model_field}` is neither a tier nor a model of route {route_name}"),
+            "model_not_found",
+            "model",
+        )
+    };
+    let Some(route) = config.routes.get(route_name) else {
+        // Pricing refuses the unknown route with its own error.
+        return match header_tier {
+            Some(t) => Ok(t),
+            None if model_field.is_empty() => Ok(config.default_tier.clone()),
+            None => Err(not_found()),
+        };
+    };
+    if model_field.is_empty() {
+        return Ok(header_tier.unwrap_or_else(|| config.default_tier.clone()));
+    }
+    let names = |tier: &str, model: &str| {
+        tier == model_field
+            || model == model_field
+            || config
+                .models
+                .get(model)
+                .and_then(|c| c.provider_model.as_deref())
+                == Some(model_field)
+    };
+    // A tier named `model_field` first, then the tiers whose model it is.
+    let mut tiers: Vec<&String> = route
+        .tiers
+        .keys()
+        .filter(|t| t.as_str() == model_field)
+        .collect();
+    tiers.extend(
+        route
+            .tiers
+            .iter()
+            .filter(|(t, m)| t.as_str() != model_field && names(t, m))
+            .map(|(t, _)| t),
+    );
+    match (tiers.first(), header_tier) {
+        (None, _) => Err(not_found()),
+        (Some(_), Some(header)) if tiers.iter().any(|t| **t == header) => Ok(header),
+        (Some(body), Some(header)) => Err(ChatError {
+            status: 400,
+            message: format!(
+                "model `{model_field}` is tier `{body}` of route {route_name}, but the {H_TIER} header asks for `{header}`; the body's model is what the upstream is sent, so it decides: drop the header or make them agree"
+            ),
+            code: "model_tier_conflict",
+            param: Some(H_TIER.to_owned()),
+        }),
+        (Some(body), None) => Ok((*body).clone()),
+    }
+}
+
 /// Parse an OpenAI chat-completions body. Attribution comes from `x-llmscope-*` headers, else
-/// from `metadata.<field>`; the tier from the tier header, else `model` naming a tier of the
-/// route, else `model` naming one of the route's models. `stream` is not checked here.
+/// from `metadata.<field>`; the tier from `model` naming a tier of the route or one of its
+/// models (see [`chat_tier`]; the tier header only for a body without `model`). `stream` is not
+/// checked here.
 pub fn parse_chat(
     obj: &Map<String, Value>,
     header: &dyn Fn(&str) -> Option<String>,
@@ -276,31 +343,7 @@ pub fn parse_chat(
     }
     let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| config.default_route.clone());
     let model_field = obj.get("model").and_then(Value::as_str).unwrap_or_default();
-    let tier = header(H_TIER).or_else(|| {
-        let route = config.routes.get(&route_name)?;
-        if route.tiers.contains_key(model_field) {
-            Some(model_field.to_owned())
-        } else {
-            route
-                .tiers
-                .iter()
-                .find(|(_, m)| *m == model_field)
-                .map(|(t, _)| t.clone())
-        }
-    });
-    let model_tier = match tier {
-        Some(t) => t,
-        None if model_field.is_empty() => config.default_tier.clone(),
-        None => {
-            return Err(ChatError::unprocessable(
-                format!(
-                    "model `{model_field}` is neither a tier nor a model of route {route_name}"
-                ),
-                "model_not_found",
-                "model",
-            ))
-        }
-    };
+    let model_tier = chat_tier(model_field, header(H_TIER), &route_name, config)?;
     let mut errs = FieldErrors::default();
     let max_tokens = errs
         .optional_u32(obj, "max_tokens")
@@ -379,7 +422,7 @@ providers:
     }
 
     #[test]
-    fn chat_resolves_model_names_to_tiers_and_headers_win() {
+    fn chat_resolves_model_names_to_tiers() {
         let cfg = config();
         let body = obj(
             json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
@@ -390,8 +433,44 @@ providers:
             (inf.tenant_id.as_str(), inf.model_tier.as_str()),
             ("acme", "expensive")
         );
-        let tier = |n: &str| (n == H_TIER).then(|| "cheap".to_owned());
-        assert_eq!(parse_chat(&body, &tier, &cfg).unwrap().model_tier, "cheap");
+    }
+
+    #[test]
+    fn chat_body_model_decides_over_the_tier_header() {
+        let cfg = config();
+        let with_model = |model: Value| {
+            obj(
+                json!({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                "metadata": {"tenant_id": "acme", "route": "/answer-routed"}}),
+            )
+        };
+        let cheap = |n: &str| (n == H_TIER).then(|| "cheap".to_owned());
+        // Spoofing: gpt-4o in the body, `cheap` in the header.
+        let e = parse_chat(&with_model(json!("gpt-4o")), &cheap, &cfg).unwrap_err();
+        assert_eq!(
+            (e.status, e.code, e.param.as_deref()),
+            (400, "model_tier_conflict", Some(H_TIER))
+        );
+        assert!(
+            e.message.contains("`expensive`") && e.message.contains("`cheap`"),
+            "{}",
+            e.message
+        );
+        // Agreeing header and body, by model or by tier name.
+        for model in ["gpt-4o-mini", "cheap"] {
+            let inf = parse_chat(&with_model(json!(model)), &cheap, &cfg).unwrap();
+            assert_eq!(inf.model_tier, "cheap");
+        }
+        // A model the route does not have is not rescued by the header.
+        let e = parse_chat(&with_model(json!("gpt-9")), &cheap, &cfg).unwrap_err();
+        assert_eq!(e.code, "model_not_found");
+        // No model in the body: the header picks the tier.
+        let mut no_model = with_model(json!(null));
+        no_model.remove("model");
+        assert_eq!(
+            parse_chat(&no_model, &cheap, &cfg).unwrap().model_tier,
+            "cheap"
+        );
     }
 
     #[test]
