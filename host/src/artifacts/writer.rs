@@ -1,0 +1,293 @@
+//! The writer thread: requests hand it their encoded lines, it writes them in batches (every
+//! decision line of a batch in one write, then every telemetry line in one write) and answers
+//! each request with where its telemetry line ended.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::log_file::LogFile;
+use super::{encode, DecisionRecord, LogPosition, TelemetryRecord, WriteError, Written};
+
+/// Diagnostics keep the target they had before this file was split out of `artifacts`.
+const TARGET: &str = "llmscope::artifacts";
+
+/// One request's encoded lines, and where to answer it.
+struct Job {
+    telemetry: Option<String>,
+    decision: Option<String>,
+    done: oneshot::Sender<Result<Written, WriteError>>,
+}
+
+/// Handle to the writer thread.
+pub struct ArtifactWriter {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Whether the last write to each log (telemetry, decisions) succeeded.
+    healthy: Arc<[AtomicBool; 2]>,
+    failures: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
+    telemetry_path: PathBuf,
+    decisions_path: PathBuf,
+}
+
+/// Most lines written in one batch.
+const MAX_BATCH: usize = 256;
+
+impl ArtifactWriter {
+    /// Open (creating directories and files as needed) and start the writer thread.
+    pub fn start(telemetry_path: &Path, decisions_path: &Path) -> Result<Self, WriteError> {
+        let mut telemetry = LogFile::open(telemetry_path)?;
+        let mut decisions = LogFile::open(decisions_path)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let healthy = Arc::new([AtomicBool::new(true), AtomicBool::new(true)]);
+        let failures = Arc::new(AtomicU64::new(0));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (h, f, r) = (
+            Arc::clone(&healthy),
+            Arc::clone(&failures),
+            Arc::clone(&reopen),
+        );
+        let thread = std::thread::Builder::new()
+            .name("llmscope-artifacts".into())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                while let Ok(job) = rx.recv() {
+                    batch.push(job);
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let force = r.swap(false, Ordering::Relaxed);
+                    write_batch(&mut telemetry, &mut decisions, force, &mut batch, &h, &f);
+                }
+            })
+            .map_err(|e| WriteError {
+                path: telemetry_path.into(),
+                message: format!("cannot start writer: {e}"),
+            })?;
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            healthy,
+            failures,
+            reopen,
+            telemetry_path: telemetry_path.into(),
+            decisions_path: decisions_path.into(),
+        })
+    }
+
+    /// Append one request's lines and wait until they are written.
+    pub async fn append(
+        &self,
+        telemetry: &TelemetryRecord,
+        decision: Option<&DecisionRecord<'_>>,
+    ) -> Result<Written, WriteError> {
+        let telemetry = encode(&self.telemetry_path, telemetry)?;
+        let decision = decision
+            .map(|d| encode(&self.decisions_path, d))
+            .transpose()?;
+        self.submit(Some(telemetry), decision).await
+    }
+
+    /// Append a decision line alone and wait until it is written: the write-ahead record of a
+    /// request about to be dispatched (its telemetry follows when the provider answers).
+    pub async fn append_decision(&self, decision: &DecisionRecord<'_>) -> Result<(), WriteError> {
+        let decision = encode(&self.decisions_path, decision)?;
+        self.submit(None, Some(decision)).await.map(|_| ())
+    }
+
+    async fn submit(
+        &self,
+        telemetry: Option<String>,
+        decision: Option<String>,
+    ) -> Result<Written, WriteError> {
+        let (done, wait) = oneshot::channel();
+        let closed = || WriteError {
+            path: self.telemetry_path.clone(),
+            message: "the writer has stopped".into(),
+        };
+        {
+            let tx = self.tx.lock();
+            tx.as_ref()
+                .ok_or_else(closed)?
+                .send(Job {
+                    telemetry,
+                    decision,
+                    done,
+                })
+                .map_err(|_| closed())?;
+        }
+        wait.await.map_err(|_| closed())?
+    }
+
+    /// Reopen both logs before the next batch (after an external rotation; SIGHUP). A rename
+    /// rotation is also noticed without it: every batch checks that the paths still name the
+    /// files held.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
+    }
+
+    /// False after a failed write, until a later write succeeds.
+    pub fn healthy(&self) -> bool {
+        self.healthy.iter().all(|h| h.load(Ordering::Relaxed))
+    }
+
+    /// False after a failed telemetry write, until a later one succeeds.
+    pub fn telemetry_healthy(&self) -> bool {
+        self.healthy[0].load(Ordering::Relaxed)
+    }
+
+    /// Failed batches since start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Paths written.
+    pub fn paths(&self) -> (&Path, &Path) {
+        (&self.telemetry_path, &self.decisions_path)
+    }
+
+    /// Stop accepting lines, write everything queued, and wait for the thread.
+    pub fn shutdown(&self) {
+        self.tx.lock().take();
+        let thread = self.thread.lock().take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ArtifactWriter {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What each job of a batch gets back, in batch order.
+type Results = Vec<Result<Written, WriteError>>;
+
+/// Write a batch: first every decision line (one write), then the telemetry lines of the jobs
+/// whose decision, if any, was written (one write), so a telemetry line never stands without
+/// its decision. A job succeeds when all its lines were written.
+fn write_batch(
+    telemetry: &mut LogFile,
+    decisions: &mut LogFile,
+    force_reopen: bool,
+    batch: &mut Vec<Job>,
+    healthy: &[AtomicBool; 2],
+    failures: &AtomicU64,
+) {
+    let mut results: Results = vec![Ok(Written { telemetry: None }); batch.len()];
+    write_decisions(decisions, force_reopen, batch, &mut results, &healthy[1]);
+    write_telemetry(telemetry, force_reopen, batch, &mut results, &healthy[0]);
+    let failed = results.iter().any(Result::is_err);
+    if failed {
+        failures.fetch_add(1, Ordering::Relaxed);
+    }
+    for (job, reply) in batch.drain(..).zip(results) {
+        let _ = job.done.send(reply);
+    }
+}
+
+/// The batch's decision lines in one write; a failure fails every job that has one. With no
+/// decision line, a forced reopen still reopens the log.
+fn write_decisions(
+    decisions: &mut LogFile,
+    force_reopen: bool,
+    batch: &[Job],
+    results: &mut Results,
+    healthy: &AtomicBool,
+) {
+    let d_buf: String = batch.iter().filter_map(|j| j.decision.as_deref()).collect();
+    if !d_buf.is_empty() {
+        let written = decisions
+            .follow(force_reopen)
+            .and_then(|()| decisions.append_locked(d_buf.as_bytes()));
+        healthy.store(written.is_ok(), Ordering::Relaxed);
+        if let Err(e) = written {
+            for (job, r) in batch.iter().zip(results) {
+                if job.decision.is_some() {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+    } else if force_reopen {
+        if let Err(e) = decisions.follow(true) {
+            tracing::error!(target: TARGET, error = %e, "cannot reopen the decision log");
+        }
+    }
+}
+
+/// The telemetry lines of the jobs not failed yet, in one write; each such job gets where its
+/// line ended, or the failure.
+fn write_telemetry(
+    telemetry: &mut LogFile,
+    force_reopen: bool,
+    batch: &[Job],
+    results: &mut Results,
+    healthy: &AtomicBool,
+) {
+    let (t_buf, ends) = telemetry_lines(batch, results);
+    if t_buf.is_empty() && !force_reopen {
+        return;
+    }
+    match telemetry.follow(force_reopen).and_then(|()| {
+        if t_buf.is_empty() {
+            Ok(0)
+        } else {
+            telemetry.append_locked(t_buf.as_bytes())
+        }
+    }) {
+        Ok(_) if t_buf.is_empty() => {}
+        Ok(before) => {
+            healthy.store(true, Ordering::Relaxed);
+            for (r, end) in results.iter_mut().zip(&ends) {
+                let Some(end) = end else { continue };
+                *r = match before.checked_add(*end) {
+                    Some(offset) => Ok(Written {
+                        telemetry: Some(LogPosition {
+                            file_id: telemetry.ino,
+                            offset,
+                        }),
+                    }),
+                    None => Err(WriteError {
+                        path: telemetry.path.clone(),
+                        message: "file offset overflow".into(),
+                    }),
+                };
+            }
+        }
+        Err(e) => {
+            healthy.store(false, Ordering::Relaxed);
+            for (r, end) in results.iter_mut().zip(&ends) {
+                if end.is_some() {
+                    *r = Err(e.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The telemetry lines to write (of the jobs not failed yet, in batch order) and, per job,
+/// where its line ends in them (`None`: no line written for it).
+fn telemetry_lines(batch: &[Job], results: &Results) -> (String, Vec<Option<u64>>) {
+    let mut t_buf = String::new();
+    let mut ends = Vec::with_capacity(batch.len());
+    for (job, r) in batch.iter().zip(results) {
+        match (&job.telemetry, r) {
+            (Some(t), Ok(_)) => {
+                t_buf.push_str(t);
+                ends.push(Some(t_buf.len() as u64));
+            }
+            _ => ends.push(None),
+        }
+    }
+    (t_buf, ends)
+}
