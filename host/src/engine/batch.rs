@@ -13,7 +13,7 @@ use duckdb::arrow::error::ArrowError;
 use duckdb::arrow::record_batch::RecordBatch;
 use llmscope_wire::records::{parse_decision, parse_telemetry};
 
-use super::Kind;
+use super::schema::Kind;
 
 /// Below this many bytes a read is parsed on the calling thread: spawning costs more.
 const PARALLEL_MIN_BYTES: usize = 256 << 10;
