@@ -86,7 +86,10 @@ impl IngestState {
     /// What readers may see before the first pass: the persisted malformed counts.
     pub(super) fn progress(&self) -> Progress {
         Progress {
-            malformed: (self.telemetry.cursor.malformed, self.decisions.cursor.malformed),
+            malformed: (
+                self.telemetry.cursor.malformed,
+                self.decisions.cursor.malformed,
+            ),
             telemetry: None,
         }
     }
