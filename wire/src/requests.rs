@@ -234,6 +234,39 @@ pub fn parse_chat(
             H_TENANT,
         ));
     };
+    let messages = chat_messages(obj)?;
+    let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| config.default_route.clone());
+    let model_tier = chat_tier(obj, header, config, &route_name)?;
+    let mut errs = FieldErrors::default();
+    let max_tokens = errs
+        .optional_u32(obj, "max_tokens")
+        .or_else(|| errs.optional_u32(obj, "max_completion_tokens"));
+    let temperature = errs.optional_f64(obj, "temperature");
+    if let Some(first) = errs.0.first() {
+        let field = first["field"].as_str().unwrap_or_default().to_owned();
+        return Err(ChatError::unprocessable(
+            format!("{field} {}", first["message"].as_str().unwrap_or_default()),
+            "invalid_parameter",
+            &field,
+        ));
+    }
+    Ok(Inference {
+        tenant_id,
+        caller_id: attr(H_CALLER, "caller_id"),
+        feature_id: attr(H_FEATURE, "feature_id"),
+        experiment_id: attr(H_EXPERIMENT, "experiment_id"),
+        budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
+        route_name,
+        model_tier,
+        messages,
+        max_tokens,
+        temperature,
+    })
+}
+
+/// The body's `messages`, each a `role` and its `content` (a string, or parts whose `text`
+/// is joined).
+fn chat_messages(obj: &Map<String, Value>) -> Result<Vec<Message>, ChatError> {
     let mut messages = Vec::new();
     match obj.get("messages").and_then(Value::as_array) {
         Some(list) if !list.is_empty() => {
@@ -274,10 +307,20 @@ pub fn parse_chat(
             ))
         }
     }
-    let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| config.default_route.clone());
+    Ok(messages)
+}
+
+/// The tier a chat body asks for on `route_name`: the tier header, else `model` naming a tier
+/// of the route, else `model` naming one of its models; the default tier when `model` is empty.
+fn chat_tier(
+    obj: &Map<String, Value>,
+    header: &dyn Fn(&str) -> Option<String>,
+    config: &GatewayConfig,
+    route_name: &str,
+) -> Result<String, ChatError> {
     let model_field = obj.get("model").and_then(Value::as_str).unwrap_or_default();
     let tier = header(H_TIER).or_else(|| {
-        let route = config.routes.get(&route_name)?;
+        let route = config.routes.get(route_name)?;
         if route.tiers.contains_key(model_field) {
             Some(model_field.to_owned())
         } else {
@@ -288,7 +331,7 @@ pub fn parse_chat(
                 .map(|(t, _)| t.clone())
         }
     });
-    let model_tier = match tier {
+    Ok(match tier {
         Some(t) => t,
         None if model_field.is_empty() => config.default_tier.clone(),
         None => {
@@ -300,31 +343,6 @@ pub fn parse_chat(
                 "model",
             ))
         }
-    };
-    let mut errs = FieldErrors::default();
-    let max_tokens = errs
-        .optional_u32(obj, "max_tokens")
-        .or_else(|| errs.optional_u32(obj, "max_completion_tokens"));
-    let temperature = errs.optional_f64(obj, "temperature");
-    if let Some(first) = errs.0.first() {
-        let field = first["field"].as_str().unwrap_or_default().to_owned();
-        return Err(ChatError::unprocessable(
-            format!("{field} {}", first["message"].as_str().unwrap_or_default()),
-            "invalid_parameter",
-            &field,
-        ));
-    }
-    Ok(Inference {
-        tenant_id,
-        caller_id: attr(H_CALLER, "caller_id"),
-        feature_id: attr(H_FEATURE, "feature_id"),
-        experiment_id: attr(H_EXPERIMENT, "experiment_id"),
-        budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
-        route_name,
-        model_tier,
-        messages,
-        max_tokens,
-        temperature,
     })
 }
 
