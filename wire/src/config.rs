@@ -391,10 +391,35 @@ impl GatewayConfig {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, GatewayConfigError> {
-        let raw: RawConfig = crate::yaml::from_str(text).map_err(|problem| GatewayConfigError {
-            path: path.into(),
-            problems: vec![problem],
-        })?;
+        let mut raw: RawConfig =
+            crate::yaml::from_str(text).map_err(|problem| GatewayConfigError {
+                path: path.into(),
+                problems: vec![problem],
+            })?;
+        let mut problems = Problems::default();
+        let listen = parse_listen(&raw.server.listen, &mut problems);
+        check_models(&raw, &mut problems);
+        check_routes(&raw, &mut problems);
+        check_providers(&raw, &mut problems);
+        let api_keys = api_keys(std::mem::take(&mut raw.auth.api_keys), env, &mut problems);
+        check_intervals(&raw, &mut problems);
+        if !problems.0.is_empty() {
+            return Err(GatewayConfigError {
+                path: path.into(),
+                problems: problems.0,
+            });
+        }
+        Ok(Self::build(raw, path, env, listen, api_keys))
+    }
+
+    /// The configuration of a validated `raw` read from `path`, `env` overriding the log paths.
+    fn build(
+        raw: RawConfig,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        listen: SocketAddr,
+        api_keys: Vec<ApiKey>,
+    ) -> Self {
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -403,207 +428,7 @@ impl GatewayConfig {
                 base.join(p)
             }
         };
-        let mut problems = Vec::new();
-        let mut problem = |at: String, message: String| problems.push(Problem { at, message });
-
-        let listen = match raw.server.listen.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(e) => {
-                problem(
-                    "server.listen".into(),
-                    format!(
-                        "{:?} is not an IP address and port ({e}): use e.g. 127.0.0.1:8080, \
-                         0.0.0.0:8080 or [::1]:8080 (host names such as localhost are not \
-                         resolved)",
-                        raw.server.listen
-                    ),
-                );
-                SocketAddr::from(([127, 0, 0, 1], 8080))
-            }
-        };
-        for (name, model) in &raw.models {
-            let at = format!("models.{name}");
-            if !raw.providers.contains_key(&model.provider) {
-                problem(
-                    format!("{at}.provider"),
-                    format!(
-                        "unknown provider `{}`; defined: {}",
-                        model.provider,
-                        keys(&raw.providers)
-                    ),
-                );
-            }
-            for (field, price) in [
-                ("input_per_1m", model.input_per_1m),
-                ("output_per_1m", model.output_per_1m),
-            ] {
-                if !(price.is_finite() && price >= 0.0) {
-                    problem(
-                        format!("{at}.{field}"),
-                        format!("must be a non-negative price in USD per 1M tokens, got {price}"),
-                    );
-                }
-            }
-            for (i, fb) in model.fallback.iter().enumerate() {
-                if fb == name {
-                    problem(
-                        format!("{at}.fallback[{i}]"),
-                        format!("`{fb}` cannot fall back to itself; remove it from the list"),
-                    );
-                } else if !raw.models.contains_key(fb) {
-                    problem(
-                        format!("{at}.fallback[{i}]"),
-                        format!("unknown model `{fb}`; defined: {}", keys(&raw.models)),
-                    );
-                }
-            }
-            if let Some(t) = &model.tokenizer {
-                if !crate::TOKENIZERS.contains(&t.as_str()) {
-                    problem(
-                        format!("{at}.tokenizer"),
-                        format!("unknown tokenizer `{t}`; use o200k_base or cl100k_base"),
-                    );
-                }
-            }
-        }
-        if raw.routes.is_empty() {
-            problem("routes".into(), "define at least one route".into());
-        }
-        for (name, route) in &raw.routes {
-            let at = format!("routes.{name}");
-            if !name.starts_with('/') {
-                problem(
-                    at.clone(),
-                    "route names are paths starting with `/`, e.g. /answer-routed".into(),
-                );
-            }
-            if route.tiers.is_empty() {
-                problem(
-                    format!("{at}.tiers"),
-                    "map at least one tier to a model, e.g. `cheap: gpt-4o-mini`".into(),
-                );
-            }
-            for (tier, model) in &route.tiers {
-                if !raw.models.contains_key(model) {
-                    problem(
-                        format!("{at}.tiers.{tier}"),
-                        format!("unknown model `{model}`; defined: {}", keys(&raw.models)),
-                    );
-                }
-            }
-            if route.max_output_tokens == 0 {
-                problem(
-                    format!("{at}.max_output_tokens"),
-                    "must be at least 1".into(),
-                );
-            }
-        }
-        if !raw.routes.contains_key(&raw.defaults.route) {
-            problem(
-                "defaults.route".into(),
-                format!(
-                    "`{}`{} is not a configured route; defined: {}",
-                    raw.defaults.route,
-                    if raw.defaults.route == default_route() {
-                        " (the default when `defaults.route` is not set)"
-                    } else {
-                        ""
-                    },
-                    keys(&raw.routes)
-                ),
-            );
-        }
-        for (name, provider) in &raw.providers {
-            if let ProviderConfig::Openai { base_url, .. }
-            | ProviderConfig::Anthropic { base_url, .. } = provider
-            {
-                if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-                    problem(
-                        format!("providers.{name}.base_url"),
-                        format!("{base_url:?} must start with http:// or https://"),
-                    );
-                }
-            }
-        }
-        let mut api_keys = Vec::new();
-        for (i, k) in raw.auth.api_keys.into_iter().enumerate() {
-            let at = format!("auth.api_keys[{i}]");
-            let key = match (k.key, k.key_env) {
-                (Some(key), None) => Some((key, format!("{at}.key"), "the key".to_owned())),
-                (None, Some(var)) => match env(&var) {
-                    Some(v) if !v.is_empty() => {
-                        Some((v, format!("{at}.key_env"), format!("the key in {var}")))
-                    }
-                    set => {
-                        problem(
-                            format!("{at}.key_env"),
-                            format!(
-                                "environment variable {var} is {}; export the key in it",
-                                if set.is_some() { "empty" } else { "not set" }
-                            ),
-                        );
-                        None
-                    }
-                },
-                (Some(_), Some(_)) => {
-                    problem(
-                        at.clone(),
-                        "set only one of `key` and `key_env` (prefer `key_env`: no secret in the \
-                         file)"
-                            .into(),
-                    );
-                    None
-                }
-                (None, None) => {
-                    problem(
-                        at.clone(),
-                        "set `key_env` to the environment variable holding the key (or `key` to \
-                         the key itself)"
-                            .into(),
-                    );
-                    None
-                }
-            };
-            if k.tenants.is_empty() {
-                problem(
-                    format!("{at}.tenants"),
-                    "list the tenants this key may act for, or `*`".into(),
-                );
-            }
-            if let Some((key, key_at, what)) = key {
-                if key.len() < 16 {
-                    problem(
-                        key_at,
-                        format!(
-                            "{what} is {} characters; API keys must be at least 16 (e.g. \
-                             `openssl rand -hex 24`)",
-                            key.len()
-                        ),
-                    );
-                } else {
-                    api_keys.push(ApiKey {
-                        key,
-                        tenants: k.tenants,
-                    });
-                }
-            }
-        }
-        if raw.analytics.refresh_interval_ms == 0 {
-            problem(
-                "analytics.refresh_interval_ms".into(),
-                "must be at least 1".into(),
-            );
-        }
-        if raw.policy.deadline_ms == 0 {
-            problem("policy.deadline_ms".into(), "must be at least 1".into());
-        }
-        if !problems.is_empty() {
-            return Err(GatewayConfigError {
-                path: path.into(),
-                problems,
-            });
-        }
-        Ok(Self {
+        Self {
             source: path.into(),
             listen,
             max_body_bytes: raw.server.max_body_bytes,
@@ -630,7 +455,239 @@ impl GatewayConfig {
             default_tier: raw.defaults.tier,
             duckdb_path: raw.analytics.duckdb_path.as_deref().map(resolve),
             refresh_interval: Duration::from_millis(raw.analytics.refresh_interval_ms),
-        })
+        }
+    }
+}
+
+/// Problems found in a configuration, in the order found.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    /// Note what is wrong `at` a field path.
+    fn add(&mut self, at: String, message: String) {
+        self.0.push(Problem { at, message });
+    }
+}
+
+/// `server.listen` as an address (a placeholder when it is not one, with the problem noted).
+fn parse_listen(listen: &str, problems: &mut Problems) -> SocketAddr {
+    match listen.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(e) => {
+            problems.add(
+                "server.listen".into(),
+                format!(
+                    "{:?} is not an IP address and port ({e}): use e.g. 127.0.0.1:8080, \
+                     0.0.0.0:8080 or [::1]:8080 (host names such as localhost are not \
+                     resolved)",
+                    listen
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        }
+    }
+}
+
+/// Every model names a known provider, valid prices, known fallbacks and tokenizer.
+fn check_models(raw: &RawConfig, problems: &mut Problems) {
+    for (name, model) in &raw.models {
+        let at = format!("models.{name}");
+        if !raw.providers.contains_key(&model.provider) {
+            problems.add(
+                format!("{at}.provider"),
+                format!(
+                    "unknown provider `{}`; defined: {}",
+                    model.provider,
+                    keys(&raw.providers)
+                ),
+            );
+        }
+        for (field, price) in [
+            ("input_per_1m", model.input_per_1m),
+            ("output_per_1m", model.output_per_1m),
+        ] {
+            if !(price.is_finite() && price >= 0.0) {
+                problems.add(
+                    format!("{at}.{field}"),
+                    format!("must be a non-negative price in USD per 1M tokens, got {price}"),
+                );
+            }
+        }
+        for (i, fb) in model.fallback.iter().enumerate() {
+            if fb == name {
+                problems.add(
+                    format!("{at}.fallback[{i}]"),
+                    format!("`{fb}` cannot fall back to itself; remove it from the list"),
+                );
+            } else if !raw.models.contains_key(fb) {
+                problems.add(
+                    format!("{at}.fallback[{i}]"),
+                    format!("unknown model `{fb}`; defined: {}", keys(&raw.models)),
+                );
+            }
+        }
+        if let Some(t) = &model.tokenizer {
+            if !crate::TOKENIZERS.contains(&t.as_str()) {
+                problems.add(
+                    format!("{at}.tokenizer"),
+                    format!("unknown tokenizer `{t}`; use o200k_base or cl100k_base"),
+                );
+            }
+        }
+    }
+}
+
+/// There are routes, each a path mapping tiers to known models, and the default route is one.
+fn check_routes(raw: &RawConfig, problems: &mut Problems) {
+    if raw.routes.is_empty() {
+        problems.add("routes".into(), "define at least one route".into());
+    }
+    for (name, route) in &raw.routes {
+        let at = format!("routes.{name}");
+        if !name.starts_with('/') {
+            problems.add(
+                at.clone(),
+                "route names are paths starting with `/`, e.g. /answer-routed".into(),
+            );
+        }
+        if route.tiers.is_empty() {
+            problems.add(
+                format!("{at}.tiers"),
+                "map at least one tier to a model, e.g. `cheap: gpt-4o-mini`".into(),
+            );
+        }
+        for (tier, model) in &route.tiers {
+            if !raw.models.contains_key(model) {
+                problems.add(
+                    format!("{at}.tiers.{tier}"),
+                    format!("unknown model `{model}`; defined: {}", keys(&raw.models)),
+                );
+            }
+        }
+        if route.max_output_tokens == 0 {
+            problems.add(
+                format!("{at}.max_output_tokens"),
+                "must be at least 1".into(),
+            );
+        }
+    }
+    if !raw.routes.contains_key(&raw.defaults.route) {
+        problems.add(
+            "defaults.route".into(),
+            format!(
+                "`{}`{} is not a configured route; defined: {}",
+                raw.defaults.route,
+                if raw.defaults.route == default_route() {
+                    " (the default when `defaults.route` is not set)"
+                } else {
+                    ""
+                },
+                keys(&raw.routes)
+            ),
+        );
+    }
+}
+
+/// Every HTTP provider's base URL is an http(s) URL.
+fn check_providers(raw: &RawConfig, problems: &mut Problems) {
+    for (name, provider) in &raw.providers {
+        if let ProviderConfig::Openai { base_url, .. }
+        | ProviderConfig::Anthropic { base_url, .. } = provider
+        {
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                problems.add(
+                    format!("providers.{name}.base_url"),
+                    format!("{base_url:?} must start with http:// or https://"),
+                );
+            }
+        }
+    }
+}
+
+/// The API keys, each read from the file or its environment variable and at least 16
+/// characters; the invalid ones are left out, with their problems noted.
+fn api_keys(
+    raw: Vec<RawApiKey>,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Problems,
+) -> Vec<ApiKey> {
+    let mut api_keys = Vec::new();
+    for (i, k) in raw.into_iter().enumerate() {
+        let at = format!("auth.api_keys[{i}]");
+        let key = match (k.key, k.key_env) {
+            (Some(key), None) => Some((key, format!("{at}.key"), "the key".to_owned())),
+            (None, Some(var)) => match env(&var) {
+                Some(v) if !v.is_empty() => {
+                    Some((v, format!("{at}.key_env"), format!("the key in {var}")))
+                }
+                set => {
+                    problems.add(
+                        format!("{at}.key_env"),
+                        format!(
+                            "environment variable {var} is {}; export the key in it",
+                            if set.is_some() { "empty" } else { "not set" }
+                        ),
+                    );
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                problems.add(
+                    at.clone(),
+                    "set only one of `key` and `key_env` (prefer `key_env`: no secret in the \
+                     file)"
+                        .into(),
+                );
+                None
+            }
+            (None, None) => {
+                problems.add(
+                    at.clone(),
+                    "set `key_env` to the environment variable holding the key (or `key` to \
+                     the key itself)"
+                        .into(),
+                );
+                None
+            }
+        };
+        if k.tenants.is_empty() {
+            problems.add(
+                format!("{at}.tenants"),
+                "list the tenants this key may act for, or `*`".into(),
+            );
+        }
+        if let Some((key, key_at, what)) = key {
+            if key.len() < 16 {
+                problems.add(
+                    key_at,
+                    format!(
+                        "{what} is {} characters; API keys must be at least 16 (e.g. \
+                         `openssl rand -hex 24`)",
+                        key.len()
+                    ),
+                );
+            } else {
+                api_keys.push(ApiKey {
+                    key,
+                    tenants: k.tenants,
+                });
+            }
+        }
+    }
+    api_keys
+}
+
+/// The refresh interval and the policy deadline are at least 1 ms.
+fn check_intervals(raw: &RawConfig, problems: &mut Problems) {
+    if raw.analytics.refresh_interval_ms == 0 {
+        problems.add(
+            "analytics.refresh_interval_ms".into(),
+            "must be at least 1".into(),
+        );
+    }
+    if raw.policy.deadline_ms == 0 {
+        problems.add("policy.deadline_ms".into(), "must be at least 1".into());
     }
 }
 

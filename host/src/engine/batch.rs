@@ -13,7 +13,7 @@ use duckdb::arrow::error::ArrowError;
 use duckdb::arrow::record_batch::RecordBatch;
 use llmscope_wire::records::{parse_decision, parse_telemetry};
 
-use super::Kind;
+use super::schema::Kind;
 
 /// Below this many bytes a read is parsed on the calling thread: spawning costs more.
 const PARALLEL_MIN_BYTES: usize = 256 << 10;
@@ -161,7 +161,8 @@ macro_rules! columns {
             }
         }
 
-        static $schema: LazyLock<SchemaRef> =
+        /// The Arrow schema of the batches, in table order.
+        pub(super) static $schema: LazyLock<SchemaRef> =
             LazyLock::new(|| schema(&[$((stringify!($column), DataType::$ty)),*]));
     };
 }
@@ -266,42 +267,6 @@ impl DecisionColumns {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn arrow_schemas_match_the_tables_column_for_column() {
-        let conn = duckdb::Connection::open_in_memory().unwrap();
-        conn.execute_batch(super::super::SCHEMA).unwrap();
-        for (table, schema) in [
-            ("telemetry", &*TELEMETRY_SCHEMA),
-            ("decisions", &*DECISION_SCHEMA),
-        ] {
-            let mut stmt = conn
-                .prepare(
-                    "SELECT column_name, data_type FROM information_schema.columns \
-                     WHERE table_name = ? ORDER BY ordinal_position",
-                )
-                .unwrap();
-            let columns: Vec<(String, String)> = stmt
-                .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            let arrow: Vec<(String, String)> = schema
-                .fields()
-                .iter()
-                .map(|f| {
-                    let sql = match f.data_type() {
-                        DataType::Int64 => "BIGINT",
-                        DataType::Float64 => "DOUBLE",
-                        DataType::Boolean => "BOOLEAN",
-                        _ => "VARCHAR",
-                    };
-                    (f.name().clone(), sql.to_owned())
-                })
-                .collect();
-            assert_eq!(arrow, columns, "{table}");
-        }
-    }
 
     #[test]
     fn split_cuts_at_line_ends_and_covers_everything() {

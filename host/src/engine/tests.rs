@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use super::read::{read_head, resume_at, Cursor};
 use super::*;
 
 fn line(i: u64) -> String {

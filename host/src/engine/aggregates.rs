@@ -1,0 +1,255 @@
+//! Aggregates for policies: each distinct aggregate the loaded rules declare is one grouped
+//! query over `telemetry`, published as a hash table from scope values to the value, so a
+//! request's lookup never touches SQL.
+
+use std::collections::{HashMap, HashSet};
+
+use duckdb::{params, Connection};
+use llmscope_sdk::types::{
+    Aggregate, AggregateValue, Aggregation, Metric, RequestContext, Scope, Window,
+};
+
+use super::{EngineError, SpendEngine};
+use crate::snapshots::AggregateStore;
+
+impl SpendEngine {
+    /// Compute every distinct aggregate in `aggregates` as of `now_ms`.
+    pub fn compute(
+        &self,
+        aggregates: &[Aggregate],
+        now_ms: u64,
+    ) -> Result<PublishedAggregates, EngineError> {
+        let mut tables = HashMap::new();
+        let conn = self.conn.lock();
+        for a in aggregates {
+            let key = SpecKey::of(a);
+            if tables.contains_key(&key) {
+                continue;
+            }
+            let table = compute_one(&conn, a, &key, now_ms)?;
+            tables.insert(key, table);
+        }
+        Ok(PublishedAggregates {
+            taken_at_ms: now_ms,
+            tables,
+        })
+    }
+}
+
+/// One aggregate's values as of `now_ms`, one per combination of its scope's values.
+fn compute_one(
+    conn: &Connection,
+    a: &Aggregate,
+    key: &SpecKey,
+    now_ms: u64,
+) -> Result<Table, EngineError> {
+    let (start_us, period) = window_start_us(a.window, now_ms);
+    let cols: Vec<&str> = key.scope.iter().map(|s| scope_column(*s)).collect();
+    let sql = aggregate_sql(a, &cols);
+    let now_us = i64::try_from(now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    let mut stmt = conn.prepare(&sql)?;
+    let n = cols.len();
+    let mut values = HashMap::new();
+    let mut rows = stmt.query(params![start_us, now_us])?;
+    while let Some(row) = rows.next()? {
+        let mut dims = Vec::with_capacity(n);
+        for i in 0..n {
+            dims.push(row.get::<_, Option<String>>(i)?);
+        }
+        let value: Option<f64> = row.get(n)?;
+        let samples: i64 = row.get(n + 1)?;
+        if samples > 0 {
+            values.insert(dims, (value, samples as u64));
+        }
+    }
+    Ok(Table {
+        period_start_us: period,
+        values,
+    })
+}
+
+/// The grouped query for `a` over the scope columns `cols`: the scope values, the aggregate
+/// and the sample count per group, for rows between two `ts_us` bounds (parameters).
+fn aggregate_sql(a: &Aggregate, cols: &[&str]) -> String {
+    let metric = metric_expr(a.metric);
+    let agg = match a.aggregation {
+        Aggregation::Sum => format!("sum({metric})::DOUBLE"),
+        Aggregation::Avg => format!("avg({metric})::DOUBLE"),
+        Aggregation::Max => format!("max({metric})::DOUBLE"),
+        Aggregation::P95 => format!("quantile_cont({metric}, 0.95)::DOUBLE"),
+        Aggregation::Count => "count(*)::DOUBLE".to_owned(),
+    };
+    let select_cols = cols.iter().map(|c| format!("{c}, ")).collect::<String>();
+    let group = if cols.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {}", cols.join(", "))
+    };
+    format!(
+        "SELECT {select_cols}{agg}, count(*) FROM telemetry WHERE (status = 'ok' OR cost_usd > 0) AND ts_us >= ? AND ts_us <= ?{group}"
+    )
+}
+
+/// The `telemetry` column holding scope `s`.
+fn scope_column(s: Scope) -> &'static str {
+    match s {
+        Scope::Tenant => "tenant_id",
+        Scope::Feature => "feature_id",
+        Scope::Route => "route_name",
+        Scope::BudgetNamespace => "budget_namespace",
+        Scope::Experiment => "experiment_id",
+        Scope::Model => "model",
+    }
+}
+
+/// The SQL expression of metric `m` over a `telemetry` row.
+fn metric_expr(m: Metric) -> &'static str {
+    match m {
+        Metric::CostUsd => "cost_usd",
+        Metric::TokensIn => "tokens_in",
+        Metric::TokensOut => "tokens_out",
+        Metric::Requests => "1",
+        Metric::LatencyMs => "latency_ms",
+    }
+}
+
+/// `r`'s value for scope `s`, as [`scope_column`] holds it.
+fn scope_value(s: Scope, r: &RequestContext) -> Option<String> {
+    match s {
+        Scope::Tenant => Some(r.tenant_id.clone()),
+        Scope::Feature => r.feature_id.clone(),
+        Scope::Route => Some(r.route_name.clone()),
+        Scope::BudgetNamespace => Some(r.budget_namespace.clone()),
+        Scope::Experiment => r.experiment_id.clone(),
+        Scope::Model => Some(r.model.clone()),
+    }
+}
+
+/// Start of `window` ending at `now_ms`, in µs, and the calendar period start when calendar.
+pub fn window_start_us(window: Window, now_ms: u64) -> (i64, Option<i64>) {
+    let now_us = i64::try_from(now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    match window {
+        Window::RollingSeconds(s) => (
+            now_us.saturating_sub(
+                i64::try_from(s)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1_000_000),
+            ),
+            None,
+        ),
+        cal => {
+            let start = calendar_start_us(cal, now_ms);
+            (start, Some(start))
+        }
+    }
+}
+
+/// Start of the calendar period of `window` holding `now_ms`, in µs (UTC).
+fn calendar_start_us(window: Window, now_ms: u64) -> i64 {
+    let now = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let date = now.date();
+    let start = match window {
+        Window::CalendarHour => date.with_hms(now.hour(), 0, 0),
+        Window::CalendarDay => date.with_hms(0, 0, 0),
+        Window::CalendarMonth => date.replace_day(1).and_then(|d| d.with_hms(0, 0, 0)),
+        Window::RollingSeconds(_) => date.with_hms(0, 0, 0),
+    };
+    start.map_or(0, |s| (s.assume_utc().unix_timestamp_nanos() / 1000) as i64)
+}
+
+/// Identity of an aggregate for deduplication: scope order does not matter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpecKey {
+    metric: Metric,
+    aggregation: Aggregation,
+    window: Window,
+    scope: Vec<Scope>,
+}
+
+impl SpecKey {
+    /// The key of `a`.
+    pub fn of(a: &Aggregate) -> Self {
+        let mut scope = a.scope.clone();
+        scope.sort();
+        scope.dedup();
+        Self {
+            metric: a.metric,
+            aggregation: a.aggregation,
+            window: a.window,
+            scope,
+        }
+    }
+}
+
+/// One aggregate's values: per combination of scope values, the value and its sample count.
+#[derive(Debug, Clone, Default)]
+struct Table {
+    /// Start of the calendar period the values are for (`None`: a rolling window).
+    period_start_us: Option<i64>,
+    values: HashMap<Vec<Option<String>>, (Option<f64>, u64)>,
+}
+
+/// Aggregate values published after a refresh; lookups are hash probes.
+#[derive(Debug, Clone, Default)]
+pub struct PublishedAggregates {
+    taken_at_ms: u64,
+    tables: HashMap<SpecKey, Table>,
+}
+
+impl PublishedAggregates {
+    /// Number of distinct aggregates computed.
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Whether nothing was computed.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+}
+
+impl AggregateStore for PublishedAggregates {
+    fn lookup(&self, a: &Aggregate, request: &RequestContext) -> Option<AggregateValue> {
+        let key = SpecKey::of(a);
+        let table = self.tables.get(&key)?;
+        if let Some(start) = table.period_start_us {
+            // A new calendar period began since the refresh: nothing recorded in it yet.
+            if calendar_start_us(a.window, request.unix_time_ms) != start {
+                return None;
+            }
+        }
+        let dims: Vec<Option<String>> =
+            key.scope.iter().map(|s| scope_value(*s, request)).collect();
+        table
+            .values
+            .get(&dims)
+            .map(|(value, samples)| AggregateValue {
+                key: a.key.clone(),
+                value: *value,
+                samples: *samples,
+            })
+    }
+
+    fn taken_at_unix_ms(&self) -> u64 {
+        self.taken_at_ms
+    }
+}
+
+/// The distinct aggregates declared by `rules`, then `extra` (edge rules' declarations).
+pub fn declared_aggregates<'a>(
+    rules: impl Iterator<Item = &'a crate::policy::Rule>,
+    extra: &'a [Aggregate],
+) -> Vec<Aggregate> {
+    let mut seen = HashSet::new();
+    rules
+        .flat_map(|rule| rule.aggregates())
+        .chain(extra)
+        .filter(|a| seen.insert(SpecKey::of(a)))
+        .cloned()
+        .collect()
+}
