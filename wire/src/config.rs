@@ -766,7 +766,10 @@ fn key_scopes(
             );
         }
     }
-    for (field, value) in [("feature_id", &k.feature_id), ("experiment_id", &k.experiment_id)] {
+    for (field, value) in [
+        ("feature_id", &k.feature_id),
+        ("experiment_id", &k.experiment_id),
+    ] {
         if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
             problem(
                 format!("{at}.{field}"),
@@ -867,8 +870,12 @@ providers:
 "#;
 
     fn load(extra: &str) -> GatewayConfig {
-        GatewayConfig::parse(&format!("{BASE}{extra}"), Path::new("/x/llmscope.yaml"), &|_| None)
-            .unwrap()
+        GatewayConfig::parse(
+            &format!("{BASE}{extra}"),
+            Path::new("/x/llmscope.yaml"),
+            &|_| None,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -901,6 +908,9 @@ providers:
         assert_eq!(k.feature_id.as_deref(), Some("nightly"));
         assert!(k.experiment_id.is_none());
         assert!(cfg.detailed_reasons);
-        assert_eq!(cfg.max_prompt_bytes, 1000, "the default is capped by the body limit");
+        assert_eq!(
+            cfg.max_prompt_bytes, 1000,
+            "the default is capped by the body limit"
+        );
     }
 }
