@@ -21,6 +21,15 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Time a client has to send a request body once its headers are in (`server.
+    /// body_read_timeout_ms`, default 10 s; 408 after it).
+    pub body_read_timeout: Duration,
+    /// Most connections served at once (`server.max_connections`, default 1024); further
+    /// connections are answered 503 and closed.
+    pub max_connections: usize,
+    /// Largest prompt, in bytes of message text summed over the conversation
+    /// (`server.max_prompt_bytes`, default 512 KiB or `max_body_bytes` if smaller; 413 above).
+    pub max_prompt_bytes: usize,
     /// Where telemetry lines go (`TELEMETRY_PATH` overrides).
     pub telemetry_path: PathBuf,
     /// Where decision lines go (`DECISIONS_PATH` overrides).
@@ -47,6 +56,10 @@ pub struct GatewayConfig {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// API keys; empty means no authentication.
     pub api_keys: Vec<ApiKey>,
+    /// Show tenant keys the full reasons, alerts and aggregate values of rules whose budgets
+    /// are shared beyond one tenant (`auth.detailed_reasons`, default false: withheld, since
+    /// they carry other tenants' spend).
+    pub detailed_reasons: bool,
     /// Route used when a request names none.
     pub default_route: String,
     /// Tier used when a request names none.
@@ -157,19 +170,47 @@ fn default_retries() -> u32 {
     2
 }
 
-/// An API key and the tenants it may act for.
+/// Namespace a key that sets neither `namespaces` nor `default_namespace` is bound to.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// An API key: the tenants it may act for and the budget scopes it may draw on. Who pays is
+/// decided here, not by the client: the key's tenants bound `tenant_id`, its namespaces bound
+/// `budget_namespace` (a request naming none is put in `default_namespace`), and a fixed
+/// `feature_id` / `experiment_id` replaces whatever the client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKey {
     /// The secret.
     pub key: String,
+    /// How errors name the key: its `name`, else `auth.api_keys[<i>]` (never the secret).
+    pub label: String,
     /// Allowed tenants; `*` allows every tenant.
     pub tenants: Vec<String>,
+    /// Budget namespaces the key may use; `*` allows every namespace the policy defines.
+    /// Default: `["*"]` for a key with tenant `*`, else only `default_namespace`.
+    pub namespaces: Vec<String>,
+    /// Namespace of a request that names none (default: the first of `namespaces`, else
+    /// `default`).
+    pub default_namespace: String,
+    /// Feature every request with this key is attributed to, whatever the client sends.
+    pub feature_id: Option<String>,
+    /// Experiment every request with this key is attributed to, whatever the client sends.
+    pub experiment_id: Option<String>,
 }
 
 impl ApiKey {
     /// Whether this key may act for `tenant`.
     pub fn allows(&self, tenant: &str) -> bool {
         self.tenants.iter().any(|t| t == "*" || t == tenant)
+    }
+
+    /// Whether this key may act for every tenant (admin endpoints, full figures).
+    pub fn is_admin(&self) -> bool {
+        self.tenants.iter().any(|t| t == "*")
+    }
+
+    /// Whether this key may draw on budget namespace `namespace`.
+    pub fn allows_namespace(&self, namespace: &str) -> bool {
+        self.namespaces.iter().any(|n| n == "*" || n == namespace)
     }
 }
 
@@ -224,6 +265,12 @@ struct RawServer {
     listen: String,
     #[serde(default = "default_body")]
     max_body_bytes: usize,
+    #[serde(default = "default_body_read_timeout")]
+    body_read_timeout_ms: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default)]
+    max_prompt_bytes: Option<usize>,
 }
 
 impl Default for RawServer {
@@ -231,9 +278,21 @@ impl Default for RawServer {
         Self {
             listen: default_listen(),
             max_body_bytes: default_body(),
+            body_read_timeout_ms: default_body_read_timeout(),
+            max_connections: default_max_connections(),
+            max_prompt_bytes: None,
         }
     }
 }
+
+fn default_body_read_timeout() -> u64 {
+    10_000
+}
+fn default_max_connections() -> usize {
+    1024
+}
+/// Default `server.max_prompt_bytes` (capped by `max_body_bytes`).
+const DEFAULT_MAX_PROMPT_BYTES: usize = 512 << 10;
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
@@ -307,6 +366,8 @@ fn default_memory() -> usize {
 struct RawAuth {
     #[serde(default)]
     api_keys: Vec<RawApiKey>,
+    #[serde(default)]
+    detailed_reasons: bool,
 }
 
 #[derive(Deserialize)]
@@ -319,7 +380,17 @@ struct RawApiKey {
     key: Option<String>,
     #[serde(default)]
     key_env: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
     tenants: Vec<String>,
+    #[serde(default)]
+    namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    default_namespace: Option<String>,
+    #[serde(default)]
+    feature_id: Option<String>,
+    #[serde(default)]
+    experiment_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -402,6 +473,7 @@ impl GatewayConfig {
         check_routes(&raw, &mut problems);
         check_providers(&raw, &mut problems);
         let api_keys = api_keys(std::mem::take(&mut raw.auth.api_keys), env, &mut problems);
+        let max_prompt_bytes = check_server_limits(&raw, &mut problems);
         check_intervals(&raw, &mut problems);
         if !problems.0.is_empty() {
             return Err(GatewayConfigError {
@@ -409,7 +481,7 @@ impl GatewayConfig {
                 problems: problems.0,
             });
         }
-        Ok(Self::build(raw, path, env, listen, api_keys))
+        Ok(Self::build(raw, path, env, listen, api_keys, max_prompt_bytes))
     }
 
     /// The configuration of a validated `raw` read from `path`, `env` overriding the log paths.
@@ -419,6 +491,7 @@ impl GatewayConfig {
         env: &dyn Fn(&str) -> Option<String>,
         listen: SocketAddr,
         api_keys: Vec<ApiKey>,
+        max_prompt_bytes: usize,
     ) -> Self {
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| {
@@ -432,6 +505,9 @@ impl GatewayConfig {
             source: path.into(),
             listen,
             max_body_bytes: raw.server.max_body_bytes,
+            body_read_timeout: Duration::from_millis(raw.server.body_read_timeout_ms),
+            max_connections: raw.server.max_connections,
+            max_prompt_bytes,
             telemetry_path: env("TELEMETRY_PATH")
                 .map_or_else(|| resolve(&raw.artifacts.telemetry_path), PathBuf::from),
             decisions_path: env("DECISIONS_PATH")
@@ -451,6 +527,7 @@ impl GatewayConfig {
             routes: raw.routes,
             providers: raw.providers,
             api_keys,
+            detailed_reasons: raw.auth.detailed_reasons,
             default_route: raw.defaults.route,
             default_tier: raw.defaults.tier,
             duckdb_path: raw.analytics.duckdb_path.as_deref().map(resolve),
@@ -615,6 +692,8 @@ fn api_keys(
     let mut api_keys = Vec::new();
     for (i, k) in raw.into_iter().enumerate() {
         let at = format!("auth.api_keys[{i}]");
+        let (namespaces, default_namespace) =
+            key_scopes(&k, &at, &mut |at, message| problems.add(at, message));
         let key = match (k.key, k.key_env) {
             (Some(key), None) => Some((key, format!("{at}.key"), "the key".to_owned())),
             (None, Some(var)) => match env(&var) {
@@ -670,12 +749,58 @@ fn api_keys(
             } else {
                 api_keys.push(ApiKey {
                     key,
+                    label: k.name.clone().unwrap_or_else(|| at.clone()),
                     tenants: k.tenants,
+                    namespaces,
+                    default_namespace,
+                    feature_id: k.feature_id,
+                    experiment_id: k.experiment_id,
                 });
             }
         }
     }
     api_keys
+}
+
+/// The server's limits are at least 1; returns `server.max_prompt_bytes` with its default
+/// (512 KiB, capped by `max_body_bytes`), which may not exceed `max_body_bytes`.
+fn check_server_limits(raw: &RawConfig, problems: &mut Problems) -> usize {
+    let server = &raw.server;
+    if server.body_read_timeout_ms == 0 {
+        problems.add(
+            "server.body_read_timeout_ms".into(),
+            "must be at least 1 (milliseconds a client has to send its body; default 10000)"
+                .into(),
+        );
+    }
+    if server.max_connections == 0 {
+        problems.add(
+            "server.max_connections".into(),
+            "must be at least 1 (connections served at once; default 1024)".into(),
+        );
+    }
+    match server.max_prompt_bytes {
+        None => DEFAULT_MAX_PROMPT_BYTES.min(server.max_body_bytes),
+        Some(0) => {
+            problems.add(
+                "server.max_prompt_bytes".into(),
+                "must be at least 1 (bytes of prompt text; default 524288)".into(),
+            );
+            0
+        }
+        Some(n) if n > server.max_body_bytes => {
+            problems.add(
+                "server.max_prompt_bytes".into(),
+                format!(
+                    "{n} is above server.max_body_bytes ({}), so no prompt that big could \
+                     arrive; lower it or raise max_body_bytes",
+                    server.max_body_bytes
+                ),
+            );
+            n
+        }
+        Some(n) => n,
+    }
 }
 
 /// The refresh interval and the policy deadline are at least 1 ms.
@@ -691,9 +816,166 @@ fn check_intervals(raw: &RawConfig, problems: &mut Problems) {
     }
 }
 
+/// A key's namespaces and default namespace, defaults applied, problems reported at `at`.
+fn key_scopes(
+    k: &RawApiKey,
+    at: &str,
+    problem: &mut impl FnMut(String, String),
+) -> (Vec<String>, String) {
+    let admin = k.tenants.iter().any(|t| t == "*");
+    if let Some(name) = &k.name {
+        if name.trim().is_empty() {
+            problem(
+                format!("{at}.name"),
+                "must not be empty; it names the key in error messages (or remove it)".into(),
+            );
+        }
+    }
+    for (field, value) in [
+        ("feature_id", &k.feature_id),
+        ("experiment_id", &k.experiment_id),
+    ] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            problem(
+                format!("{at}.{field}"),
+                format!(
+                    "must not be empty; set the {field} every request with this key is \
+                     attributed to, or remove it to let clients name it"
+                ),
+            );
+        }
+    }
+    if let Some(d) = &k.default_namespace {
+        if d.trim().is_empty() || d == "*" {
+            problem(
+                format!("{at}.default_namespace"),
+                format!(
+                    "{d:?} is not a namespace; name the policy namespace requests without \
+                     `budget_namespace` go to (default: the first of `namespaces`, else \
+                     `{DEFAULT_NAMESPACE}`)"
+                ),
+            );
+        }
+    }
+    match &k.namespaces {
+        Some(list) => {
+            if list.is_empty() {
+                problem(
+                    format!("{at}.namespaces"),
+                    format!(
+                        "list the budget namespaces this key may use, or `*` for every \
+                         namespace of the policy; remove it to allow only `default_namespace` \
+                         (default `{DEFAULT_NAMESPACE}`)"
+                    ),
+                );
+            }
+            for (i, n) in list.iter().enumerate() {
+                if n.trim().is_empty() {
+                    problem(
+                        format!("{at}.namespaces[{i}]"),
+                        "must name a policy namespace (or `*`)".into(),
+                    );
+                }
+            }
+            let any = list.iter().any(|n| n == "*");
+            let default = k.default_namespace.clone().unwrap_or_else(|| {
+                list.iter()
+                    .find(|n| *n != "*")
+                    .cloned()
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
+            });
+            if let Some(d) = &k.default_namespace {
+                if !any && !list.contains(d) && !list.is_empty() {
+                    problem(
+                        format!("{at}.default_namespace"),
+                        format!(
+                            "`{d}` is not in {at}.namespaces {list:?}; add it there or pick one \
+                             of them"
+                        ),
+                    );
+                }
+            }
+            (list.clone(), default)
+        }
+        None => {
+            let default = k
+                .default_namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let namespaces = if admin {
+                vec!["*".to_owned()]
+            } else {
+                vec![default.clone()]
+            };
+            (namespaces, default)
+        }
+    }
+}
+
 fn keys<V>(map: &BTreeMap<String, V>) -> String {
     if map.is_empty() {
         return "none".into();
     }
     map.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test")]
+    use super::*;
+
+    const BASE: &str = r#"
+policy: {file: policy.yaml, policies_dir: .}
+models:
+  m: {provider: mock, input_per_1m: 0.15, output_per_1m: 0.60}
+routes:
+  /answer-routed: {tiers: {cheap: m}}
+providers:
+  mock: {kind: mock}
+"#;
+
+    fn load(extra: &str) -> GatewayConfig {
+        GatewayConfig::parse(
+            &format!("{BASE}{extra}"),
+            Path::new("/x/llmscope.yaml"),
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn keys_without_scopes_keep_loading_with_narrow_defaults() {
+        let cfg = load(
+            "auth:\n  api_keys:\n    - {key: acme-key-0123456789, tenants: [acme]}\n    - {key: admin-key-0123456789, tenants: [\"*\"]}\n",
+        );
+        let (acme, admin) = (&cfg.api_keys[0], &cfg.api_keys[1]);
+        assert_eq!(acme.label, "auth.api_keys[0]");
+        assert_eq!(acme.namespaces, ["default"]);
+        assert_eq!(acme.default_namespace, "default");
+        assert!(acme.allows_namespace("default") && !acme.allows_namespace("demo"));
+        assert!(!acme.is_admin());
+        assert_eq!(admin.namespaces, ["*"]);
+        assert!(admin.allows_namespace("demo") && admin.is_admin());
+        assert!(!cfg.detailed_reasons);
+        assert_eq!(cfg.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.max_connections, 1024);
+        assert_eq!(cfg.max_prompt_bytes, 512 << 10);
+    }
+
+    #[test]
+    fn a_key_binds_its_namespaces_and_fixed_attribution() {
+        let cfg = load(
+            "server: {max_body_bytes: 1000}\nauth:\n  detailed_reasons: true\n  api_keys:\n    - {key: acme-key-0123456789, name: acme-batch, tenants: [acme], namespaces: [batch, demo], feature_id: nightly}\n",
+        );
+        let k = &cfg.api_keys[0];
+        assert_eq!(k.label, "acme-batch");
+        assert_eq!(k.default_namespace, "batch");
+        assert_eq!(k.feature_id.as_deref(), Some("nightly"));
+        assert!(k.experiment_id.is_none());
+        assert!(cfg.detailed_reasons);
+        assert_eq!(
+            cfg.max_prompt_bytes, 1000,
+            "the default is capped by the body limit"
+        );
+    }
 }

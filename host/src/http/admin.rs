@@ -10,7 +10,8 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::request::{authorize, json_response, Body};
+use super::redact;
+use super::request::{authenticate, authorize, json_response, Body, Scope};
 use crate::gateway::{Gateway, SnapshotQuery};
 use crate::queries::{parse_time, QueryParams, Question};
 use crate::requests::FieldErrors;
@@ -88,9 +89,9 @@ pub fn metrics(gw: &Gateway) -> Response<Body> {
     resp
 }
 
-/// `GET /v1/policies`: the loaded policy set.
+/// `GET /v1/policies`: the loaded policy set (every tenant's limits: a `*` key when auth is on).
 pub fn policies(gw: &Gateway, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
-    authorize(gw, headers, None)?;
+    authorize(gw, headers, Some("*"))?;
     let set = gw.policies();
     let components: Vec<Value> = set
         .components()
@@ -150,16 +151,29 @@ const SNAPSHOT_PARAMS: [&str; 9] = [
 ];
 
 /// `GET /v1/snapshot?tenant_id=..&route_name=..&model_tier=..&tokens_in=..[&feature_id..]`: the
-/// priced context and each rule's current aggregate values for such a request.
+/// priced context and each rule's current aggregate values for such a request. The key binds
+/// the request's scope as for `/infer`; a tenant key sees only aggregates kept per tenant.
 pub fn snapshot(
     gw: &Gateway,
     headers: &HeaderMap,
     query_string: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let q = snapshot_query(gw, query_string)?;
-    authorize(gw, headers, Some(&q.tenant_id))?;
+    let caller = authenticate(gw, headers)?;
+    let mut q = snapshot_query(gw, query_string)?;
+    caller.bind(
+        gw,
+        Scope {
+            tenant: &q.tenant_id,
+            namespace: &mut q.budget_namespace,
+            feature: &mut q.feature_id,
+            experiment: &mut q.experiment_id,
+        },
+    )?;
     let answer = gw.snapshot_for(&q)?;
-    Ok(json_response(StatusCode::OK, &json!(answer)))
+    Ok(json_response(
+        StatusCode::OK,
+        &redact::snapshot(gw, &caller, &answer),
+    ))
 }
 
 fn snapshot_query(gw: &Gateway, query_string: &str) -> Result<SnapshotQuery, ApiError> {

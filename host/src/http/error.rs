@@ -65,6 +65,37 @@ pub enum ApiError {
         /// Tenant asked for.
         tenant: String,
     },
+    /// The API key may not draw on the budget namespace asked for (or its default).
+    NamespaceForbidden {
+        /// The key's name (never the secret).
+        key: String,
+        /// Namespace asked for.
+        namespace: String,
+        /// Namespaces the key may use.
+        allowed: Vec<String>,
+    },
+    /// The namespace is not defined in the policy (with authentication on, an unknown
+    /// namespace is refused instead of falling back to `default`).
+    UnknownNamespace {
+        /// The key's name.
+        key: String,
+        /// Namespace asked for.
+        namespace: String,
+        /// Namespaces of the policy the key may use.
+        usable: Vec<String>,
+    },
+    /// The prompt exceeds `server.max_prompt_bytes`.
+    PromptTooLarge {
+        /// Bytes of message text sent.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The body did not arrive within `server.body_read_timeout_ms`.
+    BodyTimeout {
+        /// The limit.
+        ms: u64,
+    },
     /// The chat-completions body is invalid.
     InvalidChat(ChatError),
     /// `stream: true` was asked for.
@@ -125,20 +156,42 @@ impl ApiError {
         }
     }
 
+    /// The denial as `caller` may see it: a reason carrying other tenants' figures is withheld
+    /// (see [`super::redact`]).
+    pub fn denied_for(
+        gw: &crate::gateway::Gateway,
+        caller: &super::request::Caller<'_>,
+        request_id: String,
+        evaluation: &Evaluation,
+    ) -> Self {
+        let mut denied = Self::denied(request_id, evaluation);
+        if let (Self::Denied { reason, .. }, Some(shown)) = (
+            &mut denied,
+            super::redact::evaluation(gw, caller, evaluation).reason,
+        ) {
+            *reason = shown;
+        }
+        denied
+    }
+
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotFound { .. } | Self::UnknownQuery { .. } => StatusCode::NOT_FOUND,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge { .. } | Self::PromptTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::UnknownNamespace { .. } => StatusCode::BAD_REQUEST,
             Self::UnreadableBody(_)
             | Self::InvalidJson(_)
             | Self::UnsupportedStream
             | Self::BadEdgeCall(_) => StatusCode::BAD_REQUEST,
             Self::InvalidFields(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::Forbidden { .. } | Self::NamespaceForbidden { .. } => StatusCode::FORBIDDEN,
             Self::InvalidChat(c) => {
                 StatusCode::from_u16(c.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY)
             }
@@ -203,6 +256,10 @@ impl ApiError {
                 "payload_too_large",
                 json!(format!("request body exceeds {limit} bytes")),
             ),
+            Self::PromptTooLarge { .. } => ("prompt_too_large", json!(self.message())),
+            Self::BodyTimeout { .. } => ("request_timeout", json!(self.message())),
+            Self::NamespaceForbidden { .. } => ("namespace_forbidden", json!(self.message())),
+            Self::UnknownNamespace { .. } => ("unknown_namespace", json!(self.message())),
             Self::UnreadableBody(e) => ("bad_request", json!(format!("cannot read body: {e}"))),
             Self::InvalidJson(e) => {
                 return invalid_json_body(false, &format!("body is not valid JSON: {e}"))
@@ -278,6 +335,25 @@ impl ApiError {
                 "invalid_api_key",
                 None,
             ),
+            Self::PromptTooLarge { .. } => (
+                self.message(),
+                request,
+                "prompt_too_large",
+                Some("messages"),
+            ),
+            Self::BodyTimeout { .. } => (self.message(), request, "request_timeout", None),
+            Self::NamespaceForbidden { .. } => (
+                self.message(),
+                "permission_error",
+                "namespace_forbidden",
+                Some("budget_namespace"),
+            ),
+            Self::UnknownNamespace { .. } => (
+                self.message(),
+                request,
+                "unknown_namespace",
+                Some("budget_namespace"),
+            ),
             Self::InvalidChat(c) => (c.message.clone(), request, c.code, c.param.as_deref()),
             Self::UnsupportedStream => (
                 STREAM_MESSAGE.to_owned(),
@@ -307,6 +383,55 @@ impl ApiError {
             ),
         };
         openai_error_body(&message, kind, code, param)
+    }
+}
+
+impl ApiError {
+    /// The text of the errors that read the same in both dialects.
+    fn message(&self) -> String {
+        let list = |names: &[String]| {
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        match self {
+            Self::PromptTooLarge { size, limit } => format!(
+                "the prompt is {size} bytes; this gateway accepts at most {limit} bytes of \
+                 message text (server.max_prompt_bytes)"
+            ),
+            Self::BodyTimeout { ms } => format!(
+                "the request body did not arrive within {ms} ms (server.body_read_timeout_ms)"
+            ),
+            Self::NamespaceForbidden {
+                key,
+                namespace,
+                allowed,
+            } => format!(
+                "API key {key} may not use budget namespace `{namespace}`; it may use: {} \
+                 (auth.api_keys namespaces)",
+                list(allowed)
+            ),
+            Self::UnknownNamespace {
+                key,
+                namespace,
+                usable,
+            } => format!(
+                "budget namespace `{namespace}` is not defined in the policy; API key {key} may \
+                 use: {}",
+                list(usable)
+            ),
+            other => other
+                .status()
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_owned(),
+        }
     }
 }
 

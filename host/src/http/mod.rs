@@ -9,6 +9,7 @@ mod edge;
 mod error;
 mod infer;
 mod openai;
+mod redact;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -58,6 +59,10 @@ pub async fn serve(
         .http2()
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // One permit per connection served: beyond `server.max_connections`, a connection is
+    // answered 503 and closed at once, so idle or slow clients cannot exhaust the process.
+    let max_connections = gateway.config().max_connections;
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -69,6 +74,10 @@ pub async fn serve(
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
+                };
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    refuse_connection(&stream, max_connections);
+                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let gw = Arc::clone(&gateway);
@@ -82,6 +91,7 @@ pub async fn serve(
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             () = &mut shutdown => break,
@@ -111,6 +121,24 @@ pub async fn serve(
     let gw = Arc::clone(&gateway);
     let _ = tokio::task::spawn_blocking(move || gw.shutdown()).await;
     Ok(())
+}
+
+/// Answer a connection over the cap with a 503 (best effort, never waiting) and close it.
+fn refuse_connection(stream: &tokio::net::TcpStream, max: usize) {
+    tracing::warn!(
+        max_connections = max,
+        "connection refused: server.max_connections reached"
+    );
+    let body = format!(
+        "{{\"error\":\"too_many_connections\",\"detail\":\"this gateway serves at most {max} \
+         connections at once (server.max_connections); retry later\"}}"
+    );
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: \
+         {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
 }
 
 /// Bind `addr` (port 0 picks a free port).

@@ -10,25 +10,28 @@ use llmscope_sdk::http::{COST_HEADER, POLICY_DECISION_HEADER, REQUEST_ID_HEADER,
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::request::{authorize, header, json_response, read_json, Body};
+use super::request::{authenticate, check_prompt, header, json_response, read_json, Body, Scope};
 use crate::gateway::{Gateway, Outcome, Served};
 use crate::requests::parse_chat;
 
-/// Parse, authorize, serve; a denial is a 402 [`ApiError::Denied`].
+/// Authenticate (from the headers, before reading the body), parse, bind the payer to the
+/// key, serve; a denial is a 402 [`ApiError::Denied`].
 pub async fn chat(gw: &Arc<Gateway>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let caller = authenticate(gw, req.headers())?;
     let (headers, obj) = read_json(gw, req).await?;
     if obj.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err(ApiError::UnsupportedStream);
     }
-    let inf =
+    let mut inf =
         parse_chat(&obj, &|h| header(&headers, h), gw.config()).map_err(ApiError::InvalidChat)?;
-    authorize(gw, &headers, Some(&inf.tenant_id))?;
+    check_prompt(gw, &inf)?;
+    caller.bind(gw, Scope::of(&mut inf))?;
     match gw.handle(inf).await? {
         Outcome::Served(s) => Ok(completion(&s)),
         Outcome::Denied {
             request_id,
             evaluation,
-        } => Err(ApiError::denied(request_id, &evaluation)),
+        } => Err(ApiError::denied_for(gw, &caller, request_id, &evaluation)),
     }
 }
 

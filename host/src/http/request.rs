@@ -1,5 +1,6 @@
-//! Reading requests — JSON bodies (media type, size limit, syntax), API keys, headers — and
-//! writing JSON responses.
+//! Reading requests — who is calling (API keys, and the budget scopes a key binds), JSON bodies
+//! (media type, size limit, read timeout, syntax), prompt size, headers — and writing JSON
+//! responses.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -10,7 +11,9 @@ use llmscope_sdk::http::API_KEY_HEADER;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use crate::config::{ApiKey, DEFAULT_NAMESPACE};
 use crate::gateway::Gateway;
+use crate::requests::Inference;
 
 /// Response body.
 pub type Body = Full<Bytes>;
@@ -24,11 +27,20 @@ pub fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     resp
 }
 
-/// Check the API key (when keys are configured) and that it may act for `tenant`.
-pub fn authorize(gw: &Gateway, headers: &HeaderMap, tenant: Option<&str>) -> Result<(), ApiError> {
-    let keys = &gw.config().api_keys;
-    if keys.is_empty() {
-        return Ok(());
+/// Who is calling: the API key presented, checked against the configured ones. `key` is `None`
+/// only when authentication is off (no `auth.api_keys`); then clients are trusted to name
+/// who pays, as before keys existed.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The key, when authentication is on.
+    pub key: Option<&'a ApiKey>,
+}
+
+/// Identify the caller from its headers alone (`Authorization: Bearer <key>` or `x-api-key`),
+/// before any body is read: 401 when keys are configured and none, or an unknown one, is sent.
+pub fn authenticate<'a>(gw: &'a Gateway, headers: &HeaderMap) -> Result<Caller<'a>, ApiError> {
+    if gw.config().api_keys.is_empty() {
+        return Ok(Caller { key: None });
     }
     let presented = headers
         .get(AUTHORIZATION)
@@ -38,19 +50,123 @@ pub fn authorize(gw: &Gateway, headers: &HeaderMap, tenant: Option<&str>) -> Res
     let Some(presented) = presented else {
         return Err(ApiError::MissingApiKey);
     };
-    let Some(key) = gw.api_key(presented) else {
-        return Err(ApiError::InvalidApiKey);
-    };
-    match tenant {
-        Some(t) if !key.allows(t) => Err(ApiError::Forbidden {
-            tenant: t.to_owned(),
-        }),
-        _ => Ok(()),
+    match gw.api_key(presented) {
+        Some(key) => Ok(Caller { key: Some(key) }),
+        None => Err(ApiError::InvalidApiKey),
     }
 }
 
-/// Read a JSON object body: 415 unless `application/json`, 413 over the limit, 400 if
-/// malformed, 422 if not an object.
+impl Caller<'_> {
+    /// 403 unless the key may act for `tenant` (`*`: admin endpoints).
+    pub fn may_act_for(&self, tenant: &str) -> Result<(), ApiError> {
+        match self.key {
+            Some(key) if !key.allows(tenant) => Err(ApiError::Forbidden {
+                tenant: tenant.to_owned(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this caller may see figures that span more than one tenant: authentication is
+    /// off, the key acts for every tenant, or `auth.detailed_reasons` is on.
+    pub fn sees_every_tenant(&self, gw: &Gateway) -> bool {
+        self.key.is_none_or(ApiKey::is_admin) || gw.config().detailed_reasons
+    }
+
+    /// Bind a request's payer to the key: the tenant must be one of the key's, the namespace
+    /// (the key's `default_namespace` when the request names none) one the key may use and one
+    /// the policy defines, and a key's fixed feature / experiment replace the client's. With
+    /// authentication off the request is left as the client sent it (an unknown namespace then
+    /// falls back to `default`, as it always has).
+    pub fn bind(&self, gw: &Gateway, scope: Scope<'_>) -> Result<(), ApiError> {
+        let Some(key) = self.key else {
+            return Ok(());
+        };
+        self.may_act_for(scope.tenant)?;
+        let namespace = scope
+            .namespace
+            .clone()
+            .unwrap_or_else(|| key.default_namespace.clone());
+        if !key.allows_namespace(&namespace) {
+            return Err(ApiError::NamespaceForbidden {
+                key: key.label.clone(),
+                namespace,
+                allowed: key.namespaces.clone(),
+            });
+        }
+        let policies = gw.policies();
+        let defined = |n: &str| policies.namespaces().any(|ns| ns.name() == n);
+        // `default` is where requests have always gone when they name nothing; a policy
+        // without it simply has no rules for them.
+        if !defined(&namespace) && namespace != DEFAULT_NAMESPACE {
+            let usable = policies
+                .namespaces()
+                .map(|ns| ns.name().to_owned())
+                .filter(|n| key.allows_namespace(n))
+                .collect();
+            return Err(ApiError::UnknownNamespace {
+                key: key.label.clone(),
+                namespace,
+                usable,
+            });
+        }
+        *scope.namespace = Some(namespace);
+        if let Some(f) = &key.feature_id {
+            *scope.feature = Some(f.clone());
+        }
+        if let Some(e) = &key.experiment_id {
+            *scope.experiment = Some(e.clone());
+        }
+        Ok(())
+    }
+}
+
+/// The attributes of a request that decide who pays, as [`Caller::bind`] checks and fixes them.
+pub struct Scope<'a> {
+    /// Tenant named.
+    pub tenant: &'a str,
+    /// Budget namespace named (set to the key's default when `None`).
+    pub namespace: &'a mut Option<String>,
+    /// Feature named (replaced by the key's fixed one).
+    pub feature: &'a mut Option<String>,
+    /// Experiment named (replaced by the key's fixed one).
+    pub experiment: &'a mut Option<String>,
+}
+
+impl<'a> Scope<'a> {
+    /// The scope of an inference request.
+    pub fn of(inf: &'a mut Inference) -> Self {
+        Self {
+            tenant: &inf.tenant_id,
+            namespace: &mut inf.budget_namespace,
+            feature: &mut inf.feature_id,
+            experiment: &mut inf.experiment_id,
+        }
+    }
+}
+
+/// Check the API key (when keys are configured) and that it may act for `tenant`.
+pub fn authorize(gw: &Gateway, headers: &HeaderMap, tenant: Option<&str>) -> Result<(), ApiError> {
+    let caller = authenticate(gw, headers)?;
+    match tenant {
+        Some(t) => caller.may_act_for(t),
+        None => Ok(()),
+    }
+}
+
+/// 413 when the conversation's text exceeds `server.max_prompt_bytes`.
+pub fn check_prompt(gw: &Gateway, inf: &Inference) -> Result<(), ApiError> {
+    let limit = gw.config().max_prompt_bytes;
+    let size: usize = inf.messages.iter().map(|m| m.content.len()).sum();
+    if size > limit {
+        return Err(ApiError::PromptTooLarge { size, limit });
+    }
+    Ok(())
+}
+
+/// Read a JSON object body: 415 unless `application/json`, 413 over the limit, 408 when it
+/// does not arrive within `server.body_read_timeout_ms`, 400 if malformed, 422 if not an
+/// object.
 pub async fn read_json(
     gw: &Gateway,
     req: Request<Incoming>,
@@ -78,7 +194,14 @@ pub async fn read_json(
     {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let bytes = match Limited::new(body, limit).collect().await {
+    let timeout = gw.config().body_read_timeout;
+    let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
+    else {
+        return Err(ApiError::BodyTimeout {
+            ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        });
+    };
+    let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -92,3 +92,54 @@ async fn client_errors_of_edge_calls_are_relayed_in_the_client_dialect() {
     assert_eq!(relay, None);
     assert_eq!(body["detail"]["known_routes"], json!(["a", "b"]));
 }
+
+#[tokio::test]
+async fn scope_and_limit_errors_name_the_setting_in_both_dialects() {
+    let forbidden = || ApiError::NamespaceForbidden {
+        key: "acme-app".into(),
+        namespace: "secret".into(),
+        allowed: vec!["default".into(), "team".into()],
+    };
+    let (s, _, _, body) = render(forbidden(), Dialect::Reference).await;
+    assert_eq!(s, 403);
+    assert_eq!(body["error"], "namespace_forbidden");
+    assert_eq!(
+        body["detail"],
+        "API key acme-app may not use budget namespace `secret`; it may use: `default`, `team` (auth.api_keys namespaces)"
+    );
+    let (s, _, _, body) = render(forbidden(), Dialect::OpenAi).await;
+    assert_eq!(s, 403);
+    assert_eq!(body["error"]["type"], "permission_error");
+    assert_eq!(body["error"]["param"], "budget_namespace");
+    let unknown = ApiError::UnknownNamespace {
+        key: "k".into(),
+        namespace: "sceret".into(),
+        usable: vec![],
+    };
+    let (s, _, _, body) = render(unknown, Dialect::Reference).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (400, Some("unknown_namespace"))
+    );
+    assert!(body["detail"].as_str().unwrap().ends_with("may use: none"));
+    let (s, _, _, body) = render(
+        ApiError::PromptTooLarge {
+            size: 2000,
+            limit: 1000,
+        },
+        Dialect::OpenAi,
+    )
+    .await;
+    assert_eq!(s, 413);
+    assert_eq!(body["error"]["code"], "prompt_too_large");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 1000 bytes"));
+    let (s, _, _, body) = render(ApiError::BodyTimeout { ms: 300 }, Dialect::Reference).await;
+    assert_eq!(s, 408);
+    assert_eq!(
+        body["detail"],
+        "the request body did not arrive within 300 ms (server.body_read_timeout_ms)"
+    );
+}

@@ -1,0 +1,508 @@
+//! Clients that lie about who pays, pry into other tenants' spend, or try to tie the gateway
+//! up — against the real `llmscope serve` binary. The product's invariant: the tenant, budget
+//! namespace and (when fixed) feature and experiment a request is charged to come from the API
+//! key that authenticated it, never from what the client asserts.
+//!
+//! - keys bind scopes: a namespace the key may not use → 403 naming the key and what it may use
+//!   (a key configured with tenants only may use `default`);
+//!   a namespace the policy does not define → 400 instead of falling back to `default`; a key's
+//!   fixed feature / experiment replace the client's; on `/infer`, chat and `/v1/snapshot`;
+//! - leaks: a tenant key gets no other tenants' figures from a 402, a downgrade reason or
+//!   `/v1/snapshot`, and `/v1/policies` needs a `*` key;
+//! - denial of service: the key is checked before the body is read (401 at once for a huge or
+//!   endless body), a body that dribbles in gets 408, connections beyond
+//!   `server.max_connections` are turned away, a prompt above `server.max_prompt_bytes` gets
+//!   413 naming the limit.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "integration tests: a failed unwrap or panic is a failed test"
+)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use llmscope_tests::gateway::{read_jsonl, Gateway, Options, BASE_CONFIG};
+use serde_json::{json, Value};
+
+const ACME: &str = "acme-key-0123456789";
+const ADMIN: &str = "admin-key-0123456789";
+
+/// `default` with a namespace-wide cap a single expensive request exceeds and a generous
+/// per-tenant cap; `team` (no rules); `secret` (someone else's, no rules).
+const POLICY: &str = r#"version: "hostile-1"
+namespaces:
+  default:
+    rules:
+      - id: "shared-cap"
+        primitive: budget_threshold
+        period: hourly
+        limit_usd: 0.004
+        action: deny
+      - id: "per-tenant-cap"
+        primitive: budget_threshold
+        period: hourly
+        limit_usd: 5.0
+        action: deny
+        scope: [budget_namespace, tenant]
+  team:
+    rules: []
+  secret:
+    rules: []
+"#;
+
+/// A policy that allows everything.
+const NO_RULES: &str = "version: \"open\"\nnamespaces:\n  default:\n    rules: []\n";
+
+/// Keys as configs wrote them before scopes existed: a tenant key and an operator key.
+fn legacy_auth() -> String {
+    format!(
+        "auth:\n  api_keys:\n    - {{key: {ACME}, tenants: [acme]}}\n    - {{key: {ADMIN}, tenants: [\"*\"]}}\n"
+    )
+}
+
+fn gateway_with(auth: &str) -> Gateway {
+    let mut opts = Options::new(POLICY);
+    opts.extra_yaml = auth.to_owned();
+    Gateway::start(&opts)
+}
+
+async fn send(
+    gw: &Gateway,
+    path: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(gw.at(path)).json(&body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn infer(gw: &Gateway, key: Option<&str>, body: Value) -> (u16, Value) {
+    send(gw, "/infer", key, &[], body).await
+}
+
+async fn get(gw: &Gateway, path: &str, key: &str) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .get(gw.at(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The telemetry line of `request_id` (written before the answer; polled to be safe).
+async fn telemetry_of(gw: &Gateway, request_id: &str) -> Value {
+    for _ in 0..100 {
+        if let Some(line) = read_jsonl(&gw.telemetry)
+            .into_iter()
+            .find(|l| l["request_id"] == request_id)
+        {
+            return line;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no telemetry line for {request_id}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_without_namespaces_may_use_only_default_and_no_namespace_is_invented() {
+    let gw = gateway_with(&legacy_auth());
+
+    // A tenant key configured before scopes existed may use only `default`: naming another
+    // namespace (to escape its budget) is refused, naming the key and what it may use.
+    let (status, body) = infer(
+        &gw,
+        Some(ACME),
+        json!({"prompt": "hi", "tenant_id": "acme", "budget_namespace": "secret"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "namespace_forbidden", "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    for part in ["auth.api_keys[0]", "`secret`", "may use: `default`"] {
+        assert!(detail.contains(part), "{part} not in {detail}");
+    }
+    let (status, body) = infer(
+        &gw,
+        Some(ACME),
+        json!({"prompt": "hi", "tenant_id": "acme"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let line = telemetry_of(&gw, body["request_id"].as_str().unwrap()).await;
+    assert_eq!(line["budget_namespace"], "default", "{line}");
+
+    // The same on the OpenAI endpoint, with the namespace in a header, in OpenAI's shape.
+    let chat = json!({"model": "cheap", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        Some(ACME),
+        &[
+            ("x-llmscope-tenant-id", "acme"),
+            ("x-llmscope-budget-namespace", "secret"),
+        ],
+        chat,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "namespace_forbidden", "{body}");
+    assert_eq!(body["error"]["param"], "budget_namespace", "{body}");
+
+    // And on the snapshot endpoint.
+    let (status, body) = get(
+        &gw,
+        "/v1/snapshot?tenant_id=acme&budget_namespace=secret&tokens_in=10",
+        ACME,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+
+    // A `*` key may use every namespace the policy defines, but a namespace the policy does
+    // not define is refused instead of silently charged to `default`.
+    let (status, body) = infer(
+        &gw,
+        Some(ADMIN),
+        json!({"prompt": "hi", "tenant_id": "globex", "budget_namespace": "secret"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = infer(
+        &gw,
+        Some(ADMIN),
+        json!({"prompt": "hi", "tenant_id": "globex", "budget_namespace": "sceret"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "unknown_namespace", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("`sceret`"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_binds_its_namespaces_and_fixed_attribution() {
+    let gw = gateway_with(&format!(
+        "auth:\n  api_keys:\n    - {{key: {ACME}, name: acme-app, tenants: [acme], namespaces: [team, default], feature_id: acme-chat}}\n"
+    ));
+    let (status, body) = infer(
+        &gw,
+        Some(ACME),
+        json!({"prompt": "hi", "tenant_id": "acme", "budget_namespace": "secret"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    for part in ["acme-app", "`secret`", "`team`, `default`"] {
+        assert!(detail.contains(part), "{part} not in {detail}");
+    }
+
+    // The key's fixed feature wins over the client's; no namespace → the key's default (the
+    // first it lists); the experiment, not fixed, is the client's.
+    let (status, body) = infer(
+        &gw,
+        Some(ACME),
+        json!({"prompt": "hi", "tenant_id": "acme", "feature_id": "someone-elses-feature",
+               "experiment_id": "exp-7"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let line = telemetry_of(&gw, body["request_id"].as_str().unwrap()).await;
+    assert_eq!(line["feature_id"], "acme-chat", "{line}");
+    assert_eq!(line["experiment_id"], "exp-7", "{line}");
+    assert_eq!(line["budget_namespace"], "team", "{line}");
+
+    // Chat: attribution headers are overridden the same way.
+    let (status, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        Some(ACME),
+        &[
+            ("x-llmscope-tenant-id", "acme"),
+            ("x-llmscope-feature-id", "someone-elses-feature"),
+            ("x-llmscope-budget-namespace", "default"),
+        ],
+        json!({"model": "cheap", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().trim_start_matches("chatcmpl-");
+    let line = telemetry_of(&gw, id).await;
+    assert_eq!(line["feature_id"], "acme-chat", "{line}");
+    assert_eq!(line["budget_namespace"], "default", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_keys_see_no_other_tenants_figures() {
+    let gw = gateway_with(&legacy_auth());
+
+    // Another tenant spends in the shared namespace.
+    let (status, body) = infer(
+        &gw,
+        Some(ADMIN),
+        json!({"prompt": "globex's secret project", "tenant_id": "globex"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // acme's request is over the namespace-wide cap: 402, but the reason does not tell acme
+    // what the namespace (globex included) has spent.
+    let expensive = json!({"prompt": "hi", "tenant_id": "acme", "model_tier": "expensive"});
+    let (status, body) = infer(&gw, Some(ACME), expensive.clone()).await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["policy_id"], "shared-cap", "{body}");
+    for field in ["reason", "detail"] {
+        let text = body[field].as_str().unwrap();
+        assert!(
+            !text.contains("spent") && !text.contains('$'),
+            "{field} leaks figures: {text}"
+        );
+        assert!(text.contains("withheld"), "{field}: {text}");
+    }
+    // An operator key sees the figures.
+    let (status, body) = infer(&gw, Some(ADMIN), expensive).await;
+    assert_eq!(status, 402);
+    assert!(body["reason"].as_str().unwrap().contains("spent"), "{body}");
+
+    // The snapshot shows acme its own per-tenant budget, not the namespace-wide one.
+    let (status, body) = get(&gw, "/v1/snapshot?tenant_id=acme&tokens_in=10", ACME).await;
+    assert_eq!(status, 200, "{body}");
+    let rules = body["rules"].as_array().unwrap();
+    let rule = |id: &str| rules.iter().find(|r| r["rule_id"] == id).unwrap().clone();
+    let shared = rule("shared-cap");
+    assert!(shared["snapshot"].is_null(), "{shared}");
+    assert!(shared["withheld"].is_string(), "{shared}");
+    assert!(
+        rule("per-tenant-cap")["snapshot"]["values"].is_array(),
+        "{body}"
+    );
+    let (_, body) = get(&gw, "/v1/snapshot?tenant_id=acme&tokens_in=10", ADMIN).await;
+    let rules = body["rules"].as_array().unwrap();
+    assert!(
+        rules.iter().all(|r| r["snapshot"]["values"].is_array()),
+        "{body}"
+    );
+
+    // The loaded policies (every tenant's limits) are for operators.
+    assert_eq!(get(&gw, "/v1/policies", ACME).await.0, 403);
+    assert_eq!(get(&gw, "/v1/policies", ADMIN).await.0, 200);
+}
+
+/// Write `head` (and `body`, if any) to the gateway on a raw socket, then read until the
+/// server answers or closes, for at most `wait`. Returns what was read and how long it took.
+fn raw_exchange(gw: &Gateway, head: &str, body: &[u8], wait: Duration) -> (String, Duration) {
+    let addr = gw.url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let start = Instant::now();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_answer(&mut s, start, wait)
+}
+
+fn read_answer(s: &mut TcpStream, start: Instant, wait: Duration) -> (String, Duration) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < wait {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&got).contains("\r\n\r\n{") && got.ends_with(b"}") {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+}
+
+#[test]
+fn the_key_is_checked_before_a_huge_or_endless_body_is_read() {
+    let gw = gateway_with(&legacy_auth());
+    // A body that never ends (chunked, one chunk sent): answered 401 without waiting for it.
+    let head = "POST /infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    let chunk = format!("400\r\n{}\r\n", "x".repeat(0x400));
+    let (answer, took) = raw_exchange(&gw, head, chunk.as_bytes(), Duration::from_secs(3));
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "after {took:?}: {answer:?}"
+    );
+    // A declared 1 GiB body with a wrong key: 401 (not 413: who asks comes first).
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-api-key: not-a-key-0000000000\r\ncontent-length: 1073741824\r\n\r\n";
+    let (answer, took) = raw_exchange(&gw, head, &[b'{'; 1024], Duration::from_secs(3));
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "after {took:?}: {answer:?}"
+    );
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[test]
+fn a_body_that_dribbles_in_gets_408() {
+    // The default timeout (10 s), on a gateway configured as before the setting existed.
+    let gw = Gateway::start(&Options::new(POLICY));
+    let addr = gw.url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let start = Instant::now();
+    s.write_all(b"POST /infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{\"prompt\": \"")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // One byte every 250 ms: the 200 bytes would take 50 s. Look for the answer right before
+    // each write (a write after the server closed would reset the connection).
+    while start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {}
+        }
+        if s.write_all(b"x").is_err() {
+            break;
+        }
+    }
+    let (rest, _) = read_answer(&mut s, Instant::now(), Duration::from_secs(1));
+    let answer = format!("{}{rest}", String::from_utf8_lossy(&got));
+    let took = start.elapsed();
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "after {took:?}: {answer:?}"
+    );
+    assert!(answer.contains("10000 ms"), "{answer}");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(14),
+        "{took:?}"
+    );
+
+    // Configured shorter.
+    let mut opts = Options::new(POLICY);
+    opts.config_template = Some(BASE_CONFIG.replace(
+        "  max_body_bytes: {max_body}\n",
+        "  max_body_bytes: {max_body}\n  body_read_timeout_ms: 300\n",
+    ));
+    let gw = Gateway::start(&opts);
+    let head = "POST /infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n";
+    let (answer, took) = raw_exchange(&gw, head, b"{\"pro", Duration::from_secs(3));
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("server.body_read_timeout_ms"),
+        "after {took:?}: {answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_above_the_cap_gets_413_naming_the_limit() {
+    // The default cap (512 KiB) is below the default body limit (1 MiB).
+    let gw = Gateway::start(&Options::new(NO_RULES));
+    let big = "word ".repeat(120_000);
+    let (status, body) = infer(&gw, None, json!({"prompt": big, "tenant_id": "acme"})).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"], "prompt_too_large", "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("524288") && detail.contains("server.max_prompt_bytes"),
+        "{detail}"
+    );
+    // Chat: the conversation's messages count together.
+    let half = "word ".repeat(60_000);
+    let (status, body) = send(
+        &gw,
+        "/v1/chat/completions",
+        None,
+        &[("x-llmscope-tenant-id", "acme")],
+        json!({"model": "cheap", "messages": [{"role": "system", "content": half}, {"role": "user", "content": half}]}),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "prompt_too_large", "{body}");
+    assert!(read_jsonl(&gw.telemetry).is_empty(), "nothing was priced");
+    // Under the cap: served.
+    let (status, _) = infer(
+        &gw,
+        None,
+        json!({"prompt": "word ".repeat(1000), "tenant_id": "acme"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn connections_beyond_the_cap_are_turned_away() {
+    let mut opts = Options::new(POLICY);
+    opts.config_template = Some(BASE_CONFIG.replace(
+        "  max_body_bytes: {max_body}\n",
+        "  max_body_bytes: {max_body}\n  max_connections: 4\n",
+    ));
+    let gw = Gateway::start(&opts);
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    // Four idle connections hold every slot.
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let health = "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut extra = TcpStream::connect(&addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let _ = extra.write_all(health.as_bytes());
+    let (answer, took) = read_answer(&mut extra, Instant::now(), Duration::from_secs(3));
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+        "the fifth connection was served: {answer:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.contains("server.max_connections"),
+        "{answer}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "refused at once, not held: {took:?}"
+    );
+    // The admitted ones are served.
+    let first = &mut idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    first.write_all(health.as_bytes()).unwrap();
+    let (answer, _) = read_answer(first, Instant::now(), Duration::from_secs(3));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // A slot freed is a slot for the next client.
+    drop(idle.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let _ = s.write_all(health.as_bytes());
+        let (answer, _) = read_answer(&mut s, Instant::now(), Duration::from_secs(1));
+        if answer.starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+    }
+    assert!(served, "a freed slot was never reused");
+}
