@@ -486,6 +486,10 @@ async fn hot_reload_adds_rejects_and_fixes_policies_without_a_restart() {
 async fn a_prompt_of_a_million_spaces_is_priced_not_a_crash() {
     let mut opts = Options::new("version: \"1\"\nnamespaces:\n  default:\n    rules: []\n");
     opts.max_body_bytes = 4 << 20;
+    opts.config_template = Some(llmscope_tests::gateway::BASE_CONFIG.replace(
+        "max_body_bytes: {max_body}",
+        "max_body_bytes: {max_body}\n  max_prompt_bytes: 4000000",
+    ));
     let gw = Gateway::start(&opts);
     let infer = gw.at("/infer");
     let (status, body) = post(
