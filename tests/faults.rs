@@ -552,7 +552,7 @@ fn a_planted_compiled_component_is_not_run_unless_the_whole_path_is_private() {
     let planted = std::fs::read(donor_cache.join(format!("{}.cwasm", donor.sha256()))).unwrap();
     let target = builtin("route_preference");
     let digest = rt.load(&target).unwrap().sha256().to_owned();
-    let plant_and_load = |cache: &std::path::Path| {
+    let plant_and_load = |cache: &Path| {
         std::fs::write(cache.join(format!("{digest}.cwasm")), &planted).unwrap();
         let rt = Arc::new(
             PolicyRuntime::new(llmscope::policy::Limits {
@@ -680,7 +680,7 @@ async fn edge_reports_are_recorded_once_after_a_failed_write_and_with_the_issued
     let (status, body) = edge_call(&client, gw.at("/v1/edge/report"), &report(&forged)).await;
     assert_eq!(status, 200, "{body}");
 
-    let lines = llmscope_tests::gateway::read_jsonl(&telemetry);
+    let lines = read_jsonl(&telemetry);
     let retry: Vec<&Value> = lines
         .iter()
         .filter(|l| l["request_id"] == "req-edge-retry")

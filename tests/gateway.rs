@@ -498,7 +498,7 @@ async fn a_prompt_of_a_million_spaces_is_priced_not_a_crash() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let lines = llmscope_tests::gateway::read_jsonl(&gw.telemetry);
+    let lines = read_jsonl(&gw.telemetry);
     assert!(lines[0]["tokens_in"].as_u64().unwrap() > 0, "{}", lines[0]);
     let (status, _) = post(
         &infer,

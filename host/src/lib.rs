@@ -25,6 +25,7 @@ pub mod reload;
 pub mod report;
 pub mod snapshots;
 pub mod verify;
+pub mod windows;
 
 /// The former name of [`http`] (`server::serve`, `server::bind`).
 pub use self::http as server;

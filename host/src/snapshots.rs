@@ -65,7 +65,7 @@ impl LiveSnapshots<'_> {
                 };
                 if a.include_in_flight && summable {
                     let since_ms = u64::try_from(
-                        crate::engine::window_start_us(a.window, request.unix_time_ms).0 / 1000,
+                        crate::windows::window_start_us(a.window, request.unix_time_ms).0 / 1000,
                     )
                     .unwrap_or(0);
                     let (mut extra, mut extra_n) =

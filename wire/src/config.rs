@@ -481,7 +481,14 @@ impl GatewayConfig {
                 problems: problems.0,
             });
         }
-        Ok(Self::build(raw, path, env, listen, api_keys, max_prompt_bytes))
+        Ok(Self::build(
+            raw,
+            path,
+            env,
+            listen,
+            api_keys,
+            max_prompt_bytes,
+        ))
     }
 
     /// The configuration of a validated `raw` read from `path`, `env` overriding the log paths.
@@ -769,8 +776,7 @@ fn check_server_limits(raw: &RawConfig, problems: &mut Problems) -> usize {
     if server.body_read_timeout_ms == 0 {
         problems.add(
             "server.body_read_timeout_ms".into(),
-            "must be at least 1 (milliseconds a client has to send its body; default 10000)"
-                .into(),
+            "must be at least 1 (milliseconds a client has to send its body; default 10000)".into(),
         );
     }
     if server.max_connections == 0 {

@@ -208,7 +208,10 @@ impl ArtifactWriter {
 
     /// False after a failed write, until a later write succeeds.
     pub fn healthy(&self) -> bool {
-        self.shared.healthy.iter().all(|h| h.load(Ordering::Relaxed))
+        self.shared
+            .healthy
+            .iter()
+            .all(|h| h.load(Ordering::Relaxed))
     }
 
     /// False after a failed telemetry write, until a later one succeeds.

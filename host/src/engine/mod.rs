@@ -53,7 +53,8 @@ use std::path::{Path, PathBuf};
 use duckdb::Connection;
 use parking_lot::Mutex;
 
-pub use aggregates::{declared_aggregates, window_start_us, PublishedAggregates, SpecKey};
+pub use crate::windows::window_start_us;
+pub use aggregates::{declared_aggregates, PublishedAggregates, SpecKey};
 use ingest::{IngestState, Progress};
 pub use llmscope_wire::records::parse_ts_us;
 use schema::SCHEMA;

@@ -144,7 +144,7 @@ fn longest_window_ms(aggregates: &[llmscope_sdk::types::Aggregate], now_ms: u64)
     aggregates
         .iter()
         .map(|a| {
-            let start = crate::engine::window_start_us(a.window, now_ms).0;
+            let start = crate::windows::window_start_us(a.window, now_ms).0;
             u64::try_from(now_us.saturating_sub(start) / 1000).unwrap_or(0)
         })
         .fold(86_400_000, u64::max)

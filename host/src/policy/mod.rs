@@ -12,6 +12,7 @@
 //! `default`; with no `default` the request is allowed.
 
 mod bindings;
+mod compile_cache;
 mod component;
 mod config;
 mod instance;
