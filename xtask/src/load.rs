@@ -241,6 +241,21 @@ pub fn gateway_config(root: &Path, dir: &Path, policy: &Path) -> Result<std::pat
             &format!("policies_dir: {}", root.join("policies").display()),
         )
         .replace("hot_reload: true", "hot_reload: false");
+    // These server limits are spelled out at their defaults in the example; without them the
+    // config also loads in builds that predate them (`bench-gateway --compare`).
+    let config: String = config
+        .lines()
+        .filter(|l| {
+            ![
+                "max_prompt_bytes:",
+                "body_read_timeout_ms:",
+                "max_connections:",
+            ]
+            .iter()
+            .any(|k| l.trim_start().starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
     let config_path = dir.join("llmscope.yaml");
     std::fs::write(&config_path, config)?;
     Ok(config_path)
