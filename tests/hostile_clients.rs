@@ -506,3 +506,41 @@ fn connections_beyond_the_cap_are_turned_away() {
     }
     assert!(served, "a freed slot was never reused");
 }
+
+/// A policy without `default`: a key allowed every namespace (`*`) used to name `default` and
+/// run no rules at all. Only a key bound to `default` by name may use an undefined `default`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_star_namespace_key_cannot_escape_every_rule_through_an_undefined_default() {
+    let capped = "version: \"no-default\"\nnamespaces:\n  team:\n    rules:\n      - {id: cap, primitive: budget_threshold, period: hourly, limit_usd: 0.0000001, action: deny}\n";
+    let mut opts = Options::new(capped);
+    opts.extra_yaml = format!(
+        "auth:\n  api_keys:\n    - {{key: {ACME}, tenants: [acme], namespaces: [\"*\"], default_namespace: team}}\n"
+    );
+    let gw = Gateway::start(&opts);
+    let body = json!({"prompt": "Summarize this document", "tenant_id": "acme", "budget_namespace": "default"});
+    let (status, answer) = send(&gw, "/infer", Some(ACME), &[], body).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"], "unknown_namespace", "{answer}");
+}
+
+/// Through Envoy a body without `messages` is priced as `/infer` (a prompt at a tier): one
+/// naming its own model or several completions (a legacy `/v1/completions` body) would go out
+/// billed at another model, n times, than what was priced.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_body_without_messages_cannot_name_a_model_or_many_completions() {
+    let gw = Gateway::start(&Options::new(NO_RULES));
+    for (extra, field) in [
+        (json!({"model": "gpt-4o"}), "model"),
+        (json!({"n": 64}), "n"),
+        (json!({"best_of": 64}), "best_of"),
+    ] {
+        let mut body = json!({"prompt": "Summarize this document", "tenant_id": "acme"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let call = json!({"request_id": format!("req-unpriced-{field}"), "path": "/v1/completions", "aggregates": [], "body": body});
+        let (status, answer) = send(&gw, "/v1/edge/context", None, &[], call).await;
+        assert!((400..500).contains(&status), "{field}: {status} {answer}");
+        assert!(answer.to_string().contains(field), "{answer}");
+    }
+}

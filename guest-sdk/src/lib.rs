@@ -69,6 +69,13 @@ pub use types::{
     Snapshot, TierEstimate, Verdict, Window,
 };
 
+/// Name of the only import a policy component may have: the contract's type-only interface
+/// (`wit/policy.wit`). The host refuses components importing anything else at load, and
+/// `cargo xtask build-policies` at build.
+pub const TYPES_INTERFACE: &str = "llmscope:policy/types@0.1.0";
+/// Name of the interface every policy component must export.
+pub const POLICY_INTERFACE: &str = "llmscope:policy/policy@0.1.0";
+
 /// Everything a policy crate usually needs.
 pub mod prelude {
     pub use crate::export_policy;

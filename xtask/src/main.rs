@@ -133,8 +133,9 @@ const GUESTS: &[Guest] = &[
     },
 ];
 
-/// The only import a policy component may have: the type-only interface of the contract.
-const ALLOWED_IMPORT: &str = "llmscope:policy/types@0.1.0";
+/// The only import a policy component may have: the type-only interface of the contract
+/// (defined once, in the SDK).
+use llmscope_sdk::TYPES_INTERFACE as ALLOWED_IMPORT;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();

@@ -46,12 +46,26 @@ struct Shared {
     telemetry_path: PathBuf,
 }
 
-/// Clears the leader flag when a leader unwinds.
-struct StepDown<'a>(&'a Shared);
+/// Steps a leader down when it unwinds: lines queued meanwhile get a new leader (a thread), so
+/// no request waits for a write nobody will make.
+struct StepDown<'a>(&'a Arc<Shared>);
 
 impl Drop for StepDown<'_> {
     fn drop(&mut self) {
         let mut q = self.0.queue.lock();
+        if !q.jobs.is_empty() {
+            let this = Arc::clone(self.0);
+            drop(q);
+            let spawned = std::thread::Builder::new()
+                .name("llmscope-artifacts".into())
+                .spawn(move || this.lead(false));
+            if spawned.is_ok() {
+                return;
+            }
+            q = self.0.queue.lock();
+            // No thread: fail what is queued rather than leave it waiting.
+            q.jobs.clear();
+        }
         q.writing = false;
         self.0.idle.notify_all();
     }

@@ -4,6 +4,8 @@
 //! marked with [`CLIENT_ERROR_HEADER`](llmscope_sdk::http::CLIENT_ERROR_HEADER) for the filter
 //! to relay; any other error is the host's, and the filter applies its host failure mode.
 
+use std::sync::Arc;
+
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -11,7 +13,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, Dialect};
 use super::request::{authorize, json_response, read_json, Body};
 use crate::gateway::edge::{ContextRequest, EdgeError, Report};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, GatewayError};
 
 /// `POST /v1/edge/context`: price a proxied request and snapshot a filter's aggregates.
 pub async fn context(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -37,15 +39,22 @@ pub async fn context(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Bo
 }
 
 /// `POST /v1/edge/report`: record a proxied request's outcome.
-pub async fn report(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// Recording runs on its own task: a filter that gives up waiting (its call timed out) cannot
+/// cut it off between taking the reservation and writing the lines.
+pub async fn report(gw: &Arc<Gateway>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     authorize(gw, req.headers(), Some("*"))?;
     gw.metrics().edge_call("report");
     let report: Report = read_edge(gw, req).await?;
-    // A report is never the client's fault from the filter's point of view: nothing is relayed.
-    let first = gw
-        .edge_report(&report)
+    let detached = Arc::clone(gw);
+    let recorded = tokio::spawn(async move { detached.edge_report(&report).await })
         .await
-        .map_err(|e| edge_error(e, false, false))?;
+        .map_err(|e| {
+            ApiError::Gateway(GatewayError::Internal(format!(
+                "edge report task failed: {e}"
+            )))
+        })?;
+    // A report is never the client's fault from the filter's point of view: nothing is relayed.
+    let first = recorded.map_err(|e| edge_error(e, false, false))?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"recorded": first, "duplicate": !first}),

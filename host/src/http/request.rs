@@ -97,8 +97,11 @@ impl Caller<'_> {
         let policies = gw.policies();
         let defined = |n: &str| policies.namespaces().any(|ns| ns.name() == n);
         // `default` is where requests have always gone when they name nothing; a policy
-        // without it simply has no rules for them.
-        if !defined(&namespace) && namespace != DEFAULT_NAMESPACE {
+        // without it simply has no rules for them — but only for keys bound to it by name:
+        // a key allowed every namespace (`*`) cannot step outside all rules through it.
+        let bound_to_default =
+            namespace == DEFAULT_NAMESPACE && key.namespaces.iter().any(|n| n == DEFAULT_NAMESPACE);
+        if !defined(&namespace) && !bound_to_default {
             let usable = policies
                 .namespaces()
                 .map(|ns| ns.name().to_owned())

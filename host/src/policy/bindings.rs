@@ -15,10 +15,7 @@ pub(crate) use PolicyPlugin as Plugin;
 pub(crate) type WitRequest = wit::RequestContext;
 pub(crate) use PolicyPluginPre as PluginPre;
 
-/// Name of the only import a policy component may have: the contract's type-only interface.
-pub(crate) const TYPES_INTERFACE: &str = "llmscope:policy/types@0.1.0";
-/// Name of the interface every policy component must export.
-pub(crate) const POLICY_INTERFACE: &str = "llmscope:policy/policy@0.1.0";
+pub(crate) use llmscope_sdk::{POLICY_INTERFACE, TYPES_INTERFACE};
 
 pub(crate) fn info_from_wit(i: wit::Info) -> sdk::Info {
     sdk::Info {

@@ -86,6 +86,8 @@ impl Gateway {
         };
         if obj.contains_key("messages") {
             parse_chat(obj, &header, self.config()).map_err(EdgeError::InvalidChat)
+        } else if let Some(problems) = unpriced_infer_fields(obj) {
+            Err(EdgeError::InvalidInfer(problems))
         } else {
             parse_infer(obj, &header, self.config()).map_err(EdgeError::InvalidInfer)
         }
@@ -151,4 +153,20 @@ impl Gateway {
             tier_models,
         })
     }
+}
+
+/// Fields of a body without `messages` (priced as `/infer`: a prompt at a tier) that would
+/// make the upstream bill something else than what is priced: a model of the client's choice
+/// (e.g. a legacy `/v1/completions` body), or several completions. `None` when there is none.
+fn unpriced_infer_fields(obj: &Map<String, Value>) -> Option<Vec<Value>> {
+    let mut problems = Vec::new();
+    if obj.contains_key("model") {
+        problems.push(serde_json::json!({"field": "model", "message": "a body without `messages` is priced as /infer, at a tier (`model_tier`), so it cannot name a model; send chat completions (`messages`) to name one"}));
+    }
+    for field in ["n", "best_of"] {
+        if obj.get(field).is_some_and(|v| v.as_u64() != Some(1)) {
+            problems.push(serde_json::json!({"field": field, "message": "only one completion per request is priced; leave it out or set it to 1"}));
+        }
+    }
+    (!problems.is_empty()).then_some(problems)
 }

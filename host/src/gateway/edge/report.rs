@@ -51,10 +51,12 @@ impl Gateway {
             Err(e) => {
                 // Nothing recorded: the report stays unseen and its reservation waits, so the
                 // filter's retry records it once.
-                self.edge.finish_report(&ctx.request_id, false);
+                // Put the reservation back before the id is free again, so a concurrent
+                // delivery that then records it finds and settles it.
                 if let Some(held) = held {
                     self.edge.restore(&ctx.request_id, held);
                 }
+                self.edge.finish_report(&ctx.request_id, false);
                 return Err(EdgeError::Unlogged(e));
             }
         };
