@@ -673,7 +673,16 @@ async fn a_failing_model_falls_back_and_says_why() {
         t["fallback_reason"]
             .as_str()
             .unwrap()
-            .starts_with("gpt-4o-mini: HTTP 503"),
+            .starts_with("gpt-4o-mini: HTTP 503 (server_error)"),
+        "{t}"
+    );
+    // The status and the provider's error code, never its error body (which may echo the
+    // prompt).
+    assert!(
+        !t["fallback_reason"]
+            .as_str()
+            .unwrap()
+            .contains("configured to fail"),
         "{t}"
     );
     // Priced at the model that answered.

@@ -69,7 +69,7 @@ pub(super) async fn call(
         .post(&format!("{}/v1/messages", http.base_url), &headers, body)
         .await?;
     let parsed: AnthropicResponse =
-        serde_json::from_value(value).map_err(|e| ProviderError::Decode(e.to_string()))?;
+        serde_json::from_value(value).map_err(|e| ProviderError::decode(&e))?;
     let text = parsed
         .content
         .into_iter()

@@ -80,16 +80,8 @@ impl HttpProvider {
             .await
             .map_err(|e| ProviderError::Connect(e.to_string()))?;
         if !(200..300).contains(&status) {
-            return Err(ProviderError::Status {
-                status,
-                body: text.chars().take(300).collect(),
-            });
+            return Err(ProviderError::status(status, &text));
         }
-        serde_json::from_str(&text).map_err(|e| {
-            ProviderError::Decode(format!(
-                "{e}: {}",
-                text.chars().take(200).collect::<String>()
-            ))
-        })
+        serde_json::from_str(&text).map_err(|e| ProviderError::decode(&e))
     }
 }

@@ -15,10 +15,13 @@ pub(super) async fn complete(
         tokio::time::sleep(latency).await;
     }
     if fail_models.contains(&req.model) {
-        return Err(ProviderError::Status {
-            status: 503,
-            body: format!("mock provider configured to fail {}", req.model),
-        });
+        return Err(ProviderError::status(
+            503,
+            &format!(
+                r#"{{"error": {{"message": "mock provider configured to fail {}", "type": "server_error"}}}}"#,
+                req.model
+            ),
+        ));
     }
     Ok((mock_completion(req, output_tokens), 1))
 }

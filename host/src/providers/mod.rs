@@ -58,15 +58,18 @@ pub enum ProviderError {
     /// Could not connect or the connection broke.
     #[error("connection error: {0}")]
     Connect(String),
-    /// Non-success HTTP status.
-    #[error("HTTP {status}: {body}")]
+    /// Non-success HTTP status. Only the status and the provider's error code reach messages
+    /// and logs: an error body may echo the prompt.
+    #[error("HTTP {status}{}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
     Status {
         /// Status code.
         status: u16,
-        /// Start of the response body.
-        body: String,
+        /// The provider's error code or type (`error.code`, else `error.type`, as in OpenAI's
+        /// and Anthropic's error bodies), when it is a short identifier.
+        code: Option<String>,
     },
-    /// The response was not in the expected shape.
+    /// The response was not in the expected shape. The text says where, never what: the
+    /// response may hold model output.
     #[error("unexpected response: {0}")]
     Decode(String),
     /// Configuration problem (e.g. missing API key).
@@ -75,6 +78,36 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// A non-success status with the error code of `body` (if it names one).
+    pub fn status(status: u16, body: &str) -> Self {
+        let code = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| {
+                let e = v.get("error")?;
+                ["code", "type"]
+                    .iter()
+                    .find_map(|k| e.get(*k).and_then(serde_json::Value::as_str))
+                    .map(str::to_owned)
+            })
+            .filter(|c| {
+                !c.is_empty()
+                    && c.len() <= 64
+                    && c.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            });
+        Self::Status { status, code }
+    }
+
+    /// A response that does not decode: the kind of error and where, without the text.
+    pub fn decode(e: &serde_json::Error) -> Self {
+        let place = if e.line() > 0 {
+            format!(" at line {}, column {}", e.line(), e.column())
+        } else {
+            String::new()
+        };
+        Self::Decode(format!("{:?} error{place}", e.classify()).to_lowercase())
+    }
+
     /// Worth retrying on the same provider.
     pub fn retryable(&self) -> bool {
         match self {
@@ -196,27 +229,43 @@ mod tests {
     fn retryable_classification() {
         assert!(ProviderError::Status {
             status: 429,
-            body: String::new()
+            code: None
         }
         .retryable());
         assert!(ProviderError::Status {
             status: 503,
-            body: String::new()
+            code: None
         }
         .retryable());
         assert!(!ProviderError::Status {
             status: 400,
-            body: String::new()
+            code: None
         }
         .retryable());
         assert!(ProviderError::Timeout(Duration::from_secs(1)).retryable());
         assert_eq!(
             ProviderError::Status {
                 status: 502,
-                body: String::new()
+                code: None
             }
             .kind(),
             "provider_5xx"
         );
+    }
+
+    #[test]
+    fn errors_name_status_and_code_never_the_body() {
+        let e = ProviderError::status(
+            400,
+            r#"{"error": {"message": "your prompt 'secret plan' is too long", "type": "invalid_request_error", "code": "context_length_exceeded"}}"#,
+        );
+        assert_eq!(e.to_string(), "HTTP 400 (context_length_exceeded)");
+        let e = ProviderError::status(502, "<html>upstream said: secret plan</html>");
+        assert_eq!(e.to_string(), "HTTP 502");
+        let bad =
+            serde_json::from_str::<serde_json::Value>("{\"answer\": secret plan}").unwrap_err();
+        let e = ProviderError::decode(&bad);
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(e.to_string().contains("line 1"), "{e}");
     }
 }

@@ -58,7 +58,7 @@ pub(super) async fn call(
         )
         .await?;
     let parsed: OpenAiResponse =
-        serde_json::from_value(value).map_err(|e| ProviderError::Decode(e.to_string()))?;
+        serde_json::from_value(value).map_err(|e| ProviderError::decode(&e))?;
     let choice = parsed
         .choices
         .into_iter()
