@@ -96,4 +96,12 @@ pub enum EdgeError {
     /// Too many reservations wait for reports.
     #[error("{0} edge requests are waiting for their reports; refusing more until some report or expire")]
     Overloaded(usize),
+    /// Too many reservations of one tenant wait for reports.
+    #[error("tenant {tenant} has {pending} edge requests waiting for their reports (at most {max}); refusing more for it until some report or expire", max = crate::gateway::edge::MAX_PENDING_PER_TENANT)]
+    TenantOverloaded {
+        /// The tenant.
+        tenant: String,
+        /// Its reservations waiting.
+        pending: usize,
+    },
 }

@@ -94,6 +94,8 @@ fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
         ),
         EdgeError::BadCall { .. } => ApiError::BadEdgeCall(e.to_string()),
         EdgeError::Unlogged(_) => ApiError::EdgeReportUnlogged,
-        EdgeError::Overloaded(_) => ApiError::EdgeOverloaded(e.to_string()),
+        EdgeError::Overloaded(_) | EdgeError::TenantOverloaded { .. } => {
+            ApiError::EdgeOverloaded(e.to_string())
+        }
     }
 }

@@ -36,6 +36,7 @@ use crate::snapshots::LiveSnapshots;
 pub use super::error::EdgeError;
 pub use state::{
     EdgeState, EDGE_RESERVATION_TTL, MAX_AGGREGATES_PER_CALL, MAX_EDGE_AGGREGATES, MAX_PENDING,
+    MAX_PENDING_PER_TENANT,
 };
 
 mod report;

@@ -23,6 +23,10 @@ pub const MAX_EDGE_AGGREGATES: usize = 256;
 /// Most reservations waiting for a report; beyond it context calls are refused (503), so a
 /// flood of context calls cannot grow memory or hold budgets without bound.
 pub const MAX_PENDING: usize = 100_000;
+/// Most reservations one tenant may have waiting for reports: a flood of context calls for one
+/// tenant (a broken or hostile filter, a client Envoy forwards unchecked) cannot take the
+/// room every other tenant's requests need, nor pin their shared budgets with phantom holds.
+pub const MAX_PENDING_PER_TENANT: usize = 10_000;
 /// Most reported request ids remembered at once (16 bytes each); within it every id is kept
 /// for [`EDGE_RESERVATION_TTL`], the longest a filter retries a report.
 const REPORTED_MEMORY: usize = 2_000_000;
@@ -33,6 +37,44 @@ struct Entry {
     /// what the report claims.
     issued: RequestContext,
     created: Instant,
+}
+
+/// Reservations waiting for reports, by request id, and how many each tenant holds.
+#[derive(Default)]
+struct Pending {
+    map: HashMap<String, Entry>,
+    per_tenant: HashMap<String, usize>,
+}
+
+impl Pending {
+    fn insert(&mut self, id: String, entry: Entry) {
+        *self
+            .per_tenant
+            .entry(entry.issued.tenant_id.clone())
+            .or_default() += 1;
+        if let Some(old) = self.map.insert(id, entry) {
+            self.uncount(&old.issued.tenant_id);
+        }
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.map.remove(id)?;
+        self.uncount(&entry.issued.tenant_id);
+        Some(entry)
+    }
+
+    fn uncount(&mut self, tenant: &str) {
+        if let Some(n) = self.per_tenant.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_tenant.remove(tenant);
+            }
+        }
+    }
+
+    fn of_tenant(&self, tenant: &str) -> usize {
+        self.per_tenant.get(tenant).copied().unwrap_or(0)
+    }
 }
 
 /// Where a report of a request id stands.
@@ -57,7 +99,7 @@ struct Reported {
 /// Edge bookkeeping inside the gateway.
 #[derive(Default)]
 pub struct EdgeState {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Pending>,
     aggregates: RwLock<Vec<Aggregate>>,
     keys: Mutex<HashSet<SpecKey>>,
     reported: Mutex<Reported>,
@@ -71,7 +113,7 @@ impl EdgeState {
 
     /// Reservations waiting for a report.
     pub fn pending(&self) -> usize {
-        self.entries.lock().len()
+        self.entries.lock().map.len()
     }
 
     /// Register `aggregates`; `Ok(true)` when any was new (compute before answering).
@@ -111,9 +153,16 @@ impl EdgeState {
     /// Release reservations older than `ttl`; returns how many.
     pub fn expire(&self, ttl: Duration) -> usize {
         let mut entries = self.entries.lock();
-        let before = entries.len();
-        entries.retain(|_, e| e.created.elapsed() < ttl);
-        before - entries.len()
+        let old: Vec<String> = entries
+            .map
+            .iter()
+            .filter(|(_, e)| e.created.elapsed() >= ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &old {
+            entries.remove(id);
+        }
+        old.len()
     }
 
     /// The reservation `ctx`'s request holds in `ledger` at `dims` (its [`Dims::of`]): made by
@@ -132,12 +181,18 @@ impl EdgeState {
             ctx.estimated_tokens_out,
         );
         let mut entries = self.entries.lock();
-        if entries.len() >= MAX_PENDING && !entries.contains_key(&ctx.request_id) {
-            return Err(EdgeError::Overloaded(entries.len()));
-        }
-        let entry = entries
-            .entry(ctx.request_id.clone())
-            .or_insert_with(|| Entry {
+        if !entries.map.contains_key(&ctx.request_id) {
+            if entries.map.len() >= MAX_PENDING {
+                return Err(EdgeError::Overloaded(entries.map.len()));
+            }
+            let held = entries.of_tenant(&ctx.tenant_id);
+            if held >= MAX_PENDING_PER_TENANT {
+                return Err(EdgeError::TenantOverloaded {
+                    tenant: ctx.tenant_id.clone(),
+                    pending: held,
+                });
+            }
+            let entry = Entry {
                 reservation: ledger.reserve(
                     dims.clone(),
                     ctx.unix_time_ms,
@@ -147,7 +202,12 @@ impl EdgeState {
                 ),
                 issued: ctx.clone(),
                 created: Instant::now(),
-            });
+            };
+            entries.insert(ctx.request_id.clone(), entry);
+        }
+        let Some(entry) = entries.map.get_mut(&ctx.request_id) else {
+            return Err(EdgeError::Overloaded(0));
+        };
         if entry.reservation.dims() != dims {
             entry
                 .reservation
@@ -160,6 +220,7 @@ impl EdgeState {
     pub(crate) fn issued(&self, request_id: &str) -> Option<RequestContext> {
         self.entries
             .lock()
+            .map
             .get(request_id)
             .map(|e| e.issued.clone())
     }
@@ -283,6 +344,49 @@ mod tests {
             state.begin_report(&format!("bulk-{i}"));
         }
         assert_eq!(state.begin_report("req-1"), ReportState::Done);
+    }
+
+    #[test]
+    fn one_tenant_cannot_hold_every_pending_reservation() {
+        let state = EdgeState::default();
+        let ledger = Ledger::default();
+        let ctx = |tenant: &str, i: usize| RequestContext {
+            request_id: format!("req-{tenant}-{i}"),
+            tenant_id: tenant.into(),
+            caller_id: None,
+            feature_id: None,
+            experiment_id: None,
+            budget_namespace: "default".into(),
+            route_name: "/answer-routed".into(),
+            requested_tier: "cheap".into(),
+            model: "gpt-4o-mini".into(),
+            estimated_tokens_in: 10,
+            estimated_tokens_out: 10,
+            estimated_cost_usd: 0.001,
+            tiers: Vec::new(),
+            unix_time_ms: 1,
+        };
+        for i in 0..MAX_PENDING_PER_TENANT {
+            let c = ctx("flood", i);
+            state.hold(&ledger, &c, &Dims::of(&c)).unwrap();
+        }
+        let c = ctx("flood", MAX_PENDING_PER_TENANT);
+        let err = state
+            .hold(&ledger, &c, &Dims::of(&c))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tenant flood"), "{err}");
+        // The same id again is not a new reservation; other tenants are served.
+        let again = ctx("flood", 0);
+        assert!(state.hold(&ledger, &again, &Dims::of(&again)).is_ok());
+        let other = ctx("acme", 0);
+        assert!(state.hold(&ledger, &other, &Dims::of(&other)).is_ok());
+        // A report frees room for its tenant.
+        let (r, issued) = state.take("req-flood-1").unwrap();
+        assert_eq!(issued.tenant_id, "flood");
+        drop(r);
+        assert!(state.hold(&ledger, &c, &Dims::of(&c)).is_ok());
+        assert_eq!(state.pending(), MAX_PENDING_PER_TENANT + 1);
     }
 
     #[test]
