@@ -49,10 +49,10 @@ impl Drop for Watch {
 }
 
 /// Counts a request in flight until dropped.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+pub(super) struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
 
 impl<'a> InFlight<'a> {
-    fn enter(counter: &'a std::sync::atomic::AtomicU64) -> Self {
+    pub(super) fn enter(counter: &'a std::sync::atomic::AtomicU64) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         Self(counter)
     }

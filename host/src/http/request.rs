@@ -83,6 +83,7 @@ impl Caller<'_> {
             return Ok(());
         };
         self.may_act_for(scope.tenant)?;
+        let named = scope.namespace.is_some();
         let namespace = scope
             .namespace
             .clone()
@@ -97,10 +98,12 @@ impl Caller<'_> {
         let policies = gw.policies();
         let defined = |n: &str| policies.namespaces().any(|ns| ns.name() == n);
         // `default` is where requests have always gone when they name nothing; a policy
-        // without it simply has no rules for them — but only for keys bound to it by name:
-        // a key allowed every namespace (`*`) cannot step outside all rules through it.
-        let bound_to_default =
-            namespace == DEFAULT_NAMESPACE && key.namespaces.iter().any(|n| n == DEFAULT_NAMESPACE);
+        // without it simply has no rules for them — when the key puts the request there (it
+        // lists `default`, or it is the key's default and the request names none), never
+        // because a client named it through `*`.
+        let bound_to_default = namespace == DEFAULT_NAMESPACE
+            && (key.namespaces.iter().any(|n| n == DEFAULT_NAMESPACE)
+                || (!named && key.default_namespace == DEFAULT_NAMESPACE));
         if !defined(&namespace) && !bound_to_default {
             let usable = policies
                 .namespaces()

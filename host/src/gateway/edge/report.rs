@@ -20,6 +20,8 @@ impl Gateway {
     /// Record a filter's report: settle the reservation, append telemetry and decision lines.
     /// Returns false when the request id was already reported (nothing written again).
     pub async fn edge_report(&self, report: &Report) -> Result<bool, EdgeError> {
+        // Counted with the gateway's own requests: shutdown waits for it to record.
+        let _in_flight = crate::gateway::lifecycle::InFlight::enter(&self.in_flight);
         let ctx = self.reported_context(report)?;
         let ctx = ctx.as_ref();
         let model = self.reported_model(ctx, &report.effective_tier)?;

@@ -208,6 +208,32 @@ impl EdgeState {
         let Some(entry) = entries.map.get_mut(&ctx.request_id) else {
             return Err(EdgeError::Overloaded(0));
         };
+        // A later filter of the chain sees the same request at another tier: same payer.
+        // Another payer under the same id would move the hold to its budget while the report
+        // is charged to the first one.
+        let first = &entry.issued;
+        if (
+            &first.tenant_id,
+            &first.budget_namespace,
+            &first.feature_id,
+            &first.experiment_id,
+            &first.caller_id,
+        ) != (
+            &ctx.tenant_id,
+            &ctx.budget_namespace,
+            &ctx.feature_id,
+            &ctx.experiment_id,
+            &ctx.caller_id,
+        ) {
+            return Err(EdgeError::BadCall {
+                field: "request_id",
+                message: format!(
+                    "{} is held for another tenant, namespace, feature, experiment or caller; \
+                     every filter of a chain must send the same request",
+                    ctx.request_id
+                ),
+            });
+        }
         if entry.reservation.dims() != dims {
             entry
                 .reservation
@@ -238,7 +264,13 @@ impl EdgeState {
     /// retry settles it.
     pub(crate) fn restore(&self, request_id: &str, held: (Reservation, RequestContext)) {
         let (reservation, issued) = held;
-        self.entries.lock().insert(
+        let mut entries = self.entries.lock();
+        // A context call for the id since then holds a newer reservation: keep that one (the
+        // one handed back is released when dropped here).
+        if entries.map.contains_key(request_id) {
+            return;
+        }
+        entries.insert(
             request_id.to_owned(),
             Entry {
                 reservation,
@@ -381,6 +413,15 @@ mod tests {
         assert!(state.hold(&ledger, &again, &Dims::of(&again)).is_ok());
         let other = ctx("acme", 0);
         assert!(state.hold(&ledger, &other, &Dims::of(&other)).is_ok());
+        // The same id for another payer is refused, and the hold stays where it was.
+        let mut thief = ctx("acme", 0);
+        thief.request_id = "req-flood-0".into();
+        let err = state
+            .hold(&ledger, &thief, &Dims::of(&thief))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("request_id"), "{err}");
+        assert_eq!(state.issued("req-flood-0").unwrap().tenant_id, "flood");
         // A report frees room for its tenant.
         let (r, issued) = state.take("req-flood-1").unwrap();
         assert_eq!(issued.tenant_id, "flood");
