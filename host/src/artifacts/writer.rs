@@ -54,12 +54,8 @@ impl Drop for StepDown<'_> {
     fn drop(&mut self) {
         let mut q = self.0.queue.lock();
         if !q.jobs.is_empty() {
-            let this = Arc::clone(self.0);
             drop(q);
-            let spawned = std::thread::Builder::new()
-                .name("llmscope-artifacts".into())
-                .spawn(move || this.lead(false));
-            if spawned.is_ok() {
+            if self.0.hand_off() {
                 return;
             }
             q = self.0.queue.lock();
@@ -84,6 +80,16 @@ struct Queue {
 const LEADER_ROUNDS: usize = 4;
 
 impl Shared {
+    /// Make a thread of its own the leader (unbounded: it writes until the queue is empty);
+    /// false when no thread could be started.
+    fn hand_off(self: &Arc<Self>) -> bool {
+        let this = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("llmscope-artifacts".into())
+            .spawn(move || this.lead(false))
+            .is_ok()
+    }
+
     /// Write queued batches until the queue is empty, then step down. A `bounded` leader (a
     /// request) hands what is still queued after [`LEADER_ROUNDS`] to a thread of its own.
     fn lead(self: &Arc<Self>, bounded: bool) {
@@ -102,11 +108,7 @@ impl Shared {
                 }
                 if bounded && round >= LEADER_ROUNDS {
                     drop(q);
-                    let this = Arc::clone(self);
-                    let spawned = std::thread::Builder::new()
-                        .name("llmscope-artifacts".into())
-                        .spawn(move || this.lead(false));
-                    if spawned.is_ok() {
+                    if self.hand_off() {
                         std::mem::forget(guard);
                         return;
                     }
