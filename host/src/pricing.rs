@@ -49,9 +49,12 @@ impl Tokenizer {
     /// to the runtime's other tasks ([`tokio::task::block_in_place`]): BPE costs 100–400 ms of
     /// CPU per MiB.
     pub fn count(self, text: &str) -> u32 {
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if text.len() >= OFF_WORKER_BYTES && multi_thread {
+        let multi_thread = || {
+            tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        };
+        // The runtime is looked up only for large texts: `count` runs several times per request.
+        if text.len() >= OFF_WORKER_BYTES && multi_thread() {
             tokio::task::block_in_place(|| self.count_now(text))
         } else {
             self.count_now(text)
