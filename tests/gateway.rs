@@ -400,6 +400,16 @@ async fn api_keys_gate_tenants() {
     );
 }
 
+/// The policy set `gw` serves (`GET /v1/policies`, auth off).
+async fn served_policies(gw: &Gateway) -> Value {
+    reqwest::get(gw.at("/v1/policies"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..200 {
         if check().await {
@@ -429,12 +439,7 @@ async fn hot_reload_adds_rejects_and_fixes_policies_without_a_restart() {
         post(&infer, request.clone()).await.0 == 402
     })
     .await;
-    let policies: Value = reqwest::get(gw.at("/v1/policies"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let policies = served_policies(&gw).await;
     assert_eq!(policies["version"], "v2");
 
     // Break it: rejected, the previous set keeps serving.
@@ -471,12 +476,7 @@ async fn hot_reload_adds_rejects_and_fixes_policies_without_a_restart() {
         post(&infer, request.clone()).await.0 == 200
     })
     .await;
-    let policies: Value = reqwest::get(gw.at("/v1/policies"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let policies = served_policies(&gw).await;
     assert_eq!(policies["version"], "v4");
 }
 
@@ -540,12 +540,7 @@ async fn hot_reload_follows_a_configmap_symlink_swap() {
         post(&infer, request.clone()).await.0 == 402
     })
     .await;
-    let policies: Value = reqwest::get(gw.at("/v1/policies"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let policies = served_policies(&gw).await;
     assert_eq!(policies["version"], "v2");
 }
 
@@ -797,12 +792,7 @@ async fn health_readiness_metrics_and_policies() {
         metrics.contains("\nllmscope_requests_in_flight 0\n"),
         "both requests finished: {metrics}"
     );
-    let policies: Value = reqwest::get(gw.at("/v1/policies"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let policies = served_policies(&gw).await;
     assert_eq!(
         policies["namespaces"]["tight"]["rules"][0]["id"],
         "tight-cap"
