@@ -26,8 +26,17 @@ fn port_of(url: &str) -> u16 {
         .unwrap()
 }
 
+/// The filters' key: the host takes edge calls from an edge key only.
+const EDGE_KEY: &str = "edge-key-0123456789";
+
 fn host(on_unavailable: &str, timeout_ms: u64) -> Value {
-    json!({"cluster": "llmscope", "timeout_ms": timeout_ms, "on_unavailable": on_unavailable})
+    json!({"cluster": "llmscope", "timeout_ms": timeout_ms, "on_unavailable": on_unavailable,
+           "api_key": EDGE_KEY})
+}
+
+/// The host's auth: the filters' edge key.
+fn edge_auth() -> String {
+    format!("auth:\n  api_keys:\n    - {{key: {EDGE_KEY}, kind: edge, tenants: [\"*\"]}}\n")
 }
 
 fn budget(id: &str, limit_usd: f64) -> Value {
@@ -54,7 +63,9 @@ async fn start_envoy(config: String) -> Envoy {
 
 async fn stack(filters: Vec<Filter>) -> Stack {
     let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
-    let gw = Gateway::start(&Options::new(&seed));
+    let mut opts = Options::new(&seed);
+    opts.extra_yaml = edge_auth();
+    let gw = Gateway::start(&opts);
     let upstream = Upstream::start().await;
     let config = envoy::config(&filters, port_of(&gw.url), upstream.addr.port());
     let envoy = start_envoy(config).await;
@@ -597,6 +608,65 @@ async fn unreachable_host_fails_closed_by_default_and_open_when_configured() {
     );
 }
 
+/// A report used to be retried 8 times, 20 ms apart: a host restart of a fraction of a second
+/// lost it, and with it a call the upstream billed. Now it backs off exponentially for as long
+/// as the host holds reservations, and gives-ups are counted in Envoy's stats.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_report_waits_out_a_host_restart() {
+    let upstream = Upstream::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let envoy = start_envoy(envoy::config(
+        &[Filter::builtin(
+            "budget_threshold",
+            &budget("cap", 100.0),
+            &host("open", 500),
+        )],
+        port,
+        upstream.addr.port(),
+    ))
+    .await;
+    let (status, _, body) = chat(&envoy, "acme", "gpt-4o").await;
+    assert_eq!(status, 200, "fails open while the host is down: {body}");
+    // The host is down for 2 s: far longer than the old retries lasted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
+    let mut opts = Options::new(&seed);
+    opts.extra_yaml = edge_auth();
+    opts.config_template = Some(
+        llmscope_tests::gateway::BASE_CONFIG.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    );
+    let gw = Gateway::start(&opts);
+    let mut lines = Vec::new();
+    for _ in 0..200 {
+        lines = read_jsonl(&gw.telemetry);
+        if !lines.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        lines.len(),
+        1,
+        "the report arrived once: {lines:?}\n{}",
+        envoy.log()
+    );
+    assert_eq!(lines[0]["tenant_id"], "acme");
+    assert_eq!(lines[0]["status"], "ok", "{}", lines[0]);
+    assert!(lines[0]["cost_usd"].as_f64().unwrap() > 0.0, "{}", lines[0]);
+    let stats = reqwest::get(format!(
+        "{}/stats?filter=llmscope_reports_dropped",
+        envoy.admin
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(stats.contains("llmscope_reports_dropped: 0"), "{stats}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_host_hits_the_timeout_and_fails_closed() {
     let upstream = Upstream::start().await;
@@ -705,7 +775,10 @@ async fn client_errors_are_answered_like_the_host_and_not_forwarded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_example_config_chains_the_seed_namespace() {
     let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
-    let gw = Gateway::start(&Options::new(&seed));
+    // As examples/llmscope.yaml: no keys, the edge endpoints opened for the local Envoy.
+    let mut opts = Options::new(&seed);
+    opts.extra_yaml = "auth: {unauthenticated_edge: true}\n".into();
+    let gw = Gateway::start(&opts);
     let upstream = Upstream::start().await;
     let root = llmscope_tests::root();
     for p in ["budget_threshold", "route_preference", "cost_anomaly"] {

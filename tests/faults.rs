@@ -622,6 +622,7 @@ async fn edge_reports_are_recorded_once_after_a_failed_write_and_with_the_issued
     std::os::unix::fs::symlink("/dev/full", &telemetry).unwrap();
     let mut opts = Options::new(&capped_policy());
     opts.logs = Some((telemetry.clone(), dir.path().join("policy_decisions.jsonl")));
+    opts.extra_yaml = "auth: {unauthenticated_edge: true}\n".into();
     let gw = Gateway::start(&opts);
     let client = reqwest::Client::new();
     let context = |id: &str| {

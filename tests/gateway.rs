@@ -956,9 +956,9 @@ async fn snapshot_endpoint_rejects_bad_parameters() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn edge_calls_need_a_star_key_and_name_what_is_wrong() {
+async fn edge_calls_need_an_edge_key_and_name_what_is_wrong() {
     let mut opts = Options::new(&policy_yaml());
-    opts.extra_yaml = "auth:\n  api_keys:\n    - {key: acme-key-0123456789, tenants: [acme-corp]}\n    - {key: admin-key-0123456789, tenants: [\"*\"]}\n".into();
+    opts.extra_yaml = "auth:\n  api_keys:\n    - {key: acme-key-0123456789, tenants: [acme-corp]}\n    - {key: admin-key-0123456789, tenants: [\"*\"]}\n    - {key: edge-key-0123456789, kind: edge, tenants: [\"*\"]}\n".into();
     let gw = Gateway::start(&opts);
     let client = reqwest::Client::new();
     let call = |key: Option<&'static str>, body: Value| {
@@ -985,7 +985,10 @@ async fn edge_calls_need_a_star_key_and_name_what_is_wrong() {
         403,
         "a tenant key is not enough"
     );
-    let (status, relay, body) = call(Some("admin-key-0123456789"), good).await;
+    let (status, _, body) = call(Some("admin-key-0123456789"), good.clone()).await;
+    assert_eq!(status, 403, "a `*` client key is not an edge key: {body}");
+    assert_eq!(body["error"], "wrong_key_kind", "{body}");
+    let (status, relay, body) = call(Some("edge-key-0123456789"), good).await;
     assert_eq!((status, relay), (200, false), "{body}");
     assert_eq!(body["request"]["request_id"], "req-edge-1");
     assert_eq!(body["request"]["tenant_id"], "acme-corp");
@@ -993,7 +996,7 @@ async fn edge_calls_need_a_star_key_and_name_what_is_wrong() {
 
     // The filter's own mistakes: 400, not relayed to the client.
     let (status, relay, body) = call(
-        Some("admin-key-0123456789"),
+        Some("edge-key-0123456789"),
         json!({"request_id": "bad id!", "body": {"prompt": "hi", "tenant_id": "a"}}),
     )
     .await;
@@ -1003,7 +1006,7 @@ async fn edge_calls_need_a_star_key_and_name_what_is_wrong() {
         "{body}"
     );
     let (status, _, body) = call(
-        Some("admin-key-0123456789"),
+        Some("edge-key-0123456789"),
         json!({"body": {}, "aggregates": [{"key": "k", "metric": "cost_usd", "aggregation": "sum", "scope": [], "window": {"rolling_seconds": 60}, "include_in_flight": true, "extra": 1}]}),
     )
     .await;
@@ -1015,14 +1018,14 @@ async fn edge_calls_need_a_star_key_and_name_what_is_wrong() {
 
     // The client's mistakes: relayed as the host would answer them.
     let (status, relay, body) = call(
-        Some("admin-key-0123456789"),
+        Some("edge-key-0123456789"),
         json!({"body": {"prompt": "hi"}}),
     )
     .await;
     assert_eq!((status, relay), (422, true));
     assert_eq!(body["detail"][0]["field"], "tenant_id");
     let (status, relay, body) = call(
-        Some("admin-key-0123456789"),
+        Some("edge-key-0123456789"),
         json!({"body": {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}], "metadata": {"tenant_id": "acme-corp"}}}),
     )
     .await;

@@ -52,6 +52,11 @@ namespaces:
     rules: []
 "#;
 
+/// With authentication off, what opens the edge endpoints to whoever reaches the port.
+const OPEN_EDGE: &str = "auth: {unauthenticated_edge: true}\n";
+
+const EDGE: &str = "edge-key-0123456789";
+
 /// A policy that allows everything.
 const NO_RULES: &str = "version: \"open\"\nnamespaces:\n  default:\n    rules: []\n";
 
@@ -528,7 +533,9 @@ async fn a_star_namespace_key_cannot_escape_every_rule_through_an_undefined_defa
 /// billed at another model, n times, than what was priced.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_edge_body_without_messages_cannot_name_a_model_or_many_completions() {
-    let gw = Gateway::start(&Options::new(NO_RULES));
+    let mut opts = Options::new(NO_RULES);
+    opts.extra_yaml = OPEN_EDGE.into();
+    let gw = Gateway::start(&opts);
     for (extra, field) in [
         (json!({"model": "gpt-4o"}), "model"),
         (json!({"n": 64}), "n"),
@@ -542,5 +549,146 @@ async fn an_edge_body_without_messages_cannot_name_a_model_or_many_completions()
         let (status, answer) = send(&gw, "/v1/edge/context", None, &[], call).await;
         assert!((400..500).contains(&status), "{field}: {status} {answer}");
         assert!(answer.to_string().contains(field), "{answer}");
+    }
+}
+
+/// The edge endpoints reserve and record spend for any tenant. They used to answer anyone when
+/// authentication was off, and any `*` client key when it was on; a filter's key could also
+/// serve requests. Now: closed without keys unless `auth.unauthenticated_edge` opens them, an
+/// edge key (`kind: edge`) only, for its tenants, and good for nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_edge_endpoints_need_an_edge_key_for_the_tenant() {
+    let context = |tenant: &str, id: &str| {
+        json!({"request_id": id, "path": "/infer", "aggregates": [],
+               "body": {"prompt": "Summarize this document", "tenant_id": tenant}})
+    };
+    let closed = Gateway::start(&Options::new(NO_RULES));
+    let (status, answer) = send(
+        &closed,
+        "/v1/edge/context",
+        None,
+        &[],
+        context("acme", "req-e0"),
+    )
+    .await;
+    assert_eq!(status, 403, "auth off, edge not opened: {answer}");
+    assert_eq!(answer["error"], "edge_closed", "{answer}");
+    assert!(
+        answer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unauthenticated_edge"),
+        "{answer}"
+    );
+    let forged =
+        json!({"request": {"request_id": "req-forged"}, "effective_tier": "cheap", "status": 200});
+    let (status, answer) = send(&closed, "/v1/edge/report", None, &[], forged).await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(read_jsonl(&closed.telemetry).is_empty());
+
+    let gw = gateway_with(&format!(
+        "{}    - {{key: {EDGE}, kind: edge, tenants: [acme]}}\n",
+        legacy_auth()
+    ));
+    let (status, answer) = send(
+        &gw,
+        "/v1/edge/context",
+        Some(ADMIN),
+        &[],
+        context("acme", "req-e1"),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("wrong_key_kind")),
+        "{answer}"
+    );
+    let (status, answer) = send(
+        &gw,
+        "/v1/edge/context",
+        Some(EDGE),
+        &[],
+        context("victim", "req-e2"),
+    )
+    .await;
+    assert_eq!(status, 403, "the edge key does not list `victim`: {answer}");
+    let (status, answer) = send(
+        &gw,
+        "/v1/edge/context",
+        Some(EDGE),
+        &[],
+        context("acme", "req-e3"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let report = json!({"request": answer["request"], "effective_tier": answer["request"]["requested_tier"],
+                        "status": 200, "usage": {"tokens_in": 10, "tokens_out": 5}, "rules": []});
+    let (status, answer) = send(&gw, "/v1/edge/report", Some(ACME), &[], report.clone()).await;
+    assert_eq!(status, 403, "a tenant key cannot report spend: {answer}");
+    let (status, answer) = send(&gw, "/v1/edge/report", Some(EDGE), &[], report).await;
+    assert_eq!(
+        (status, answer["recorded"].as_bool()),
+        (200, Some(true)),
+        "{answer}"
+    );
+    assert_eq!(telemetry_of(&gw, "req-e3").await["tenant_id"], "acme");
+
+    // An edge key serves no requests and reads nothing.
+    let body = json!({"prompt": "Summarize this document", "tenant_id": "acme"});
+    let (status, answer) = infer(&gw, Some(EDGE), body).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("wrong_key_kind")),
+        "{answer}"
+    );
+    let (status, _) = get(&gw, "/v1/policies", EDGE).await;
+    assert_eq!(status, 403);
+}
+
+/// The Envoy path priced a request at the tier's model whatever the upstream answered with: an
+/// upstream (or a route rewrite) serving gpt-4o for a request priced at gpt-4o-mini was billed
+/// at 1/17 of its cost. The filter now reports the model the answer names, and the host
+/// prices at it (a dated snapshot name resolves to its model).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_report_is_priced_at_the_model_the_upstream_answered_with() {
+    let mut opts = Options::new(NO_RULES);
+    opts.extra_yaml = OPEN_EDGE.into();
+    let gw = Gateway::start(&opts);
+    for (id, answered, model, cost) in [
+        (
+            "req-m1",
+            "gpt-4o-2024-08-06",
+            "gpt-4o",
+            1000.0 * 2.5e-6 + 500.0 * 10e-6,
+        ),
+        (
+            "req-m2",
+            "gpt-4o-mini",
+            "gpt-4o-mini",
+            1000.0 * 0.15e-6 + 500.0 * 0.6e-6,
+        ),
+        (
+            "req-m3",
+            "some-unpriced-model",
+            "gpt-4o-mini",
+            1000.0 * 0.15e-6 + 500.0 * 0.6e-6,
+        ),
+    ] {
+        let call = json!({"request_id": id, "path": "/infer", "aggregates": [],
+                          "body": {"prompt": "Summarize this document", "tenant_id": "acme"}});
+        let (status, answer) = send(&gw, "/v1/edge/context", None, &[], call).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["request"]["model"], "gpt-4o-mini");
+        let report = json!({"request": answer["request"], "effective_tier": "cheap", "status": 200,
+                            "model": answered, "usage": {"tokens_in": 1000, "tokens_out": 500}, "rules": []});
+        let (status, answer) = send(&gw, "/v1/edge/report", None, &[], report).await;
+        assert_eq!(status, 200, "{answer}");
+        let t = telemetry_of(&gw, id).await;
+        assert_eq!(t["model"], model, "{answered}: {t}");
+        let billed = t["cost_usd"].as_f64().unwrap();
+        assert!(
+            (billed - cost).abs() < 1e-9,
+            "{answered}: {billed} vs {cost}: {t}"
+        );
     }
 }

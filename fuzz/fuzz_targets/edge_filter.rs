@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = edge::parse_config::<budget_threshold::BudgetThreshold>(data);
     let _ = edge::parse_config::<route_preference::RoutePreference>(data);
     let _ = edge::parse_usage(data);
+    let _ = edge::model_of_response(data);
     if let Ok(answer) = serde_json::from_slice::<ContextAnswer>(data) {
         if let (Some(cfg), Ok((_, settings))) = (
             config(),

@@ -413,6 +413,11 @@ pub fn enforce_priced(body: &mut Value, max_out: Option<u32>, openai: bool) -> b
     changed
 }
 
+/// How long the host holds an edge request's reservation for its report, and remembers a
+/// reported id; the filter retries a report for as long (then drops it, counted), so a retry
+/// can never be recorded twice.
+pub const RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Token usage found in a response; reported to the host, which reads it strictly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -486,6 +491,26 @@ pub fn parse_usage(body: &[u8]) -> (Option<Usage>, Option<String>) {
     (usage, finish)
 }
 
+/// The model a response names (`model` of a JSON answer; of the first event of a
+/// server-sent-event stream that has one, or of Anthropic's `message_start`).
+pub fn model_of_response(body: &[u8]) -> Option<String> {
+    let named = |v: &Value| {
+        v.get("model")
+            .or_else(|| v.pointer("/message/model"))
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty() && m.len() <= 256)
+            .map(str::to_owned)
+    };
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return named(&v);
+    }
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .filter_map(|data| serde_json::from_str::<Value>(data.trim()).ok())
+        .find_map(|v| named(&v))
+}
+
 /// The body of `POST /v1/edge/report`: serialized by the chain's first filter after the
 /// response (or a local reply), read strictly by the host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -514,6 +539,11 @@ pub struct Report {
     /// `finish_reason` / `stop_reason` from the response.
     #[serde(default)]
     pub finish_reason: Option<String>,
+    /// The model the upstream says it answered with (the response's `model`): the host prices
+    /// the request at it when it differs from the tier's. Left out when the response names
+    /// none, so reports stay readable by hosts that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// Every rule's outcome, in chain order.
     #[serde(default)]
     pub rules: Vec<RuleOutcome>,
@@ -801,5 +831,19 @@ mod tests {
             )
         );
         assert_eq!(parse_usage(b"not json"), (None, None));
+    }
+
+    #[test]
+    fn the_model_a_response_names() {
+        assert_eq!(
+            model_of_response(br#"{"model":"gpt-4o-2024-08-06","choices":[]}"#).as_deref(),
+            Some("gpt-4o-2024-08-06")
+        );
+        let sse = b"data: {\"model\":\"gpt-4o-mini\",\"choices\":[]}\n\ndata: [DONE]\n";
+        assert_eq!(model_of_response(sse).as_deref(), Some("gpt-4o-mini"));
+        let anthropic = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\"}}\n";
+        assert_eq!(model_of_response(anthropic).as_deref(), Some("claude-x"));
+        assert_eq!(model_of_response(br#"{"answer":"x"}"#), None);
+        assert_eq!(model_of_response(b"garbage"), None);
     }
 }

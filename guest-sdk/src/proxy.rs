@@ -19,7 +19,9 @@
 //!    (`host.timeout_ms`) or failing → 503 (`on_unavailable: closed`) or continue (`open`).
 //! 4. every filter appends its rule outcome to filter state; after the response the owner
 //!    queues one report (status, usage parsed from the response, latency, all outcomes) that
-//!    the root context sends to `POST /v1/edge/report`, retrying failures.
+//!    the root context sends to `POST /v1/edge/report`, retrying failures with exponential
+//!    backoff for as long as the host holds the reservation; a report given up on is counted
+//!    in Envoy's stats (`llmscope_reports_dropped`).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -28,7 +30,7 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use serde_json::Value;
 
 use crate::edge::{self, ContextAnswer, ContextRequest, FilterConfig, Report};
@@ -55,10 +57,18 @@ const CONTEXT_PROPERTY: &str = "llmscope_context";
 const MAX_RESPONSE_CAPTURE: usize = 1 << 20;
 /// Reports waiting to be sent, per worker; the oldest is dropped beyond this.
 const MAX_QUEUED_REPORTS: usize = 10_000;
-/// Attempts per report before it is dropped (with an error log line).
-const MAX_REPORT_ATTEMPTS: u32 = 8;
 /// How often the root context sends queued reports.
 const REPORT_TICK: Duration = Duration::from_millis(20);
+/// Wait before the first retry of a report; doubled after each failure up to
+/// [`MAX_RETRY_DELAY`], for as long as the host keeps the reservation
+/// ([`edge::RESERVATION_TTL`]): a host restart or a long outage loses no report.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Longest wait between two attempts of a report.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// Envoy counter of reports given up on (queue full, refused as malformed, or not accepted
+/// within [`edge::RESERVATION_TTL`]): `wasmcustom.llmscope_reports_dropped` in `/stats`,
+/// `envoy_wasmcustom_llmscope_reports_dropped` in `/stats/prometheus`.
+const DROPPED_METRIC: &str = "llmscope_reports_dropped";
 
 /// Register `P` as this module's root context. Called from `_initialize` by
 /// [`crate::export_policy!`].
@@ -70,22 +80,97 @@ pub fn start<P: Policy>() {
 struct Queued {
     body: Vec<u8>,
     attempts: u32,
+    /// When the report was queued: it is retried until [`edge::RESERVATION_TTL`] after.
+    queued_at: SystemTime,
 }
 
+/// The reports of one worker: new ones in `queue`, failed ones in `waiting` until their
+/// retry is due (keyed by due time, then a sequence number), sent ones in `in_flight`.
 #[derive(Default)]
 struct Reports {
     queue: VecDeque<Queued>,
+    waiting: BTreeMap<(SystemTime, u64), Queued>,
     in_flight: HashMap<u32, Queued>,
+    seq: u64,
+    /// The Envoy counter [`DROPPED_METRIC`], once defined.
+    dropped_metric: Option<u32>,
 }
 
 impl Reports {
     fn push(&mut self, body: Vec<u8>) {
-        if self.queue.len() >= MAX_QUEUED_REPORTS {
-            self.queue.pop_front();
+        if self.queue.len() + self.waiting.len() >= MAX_QUEUED_REPORTS {
+            let oldest = self.waiting.pop_first().map(|(_, q)| q);
+            if oldest.is_none() {
+                self.queue.pop_front();
+            }
+            self.dropped();
             log::error!("llmscope: report queue full ({MAX_QUEUED_REPORTS}); dropped the oldest report (is the host down?)");
         }
-        self.queue.push_back(Queued { body, attempts: 0 });
+        let queued_at = proxy_wasm::hostcalls::get_current_time().unwrap_or(UNIX_EPOCH);
+        self.queue.push_back(Queued {
+            body,
+            attempts: 0,
+            queued_at,
+        });
     }
+
+    /// Define [`DROPPED_METRIC`] (at configuration, so it shows as 0 before any drop).
+    fn define_metric(&mut self) {
+        if self.dropped_metric.is_none() {
+            self.dropped_metric =
+                proxy_wasm::hostcalls::define_metric(MetricType::Counter, DROPPED_METRIC).ok();
+        }
+    }
+
+    /// Count a report given up on.
+    fn dropped(&mut self) {
+        self.define_metric();
+        if let Some(id) = self.dropped_metric {
+            let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    /// Retry `q` after its backoff, or drop it (counted) when the host would no longer hold
+    /// its reservation by then. `what`: the failure, for the log.
+    fn retry(&mut self, mut q: Queued, now: SystemTime, what: &str) {
+        q.attempts += 1;
+        let due = now + retry_delay(q.attempts);
+        if due.duration_since(q.queued_at).unwrap_or_default() > edge::RESERVATION_TTL {
+            self.dropped();
+            log::error!(
+                "llmscope: report dropped after {} attempt(s) over {:?} (the host no longer \
+                 holds its reservation); last failure: {what}",
+                q.attempts,
+                edge::RESERVATION_TTL
+            );
+            return;
+        }
+        log::warn!(
+            "llmscope: report not accepted ({what}); retry {} in {:?}",
+            q.attempts,
+            retry_delay(q.attempts)
+        );
+        self.seq += 1;
+        self.waiting.insert((due, self.seq), q);
+    }
+
+    /// Move the reports whose retry is due to the front of the queue.
+    fn due(&mut self, now: SystemTime) {
+        while let Some(entry) = self.waiting.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            self.queue.push_front(entry.remove());
+        }
+    }
+}
+
+/// The wait before attempt `attempts + 1`: [`FIRST_RETRY_DELAY`] doubled per failure, at most
+/// [`MAX_RETRY_DELAY`].
+fn retry_delay(attempts: u32) -> Duration {
+    FIRST_RETRY_DELAY
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_RETRY_DELAY)
 }
 
 struct Configured<P: Policy> {
@@ -112,6 +197,8 @@ impl<P: Policy> Root<P> {
         let Some(c) = &self.configured else { return };
         let host = &c.cfg.host;
         let mut reports = self.reports.borrow_mut();
+        let now = self.get_current_time();
+        reports.due(now);
         while let Some(q) = reports.queue.pop_front() {
             match self.dispatch_http_call(
                 &host.cluster,
@@ -124,12 +211,8 @@ impl<P: Policy> Root<P> {
                     reports.in_flight.insert(token, q);
                 }
                 Err(status) => {
-                    log::warn!(
-                        "llmscope: cannot dispatch a report to cluster {}: {status:?}; will retry",
-                        host.cluster
-                    );
-                    reports.queue.push_front(q);
-                    break;
+                    let what = format!("cannot dispatch to cluster {}: {status:?}", host.cluster);
+                    reports.retry(q, now, &what);
                 }
             }
         }
@@ -138,7 +221,7 @@ impl<P: Policy> Root<P> {
 
 impl<P: Policy> Context for Root<P> {
     fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
-        let Some(mut q) = self.reports.borrow_mut().in_flight.remove(&token) else {
+        let Some(q) = self.reports.borrow_mut().in_flight.remove(&token) else {
             return;
         };
         let status = self.get_http_call_response_header(":status");
@@ -148,7 +231,6 @@ impl<P: Policy> Context for Root<P> {
         let body = self
             .get_http_call_response_body(0, body_size.min(512))
             .unwrap_or_default();
-        q.attempts += 1;
         let what = format!(
             "status {}: {}",
             status
@@ -156,15 +238,16 @@ impl<P: Policy> Context for Root<P> {
                 .unwrap_or("none (timeout or connection failure)"),
             String::from_utf8_lossy(&body)
         );
+        let mut reports = self.reports.borrow_mut();
         // 400 means the host refuses this report as malformed: retrying cannot help.
-        if q.attempts >= MAX_REPORT_ATTEMPTS || status.as_deref() == Some("400") {
+        if status.as_deref() == Some("400") {
+            reports.dropped();
             log::error!(
                 "llmscope: report dropped after {} attempt(s), host answered {what}",
-                q.attempts
+                q.attempts + 1
             );
         } else {
-            log::warn!("llmscope: report not accepted ({what}); will retry");
-            self.reports.borrow_mut().queue.push_back(q);
+            reports.retry(q, self.get_current_time(), &what);
         }
     }
 }
@@ -191,6 +274,7 @@ impl<P: Policy> RootContext for Root<P> {
                     cfg: Rc::new(cfg),
                     settings: Rc::new(settings),
                 });
+                self.reports.borrow_mut().define_metric();
                 self.set_tick_period(REPORT_TICK);
                 true
             }
@@ -474,6 +558,11 @@ impl<P: Policy> Filter<P> {
         } else {
             edge::parse_usage(&self.state.response)
         };
+        let model = if local_reply {
+            None
+        } else {
+            edge::model_of_response(&self.state.response)
+        };
         let latency_ms = match (self.state.dispatched_at, self.state.finished_at) {
             (Some(a), Some(b)) => ms_between(a, b),
             _ => 0.0,
@@ -504,6 +593,7 @@ impl<P: Policy> Filter<P> {
             latency_ms,
             usage,
             finish_reason,
+            model,
             rules: outcomes,
             host_error: self.state.host_error.take(),
         };

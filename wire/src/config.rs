@@ -60,6 +60,11 @@ pub struct GatewayConfig {
     /// are shared beyond one tenant (`auth.detailed_reasons`, default false: withheld, since
     /// they carry other tenants' spend).
     pub detailed_reasons: bool,
+    /// With authentication off, whether the edge endpoints (`/v1/edge/*`) answer anyone
+    /// (`auth.unauthenticated_edge: true`: a trusted network). Off by default: without keys
+    /// the edge endpoints refuse every call, since whoever reached them could reserve and
+    /// report spend for any tenant.
+    pub unauthenticated_edge: bool,
     /// Route used when a request names none.
     pub default_route: String,
     /// Tier used when a request names none.
@@ -195,6 +200,8 @@ pub struct ApiKey {
     pub feature_id: Option<String>,
     /// Experiment every request with this key is attributed to, whatever the client sends.
     pub experiment_id: Option<String>,
+    /// Client or edge key.
+    pub kind: KeyKind,
 }
 
 impl ApiKey {
@@ -368,6 +375,8 @@ struct RawAuth {
     api_keys: Vec<RawApiKey>,
     #[serde(default)]
     detailed_reasons: bool,
+    #[serde(default)]
+    unauthenticated_edge: bool,
 }
 
 #[derive(Deserialize)]
@@ -391,6 +400,22 @@ struct RawApiKey {
     feature_id: Option<String>,
     #[serde(default)]
     experiment_id: Option<String>,
+    #[serde(default)]
+    kind: KeyKind,
+}
+
+/// What a key is for: clients calling the inference and admin APIs, or an edge proxy (the
+/// Envoy filters) calling `/v1/edge/*`. Neither kind may call the other's endpoints, so a
+/// leaked tenant key cannot reserve or report spend, and a filter's key cannot serve
+/// requests or read figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    /// `/infer`, `/v1/chat/completions` and (with tenant `*`) the admin endpoints.
+    #[default]
+    Client,
+    /// Only `/v1/edge/context` and `/v1/edge/report`, for the tenants it lists.
+    Edge,
 }
 
 #[derive(Deserialize)]
@@ -473,6 +498,14 @@ impl GatewayConfig {
         check_routes(&raw, &mut problems);
         check_providers(&raw, &mut problems);
         let api_keys = api_keys(std::mem::take(&mut raw.auth.api_keys), env, &mut problems);
+        if raw.auth.unauthenticated_edge && !api_keys.is_empty() {
+            problems.add(
+                "auth.unauthenticated_edge".into(),
+                "API keys are configured, so the edge endpoints need a key of `kind: edge`; \
+                 remove `unauthenticated_edge` (it only opens them when authentication is off)"
+                    .into(),
+            );
+        }
         let max_prompt_bytes = check_server_limits(&raw, &mut problems);
         check_intervals(&raw, &mut problems);
         if !problems.0.is_empty() {
@@ -535,6 +568,7 @@ impl GatewayConfig {
             providers: raw.providers,
             api_keys,
             detailed_reasons: raw.auth.detailed_reasons,
+            unauthenticated_edge: raw.auth.unauthenticated_edge,
             default_route: raw.defaults.route,
             default_tier: raw.defaults.tier,
             duckdb_path: raw.analytics.duckdb_path.as_deref().map(resolve),
@@ -701,6 +735,9 @@ fn api_keys(
         let at = format!("auth.api_keys[{i}]");
         let (namespaces, default_namespace) =
             key_scopes(&k, &at, &mut |at, message| problems.add(at, message));
+        if k.kind == KeyKind::Edge {
+            edge_key_scopes(&k, &at, problems);
+        }
         let key = match (k.key, k.key_env) {
             (Some(key), None) => Some((key, format!("{at}.key"), "the key".to_owned())),
             (None, Some(var)) => match env(&var) {
@@ -762,11 +799,34 @@ fn api_keys(
                     default_namespace,
                     feature_id: k.feature_id,
                     experiment_id: k.experiment_id,
+                    kind: k.kind,
                 });
             }
         }
     }
     api_keys
+}
+
+/// An edge key proxies requests whose attribution comes from Envoy: client scopes
+/// (namespaces, fixed feature or experiment) do not apply to it.
+fn edge_key_scopes(k: &RawApiKey, at: &str, problems: &mut Problems) {
+    for (field, set) in [
+        ("namespaces", k.namespaces.is_some()),
+        ("default_namespace", k.default_namespace.is_some()),
+        ("feature_id", k.feature_id.is_some()),
+        ("experiment_id", k.experiment_id.is_some()),
+    ] {
+        if set {
+            problems.add(
+                format!("{at}.{field}"),
+                format!(
+                    "an edge key (`kind: edge`) only reserves and reports for the Envoy \
+                     filters, whose requests' attribution Envoy sets; remove `{field}`, or \
+                     make this a client key"
+                ),
+            );
+        }
+    }
 }
 
 /// The server's limits are at least 1; returns `server.max_prompt_bytes` with its default
@@ -982,6 +1042,36 @@ providers:
         assert_eq!(
             cfg.max_prompt_bytes, 1000,
             "the default is capped by the body limit"
+        );
+    }
+
+    #[test]
+    fn edge_keys_carry_no_client_scopes_and_unauthenticated_edge_needs_auth_off() {
+        let cfg = load(
+            "auth:\n  api_keys:\n    - {key: edge-key-0123456789, kind: edge, tenants: [\"*\"]}\n",
+        );
+        assert_eq!(cfg.api_keys[0].kind, KeyKind::Edge);
+        assert!(!cfg.unauthenticated_edge);
+        assert!(load("auth: {unauthenticated_edge: true}\n").unauthenticated_edge);
+        let problems = |extra: &str| {
+            GatewayConfig::parse(
+                &format!("{BASE}{extra}"),
+                Path::new("/x/llmscope.yaml"),
+                &|_| None,
+            )
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|p| p.at)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("auth:\n  api_keys:\n    - {key: edge-key-0123456789, kind: edge, tenants: [acme], namespaces: [demo], feature_id: f}\n"),
+            ["auth.api_keys[0].namespaces", "auth.api_keys[0].feature_id"]
+        );
+        assert_eq!(
+            problems("auth:\n  unauthenticated_edge: true\n  api_keys:\n    - {key: edge-key-0123456789, kind: edge, tenants: [\"*\"]}\n"),
+            ["auth.unauthenticated_edge"]
         );
     }
 }

@@ -241,7 +241,7 @@ pub fn run_bench(root: &Path, bin: &Path, seconds: u64, rate: f64) -> Result<Env
     let dir = std::env::temp_dir().join(format!("llmscope-bench-envoy-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // The host's own rules do not run for edge requests; the seed file keeps it valid.
-    let config_path = load::gateway_config(root, &dir, &root.join("examples/policy.yaml"))?;
+    let config_path = load::gateway_config(root, &dir, &root.join("examples/policy.yaml"), true)?;
     let (host, host_url) = load::spawn_gateway(bin, &config_path, &dir)?;
     let _host = Proc(host);
     let mut upstream = Command::new(bin);

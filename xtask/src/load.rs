@@ -227,12 +227,18 @@ pub fn bench_config(root: &Path, dir: &Path) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(dir)?;
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, BENCH_POLICY)?;
-    gateway_config(root, dir, &policy)
+    gateway_config(root, dir, &policy, false)
 }
 
 /// Write `dir/llmscope.yaml`: the example gateway config with `policy` as its policy file, the
-/// repository's components and no hot reload; returns its path.
-pub fn gateway_config(root: &Path, dir: &Path, policy: &Path) -> Result<std::path::PathBuf> {
+/// repository's components and no hot reload (`edge`: keep `/v1/edge/*` open for Envoy, as
+/// the example does); returns its path.
+pub fn gateway_config(
+    root: &Path,
+    dir: &Path,
+    policy: &Path,
+    edge: bool,
+) -> Result<std::path::PathBuf> {
     let example = std::fs::read_to_string(root.join("examples/llmscope.yaml"))?;
     let config = example
         .replace("file: policy.yaml", &format!("file: {}", policy.display()))
@@ -242,7 +248,8 @@ pub fn gateway_config(root: &Path, dir: &Path, policy: &Path) -> Result<std::pat
         )
         .replace("hot_reload: true", "hot_reload: false");
     // These server limits are spelled out at their defaults in the example; without them the
-    // config also loads in builds that predate them (`bench-gateway --compare`).
+    // config also loads in builds that predate them (`bench-gateway --compare`). The edge
+    // endpoints stay open only where Envoy calls them (`envoy-demo`, `bench-envoy`).
     let config: String = config
         .lines()
         .filter(|l| {
@@ -253,6 +260,7 @@ pub fn gateway_config(root: &Path, dir: &Path, policy: &Path) -> Result<std::pat
             ]
             .iter()
             .any(|k| l.trim_start().starts_with(k))
+                && (edge || !l.starts_with("auth: {unauthenticated_edge"))
         })
         .map(|l| format!("{l}\n"))
         .collect();

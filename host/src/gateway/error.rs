@@ -90,6 +90,12 @@ pub enum EdgeError {
         /// What is wrong.
         message: String,
     },
+    /// The edge key may not reserve or report for the request's tenant.
+    #[error("this edge key may not act for tenant `{tenant}`")]
+    TenantForbidden {
+        /// The request's tenant.
+        tenant: String,
+    },
     /// The lines could not be written.
     #[error("report not recorded: {0}")]
     Unlogged(WriteError),

@@ -11,13 +11,13 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Dialect};
-use super::request::{authorize, json_response, read_json, Body};
+use super::request::{authenticate_edge, json_response, read_json, Body};
 use crate::gateway::edge::{ContextRequest, EdgeError, Report};
 use crate::gateway::{Gateway, GatewayError};
 
 /// `POST /v1/edge/context`: price a proxied request and snapshot a filter's aggregates.
 pub async fn context(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    authorize(gw, req.headers(), Some("*"))?;
+    let key = authenticate_edge(gw, req.headers())?.key;
     gw.metrics().edge_call("context");
     let call: ContextRequest = read_edge(gw, req).await?;
     match gw.edge().register(&call.aggregates) {
@@ -33,7 +33,7 @@ pub async fn context(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Bo
     }
     let chat = call.body.get("messages").is_some();
     let answer = gw
-        .edge_context(&call)
+        .edge_context(&call, key)
         .map_err(|e| edge_error(e, chat, true))?;
     Ok(json_response(StatusCode::OK, &json!(answer)))
 }
@@ -42,11 +42,11 @@ pub async fn context(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Bo
 /// Recording runs on its own task: a filter that gives up waiting (its call timed out) cannot
 /// cut it off between taking the reservation and writing the lines.
 pub async fn report(gw: &Arc<Gateway>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    authorize(gw, req.headers(), Some("*"))?;
+    let key = authenticate_edge(gw, req.headers())?.key.cloned();
     gw.metrics().edge_call("report");
     let report: Report = read_edge(gw, req).await?;
     let detached = Arc::clone(gw);
-    let recorded = tokio::spawn(async move { detached.edge_report(&report).await })
+    let recorded = tokio::spawn(async move { detached.edge_report(&report, key.as_ref()).await })
         .await
         .map_err(|e| {
             ApiError::Gateway(GatewayError::Internal(format!(
@@ -94,6 +94,7 @@ fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
         ),
         EdgeError::BadCall { .. } => ApiError::BadEdgeCall(e.to_string()),
         EdgeError::Unlogged(_) => ApiError::EdgeReportUnlogged,
+        EdgeError::TenantForbidden { tenant } => ApiError::Forbidden { tenant },
         EdgeError::Overloaded(_) | EdgeError::TenantOverloaded { .. } => {
             ApiError::EdgeOverloaded(e.to_string())
         }

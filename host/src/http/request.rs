@@ -11,7 +11,7 @@ use llmscope_sdk::http::API_KEY_HEADER;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use crate::config::{ApiKey, DEFAULT_NAMESPACE};
+use crate::config::{ApiKey, KeyKind, DEFAULT_NAMESPACE};
 use crate::gateway::Gateway;
 use crate::requests::Inference;
 
@@ -42,18 +42,49 @@ pub fn authenticate<'a>(gw: &'a Gateway, headers: &HeaderMap) -> Result<Caller<'
     if gw.config().api_keys.is_empty() {
         return Ok(Caller { key: None });
     }
-    let presented = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok()));
-    let Some(presented) = presented else {
+    let Some(presented) = presented_key(headers) else {
         return Err(ApiError::MissingApiKey);
     };
     match gw.api_key(presented) {
+        Some(key) if key.kind == KeyKind::Edge => Err(ApiError::WrongKeyKind {
+            key: key.label.clone(),
+            kind: KeyKind::Edge,
+        }),
         Some(key) => Ok(Caller { key: Some(key) }),
         None => Err(ApiError::InvalidApiKey),
     }
+}
+
+/// Identify an edge proxy (`/v1/edge/*`): an API key of `kind: edge`, from its headers alone.
+/// With authentication off the edge endpoints answer only when `auth.unauthenticated_edge`
+/// says the network is trusted (403 otherwise); a client key is refused (403).
+pub fn authenticate_edge<'a>(gw: &'a Gateway, headers: &HeaderMap) -> Result<Caller<'a>, ApiError> {
+    let cfg = gw.config();
+    if cfg.api_keys.is_empty() {
+        return if cfg.unauthenticated_edge {
+            Ok(Caller { key: None })
+        } else {
+            Err(ApiError::EdgeClosed)
+        };
+    }
+    let presented = presented_key(headers).ok_or(ApiError::MissingApiKey)?;
+    match gw.api_key(presented) {
+        Some(key) if key.kind == KeyKind::Edge => Ok(Caller { key: Some(key) }),
+        Some(key) => Err(ApiError::WrongKeyKind {
+            key: key.label.clone(),
+            kind: KeyKind::Client,
+        }),
+        None => Err(ApiError::InvalidApiKey),
+    }
+}
+
+/// The key a request presents: `Authorization: Bearer <key>`, else `x-api-key`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok()))
 }
 
 impl Caller<'_> {

@@ -28,6 +28,7 @@ pub use llmscope_sdk::edge::{ContextAnswer, ContextRequest, Report, Usage};
 use llmscope_sdk::types::RequestContext;
 use serde_json::{Map, Value};
 
+use crate::config::ApiKey;
 use crate::gateway::{Gateway, Inference, PricedRequest};
 use crate::ledger::Dims;
 use crate::requests::{parse_chat, parse_infer};
@@ -122,7 +123,13 @@ impl Gateway {
 
     /// Answer a filter's context call (see the module docs). Register the call's aggregates
     /// with [`EdgeState::register`] and refresh first when any is new.
-    pub fn edge_context(&self, call: &ContextRequest) -> Result<ContextAnswer, EdgeError> {
+    /// `key`: the edge key the call came with (`None`: authentication is off); the request's
+    /// tenant must be one of its tenants.
+    pub fn edge_context(
+        &self,
+        call: &ContextRequest,
+        key: Option<&ApiKey>,
+    ) -> Result<ContextAnswer, EdgeError> {
         if let Some(id) = &call.request_id {
             if !valid_request_id(id) {
                 return Err(EdgeError::BadCall {
@@ -136,6 +143,7 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| format!("req-{}", uuid::Uuid::now_v7().simple()));
         let (ctx, tier_models) = self.price_call(call, request_id)?;
+        may_act_for(key, &ctx.tenant_id)?;
         let dims = Dims::of(&ctx);
         let own = self.edge.hold(self.ledger(), &ctx, &dims)?;
         let snapshot = {
@@ -153,6 +161,16 @@ impl Gateway {
             snapshot,
             tier_models,
         })
+    }
+}
+
+/// Refuse a request of a tenant the edge key does not list.
+fn may_act_for(key: Option<&ApiKey>, tenant: &str) -> Result<(), EdgeError> {
+    match key {
+        Some(k) if !k.allows(tenant) => Err(EdgeError::TenantForbidden {
+            tenant: tenant.to_owned(),
+        }),
+        _ => Ok(()),
     }
 }
 

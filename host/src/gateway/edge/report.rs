@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use llmscope_sdk::types::RequestContext;
 
 use crate::artifacts::{WriteError, Written};
+use crate::config::ApiKey;
 use crate::gateway::records::{provider_of, CostSource, Records, Status, Upstream, Verdict};
 use crate::gateway::Gateway;
 use crate::ledger::{Dims, Reservation, Sums};
@@ -19,12 +20,30 @@ use super::{valid_request_id, EdgeError, Report};
 impl Gateway {
     /// Record a filter's report: settle the reservation, append telemetry and decision lines.
     /// Returns false when the request id was already reported (nothing written again).
-    pub async fn edge_report(&self, report: &Report) -> Result<bool, EdgeError> {
+    /// `key`: the edge key the report came with (`None`: authentication is off); the
+    /// request's tenant must be one of its tenants.
+    pub async fn edge_report(
+        &self,
+        report: &Report,
+        key: Option<&ApiKey>,
+    ) -> Result<bool, EdgeError> {
         // Counted with the gateway's own requests: shutdown waits for it to record.
         let _in_flight = crate::gateway::lifecycle::InFlight::enter(&self.in_flight);
         let ctx = self.reported_context(report)?;
         let ctx = ctx.as_ref();
-        let model = self.reported_model(ctx, &report.effective_tier)?;
+        super::may_act_for(key, &ctx.tenant_id)?;
+        // A filter that never reached the host (fail-open) knows no tier: the request went
+        // out at the one its body asked for, as priced now.
+        let report = if report.effective_tier.is_empty() {
+            let mut at_requested = report.clone();
+            at_requested.effective_tier.clone_from(&ctx.requested_tier);
+            Cow::Owned(at_requested)
+        } else {
+            Cow::Borrowed(report)
+        };
+        let report = report.as_ref();
+        let tier_model = self.reported_model(ctx, &report.effective_tier)?;
+        let model = self.answered_model(tier_model, report.model.as_deref());
         match self.edge.begin_report(&ctx.request_id) {
             ReportState::Fresh => {}
             ReportState::Done => return Ok(false),
@@ -74,7 +93,10 @@ impl Gateway {
             telemetry.estimated_cost_usd,
             telemetry.cost_usd,
         );
-        self.settle_reported(ctx, model, held.map(|(r, _)| r), actual, written);
+        let held = held.map(|(r, _)| r);
+        // Spend at another model than reserved is kept under that model (as ingestion will).
+        let held = held.filter(|_| model == tier_model);
+        self.settle_reported(ctx, model, held, actual, written);
         Ok(true)
     }
 
@@ -137,6 +159,47 @@ impl Gateway {
             });
         };
         Ok(model)
+    }
+
+    /// The configured model a request was answered by: the one the upstream names in its
+    /// answer (`reported`: exactly a model's name or `provider_model`, else a dated snapshot
+    /// of one, as OpenAI answers `gpt-4o-2024-08-06` for `gpt-4o`), priced at its rates;
+    /// `tier_model` when the answer names none or one this gateway does not price.
+    fn answered_model<'a>(&'a self, tier_model: &'a str, reported: Option<&str>) -> &'a str {
+        let Some(reported) = reported else {
+            return tier_model;
+        };
+        let models = &self.config().models;
+        let upstream = |name: &'a String| {
+            let m = &models[name];
+            m.provider_model.as_deref().unwrap_or(name.as_str())
+        };
+        // The tier's model first: an answer that fits it is the expected one.
+        let names = std::iter::once(tier_model)
+            .filter_map(|t| models.get_key_value(t).map(|(k, _)| k))
+            .chain(models.keys());
+        let exact = names.clone().find(|n| upstream(n) == reported);
+        let snapshot = || {
+            names
+                .filter(|n| {
+                    reported
+                        .strip_prefix(upstream(n))
+                        .is_some_and(|rest| rest.starts_with('-'))
+                })
+                .max_by_key(|n| upstream(n).len())
+        };
+        match exact.or_else(snapshot) {
+            Some(name) => name.as_str(),
+            None => {
+                tracing::warn!(
+                    reported,
+                    priced_at = tier_model,
+                    "an edge report names a model this gateway does not price; priced at the \
+                     tier's model"
+                );
+                tier_model
+            }
+        }
     }
 
     /// A report's lines, and what the request spent when the upstream served it: denied

@@ -14,8 +14,9 @@ use crate::ledger::{Dims, Ledger, Reservation, Sums};
 
 use crate::gateway::error::EdgeError;
 
-/// How long a reservation made for an edge request waits for its report.
-pub const EDGE_RESERVATION_TTL: Duration = Duration::from_secs(600);
+/// How long a reservation made for an edge request waits for its report (the filters retry
+/// a report for as long).
+pub const EDGE_RESERVATION_TTL: Duration = llmscope_sdk::edge::RESERVATION_TTL;
 /// Most aggregates one context call may declare.
 pub const MAX_AGGREGATES_PER_CALL: usize = 32;
 /// Most distinct aggregates edge rules may register (beyond the host's own).

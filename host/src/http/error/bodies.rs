@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use super::super::ENDPOINTS;
 use super::ApiError;
+use crate::config::KeyKind;
 use crate::gateway::GatewayError;
 use crate::queries::Question;
 
@@ -32,6 +33,8 @@ impl ApiError {
             Self::PromptTooLarge { .. } => ("prompt_too_large", json!(self.message())),
             Self::BodyTimeout { .. } => ("request_timeout", json!(self.message())),
             Self::NamespaceForbidden { .. } => ("namespace_forbidden", json!(self.message())),
+            Self::WrongKeyKind { .. } => ("wrong_key_kind", json!(self.message())),
+            Self::EdgeClosed => ("edge_closed", json!(self.message())),
             Self::UnknownNamespace { .. } => ("unknown_namespace", json!(self.message())),
             Self::UnreadableBody(e) => ("bad_request", json!(format!("cannot read body: {e}"))),
             Self::InvalidJson(e) => {
@@ -102,6 +105,9 @@ impl ApiError {
                 "invalid_api_key",
                 None,
             ),
+            Self::WrongKeyKind { .. } | Self::EdgeClosed => {
+                (self.message(), "permission_error", "wrong_key_kind", None)
+            }
             Self::Forbidden { .. } => (
                 "this API key may not act for the tenant".to_owned(),
                 "authentication_error",
@@ -199,6 +205,21 @@ impl ApiError {
                  use: {}",
                 list(usable)
             ),
+            Self::WrongKeyKind { key, kind } => match kind {
+                KeyKind::Edge => format!(
+                    "API key {key} is an edge key (kind: edge): it may only call /v1/edge/*; \
+                     use a client key here"
+                ),
+                KeyKind::Client => format!(
+                    "API key {key} is a client key: /v1/edge/* needs a key of `kind: edge` \
+                     in auth.api_keys (the one in the filters' host.api_key)"
+                ),
+            },
+            Self::EdgeClosed => "the edge endpoints are closed: authentication is off, so \
+                 anyone reaching them could reserve and report spend for any tenant; configure \
+                 an API key with `kind: edge` (and set it as the filters' host.api_key), or set \
+                 auth.unauthenticated_edge: true if only trusted proxies reach this port"
+                .to_owned(),
             other => other
                 .status()
                 .canonical_reason()

@@ -57,6 +57,16 @@ pub enum ApiError {
     MissingApiKey,
     /// The API key presented is not configured.
     InvalidApiKey,
+    /// The key is of the other kind than the endpoint needs: an edge key at a client or admin
+    /// endpoint, or a client key at `/v1/edge/*`.
+    WrongKeyKind {
+        /// The key's name.
+        key: String,
+        /// The key's kind.
+        kind: crate::config::KeyKind,
+    },
+    /// Authentication is off and `auth.unauthenticated_edge` does not open the edge endpoints.
+    EdgeClosed,
     /// The API key may not act for the tenant.
     Forbidden {
         /// Tenant asked for.
@@ -188,7 +198,10 @@ impl ApiError {
             | Self::BadEdgeCall(_) => StatusCode::BAD_REQUEST,
             Self::InvalidFields(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            Self::Forbidden { .. } | Self::NamespaceForbidden { .. } => StatusCode::FORBIDDEN,
+            Self::Forbidden { .. }
+            | Self::NamespaceForbidden { .. }
+            | Self::WrongKeyKind { .. }
+            | Self::EdgeClosed => StatusCode::FORBIDDEN,
             Self::InvalidChat(c) => {
                 StatusCode::from_u16(c.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY)
             }
