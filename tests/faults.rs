@@ -698,3 +698,40 @@ async fn edge_reports_are_recorded_once_after_a_failed_write_and_with_the_issued
         "{forged}"
     );
 }
+
+/// Reports are idempotent per request id, but the host remembered ids in memory only: a
+/// filter retrying a report whose answer it lost, after the host restarted, had it recorded a
+/// second time. A restarted host now reads what was recorded from its logs.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_report_retried_after_a_host_restart_is_recorded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let telemetry = dir.path().join("telemetry.jsonl");
+    let mut opts = Options::new(&capped_policy());
+    opts.logs = Some((telemetry.clone(), dir.path().join("policy_decisions.jsonl")));
+    opts.extra_yaml = "auth: {unauthenticated_edge: true}\n".into();
+    let client = reqwest::Client::new();
+    let gw = Gateway::start(&opts);
+    let call = json!({"request_id": "req-edge-restart", "path": "/infer", "aggregates": [],
+                      "body": {"prompt": "Summarize this document", "tenant_id": "acme"}});
+    let (status, answer) = edge_call(&client, gw.at("/v1/edge/context"), &call).await;
+    assert_eq!(status, 200, "{answer}");
+    let report = json!({"request": answer["request"], "effective_tier": answer["request"]["requested_tier"],
+                        "status": 200, "usage": {"tokens_in": 1000, "tokens_out": 500}, "rules": []});
+    let (status, body) = edge_call(&client, gw.at("/v1/edge/report"), &report).await;
+    assert_eq!(
+        (status, body["recorded"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    drop(gw);
+
+    let gw = Gateway::start(&opts);
+    let (status, body) = edge_call(&client, gw.at("/v1/edge/report"), &report).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["duplicate"], true, "{body}");
+    let lines: Vec<Value> = read_jsonl(&telemetry)
+        .into_iter()
+        .filter(|l| l["request_id"] == "req-edge-restart")
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+}

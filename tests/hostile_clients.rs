@@ -422,7 +422,9 @@ fn a_body_that_dribbles_in_gets_408() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prompt_above_the_cap_gets_413_naming_the_limit() {
     // The default cap (512 KiB) is below the default body limit (1 MiB).
-    let gw = Gateway::start(&Options::new(NO_RULES));
+    let mut opts = Options::new(NO_RULES);
+    opts.extra_yaml = OPEN_EDGE.into();
+    let gw = Gateway::start(&opts);
     let big = "word ".repeat(120_000);
     let (status, body) = infer(&gw, None, json!({"prompt": big, "tenant_id": "acme"})).await;
     assert_eq!(status, 413, "{body}");
@@ -442,6 +444,13 @@ async fn a_prompt_above_the_cap_gets_413_naming_the_limit() {
         json!({"model": "cheap", "messages": [{"role": "system", "content": half}, {"role": "user", "content": half}]}),
     )
     .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "prompt_too_large", "{body}");
+    // Through Envoy (`/v1/edge/context`): the same cap, relayed to the client in its dialect.
+    let call = json!({"request_id": "req-big", "path": "/v1/chat/completions", "aggregates": [],
+                      "headers": {"x-llmscope-tenant-id": "acme"},
+                      "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": big}]}});
+    let (status, body) = send(&gw, "/v1/edge/context", None, &[], call).await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"]["code"], "prompt_too_large", "{body}");
     assert!(read_jsonl(&gw.telemetry).is_empty(), "nothing was priced");

@@ -90,6 +90,16 @@ pub enum EdgeError {
         /// What is wrong.
         message: String,
     },
+    /// The request's prompt exceeds `server.max_prompt_bytes`.
+    #[error("the prompt is {size} bytes; at most {limit} are accepted (server.max_prompt_bytes)")]
+    PromptTooLarge {
+        /// Bytes of message text.
+        size: usize,
+        /// The limit.
+        limit: usize,
+        /// Whether the request is a chat-completions one (errors in OpenAI's shape).
+        chat: bool,
+    },
     /// The edge key may not reserve or report for the request's tenant.
     #[error("this edge key may not act for tenant `{tenant}`")]
     TenantForbidden {

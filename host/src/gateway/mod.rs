@@ -187,6 +187,7 @@ impl Gateway {
         // A crash leaves decisions written ahead without telemetry: record them at their
         // estimate before the first refresh, so budgets start conservative.
         gateway.recover_unanswered()?;
+        gateway.recover_reported()?;
         // Budgets see history from the first request on.
         gateway.refresh()?;
         if warm.join().is_err() {

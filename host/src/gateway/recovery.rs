@@ -47,6 +47,35 @@ struct Decision {
 }
 
 impl Gateway {
+    /// Remember the request ids of the telemetry lines of the last two reservation TTLs (the
+    /// newest [`REPORTED_MEMORY`](super::edge::state::REPORTED_MEMORY) of them) as reported: edge idempotency
+    /// survives a restart, because the logs, not the process, say what was recorded. Returns
+    /// how many.
+    pub(crate) fn recover_reported(&self) -> Result<usize, StartError> {
+        let window_ms =
+            u64::try_from(2 * super::edge::EDGE_RESERVATION_TTL.as_millis()).unwrap_or(u64::MAX);
+        let since_us = i64::try_from(super::now_ms().saturating_sub(window_ms))
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let ids: Vec<String> = self.engine.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT request_id FROM telemetry WHERE request_id IS NOT NULL AND ts_us >= ? \
+                 ORDER BY ts_us DESC LIMIT ?",
+            )?;
+            let rows = stmt.query_map(
+                duckdb::params![
+                    since_us,
+                    i64::try_from(super::edge::state::REPORTED_MEMORY).unwrap_or(i64::MAX)
+                ],
+                |r| r.get::<_, String>(0),
+            )?;
+            rows.collect()
+        })?;
+        let n = ids.len();
+        self.edge.remember_reported(ids);
+        Ok(n)
+    }
+
     /// Write the missing telemetry line of every decision that has none (see [`unanswered`]
     /// for what each records): a dispatched one `unanswered` at its reserved estimate. Returns
     /// how many.

@@ -95,6 +95,14 @@ fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
         EdgeError::BadCall { .. } => ApiError::BadEdgeCall(e.to_string()),
         EdgeError::Unlogged(_) => ApiError::EdgeReportUnlogged,
         EdgeError::TenantForbidden { tenant } => ApiError::Forbidden { tenant },
+        EdgeError::PromptTooLarge { size, limit, chat } => client(
+            ApiError::PromptTooLarge { size, limit },
+            if chat {
+                Dialect::OpenAi
+            } else {
+                Dialect::Reference
+            },
+        ),
         EdgeError::Overloaded(_) | EdgeError::TenantOverloaded { .. } => {
             ApiError::EdgeOverloaded(e.to_string())
         }

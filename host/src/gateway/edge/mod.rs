@@ -104,6 +104,15 @@ impl Gateway {
     ) -> Result<(RequestContext, BTreeMap<String, String>), EdgeError> {
         let inf = self.edge_inference(call)?;
         let cfg = self.config();
+        // The same cap as the gateway's own requests: tokenizing is the costly part.
+        let size: usize = inf.messages.iter().map(|m| m.content.len()).sum();
+        if size > cfg.max_prompt_bytes {
+            return Err(EdgeError::PromptTooLarge {
+                size,
+                limit: cfg.max_prompt_bytes,
+                chat: call.body.get("messages").is_some(),
+            });
+        }
         let PricedRequest { ctx, route, .. } =
             self.price_request(&inf, &self.policies(), request_id)?;
         let tier_models = route

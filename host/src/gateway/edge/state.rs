@@ -30,7 +30,7 @@ pub const MAX_PENDING: usize = 100_000;
 pub const MAX_PENDING_PER_TENANT: usize = 10_000;
 /// Most reported request ids remembered at once (16 bytes each); within it every id is kept
 /// for [`EDGE_RESERVATION_TTL`], the longest a filter retries a report.
-const REPORTED_MEMORY: usize = 2_000_000;
+pub(crate) const REPORTED_MEMORY: usize = 2_000_000;
 
 struct Entry {
     reservation: Reservation,
@@ -279,6 +279,23 @@ impl EdgeState {
                 created: Instant::now(),
             },
         );
+    }
+
+    /// Remember `ids` as reported (their lines are in the logs), for a full TTL from now: a
+    /// restarted host answers a filter's retry of a report it recorded before "duplicate"
+    /// instead of recording it again.
+    pub(crate) fn remember_reported(&self, ids: impl IntoIterator<Item = String>) {
+        let mut r = self.reported.lock();
+        let now = Instant::now();
+        for id in ids {
+            if r.order.len() >= REPORTED_MEMORY {
+                break;
+            }
+            let key = r.hasher.hash_one(id.as_str());
+            if r.state.insert(key, true).is_none() {
+                r.order.push_back((now, key));
+            }
+        }
     }
 
     /// Start recording the report of `id`: [`ReportState::Fresh`] marks it in progress.
