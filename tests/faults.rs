@@ -735,3 +735,51 @@ async fn an_edge_report_retried_after_a_host_restart_is_recorded_once() {
         .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
 }
+
+/// An edge request whose report never comes (Envoy died after the upstream billed it) used to
+/// be released after the reservation's TTL: spent, and counted nowhere. It is now recorded at
+/// its estimate, and a report arriving after that is a duplicate.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_request_without_a_report_is_counted_at_its_estimate() {
+    let mut opts = Options::new(&capped_policy());
+    opts.extra_yaml = "auth: {unauthenticated_edge: true}\n".into();
+    opts.env = vec![("LLMSCOPE_EDGE_RESERVATION_TTL_MS".into(), "300".into())];
+    let gw = Gateway::start(&opts);
+    let client = reqwest::Client::new();
+    let call = json!({"request_id": "req-edge-lost", "path": "/infer", "aggregates": [],
+                      "body": {"prompt": "Summarize this document", "tenant_id": "acme"}});
+    let (status, answer) = edge_call(&client, gw.at("/v1/edge/context"), &call).await;
+    assert_eq!(status, 200, "{answer}");
+    let estimate = answer["request"]["estimated_cost_usd"].as_f64().unwrap();
+    let mut line = None;
+    for _ in 0..100 {
+        line = read_jsonl(&gw.telemetry)
+            .into_iter()
+            .find(|l| l["request_id"] == "req-edge-lost");
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = line.expect("an unreported edge request is recorded");
+    assert_eq!(line["status"], "unanswered", "{line}");
+    assert_eq!(line["cost_source"], "estimate", "{line}");
+    assert_eq!(line["error_type"], "edge_report_missing", "{line}");
+    assert!(
+        (line["cost_usd"].as_f64().unwrap() - estimate).abs() < 1e-12,
+        "{line}"
+    );
+    let report = json!({"request": answer["request"], "effective_tier": answer["request"]["requested_tier"],
+                        "status": 200, "usage": {"tokens_in": 10, "tokens_out": 5}, "rules": []});
+    let (status, body) = edge_call(&client, gw.at("/v1/edge/report"), &report).await;
+    assert_eq!(
+        (status, body["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    let n = read_jsonl(&gw.telemetry)
+        .iter()
+        .filter(|l| l["request_id"] == "req-edge-lost")
+        .count();
+    assert_eq!(n, 1);
+}

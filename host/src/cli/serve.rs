@@ -77,6 +77,7 @@ pub(super) fn serve(config: &Path, listen: Option<SocketAddr>) -> Result<ExitCod
                         Err(e) => tracing::error!(error = %e, "aggregate refresh task failed"),
                         Ok(Ok(_)) => {}
                     }
+                    gw.record_unreported().await;
                 }
             })
         };

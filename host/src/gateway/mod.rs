@@ -95,6 +95,10 @@ pub struct Gateway {
     metrics: Metrics,
     started: Instant,
     edge: edge::state::EdgeState,
+    /// How long an edge reservation waits for its report before it is counted at its estimate
+    /// ([`EDGE_RESERVATION_TTL`](edge::EDGE_RESERVATION_TTL); tests shorten it with
+    /// `LLMSCOPE_EDGE_RESERVATION_TTL_MS`).
+    edge_ttl: std::time::Duration,
     /// SHA-256 of each configured API key, in `config.api_keys` order.
     key_digests: Vec<[u8; 32]>,
     /// Requests inside [`Gateway::handle`] right now.
@@ -183,6 +187,9 @@ impl Gateway {
             calibration,
             view: RwLock::new(()),
             edge: edge::state::EdgeState::default(),
+            edge_ttl: env("LLMSCOPE_EDGE_RESERVATION_TTL_MS")
+                .and_then(|v| v.parse().ok())
+                .map_or(edge::EDGE_RESERVATION_TTL, std::time::Duration::from_millis),
         });
         // A crash leaves decisions written ahead without telemetry: record them at their
         // estimate before the first refresh, so budgets start conservative.

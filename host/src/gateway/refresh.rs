@@ -9,7 +9,6 @@ use std::time::Instant;
 use crate::engine::{declared_aggregates, EngineError, IngestReport};
 use crate::policy::{ConfigError, PolicySet};
 
-use super::edge::state::EDGE_RESERVATION_TTL;
 use super::{now_ms, Gateway};
 
 /// Diagnostics keep the target they had before this file was split out of `gateway`.
@@ -46,12 +45,12 @@ impl Gateway {
         let aggregates = declared_aggregates(policies.rules().chain(serving.rules()), &edge);
         let now = now_ms();
         let published = self.engine.compute(&aggregates, now)?;
-        let expired = self.edge.expire(EDGE_RESERVATION_TTL);
+        let expired = self.edge.expire(self.edge_ttl);
         if expired > 0 {
             tracing::warn!(
                 target: TARGET,
                 expired,
-                "edge reservations released without a report (proxy gone?)"
+                "edge requests without a report (proxy gone?): counted at their estimate"
             );
         }
         {

@@ -15,9 +15,9 @@
 //!    decision lines, exactly as if it had served the request itself. Reports are idempotent per
 //!    request id, so a filter may retry one whose answer it did not see.
 //!
-//! Reservations whose report never arrives (the proxy died) are released after
-//! [`EDGE_RESERVATION_TTL`]. The bookkeeping is in `state.rs` (below the gateway: it imports
-//! none of it), recording a report in `report.rs`.
+//! Requests whose report never arrives (the proxy died) are recorded at their estimate after
+//! [`EDGE_RESERVATION_TTL`] (`expiry.rs`). The bookkeeping is in `state.rs` (below the
+//! gateway: it imports none of it), recording a report in `report.rs`.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +40,7 @@ pub use state::{
     MAX_PENDING_PER_TENANT,
 };
 
+mod expiry;
 mod report;
 pub(super) mod state;
 

@@ -104,6 +104,17 @@ pub struct EdgeState {
     aggregates: RwLock<Vec<Aggregate>>,
     keys: Mutex<HashSet<SpecKey>>,
     reported: Mutex<Reported>,
+    unreported: Mutex<Vec<Unreported>>,
+}
+
+/// An edge request whose report did not arrive within the reservation TTL: the proxy may have
+/// died after the upstream billed it, so it is recorded at its estimate (conservative), like
+/// a gateway request dispatched before a crash.
+pub(crate) struct Unreported {
+    /// The context issued for it.
+    pub(crate) issued: RequestContext,
+    /// Its reservation, settled once the line is written.
+    pub(crate) reservation: Reservation,
 }
 
 impl EdgeState {
@@ -151,7 +162,8 @@ impl EdgeState {
         Ok(true)
     }
 
-    /// Release reservations older than `ttl`; returns how many.
+    /// Move reservations older than `ttl` to the requests whose report never came
+    /// ([`EdgeState::take_unreported`]); returns how many.
     pub fn expire(&self, ttl: Duration) -> usize {
         let mut entries = self.entries.lock();
         let old: Vec<String> = entries
@@ -160,10 +172,26 @@ impl EdgeState {
             .filter(|(_, e)| e.created.elapsed() >= ttl)
             .map(|(id, _)| id.clone())
             .collect();
+        let mut unreported = self.unreported.lock();
         for id in &old {
-            entries.remove(id);
+            if let Some(e) = entries.remove(id) {
+                unreported.push(Unreported {
+                    issued: e.issued,
+                    reservation: e.reservation,
+                });
+            }
         }
         old.len()
+    }
+
+    /// The expired requests still to be recorded (at their estimate).
+    pub(crate) fn take_unreported(&self) -> Vec<Unreported> {
+        std::mem::take(&mut *self.unreported.lock())
+    }
+
+    /// Put back requests that could not be recorded, for the next try.
+    pub(crate) fn put_back_unreported(&self, back: Vec<Unreported>) {
+        self.unreported.lock().extend(back);
     }
 
     /// The reservation `ctx`'s request holds in `ledger` at `dims` (its [`Dims::of`]): made by
