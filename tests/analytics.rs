@@ -796,6 +796,95 @@ fn query_cli_formats_errors_and_notes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("neither an RFC 3339 time"));
 }
 
+/// Replicas each write their own logs; `query` read one pair only, so the fleet's answers
+/// were one replica's. Several `--telemetry` / `--decisions` files or globs now count them all.
+#[test]
+fn query_covers_every_replica_given_as_globs_or_repeated_files() {
+    let src = llmscope_tests::root().join("tests/fixtures/logs");
+    let dir = tempfile::tempdir().unwrap();
+    for (replica, tenant) in [("a", "acme"), ("b", "initech")] {
+        let at = dir.path().join(replica);
+        std::fs::create_dir_all(&at).unwrap();
+        for log in ["telemetry.jsonl", "policy_decisions.jsonl"] {
+            // Replica b served other requests (its own ids) for another tenant.
+            let text = std::fs::read_to_string(src.join(log))
+                .unwrap()
+                .replace(
+                    "\"request_id\":\"r",
+                    &format!("\"request_id\":\"{replica}-r"),
+                )
+                .replace(
+                    "\"tenant_id\":\"acme\"",
+                    &format!("\"tenant_id\":\"{tenant}\""),
+                );
+            std::fs::write(at.join(log), text).unwrap();
+        }
+    }
+    let total = |args: &[String]| -> (f64, Vec<String>) {
+        let out = llmscope_tests::llmscope()
+            .args(["query", "cost_by_tenant_and_feature", "--format", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        let mut tenants: Vec<String> = rows
+            .iter()
+            .map(|r| r[0].as_str().unwrap().to_owned())
+            .collect();
+        tenants.sort();
+        tenants.dedup();
+        (rows.iter().map(|r| r[2].as_f64().unwrap()).sum(), tenants)
+    };
+    let at = |p: &str| dir.path().join(p).display().to_string();
+    let (one, _) = total(&[
+        "--telemetry".into(),
+        at("a/telemetry.jsonl"),
+        "--decisions".into(),
+        at("a/policy_decisions.jsonl"),
+    ]);
+    let (globbed, tenants) = total(&[
+        "--telemetry".into(),
+        at("*/telemetry.jsonl"),
+        "--decisions".into(),
+        at("*/policy_decisions.jsonl"),
+    ]);
+    assert!(one > 0.0);
+    assert!(
+        (globbed - 2.0 * one).abs() < 1e-9,
+        "both replicas: {globbed} vs one {one}"
+    );
+    assert_eq!(tenants, ["acme", "globex", "initech"]);
+    let (repeated, _) = total(&[
+        "--telemetry".into(),
+        at("a/telemetry.jsonl"),
+        "--telemetry".into(),
+        at("b/telemetry.jsonl"),
+        "--decisions".into(),
+        at("a/policy_decisions.jsonl"),
+        "--decisions".into(),
+        at("b/policy_decisions.jsonl"),
+    ]);
+    assert!((repeated - globbed).abs() < 1e-12);
+
+    let out = llmscope_tests::llmscope()
+        .args(["query", "cost_by_tenant_and_feature", "--telemetry"])
+        .arg(at("*/nothing.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("matches no file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn report_is_one_self_contained_html_file() {
     let (dir, t, d) = fixtures();

@@ -58,8 +58,23 @@ pub(super) struct LogPaths {
 /// Log locations and filters shared by `query` and `report`.
 #[derive(Debug, Args)]
 pub(super) struct LogArgs {
-    #[command(flatten)]
-    paths: LogPaths,
+    /// Telemetry logs: a path or a glob (`'logs/*/telemetry.jsonl'`, quoted), repeatable —
+    /// every replica's log, so the answers cover the fleet.
+    #[arg(
+        long,
+        env = "TELEMETRY_PATH",
+        default_value = "artifacts/logs/telemetry.jsonl",
+        action = clap::ArgAction::Append
+    )]
+    telemetry: Vec<String>,
+    /// Decisions logs: a path or a glob, repeatable.
+    #[arg(
+        long,
+        env = "DECISIONS_PATH",
+        default_value = "artifacts/logs/policy_decisions.jsonl",
+        action = clap::ArgAction::Append
+    )]
+    decisions: Vec<String>,
     /// unsafe_routes: average cost per request (USD) above which a route is unsafe.
     #[arg(long, default_value_t = crate::queries::DEFAULT_THRESHOLD_USD)]
     threshold: f64,
@@ -72,27 +87,27 @@ pub(super) struct LogArgs {
 }
 
 impl LogArgs {
-    /// Ingest both logs into a fresh in-memory engine, noting missing, empty and malformed input.
+    /// Ingest every log named into a fresh in-memory engine, noting missing, empty and
+    /// malformed input.
     fn engine(&self) -> Result<crate::engine::SpendEngine> {
-        for (what, path) in [
-            ("telemetry", &self.paths.telemetry),
-            ("decisions", &self.paths.decisions),
-        ] {
-            match std::fs::metadata(path) {
-                Err(_) => eprintln_safe(&format!(
-                    "note: {what} log {} does not exist; treating it as empty",
-                    path.display()
-                )),
-                Ok(m) if m.len() == 0 => {
-                    eprintln_safe(&format!("note: {what} log {} is empty", path.display()))
-                }
-                Ok(_) => {}
-            }
-        }
-        let engine =
-            crate::engine::SpendEngine::open(None, &self.paths.telemetry, &self.paths.decisions)?;
+        let telemetry = expand("telemetry", &self.telemetry)?;
+        let decisions = expand("decisions", &self.decisions)?;
+        let first = |files: &[PathBuf], fallback: &str| {
+            files
+                .first()
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from(fallback))
+        };
+        // The engine's own pair is the first of each; the others are appended whole.
+        let engine = crate::engine::SpendEngine::open(
+            None,
+            &first(&telemetry, "artifacts/logs/telemetry.jsonl"),
+            &first(&decisions, "artifacts/logs/policy_decisions.jsonl"),
+        )?;
         let report = engine.ingest()?;
-        for line in &report.malformed {
+        let rest = |files: &[PathBuf]| files.get(1..).unwrap_or_default().to_vec();
+        let (_, more_malformed) = engine.append_files(&rest(&telemetry), &rest(&decisions))?;
+        for line in report.malformed.iter().chain(&more_malformed) {
             eprintln_safe(&format!("skipped malformed line {line}"));
         }
         Ok(engine)
@@ -105,6 +120,43 @@ impl LogArgs {
             threshold_usd: self.threshold,
         }
     }
+}
+
+/// The files `patterns` name (`what`: which log, for the notes): a path as is, a glob's
+/// matches in order (an error when it matches nothing); missing and empty files noted.
+fn expand(what: &str, patterns: &[String]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for pattern in patterns {
+        if !pattern.contains(['*', '?', '[']) {
+            files.push(PathBuf::from(pattern));
+            continue;
+        }
+        let matched: Vec<PathBuf> = glob::glob(pattern)
+            .with_context(|| format!("--{what} {pattern}: not a valid glob"))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--{what} {pattern}: cannot read a matching path"))?;
+        anyhow::ensure!(
+            !matched.is_empty(),
+            "--{what} {pattern} matches no file; check the pattern (quote it so the shell does \
+             not expand it)"
+        );
+        files.extend(matched);
+    }
+    files.sort();
+    files.dedup();
+    for path in &files {
+        match std::fs::metadata(path) {
+            Err(_) => eprintln_safe(&format!(
+                "note: {what} log {} does not exist; treating it as empty",
+                path.display()
+            )),
+            Ok(m) if m.len() == 0 => {
+                eprintln_safe(&format!("note: {what} log {} is empty", path.display()))
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(files)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -61,6 +61,7 @@ use schema::SCHEMA;
 
 mod aggregates;
 mod batch;
+mod fleet;
 mod ingest;
 mod read;
 mod rotation;
