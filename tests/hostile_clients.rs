@@ -56,6 +56,7 @@ namespaces:
 const OPEN_EDGE: &str = "auth: {unauthenticated_edge: true}\n";
 
 const EDGE: &str = "edge-key-0123456789";
+const EDGE_ALL: &str = "edge-all-key-0123456789";
 
 /// A policy that allows everything.
 const NO_RULES: &str = "version: \"open\"\nnamespaces:\n  default:\n    rules: []\n";
@@ -454,6 +455,19 @@ async fn a_prompt_above_the_cap_gets_413_naming_the_limit() {
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"]["code"], "prompt_too_large", "{body}");
     assert!(read_jsonl(&gw.telemetry).is_empty(), "nothing was priced");
+    // But a report of one that went out (its filter failed open) is priced: it was billed.
+    let report = json!({"original": {"request_id": "req-big-billed", "path": "/v1/chat/completions",
+                        "headers": {"x-llmscope-tenant-id": "acme"}, "aggregates": [],
+                        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": big}]}},
+                        "effective_tier": "", "status": 200, "usage": {"tokens_in": 120000, "tokens_out": 10}, "rules": []});
+    let (status, body) = send(&gw, "/v1/edge/report", None, &[], report).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        telemetry_of(&gw, "req-big-billed").await["cost_usd"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     // Under the cap: served.
     let (status, _) = infer(
         &gw,
@@ -596,7 +610,7 @@ async fn the_edge_endpoints_need_an_edge_key_for_the_tenant() {
     assert!(read_jsonl(&closed.telemetry).is_empty());
 
     let gw = gateway_with(&format!(
-        "{}    - {{key: {EDGE}, kind: edge, tenants: [acme]}}\n",
+        "{}    - {{key: {EDGE}, kind: edge, tenants: [acme]}}\n    - {{key: {EDGE_ALL}, kind: edge, tenants: [\"*\"]}}\n",
         legacy_auth()
     ));
     let (status, answer) = send(
@@ -641,6 +655,43 @@ async fn the_edge_endpoints_need_an_edge_key_for_the_tenant() {
         "{answer}"
     );
     assert_eq!(telemetry_of(&gw, "req-e3").await["tenant_id"], "acme");
+
+    // Forbidden tenants are the client's error: relayed, so the filter answers 403 rather
+    // than failing open.
+    let resp = reqwest::Client::new()
+        .post(gw.at("/v1/edge/context"))
+        .bearer_auth(EDGE)
+        .json(&context("victim", "req-e4"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    assert!(resp.headers().contains_key("x-llmscope-client-error"));
+
+    // Another edge key's pending request cannot be taken over by a report that names only
+    // `original` (the request as the filter saw it) for the key's own tenant.
+    let (status, held) = send(
+        &gw,
+        "/v1/edge/context",
+        Some(EDGE_ALL),
+        &[],
+        context("victim", "req-e5"),
+    )
+    .await;
+    assert_eq!(status, 200, "{held}");
+    let hijack = json!({"original": context("acme", "req-e5"), "effective_tier": "cheap",
+                        "status": 200, "usage": {"tokens_in": 1, "tokens_out": 1}, "rules": []});
+    let (status, answer) = send(&gw, "/v1/edge/report", Some(EDGE), &[], hijack).await;
+    assert_eq!(status, 403, "req-e5 is victim's: {answer}");
+    let real = json!({"request": held["request"], "effective_tier": "cheap", "status": 200,
+                      "usage": {"tokens_in": 1000, "tokens_out": 500}, "rules": []});
+    let (status, answer) = send(&gw, "/v1/edge/report", Some(EDGE_ALL), &[], real).await;
+    assert_eq!(
+        (status, answer["recorded"].as_bool()),
+        (200, Some(true)),
+        "{answer}"
+    );
+    assert_eq!(telemetry_of(&gw, "req-e5").await["tenant_id"], "victim");
 
     // An edge key serves no requests and reads nothing.
     let body = json!({"prompt": "Summarize this document", "tenant_id": "acme"});

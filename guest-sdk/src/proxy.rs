@@ -80,8 +80,10 @@ pub fn start<P: Policy>() {
 struct Queued {
     body: Vec<u8>,
     attempts: u32,
-    /// When the report was queued: it is retried until [`edge::RESERVATION_TTL`] after.
-    queued_at: SystemTime,
+    /// When the host's reservation for it started (the context it issued; else when the
+    /// report was first tried): it is retried until [`edge::RESERVATION_TTL`] after, while the
+    /// host still holds the reservation and remembers reported ids.
+    since: Option<SystemTime>,
 }
 
 /// The reports of one worker: new ones in `queue`, failed ones in `waiting` until their
@@ -97,20 +99,20 @@ struct Reports {
 }
 
 impl Reports {
-    fn push(&mut self, body: Vec<u8>) {
-        if self.queue.len() + self.waiting.len() >= MAX_QUEUED_REPORTS {
-            let oldest = self.waiting.pop_first().map(|(_, q)| q);
-            if oldest.is_none() {
+    /// Queue `body`; `since`: when the host's reservation for it started, if known.
+    fn push(&mut self, body: Vec<u8>, since: Option<SystemTime>) {
+        if self.queue.len() + self.waiting.len() + self.in_flight.len() >= MAX_QUEUED_REPORTS {
+            // A report waiting for its retry (the host failed it), else the longest queued.
+            if self.waiting.pop_first().is_none() {
                 self.queue.pop_front();
             }
             self.dropped();
-            log::error!("llmscope: report queue full ({MAX_QUEUED_REPORTS}); dropped the oldest report (is the host down?)");
+            log::error!("llmscope: report queue full ({MAX_QUEUED_REPORTS}); dropped a queued report (is the host down?)");
         }
-        let queued_at = proxy_wasm::hostcalls::get_current_time().unwrap_or(UNIX_EPOCH);
         self.queue.push_back(Queued {
             body,
             attempts: 0,
-            queued_at,
+            since,
         });
     }
 
@@ -135,7 +137,8 @@ impl Reports {
     fn retry(&mut self, mut q: Queued, now: SystemTime, what: &str) {
         q.attempts += 1;
         let due = now + retry_delay(q.attempts);
-        if due.duration_since(q.queued_at).unwrap_or_default() > edge::RESERVATION_TTL {
+        let since = *q.since.get_or_insert(now);
+        if due.duration_since(since).unwrap_or_default() > edge::RESERVATION_TTL {
             self.dropped();
             log::error!(
                 "llmscope: report dropped after {} attempt(s) over {:?} (the host no longer \
@@ -597,8 +600,12 @@ impl<P: Policy> Filter<P> {
             rules: outcomes,
             host_error: self.state.host_error.take(),
         };
+        let since = report
+            .request
+            .as_ref()
+            .map(|c| UNIX_EPOCH + Duration::from_millis(c.unix_time_ms));
         match serde_json::to_vec(&report) {
-            Ok(bytes) => self.reports.borrow_mut().push(bytes),
+            Ok(bytes) => self.reports.borrow_mut().push(bytes, since),
             Err(e) => log::error!("llmscope: cannot encode a report: {e}"),
         }
     }

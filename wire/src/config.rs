@@ -790,6 +790,15 @@ fn api_keys(
                         key.len()
                     ),
                 );
+            } else if let Some(first) = api_keys.iter().find(|k: &&ApiKey| k.key == key) {
+                problems.add(
+                    key_at,
+                    format!(
+                        "{what} is also {}'s; give every key its own secret (one secret, one \
+                         set of scopes and one kind)",
+                        first.label
+                    ),
+                );
             } else {
                 api_keys.push(ApiKey {
                     key,
@@ -1068,6 +1077,10 @@ providers:
         assert_eq!(
             problems("auth:\n  api_keys:\n    - {key: edge-key-0123456789, kind: edge, tenants: [acme], namespaces: [demo], feature_id: f}\n"),
             ["auth.api_keys[0].namespaces", "auth.api_keys[0].feature_id"]
+        );
+        assert_eq!(
+            problems("auth:\n  api_keys:\n    - {key: same-key-0123456789, tenants: [a]}\n    - {key: same-key-0123456789, kind: edge, tenants: [\"*\"]}\n"),
+            ["auth.api_keys[1].key"]
         );
         assert_eq!(
             problems("auth:\n  unauthenticated_edge: true\n  api_keys:\n    - {key: edge-key-0123456789, kind: edge, tenants: [\"*\"]}\n"),

@@ -247,6 +247,11 @@ pub fn gateway_config(
             &format!("policies_dir: {}", root.join("policies").display()),
         )
         .replace("hot_reload: true", "hot_reload: false");
+    let config = if edge {
+        config
+    } else {
+        config.replace("auth:\n  unauthenticated_edge: true\n", "")
+    };
     // These server limits are spelled out at their defaults in the example; without them the
     // config also loads in builds that predate them (`bench-gateway --compare`). The edge
     // endpoints stay open only where Envoy calls them (`envoy-demo`, `bench-envoy`).
@@ -260,7 +265,6 @@ pub fn gateway_config(
             ]
             .iter()
             .any(|k| l.trim_start().starts_with(k))
-                && (edge || !l.starts_with("auth: {unauthenticated_edge"))
         })
         .map(|l| format!("{l}\n"))
         .collect();

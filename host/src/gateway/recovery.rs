@@ -57,7 +57,9 @@ impl Gateway {
         let since_us = i64::try_from(super::now_ms().saturating_sub(window_ms))
             .unwrap_or(i64::MAX)
             .saturating_mul(1000);
-        let ids: Vec<String> = self.engine.with_conn(|conn| {
+        // Including the lines `recover_unanswered` just wrote.
+        self.engine.ingest()?;
+        let mut ids: Vec<String> = self.engine.with_conn(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT request_id FROM telemetry WHERE request_id IS NOT NULL AND ts_us >= ? \
                  ORDER BY ts_us DESC LIMIT ?",
@@ -72,6 +74,8 @@ impl Gateway {
             rows.collect()
         })?;
         let n = ids.len();
+        // Oldest first: the memory forgets from the front.
+        ids.reverse();
         self.edge.remember_reported(ids);
         Ok(n)
     }

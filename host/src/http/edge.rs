@@ -94,7 +94,16 @@ fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
         ),
         EdgeError::BadCall { .. } => ApiError::BadEdgeCall(e.to_string()),
         EdgeError::Unlogged(_) => ApiError::EdgeReportUnlogged,
-        EdgeError::TenantForbidden { tenant } => ApiError::Forbidden { tenant },
+        // The client's request names a tenant the edge key may not act for: the filter
+        // answers the client 403 (never fails open on it).
+        EdgeError::TenantForbidden { tenant } => client(
+            ApiError::Forbidden { tenant },
+            if chat {
+                Dialect::OpenAi
+            } else {
+                Dialect::Reference
+            },
+        ),
         EdgeError::PromptTooLarge { size, limit, chat } => client(
             ApiError::PromptTooLarge { size, limit },
             if chat {

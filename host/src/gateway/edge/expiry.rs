@@ -7,7 +7,6 @@
 
 use crate::gateway::records::{provider_of, Records, Status, Upstream, Verdict};
 use crate::gateway::Gateway;
-use crate::ledger::Sums;
 use crate::policy::DecisionKind;
 
 use super::state::ReportState;
@@ -40,16 +39,25 @@ impl Gateway {
                 alerts: &[],
                 rules: &[],
             };
+            // At what the reservation holds now: a later filter of the chain may have moved
+            // it to the tier an earlier one downgraded to.
+            let held = u.reservation.amount();
+            let model = u.reservation.dims().model.clone();
+            let tier = ctx
+                .tiers
+                .iter()
+                .find(|t| t.model == model)
+                .map_or(ctx.requested_tier.as_str(), |t| t.tier.as_str());
             let upstream = Upstream {
-                tier: &ctx.requested_tier,
-                model: &ctx.model,
-                provider: provider_of(self.config(), &ctx.model),
-                estimate: ctx.estimated_cost_usd,
+                tier,
+                model: &model,
+                provider: provider_of(self.config(), &model),
+                estimate: held.cost_usd,
                 latency_ms: 0.0,
                 finish_reason: None,
             };
             let mut records = Records::reported(ctx, &verdict, upstream, 0.0);
-            records.unanswered(Status::Unanswered, ctx.estimated_cost_usd, &ctx.model);
+            records.unanswered(Status::Unanswered, held.cost_usd, &model);
             records.telemetry.error_type = Some("edge_report_missing".into());
             let written = self
                 .writer()
@@ -58,19 +66,13 @@ impl Gateway {
             match written {
                 Ok(w) => {
                     self.edge.finish_report(&ctx.request_id, true);
-                    let estimate = Sums {
-                        cost_usd: ctx.estimated_cost_usd,
-                        tokens_in: f64::from(ctx.estimated_tokens_in),
-                        tokens_out: f64::from(ctx.estimated_tokens_out),
-                        requests: 1.0,
-                    };
                     self.metrics().request(
                         &ctx.route_name,
                         "unanswered",
-                        ctx.estimated_cost_usd,
-                        ctx.estimated_cost_usd,
+                        held.cost_usd,
+                        held.cost_usd,
                     );
-                    u.reservation.settle(estimate, w.telemetry);
+                    u.reservation.settle(held, w.telemetry);
                     recorded += 1;
                 }
                 Err(e) => {

@@ -98,16 +98,19 @@ impl Gateway {
 
     /// Price a call's request: the context the host's own rules would see, and the upstream
     /// model name of every tier of its route.
+    /// `before_dispatch`: a context call (the prompt cap applies), not a report.
     fn price_call(
         &self,
         call: &ContextRequest,
         request_id: String,
+        before_dispatch: bool,
     ) -> Result<(RequestContext, BTreeMap<String, String>), EdgeError> {
         let inf = self.edge_inference(call)?;
         let cfg = self.config();
-        // The same cap as the gateway's own requests: tokenizing is the costly part.
+        // The same cap as the gateway's own requests (tokenizing is the costly part), before
+        // dispatch only: a report of a request already billed is priced whatever its size.
         let size: usize = inf.messages.iter().map(|m| m.content.len()).sum();
-        if size > cfg.max_prompt_bytes {
+        if before_dispatch && size > cfg.max_prompt_bytes {
             return Err(EdgeError::PromptTooLarge {
                 size,
                 limit: cfg.max_prompt_bytes,
@@ -152,7 +155,7 @@ impl Gateway {
             .request_id
             .clone()
             .unwrap_or_else(|| format!("req-{}", uuid::Uuid::now_v7().simple()));
-        let (ctx, tier_models) = self.price_call(call, request_id)?;
+        let (ctx, tier_models) = self.price_call(call, request_id, true)?;
         may_act_for(key, &ctx.tenant_id)?;
         let dims = Dims::of(&ctx);
         let own = self.edge.hold(self.ledger(), &ctx, &dims)?;

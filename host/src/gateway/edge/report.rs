@@ -117,13 +117,21 @@ impl Gateway {
                     Cow::Owned(ctx)
                 }
             },
-            (None, Some(call)) => {
-                let id = call
-                    .request_id
-                    .clone()
-                    .unwrap_or_else(|| format!("req-{}", uuid::Uuid::now_v7().simple()));
-                Cow::Owned(self.price_call(call, id)?.0)
-            }
+            // An id this host issued a context for is that context's, whoever reports it.
+            (None, Some(call)) => match call
+                .request_id
+                .as_deref()
+                .and_then(|id| self.edge.issued(id))
+            {
+                Some(issued) => Cow::Owned(issued),
+                None => {
+                    let id = call
+                        .request_id
+                        .clone()
+                        .unwrap_or_else(|| format!("req-{}", uuid::Uuid::now_v7().simple()));
+                    Cow::Owned(self.price_call(call, id, false)?.0)
+                }
+            },
             (None, None) => {
                 return Err(EdgeError::BadCall {
                     field: "request",
@@ -174,11 +182,18 @@ impl Gateway {
             let m = &models[name];
             m.provider_model.as_deref().unwrap_or(name.as_str())
         };
-        // The tier's model first: an answer that fits it is the expected one.
-        let names = std::iter::once(tier_model)
-            .filter_map(|t| models.get_key_value(t).map(|(k, _)| k))
-            .chain(models.keys());
-        let exact = names.clone().find(|n| upstream(n) == reported);
+        // Only models of the tier model's provider answer at its endpoint; among equal
+        // matches the tier's own model wins (an answer that fits it is the expected one).
+        let provider = models.get(tier_model).map(|m| m.provider.as_str());
+        let names = models
+            .iter()
+            .filter(|(_, m)| provider.is_none_or(|p| m.provider == p))
+            .map(|(n, _)| n);
+        let rank = |n: &String| n.as_str() == tier_model;
+        let exact = names
+            .clone()
+            .filter(|n| upstream(n) == reported)
+            .max_by_key(|n| rank(n));
         let snapshot = || {
             names
                 .filter(|n| {
@@ -186,7 +201,7 @@ impl Gateway {
                         .strip_prefix(upstream(n))
                         .is_some_and(|rest| rest.starts_with('-'))
                 })
-                .max_by_key(|n| upstream(n).len())
+                .max_by_key(|n| (upstream(n).len(), rank(n)))
         };
         match exact.or_else(snapshot) {
             Some(name) => name.as_str(),
