@@ -1032,3 +1032,106 @@ async fn edge_calls_need_an_edge_key_and_name_what_is_wrong() {
     assert_eq!((status, relay), (422, true));
     assert_eq!(body["error"]["code"], "model_not_found");
 }
+
+/// `GET /v1/budgets` (and `llmscope budgets`): what each budget has spent, holds in flight and
+/// has left, per scope value, as its rule sees it; a tenant key sees its own tenant's rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn budgets_show_spent_and_remaining_per_scope_and_tenant_keys_see_their_own() {
+    let policy = r#"version: "budgets"
+namespaces:
+  default:
+    rules:
+      - {id: per-tenant, primitive: budget_threshold, period: hourly, window: calendar, limit_usd: 1.0, action: deny, scope: [budget_namespace, tenant]}
+      - {id: shared, primitive: budget_threshold, period: daily, limit_usd: 5.0, action: deny}
+"#;
+    let mut opts = Options::new(policy);
+    opts.extra_yaml = "auth:\n  api_keys:\n    - {key: acme-key-0123456789, tenants: [acme]}\n    - {key: admin-key-0123456789, tenants: [\"*\"]}\n".into();
+    let gw = Gateway::start(&opts);
+    let client = reqwest::Client::new();
+    for tenant in ["acme", "acme", "globex"] {
+        let resp = client
+            .post(gw.at("/infer"))
+            .bearer_auth("admin-key-0123456789")
+            .json(&json!({"prompt": "Summarize this document", "tenant_id": tenant}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    let spent_by = |tenant: &str| -> f64 {
+        read_jsonl(&gw.telemetry)
+            .iter()
+            .filter(|l| tenant.is_empty() || l["tenant_id"] == tenant)
+            .map(|l| l["cost_usd"].as_f64().unwrap())
+            .sum()
+    };
+    let get = |key: &'static str| {
+        let req = client.get(gw.at("/v1/budgets")).bearer_auth(key);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let all = get("admin-key-0123456789").await;
+    let rows = all["budgets"].as_array().unwrap();
+    let row = |rule: &str, tenant: Option<&str>| {
+        rows.iter()
+            .find(|r| r["rule_id"] == rule && tenant.is_none_or(|t| r["scope"]["tenant"] == t))
+            .unwrap_or_else(|| panic!("no {rule} {tenant:?} row: {all}"))
+    };
+    assert_eq!(rows.len(), 3, "{all}");
+    for (tenant, n) in [("acme", 2.0), ("globex", 1.0)] {
+        let r = row("per-tenant", Some(tenant));
+        let spent = r["spent_usd"].as_f64().unwrap() + r["in_flight_usd"].as_f64().unwrap();
+        assert!((spent - spent_by(tenant)).abs() < 1e-9, "{tenant}: {r}");
+        assert!(spent > 0.0 && n > 0.0);
+        assert!(
+            (r["remaining_usd"].as_f64().unwrap() - (1.0 - spent)).abs() < 1e-9,
+            "{r}"
+        );
+        assert!(
+            r["resets_at"].as_str().unwrap().ends_with(":00:00.000Z"),
+            "calendar hour: {r}"
+        );
+        assert_eq!(r["scope"]["budget_namespace"], "default");
+    }
+    let shared = row("shared", None);
+    assert!(
+        (shared["spent_usd"].as_f64().unwrap() - spent_by("")).abs() < 1e-9,
+        "{shared}"
+    );
+    assert!(shared["resets_at"].is_null(), "rolling: {shared}");
+    assert!(shared["percent_used"].as_f64().unwrap() > 0.0);
+
+    // A tenant key: its own tenant's rows of budgets kept per tenant, nothing else.
+    let own = get("acme-key-0123456789").await;
+    let own = own["budgets"].as_array().unwrap();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(own[0]["scope"]["tenant"], "acme");
+
+    // The CLI asks the same endpoint.
+    let out = llmscope_tests::llmscope()
+        .args([
+            "budgets",
+            "--url",
+            &gw.url,
+            "--api-key-env",
+            "LLMSCOPE_TEST_BUDGETS_KEY",
+        ])
+        .env("LLMSCOPE_TEST_BUDGETS_KEY", "acme-key-0123456789")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("rule"), "{table}");
+    assert!(
+        table.contains("default/per-tenant") && table.contains("tenant=acme"),
+        "{table}"
+    );
+    assert!(!table.contains("globex"), "{table}");
+}

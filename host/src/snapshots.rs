@@ -16,6 +16,13 @@ pub trait AggregateStore: Send + Sync {
     fn lookup(&self, aggregate: &Aggregate, request: &RequestContext) -> Option<AggregateValue>;
     /// When the values were computed (ms since the epoch), 0 if never.
     fn taken_at_unix_ms(&self) -> u64;
+    /// Every value of `a` held, per combination of its scope's values (in
+    /// [`SpecKey`](crate::engine::SpecKey) order: sorted, deduplicated), as of `now_ms` (none
+    /// once a new calendar period began). For budget status; requests use `lookup`.
+    fn values_of(&self, a: &Aggregate, now_ms: u64) -> Vec<(Vec<Option<String>>, f64)> {
+        let _ = (a, now_ms);
+        Vec::new()
+    }
 }
 
 /// No history: every aggregate starts empty.

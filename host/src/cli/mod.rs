@@ -1,6 +1,7 @@
 //! The `llmscope` command line: the argument types of the top-level commands and [`run`], which
-//! hands each one to its module (`serve`, `logs`, `policy`).
+//! hands each one to its module (`serve`, `logs`, `policy`, `budgets`).
 
+mod budgets;
 mod logs;
 mod policy;
 mod serve;
@@ -69,6 +70,8 @@ enum Command {
     /// Check the JSONL logs themselves.
     #[command(subcommand)]
     Logs(LogsCommand),
+    /// How much of each budget is left: asks a running gateway (`GET /v1/budgets`).
+    Budgets(budgets::BudgetsArgs),
 }
 
 /// Run the CLI; returns the process exit code.
@@ -84,6 +87,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             format,
         }) => logs::verify(&paths, allow_unanswered, format),
         Command::Policy(command) => policy::run(command),
+        Command::Budgets(args) => budgets::run(&args),
     }
 }
 

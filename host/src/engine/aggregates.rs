@@ -138,6 +138,11 @@ pub struct SpecKey {
 }
 
 impl SpecKey {
+    /// `a`'s scope in the order values are keyed by: sorted, deduplicated.
+    pub fn scope_order(a: &Aggregate) -> Vec<Scope> {
+        Self::of(a).scope
+    }
+
     /// The key of `a`.
     pub fn of(a: &Aggregate) -> Self {
         let mut scope = a.scope.clone();
@@ -203,6 +208,23 @@ impl AggregateStore for PublishedAggregates {
 
     fn taken_at_unix_ms(&self) -> u64 {
         self.taken_at_ms
+    }
+
+    fn values_of(&self, a: &Aggregate, now_ms: u64) -> Vec<(Vec<Option<String>>, f64)> {
+        let Some(table) = self.tables.get(&SpecKey::of(a)) else {
+            return Vec::new();
+        };
+        if table
+            .period_start_us
+            .is_some_and(|start| calendar_start_us(a.window, now_ms) != start)
+        {
+            return Vec::new();
+        }
+        table
+            .values
+            .iter()
+            .filter_map(|(dims, (value, _))| Some((dims.clone(), (*value)?)))
+            .collect()
     }
 }
 

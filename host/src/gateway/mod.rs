@@ -25,6 +25,7 @@ use crate::snapshots::{AggregateStore, NoHistory};
 
 pub use llmscope_wire::requests::Inference;
 
+pub mod budgets;
 mod dispatch;
 pub mod edge;
 mod error;

@@ -277,3 +277,23 @@ pub fn query(
         }
     }
 }
+
+/// `GET /v1/budgets`: every budget rule × scope value with spend in its window (see
+/// [`crate::gateway::budgets`]). A tenant key sees only rows of budgets kept per tenant, for
+/// its own tenants (unless `auth.detailed_reasons`); a `*` key sees all.
+pub fn budgets(gw: &Gateway, headers: &HeaderMap) -> Result<Response<Body>, ApiError> {
+    let caller = authenticate(gw, headers)?;
+    let every = caller.sees_every_tenant(gw);
+    let keep = |scope: &crate::gateway::budgets::ScopeValues| {
+        every
+            || scope.iter().any(|(s, v)| {
+                *s == llmscope_sdk::types::Scope::Tenant
+                    && v.as_deref().is_some_and(|t| caller.may_act_for(t).is_ok())
+            })
+    };
+    let rows = gw.budgets(&keep);
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"taken_at": llmscope_wire::records::rfc3339(crate::gateway::now_ms()), "budgets": rows}),
+    ))
+}

@@ -147,7 +147,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Every endpoint, as listed in a 404's body.
-const ENDPOINTS: [&str; 11] = [
+const ENDPOINTS: [&str; 12] = [
     "POST /infer",
     "POST /v1/chat/completions",
     "GET /healthz",
@@ -157,6 +157,7 @@ const ENDPOINTS: [&str; 11] = [
     "POST /v1/admin/reload",
     "GET /v1/queries/<name>",
     "GET /v1/snapshot",
+    "GET /v1/budgets",
     "POST /v1/edge/context",
     "POST /v1/edge/report",
 ];
@@ -177,6 +178,7 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::POST, "/v1/edge/context") => (Dialect::Reference, edge::context(gw, req).await),
         (&Method::POST, "/v1/edge/report") => (Dialect::Reference, edge::report(gw, req).await),
+        (&Method::GET, "/v1/budgets") => (Dialect::Reference, admin::budgets(gw, req.headers())),
         (&Method::GET, "/v1/snapshot") => (
             Dialect::Reference,
             admin::snapshot(gw, req.headers(), &query),
@@ -194,6 +196,7 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             | "/v1/chat/completions"
             | "/v1/policies"
             | "/v1/admin/reload"
+            | "/v1/budgets"
             | "/v1/edge/context"
             | "/v1/edge/report",
         ) => (

@@ -46,6 +46,18 @@ impl Dims {
         }
     }
 
+    /// The value of scope `s` (as the telemetry column holding it has it).
+    pub fn value(&self, s: Scope) -> Option<String> {
+        match s {
+            Scope::Tenant => Some(self.tenant.clone()),
+            Scope::Feature => self.feature.clone(),
+            Scope::Route => Some(self.route.clone()),
+            Scope::BudgetNamespace => Some(self.namespace.clone()),
+            Scope::Experiment => self.experiment.clone(),
+            Scope::Model => Some(self.model.clone()),
+        }
+    }
+
     pub(crate) fn matches(&self, scope: &[Scope], r: &RequestContext) -> bool {
         scope.iter().all(|s| match s {
             Scope::Tenant => self.tenant == r.tenant_id,
@@ -304,6 +316,30 @@ impl Ledger {
             }
         }
         (total, requests)
+    }
+
+    /// Per combination of `scope`'s values (in `scope`'s order, as [`Dims::value`] gives
+    /// them): the cost of the entries at or after `since_ms`, as (settled but not yet
+    /// ingested, still reserved). For budget status; requests use [`Ledger::sum`].
+    pub fn cost_by_scope(
+        &self,
+        scope: &[Scope],
+        since_ms: u64,
+    ) -> HashMap<Vec<Option<String>>, (f64, f64)> {
+        let inner = self.inner.lock();
+        let mut out: HashMap<Vec<Option<String>>, (f64, f64)> = HashMap::new();
+        for (dims, bucket) in &inner.buckets {
+            let key: Vec<Option<String>> = scope.iter().map(|s| dims.value(*s)).collect();
+            for e in bucket.entries.values().filter(|e| e.at_ms >= since_ms) {
+                let (settled, reserved) = out.entry(key.clone()).or_default();
+                if e.settled.is_some() {
+                    *settled += e.sums.cost_usd;
+                } else {
+                    *reserved += e.sums.cost_usd;
+                }
+            }
+        }
+        out
     }
 
     /// Dimension tuples with entries, and settled entries waiting for ingestion (diagnostics).
