@@ -3,11 +3,10 @@
 //! and the five questions must cover the whole fleet. Extra files are appended whole to a
 //! one-shot engine, beside the pair it was opened on.
 
-use std::fs::File;
 use std::path::PathBuf;
 
-use super::ingest::in_transaction;
-use super::read::{append_from, Skipped, MALFORMED_LISTED};
+use super::ingest::append_whole;
+use super::read::{Skipped, MALFORMED_LISTED};
 use super::schema::Kind;
 use super::{EngineError, SpendEngine};
 
@@ -25,17 +24,7 @@ impl SpendEngine {
         let conn = self.conn.lock();
         for (kind, files) in [(Kind::Telemetry, telemetry), (Kind::Decisions, decisions)] {
             for path in files {
-                let io = |source| EngineError::Io {
-                    path: path.clone(),
-                    source,
-                };
-                let file = File::open(path).map_err(io)?;
-                let len = file.metadata().map_err(io)?.len();
-                let label = path.display().to_string();
-                let (n, _) = in_transaction(&conn, || {
-                    append_from(&conn, kind, &file, 0, len, &label, &mut skipped)
-                })?;
-                rows = rows.saturating_add(n);
+                rows = rows.saturating_add(append_whole(&conn, kind, path, &mut skipped)?);
             }
         }
         self.uncompacted_rows

@@ -125,17 +125,9 @@ impl SpendEngine {
             let rotated = rotated_siblings(path);
             let conn = self.conn.lock();
             for p in rotated.iter().rev() {
-                let io = |source| EngineError::Io {
-                    path: p.clone(),
-                    source,
-                };
-                let file = File::open(p).map_err(io)?;
-                let len = file.metadata().map_err(io)?.len();
                 let label = p.display().to_string();
                 let mut skipped = Skipped::default();
-                let (rows, _) = in_transaction(&conn, || {
-                    append_from(&conn, kind, &file, 0, len, &label, &mut skipped)
-                })?;
+                let rows = append_whole(&conn, kind, p, &mut skipped)?;
                 total = total.saturating_add(rows);
                 if skipped.count > 0 {
                     tracing::warn!(target: TARGET, file = %label, skipped = skipped.count, first = ?skipped.listed.first(), "malformed lines skipped in a rotated log");
@@ -233,6 +225,27 @@ impl SpendEngine {
             .fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
         Ok(rows)
     }
+}
+
+/// Append every complete line of the file at `path` to `kind`'s table, in one transaction;
+/// returns the rows appended (malformed lines counted in `skipped`).
+pub(super) fn append_whole(
+    conn: &Connection,
+    kind: Kind,
+    path: &Path,
+    skipped: &mut Skipped,
+) -> Result<u64, EngineError> {
+    let io = |source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let label = path.display().to_string();
+    let (rows, _) = in_transaction(conn, || {
+        append_from(conn, kind, &file, 0, len, &label, skipped)
+    })?;
+    Ok(rows)
 }
 
 /// Run `plan`: append the lines of its files and store its new cursor, in one transaction, so
