@@ -55,4 +55,18 @@ except openai.APIStatusError as e:
     assert e.status_code == 422, e.status_code
     assert e.response.json()["error"]["param"] == "model"
 
+# Streamed: chunks as they come, the usage chunk only when asked for.
+chunks = list(client.chat.completions.create(
+    model="cheap", messages=[{"role": "user", "content": "Stream hello"}], stream=True,
+))
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+assert text.startswith("[mock gpt-4o-mini]"), text
+assert chunks[-1].choices[0].finish_reason == "stop", chunks[-1]
+assert all(c.usage is None for c in chunks), chunks
+chunks = list(client.chat.completions.create(
+    model="cheap", messages=[{"role": "user", "content": "Stream hello"}], stream=True,
+    stream_options={"include_usage": True}, max_tokens=40,
+))
+assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40, chunks[-1]
+
 print("OK")

@@ -11,6 +11,7 @@ mod infer;
 mod openai;
 mod redact;
 mod request;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +29,7 @@ use tokio::net::TcpListener;
 pub use error::{ApiError, Dialect};
 pub use llmscope_sdk::http::CLIENT_ERROR_HEADER;
 use request::Body;
+pub use stream::{ResponseBody, SseBody};
 
 use crate::gateway::Gateway;
 
@@ -161,7 +163,17 @@ const ENDPOINTS: [&str; 11] = [
     "POST /v1/edge/report",
 ];
 
-async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<ResponseBody> {
+    if req.method() == Method::POST && req.uri().path() == "/v1/chat/completions" {
+        return openai::chat(gw, req)
+            .await
+            .unwrap_or_else(|e| e.render(Dialect::OpenAi).map(ResponseBody::Left));
+    }
+    route_whole(gw, req).await.map(ResponseBody::Left)
+}
+
+/// Every endpoint answering in one piece.
+async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
@@ -170,7 +182,6 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/readyz") => (Dialect::Reference, Ok(admin::readyz(gw))),
         (&Method::GET, "/metrics") => (Dialect::Reference, Ok(admin::metrics(gw))),
         (&Method::POST, "/infer") => (Dialect::Reference, infer::infer(gw, req).await),
-        (&Method::POST, "/v1/chat/completions") => (Dialect::OpenAi, openai::chat(gw, req).await),
         (&Method::GET, "/v1/policies") => (Dialect::Reference, admin::policies(gw, req.headers())),
         (&Method::POST, "/v1/admin/reload") => {
             (Dialect::Reference, admin::reload(gw, req.headers()).await)
