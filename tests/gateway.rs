@@ -1029,3 +1029,53 @@ async fn edge_calls_need_a_star_key_and_name_what_is_wrong() {
     assert_eq!((status, relay), (422, true));
     assert_eq!(body["error"]["code"], "model_not_found");
 }
+
+/// A chat parameter the gateway would neither price nor send on is refused by name, before
+/// anything is priced or dispatched: nothing a client asks for is dropped silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_parameters_the_gateway_does_not_honour_are_refused_by_name() {
+    let gw = Gateway::start(&Options::new(&policy_yaml()));
+    let user = json!({"role": "user", "content": "hi"});
+    for (extra, param) in [
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (json!({"tool_choice": "auto"}), "tool_choice"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"stop": ["\n"]}), "stop"),
+        (json!({"seed": 7}), "seed"),
+        (json!({"n": 2}), "n"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}),
+            "messages[0].content[0]",
+        ),
+        (
+            json!({"messages": [user.clone(), {"role": "assistant", "content": "x", "tool_calls": []}]}),
+            "messages[1].tool_calls",
+        ),
+    ] {
+        let mut body = json!({"model": "cheap", "messages": [user.clone()]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let resp = reqwest::Client::new()
+            .post(gw.at("/v1/chat/completions"))
+            .header("x-llmscope-tenant-id", "acme-corp")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{param}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert_eq!(v["error"]["code"], "unsupported_parameter", "{v}");
+    }
+    assert!(
+        read_jsonl(&gw.telemetry).is_empty(),
+        "nothing priced or sent"
+    );
+}

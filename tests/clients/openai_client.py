@@ -55,6 +55,17 @@ except openai.APIStatusError as e:
     assert e.status_code == 422, e.status_code
     assert e.response.json()["error"]["param"] == "model"
 
+# A parameter the gateway would not honour (tools): a 422 naming it, never silently dropped.
+try:
+    client.chat.completions.create(
+        model="cheap", messages=[{"role": "user", "content": "x"}],
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    )
+    sys.exit("expected a 422")
+except openai.APIStatusError as e:
+    assert e.status_code == 422, e.status_code
+    assert e.response.json()["error"]["param"] == "tools"
+
 # Streamed: chunks as they come, the usage chunk only when asked for.
 chunks = list(client.chat.completions.create(
     model="cheap", messages=[{"role": "user", "content": "Stream hello"}], stream=True,

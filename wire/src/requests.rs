@@ -185,6 +185,7 @@ pub fn parse_infer(
     }
 }
 
+pub use crate::chat_params::check_chat_params;
 pub use crate::chat_stream::{chat_stream, StreamOptions};
 
 /// Why a chat-completions body was refused, in OpenAI's error vocabulary.

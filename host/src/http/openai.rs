@@ -14,10 +14,11 @@ use super::error::ApiError;
 use super::request::{authenticate, check_prompt, header, json_response, read_json, Body, Scope};
 use super::stream::{chat_stream, ResponseBody};
 use crate::gateway::{Gateway, Outcome, Served};
-use crate::requests::{chat_stream as stream_options, parse_chat};
+use crate::requests::{chat_stream as stream_options, check_chat_params, parse_chat};
 
-/// Authenticate (from the headers, before reading the body), parse, bind the payer to the
-/// key, serve (streamed when the body says `stream: true`); a denial is a 402
+/// Authenticate (from the headers, before reading the body), refuse any parameter the gateway
+/// would not honour (422 naming it), parse, bind the payer to the key, serve (streamed when
+/// the body says `stream: true`); a denial is a 402
 /// [`ApiError::Denied`].
 pub async fn chat(
     gw: &Arc<Gateway>,
@@ -25,6 +26,7 @@ pub async fn chat(
 ) -> Result<Response<ResponseBody>, ApiError> {
     let caller = authenticate(gw, req.headers())?;
     let (headers, obj) = read_json(gw, req).await?;
+    check_chat_params(&obj).map_err(ApiError::InvalidChat)?;
     let stream = stream_options(&obj).map_err(ApiError::InvalidChat)?;
     let mut inf =
         parse_chat(&obj, &|h| header(&headers, h), gw.config()).map_err(ApiError::InvalidChat)?;
