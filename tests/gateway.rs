@@ -1079,3 +1079,35 @@ async fn chat_parameters_the_gateway_does_not_honour_are_refused_by_name() {
         "nothing priced or sent"
     );
 }
+
+/// `GET /v1/models` lists what a chat body's `model` may say for a route: its tiers, then
+/// their models with their providers; an unknown route is a 404 naming the known ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_models_list_names_the_routes_tiers_and_models() {
+    let gw = Gateway::start(&Options::new(&policy_yaml()));
+    let v: Value = reqwest::get(gw.at("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cheap", "expensive", "gpt-4o-mini", "gpt-4o"]);
+    assert_eq!(v["data"][2]["owned_by"], "mock");
+    assert_eq!(v["data"][0]["llmscope"]["model"], "gpt-4o-mini");
+    let resp = reqwest::Client::new()
+        .get(gw.at("/v1/models"))
+        .header("x-llmscope-route", "/nowhere")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v.to_string().contains("/answer-routed"), "{v}");
+}

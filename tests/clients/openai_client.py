@@ -66,6 +66,10 @@ except openai.APIStatusError as e:
     assert e.status_code == 422, e.status_code
     assert e.response.json()["error"]["param"] == "tools"
 
+# The models a body may name: the route's tiers and models.
+ids = [m.id for m in client.models.list()]
+assert ids[:2] == ["cheap", "expensive"] and "gpt-4o-mini" in ids, ids
+
 # Streamed: chunks as they come, the usage chunk only when asked for.
 chunks = list(client.chat.completions.create(
     model="cheap", messages=[{"role": "user", "content": "Stream hello"}], stream=True,

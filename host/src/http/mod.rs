@@ -1,5 +1,6 @@
 //! The HTTP surface (hyper 1): [`serve`] and the route table. Each endpoint's handler lives
-//! with its API: [`infer`] (`/infer`, the reference API), [`openai`] (`/v1/chat/completions`),
+//! with its API: [`infer`] (`/infer`, the reference API), [`openai`] (`/v1/chat/completions`,
+//! streamed by [`stream`]), [`models`] (`/v1/models`),
 //! [`edge`] (the Envoy filters' control plane, `/v1/edge/*`) and [`admin`] (health, readiness,
 //! metrics, policies, reload, queries, snapshots); [`request`] reads bodies and API keys. Handlers
 //! return [`ApiError`]s, which the route table renders in the endpoint's [`Dialect`].
@@ -8,6 +9,7 @@ mod admin;
 mod edge;
 mod error;
 mod infer;
+mod models;
 mod openai;
 mod redact;
 mod request;
@@ -149,9 +151,10 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Every endpoint, as listed in a 404's body.
-const ENDPOINTS: [&str; 11] = [
+const ENDPOINTS: [&str; 12] = [
     "POST /infer",
     "POST /v1/chat/completions",
+    "GET /v1/models",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
@@ -182,6 +185,7 @@ async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body
         (&Method::GET, "/readyz") => (Dialect::Reference, Ok(admin::readyz(gw))),
         (&Method::GET, "/metrics") => (Dialect::Reference, Ok(admin::metrics(gw))),
         (&Method::POST, "/infer") => (Dialect::Reference, infer::infer(gw, req).await),
+        (&Method::GET, "/v1/models") => (Dialect::OpenAi, models::models(gw, req.headers())),
         (&Method::GET, "/v1/policies") => (Dialect::Reference, admin::policies(gw, req.headers())),
         (&Method::POST, "/v1/admin/reload") => {
             (Dialect::Reference, admin::reload(gw, req.headers()).await)
@@ -203,6 +207,7 @@ async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body
             | "/metrics"
             | "/infer"
             | "/v1/chat/completions"
+            | "/v1/models"
             | "/v1/policies"
             | "/v1/admin/reload"
             | "/v1/edge/context"
