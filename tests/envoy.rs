@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use llmscope_tests::envoy::{self, Envoy, Filter};
 use llmscope_tests::gateway::{read_jsonl, Gateway, Options};
+use llmscope_tests::streaming::{Events, MockUpstream};
 use llmscope_tests::upstream::Upstream;
 use serde_json::{json, Value};
 
@@ -908,4 +909,61 @@ async fn headers_only_attribution_ignores_tenants_named_in_the_body() {
         assert_eq!(resp.status().as_u16(), 422, "{body}");
     }
     assert_eq!(s.upstream.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_through_envoy_is_forwarded_as_it_comes_and_settled_on_its_streamed_usage() {
+    let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
+    let gw = Gateway::start(&Options::new(&seed));
+    let upstream = MockUpstream::start(&["--stream-chunks", "6", "--chunk-delay-ms", "100"]);
+    let filters = vec![Filter::builtin(
+        "budget_threshold",
+        &budget("cap", 100.0),
+        &host("closed", 2000),
+    )];
+    let envoy = start_envoy(envoy::config(&filters, port_of(&gw.url), upstream.port())).await;
+    let resp = reqwest::Client::new()
+        .post(envoy.at("/v1/chat/completions"))
+        .header("x-llmscope-tenant-id", "acme")
+        .header("x-llmscope-budget-namespace", "demo")
+        .header("x-llmscope-route", "/answer-routed")
+        .json(&json!({"model": "gpt-4o", "messages": messages(), "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", envoy.log());
+    let mut events = Events::new(resp);
+    let role = events.next_json().await.unwrap();
+    assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
+    let first = events.next_json().await.unwrap();
+    assert_eq!(first["choices"][0]["delta"]["content"], "[mock");
+    // Envoy forwards the stream as it comes: the upstream still has words to send.
+    assert_eq!(upstream.stats().await["streams_completed"], 0);
+    let rest = events.rest().await;
+    assert_eq!(rest.last().unwrap(), "[DONE]");
+    // The filter asked for the usage, so it is in the stream.
+    let usage = rest
+        .iter()
+        .find(|e| e["usage"].is_object())
+        .unwrap_or_else(|| panic!("no usage chunk: {rest:?}"))["usage"]
+        .clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut lines = read_jsonl(&gw.telemetry);
+    while lines.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lines = read_jsonl(&gw.telemetry);
+    }
+    assert_eq!(lines.len(), 1, "{lines:?}\n{}", envoy.log());
+    let t = &lines[0];
+    assert_eq!(t["status"], "ok");
+    assert_eq!(t["cost_source"], "provider_usage", "{t}");
+    assert_eq!(t["tokens_out"], usage["completion_tokens"], "{t}");
+    assert_eq!(t["tokens_in"], usage["prompt_tokens"], "{t}");
+    assert_eq!(t["tokens_out"], 120);
+    assert_eq!(t["finish_reason"], "stop");
+    let cost = 2.5 * usage["prompt_tokens"].as_f64().unwrap() / 1e6 + 10.0 * 120.0 / 1e6;
+    assert!(
+        (t["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12,
+        "{t}"
+    );
 }

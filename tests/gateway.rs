@@ -1135,3 +1135,85 @@ namespaces:
     );
     assert!(!table.contains("globex"), "{table}");
 }
+
+/// A chat parameter the gateway would neither price nor send on is refused by name, before
+/// anything is priced or dispatched: nothing a client asks for is dropped silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_parameters_the_gateway_does_not_honour_are_refused_by_name() {
+    let gw = Gateway::start(&Options::new(&policy_yaml()));
+    let user = json!({"role": "user", "content": "hi"});
+    for (extra, param) in [
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (json!({"tool_choice": "auto"}), "tool_choice"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"stop": ["\n"]}), "stop"),
+        (json!({"seed": 7}), "seed"),
+        (json!({"n": 2}), "n"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}),
+            "messages[0].content[0]",
+        ),
+        (
+            json!({"messages": [user.clone(), {"role": "assistant", "content": "x", "tool_calls": []}]}),
+            "messages[1].tool_calls",
+        ),
+    ] {
+        let mut body = json!({"model": "cheap", "messages": [user.clone()]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let resp = reqwest::Client::new()
+            .post(gw.at("/v1/chat/completions"))
+            .header("x-llmscope-tenant-id", "acme-corp")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{param}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert_eq!(v["error"]["code"], "unsupported_parameter", "{v}");
+    }
+    assert!(
+        read_jsonl(&gw.telemetry).is_empty(),
+        "nothing priced or sent"
+    );
+}
+
+/// `GET /v1/models` lists what a chat body's `model` may say for a route: its tiers, then
+/// their models with their providers; an unknown route is a 404 naming the known ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_models_list_names_the_routes_tiers_and_models() {
+    let gw = Gateway::start(&Options::new(&policy_yaml()));
+    let v: Value = reqwest::get(gw.at("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cheap", "expensive", "gpt-4o-mini", "gpt-4o"]);
+    assert_eq!(v["data"][2]["owned_by"], "mock");
+    assert_eq!(v["data"][0]["llmscope"]["model"], "gpt-4o-mini");
+    let resp = reqwest::Client::new()
+        .get(gw.at("/v1/models"))
+        .header("x-llmscope-route", "/nowhere")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v.to_string().contains("/answer-routed"), "{v}");
+}

@@ -183,7 +183,12 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
     );
     assert_eq!(stdout.trim(), "OK");
     let t = read_jsonl(&gw.telemetry);
-    assert_eq!(t.len(), 3, "two served, one denied");
+    assert_eq!(t.len(), 5, "two served, one denied, two streamed");
     assert_eq!(t[0]["feature_id"], "chat");
     assert_eq!(t[2]["status"], "denied");
+    assert_eq!(
+        (t[3]["streamed"].as_bool(), t[4]["streamed"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(t[4]["tokens_out"], 40);
 }

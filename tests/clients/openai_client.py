@@ -55,4 +55,33 @@ except openai.APIStatusError as e:
     assert e.status_code == 422, e.status_code
     assert e.response.json()["error"]["param"] == "model"
 
+# A parameter the gateway would not honour (tools): a 422 naming it, never silently dropped.
+try:
+    client.chat.completions.create(
+        model="cheap", messages=[{"role": "user", "content": "x"}],
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    )
+    sys.exit("expected a 422")
+except openai.APIStatusError as e:
+    assert e.status_code == 422, e.status_code
+    assert e.response.json()["error"]["param"] == "tools"
+
+# The models a body may name: the route's tiers and models.
+ids = [m.id for m in client.models.list()]
+assert ids[:2] == ["cheap", "expensive"] and "gpt-4o-mini" in ids, ids
+
+# Streamed: chunks as they come, the usage chunk only when asked for.
+chunks = list(client.chat.completions.create(
+    model="cheap", messages=[{"role": "user", "content": "Stream hello"}], stream=True,
+))
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+assert text.startswith("[mock gpt-4o-mini]"), text
+assert chunks[-1].choices[0].finish_reason == "stop", chunks[-1]
+assert all(c.usage is None for c in chunks), chunks
+chunks = list(client.chat.completions.create(
+    model="cheap", messages=[{"role": "user", "content": "Stream hello"}], stream=True,
+    stream_options={"include_usage": True}, max_tokens=40,
+))
+assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40, chunks[-1]
+
 print("OK")

@@ -134,6 +134,12 @@ pub enum ProviderConfig {
         /// Models for which the mock fails with a 503, to exercise fallbacks.
         #[serde(default)]
         fail_models: Vec<String>,
+        /// Chunks a streamed answer (`stream: true`) is cut into.
+        #[serde(default = "default_mock_chunks")]
+        stream_chunks: u32,
+        /// Delay between two chunks of a streamed answer, ms.
+        #[serde(default)]
+        stream_chunk_delay_ms: u64,
     },
     /// Any OpenAI-compatible chat-completions API (OpenAI, vLLM, Ollama, llama.cpp).
     Openai {
@@ -167,6 +173,9 @@ pub enum ProviderConfig {
 
 fn default_mock_output() -> u32 {
     120
+}
+fn default_mock_chunks() -> u32 {
+    8
 }
 fn default_timeout_ms() -> u64 {
     30_000

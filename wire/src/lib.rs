@@ -1,9 +1,13 @@
 //! llmscope's wire formats and their parsers, apart from the engine and the wasm runtime so they
 //! can be fuzzed on their own: the gateway configuration ([`config`]), `/infer` and
-//! chat-completions request bodies ([`requests`]), the JSONL log records as the gateway writes
+//! chat-completions request bodies ([`requests`], their stream flags [`chat_stream`], the
+//! parameters honoured [`chat_params`]), the JSONL
+//! log records as the gateway writes
 //! them and the analytics engine reads them back ([`records`]) and the YAML reader the gateway
 //! and policy configs share ([`yaml`]).
 
+pub mod chat_params;
+pub mod chat_stream;
 pub mod config;
 pub mod records;
 pub mod requests;

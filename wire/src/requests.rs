@@ -185,6 +185,9 @@ pub fn parse_infer(
     }
 }
 
+pub use crate::chat_params::check_chat_params;
+pub use crate::chat_stream::{chat_stream, StreamOptions};
+
 /// Why a chat-completions body was refused, in OpenAI's error vocabulary.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatError {
@@ -199,7 +202,11 @@ pub struct ChatError {
 }
 
 impl ChatError {
-    fn unprocessable(message: impl Into<String>, code: &'static str, param: &str) -> Self {
+    pub(crate) fn unprocessable(
+        message: impl Into<String>,
+        code: &'static str,
+        param: &str,
+    ) -> Self {
         Self {
             status: 422,
             message: message.into(),
@@ -277,8 +284,8 @@ fn chat_tier(
 
 /// Parse an OpenAI chat-completions body. Attribution comes from `x-llmscope-*` headers, else
 /// from `metadata.<field>`; the tier from `model` naming a tier of the route or one of its
-/// models (see [`chat_tier`]; the tier header only for a body without `model`). `stream` is not
-/// checked here.
+/// models (see [`chat_tier`]; the tier header only for a body without `model`). The stream
+/// flags are read by [`chat_stream`].
 pub fn parse_chat(
     obj: &Map<String, Value>,
     header: &dyn Fn(&str) -> Option<String>,

@@ -44,9 +44,9 @@ enum Command {
         /// Address to listen on (port 0 picks a free port; the address is printed).
         #[arg(long, default_value = "127.0.0.1:9000")]
         listen: std::net::SocketAddr,
-        /// Delay before each answer, ms.
-        #[arg(long, default_value_t = 0)]
-        latency_ms: u64,
+        /// How it answers (latency, streams).
+        #[command(flatten)]
+        options: crate::mock_upstream::Options,
     },
     /// Answer one of the five cost questions from the JSONL logs.
     Query {
@@ -78,7 +78,7 @@ enum Command {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { config, listen } => serve::serve(&config, listen),
-        Command::MockUpstream { listen, latency_ms } => serve::mock_upstream(listen, latency_ms),
+        Command::MockUpstream { listen, options } => serve::mock_upstream(listen, options),
         Command::Query { name, logs, format } => logs::query(name, &logs, format),
         Command::Report { out, logs } => logs::report(&out, &logs),
         Command::Logs(LogsCommand::Verify {

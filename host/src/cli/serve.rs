@@ -5,12 +5,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-/// Serve a stand-in provider on `listen`, answering after `latency_ms`.
-pub(super) fn mock_upstream(listen: SocketAddr, latency_ms: u64) -> Result<ExitCode> {
+/// Serve a stand-in provider on `listen`, answering as `options` say.
+pub(super) fn mock_upstream(
+    listen: SocketAddr,
+    options: crate::mock_upstream::Options,
+) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -28,7 +30,7 @@ pub(super) fn mock_upstream(listen: SocketAddr, latency_ms: u64) -> Result<ExitC
             )?;
             out.flush()?;
         }
-        crate::mock_upstream::serve(listener, Duration::from_millis(latency_ms)).await?;
+        crate::mock_upstream::serve(listener, options).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

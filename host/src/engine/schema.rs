@@ -63,13 +63,15 @@ mod tests {
     const DERIVED: [(&str, &str); 1] = [("ts_us", "timestamp")];
     /// Keys of a telemetry line that no column holds (`route` is read into `route_name` when
     /// that is absent).
-    const TELEMETRY_NOT_INGESTED: [&str; 9] = [
+    const TELEMETRY_NOT_INGESTED: [&str; 11] = [
         "audit_tags",
         "cost_source",
         "error_type",
         "fallback_reason",
         "route",
         "schema_version",
+        "stream_cut_at_tokens",
+        "streamed",
         "timed_out_cost_usd",
         "tokens_total",
         "use_case",
@@ -121,6 +123,8 @@ mod tests {
             policy_decision: "policy_decision".into(),
             policy_id: Some("policy_id".into()),
             timed_out_cost_usd: 0.125,
+            streamed: true,
+            stream_cut_at_tokens: Some(13),
         };
         serde_json::to_string(&record).unwrap()
     }

@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::ledger::Reservation;
 use crate::policy::{DecisionKind, Evaluation};
 use crate::pricing;
-use crate::providers::{Completion, CompletionRequest, Provider};
+use crate::providers::{Completion, CompletionRequest, CompletionStream, Provider};
 
 use super::lifecycle::{ClientGone, Target};
 use super::{Gateway, Inference, PricedRequest};
@@ -16,11 +16,25 @@ use super::{Gateway, Inference, PricedRequest};
 /// Diagnostics keep the target they had before this file was split out of `lifecycle`.
 const TARGET: &str = "llmscope::gateway::lifecycle";
 
+/// How the provider is asked to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// One completion.
+    Complete,
+    /// A stream; an attempt answers once the provider's first event arrived.
+    Stream,
+}
+
 /// What dispatching along the chain produced.
 #[derive(Default)]
 pub(super) struct Dispatched {
-    /// Chain index, model and completion of the attempt that answered.
+    /// Chain index, model and completion of the attempt that answered (a stream's, once it
+    /// has been forwarded).
     pub(super) answered: Option<(usize, String, Completion)>,
+    /// Chain index, model and stream of the attempt whose stream started.
+    pub(super) streamed: Option<(usize, String, CompletionStream)>,
+    /// How a forwarded stream went (how much was counted, a cut, a break).
+    pub(super) stream: Option<super::pump::StreamSettlement>,
     /// Failed candidates: model, provider, error.
     pub(super) failures: Vec<(String, String, String)>,
     /// Last provider error class.
@@ -59,6 +73,7 @@ impl Gateway {
         target: &Target,
         reservation: &mut Reservation,
         gone: &ClientGone,
+        mode: Mode,
     ) -> Dispatched {
         let cfg = &self.config;
         let chain: Vec<String> = std::iter::once(target.model.clone())
@@ -92,7 +107,10 @@ impl Gateway {
             else {
                 continue;
             };
-            if self.attempt(inf, req, &candidate, estimate, &mut out).await {
+            if self
+                .attempt(inf, req, &candidate, estimate, mode, &mut out)
+                .await
+            {
                 break;
             }
         }
@@ -145,6 +163,7 @@ impl Gateway {
         req: &PricedRequest<'_>,
         candidate: &Candidate<'_>,
         estimate: f64,
+        mode: Mode,
         out: &mut Dispatched,
     ) -> bool {
         let model_cfg = candidate.cfg;
@@ -159,15 +178,22 @@ impl Gateway {
             temperature: inf.temperature,
         };
         let mut timed_out = 0u32;
-        let result = candidate.provider.complete(&creq, &mut timed_out).await;
+        let provider = candidate.provider;
+        let result = match mode {
+            Mode::Complete => provider
+                .complete(&creq, &mut timed_out)
+                .await
+                .map(|(c, _)| out.answered = Some((candidate.index, candidate.model.clone(), c))),
+            Mode::Stream => provider
+                .open_stream(&creq, &mut timed_out)
+                .await
+                .map(|(s, _)| out.streamed = Some((candidate.index, candidate.model.clone(), s))),
+        };
         if self.config.charge_timed_out_attempts {
             out.timed_out_usd += f64::from(timed_out) * estimate;
         }
         match result {
-            Ok((completion, _attempts)) => {
-                out.answered = Some((candidate.index, candidate.model.clone(), completion));
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 self.metrics.provider_error(&model_cfg.provider, e.kind());
                 tracing::warn!(target: TARGET, model = %candidate.model, provider = %model_cfg.provider, error = %e, "provider call failed");

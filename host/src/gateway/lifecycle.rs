@@ -17,6 +17,7 @@ use crate::ledger::{Dims, Reservation};
 use crate::policy::{DecisionKind, Evaluation, PolicySet};
 use crate::snapshots::LiveSnapshots;
 
+use super::dispatch::Mode;
 use super::records::{reservation_record, Records, Status};
 use super::{Gateway, GatewayError, Inference, Outcome, PricedRequest};
 
@@ -29,13 +30,19 @@ impl ClientGone {
     pub(super) fn is_set(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// The client is gone (a stream's body was dropped).
+    pub(super) fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Sets [`ClientGone`] when dropped before [`Watch::answered`]: the client is gone.
-struct Watch(Option<ClientGone>);
+pub(super) struct Watch(pub(super) Option<ClientGone>);
 
 impl Watch {
-    fn answered(mut self) {
+    /// The client received its answer (or, for a stream, its head).
+    pub(super) fn answered(mut self) {
         self.0 = None;
     }
 }
@@ -62,6 +69,29 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A request admitted for dispatch: priced, reserved (at its target), evaluated, its decision
+/// line written ahead.
+pub(super) struct Admitted<'g> {
+    /// The priced request.
+    pub(super) req: PricedRequest<'g>,
+    /// Its lines so far.
+    pub(super) records: Records,
+    /// The verdict (allow or downgrade).
+    pub(super) evaluation: Evaluation,
+    /// Where it goes.
+    pub(super) target: Target,
+    /// Its reservation, at the target.
+    pub(super) reservation: Reservation,
+}
+
+/// What [`Gateway::admit`] decided.
+pub(super) enum Admission<'g> {
+    /// Dispatch this request.
+    Dispatch(Box<Admitted<'g>>),
+    /// Answered already (denied), its lines written.
+    Done(Outcome),
 }
 
 /// Where the request goes after evaluation: the tier, model and estimate it is reserved at.
@@ -92,33 +122,25 @@ impl Gateway {
 
     async fn run(&self, inf: Inference, gone: &ClientGone) -> Result<Outcome, GatewayError> {
         let _in_flight = InFlight::enter(&self.in_flight);
-        let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
-        let policies = self.policies();
-        let mut req = self.price_request(&inf, &policies, request_id)?;
-        // Reserve first, so concurrent requests see each other; evaluate against aggregates +
-        // ledger minus this request's own reservation.
-        let mut reservation = self.reserve(&req);
-        let (evaluation, policy_ms) = self.evaluate(&policies, &req.ctx, &reservation);
-        let mut records = Records::new(&req.ctx, &evaluation, &policies, policy_ms, &self.config);
-        drop(policies);
-        if evaluation.decision == DecisionKind::Deny {
-            drop(reservation);
-            return self.deny(&req, records, evaluation).await;
-        }
-        if self.config.reject_unlogged && !self.writer.telemetry_healthy() {
-            drop(reservation);
-            return self.refuse_unlogged(&req, records, &evaluation).await;
-        }
-        let target = self.target(&mut req, &evaluation, &mut reservation);
-        if let Err(e) = self
-            .write_ahead(&req, &target, &mut records, &evaluation)
-            .await
-        {
-            drop(reservation);
-            return Err(e);
-        }
+        let Admitted {
+            mut req,
+            records,
+            evaluation,
+            target,
+            mut reservation,
+        } = match self.admit(&inf).await? {
+            Admission::Dispatch(admitted) => *admitted,
+            Admission::Done(outcome) => return Ok(outcome),
+        };
         let dispatched = self
-            .dispatch(&inf, &mut req, &target, &mut reservation, gone)
+            .dispatch(
+                &inf,
+                &mut req,
+                &target,
+                &mut reservation,
+                gone,
+                Mode::Complete,
+            )
             .await;
         self.settle(
             req,
@@ -130,6 +152,49 @@ impl Gateway {
             gone,
         )
         .await
+    }
+
+    /// Price, reserve and evaluate `inf`; a denial is answered here, an allowed request gets
+    /// its decision line written ahead and is returned to be dispatched.
+    pub(super) async fn admit(&self, inf: &Inference) -> Result<Admission<'_>, GatewayError> {
+        let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
+        let policies = self.policies();
+        let mut req = self.price_request(inf, &policies, request_id)?;
+        // Reserve first, so concurrent requests see each other; evaluate against aggregates +
+        // ledger minus this request's own reservation.
+        let mut reservation = self.reserve(&req);
+        let (evaluation, policy_ms) = self.evaluate(&policies, &req.ctx, &reservation);
+        let mut records = Records::new(&req.ctx, &evaluation, &policies, policy_ms, &self.config);
+        drop(policies);
+        if evaluation.decision == DecisionKind::Deny {
+            drop(reservation);
+            return self
+                .deny(&req, records, evaluation)
+                .await
+                .map(Admission::Done);
+        }
+        if self.config.reject_unlogged && !self.writer.telemetry_healthy() {
+            drop(reservation);
+            return self
+                .refuse_unlogged(&req, records, &evaluation)
+                .await
+                .map(Admission::Done);
+        }
+        let target = self.target(&mut req, &evaluation, &mut reservation);
+        if let Err(e) = self
+            .write_ahead(&req, &target, &mut records, &evaluation)
+            .await
+        {
+            drop(reservation);
+            return Err(e);
+        }
+        Ok(Admission::Dispatch(Box::new(Admitted {
+            req,
+            records,
+            evaluation,
+            target,
+            reservation,
+        })))
     }
 
     /// Reserve `req`'s estimate at the requested tier in the ledger.

@@ -2,7 +2,8 @@
 //! accessors the HTTP layer reads. Each idea of the request path has its own file: pricing a
 //! request (`price.rs`), the snapshot a request would see (`snapshot.rs`), the refresh that
 //! publishes aggregates and reload (`refresh.rs`), the lifecycle's stages (`lifecycle.rs`, then
-//! `dispatch.rs` and `settle.rs`), its log lines (`records.rs`), crash recovery
+//! `dispatch.rs` and `settle.rs`; a streamed request's in `stream.rs`, its forwarding in
+//! `pump.rs`), its log lines (`records.rs`), crash recovery
 //! (`recovery.rs`), the edge control plane (`edge/`) and the error types (`error.rs`).
 //! Transport-independent: the HTTP layer ([`crate::http`]) turns requests into [`Inference`] and
 //! [`Outcome`]s into responses.
@@ -31,16 +32,20 @@ pub mod edge;
 mod error;
 mod lifecycle;
 mod price;
+mod pump;
 mod records;
 mod recovery;
 mod refresh;
 mod settle;
 mod snapshot;
+mod stream;
 
 pub use error::{GatewayError, StartError};
 pub(crate) use price::PricedRequest;
+pub use pump::StreamItem;
 pub use records::{CostSource, Status};
 pub use snapshot::{RuleSnapshot, SnapshotAnswer, SnapshotQuery};
+pub use stream::{StreamHead, StreamStart};
 
 /// A served request.
 #[derive(Debug, Clone)]

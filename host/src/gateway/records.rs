@@ -322,6 +322,18 @@ impl Records {
         self.billed(status, source, tokens_in, tokens_out, cost);
     }
 
+    /// The answer was streamed: cut at `cut_at` output tokens (the reservation's) when the
+    /// provider streamed past them; `broken` is the error class when the provider's stream
+    /// broke after it started.
+    pub fn streamed(&mut self, cut_at: Option<u32>, broken: Option<&str>) {
+        let t = &mut self.telemetry;
+        t.streamed = true;
+        t.stream_cut_at_tokens = cut_at.map(u64::from);
+        if let Some(kind) = broken {
+            t.error_type = Some(format!("stream_{kind}"));
+        }
+    }
+
     /// An edge request's upstream answered: `tokens_in` and `tokens_out` from its usage report
     /// (`source`: provider usage) or our counts (tokenizer), at `cost`. Provider, model and
     /// finish reason are the report's, as [`Self::reported`] set them.

@@ -254,5 +254,7 @@ fn unanswered(d: Decision) -> TelemetryRecord {
         policy_decision: d.decision,
         policy_id: d.policy_id,
         timed_out_cost_usd: 0.0,
+        streamed: false,
+        stream_cut_at_tokens: None,
     }
 }

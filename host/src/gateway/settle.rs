@@ -9,6 +9,7 @@ use crate::providers::Completion;
 
 use super::dispatch::Dispatched;
 use super::lifecycle::{ClientGone, Target};
+use super::pump::StreamSettlement;
 use super::records::{CostSource, Records, Status};
 use super::{Gateway, GatewayError, Outcome, PricedRequest, Served};
 
@@ -21,6 +22,7 @@ struct Settled {
     answered: (usize, String, Completion),
     timed_out_usd: f64,
     cancelled: bool,
+    stream: Option<StreamSettlement>,
 }
 
 impl Gateway {
@@ -59,6 +61,7 @@ impl Gateway {
             answered,
             timed_out_usd: d.timed_out_usd,
             cancelled,
+            stream: d.stream,
         };
         self.settle_answered(&mut req, target, records, evaluation, settled, reservation)
             .await
@@ -110,8 +113,9 @@ impl Gateway {
     }
 
     /// An attempt answered: billed at the provider's usage when reported (which also corrects
-    /// the input-token estimates), else at our counts, plus what timed-out attempts before it
-    /// cost.
+    /// the input-token estimates), else at our counts (a stream's output: the BPE count of
+    /// what it delivered), plus what timed-out attempts before it cost. A stream that broke
+    /// after it started is billed likewise, with status `error`.
     async fn settle_answered(
         &self,
         req: &mut PricedRequest<'_>,
@@ -127,6 +131,7 @@ impl Gateway {
             answered: (index, model, completion),
             timed_out_usd,
             cancelled,
+            stream,
         } = settled;
         let Some(model_cfg) = cfg.models.get(&model) else {
             return Err(GatewayError::Internal(format!("model {model} vanished")));
@@ -137,7 +142,10 @@ impl Gateway {
         if completion.tokens_in.is_some() {
             self.observe_usage(&model, tokens_in, counted);
         }
-        let tokens_out = completion.tokens_out.unwrap_or(req.priced.tokens_out);
+        let tokens_out = completion
+            .tokens_out
+            .or(stream.map(|s| s.counted_out))
+            .unwrap_or(req.priced.tokens_out);
         let call_cost = pricing::cost_usd(model_cfg, tokens_in, tokens_out);
         let cost = call_cost + timed_out_usd;
         let source = if completion.tokens_in.is_some() && completion.tokens_out.is_some() {
@@ -145,10 +153,11 @@ impl Gateway {
         } else {
             CostSource::Tokenizer
         };
-        let status = if cancelled {
-            Status::Cancelled
-        } else {
-            Status::Ok
+        let broken = stream.and_then(|s| s.broken);
+        let status = match (cancelled, broken) {
+            (true, _) => Status::Cancelled,
+            (false, Some(_)) => Status::Error,
+            (false, None) => Status::Ok,
         };
         records.answered(
             status,
@@ -161,13 +170,15 @@ impl Gateway {
             &completion.finish_reason,
             index > 0,
         );
+        if let Some(s) = stream {
+            records.streamed(s.cut_at, broken);
+        }
         if index > 0 {
             self.metrics.fallback(route);
         }
-        let decision = if cancelled {
-            "cancelled"
-        } else {
-            evaluation.decision.as_str()
+        let decision = match status {
+            Status::Cancelled | Status::Error => status.as_str(),
+            _ => evaluation.decision.as_str(),
         };
         self.metrics.request(route, decision, target.estimate, cost);
         let written = self.writer.append(&records.telemetry, None).await;

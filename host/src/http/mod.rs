@@ -1,5 +1,6 @@
 //! The HTTP surface (hyper 1): [`serve`] and the route table. Each endpoint's handler lives
-//! with its API: [`infer`] (`/infer`, the reference API), [`openai`] (`/v1/chat/completions`),
+//! with its API: [`infer`] (`/infer`, the reference API), [`openai`] (`/v1/chat/completions`,
+//! streamed by [`stream`]), [`models`] (`/v1/models`),
 //! [`edge`] (the Envoy filters' control plane, `/v1/edge/*`) and [`admin`] (health, readiness,
 //! metrics, policies, reload, queries, snapshots); [`request`] reads bodies and API keys. Handlers
 //! return [`ApiError`]s, which the route table renders in the endpoint's [`Dialect`].
@@ -8,9 +9,11 @@ mod admin;
 mod edge;
 mod error;
 mod infer;
+mod models;
 mod openai;
 mod redact;
 mod request;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +31,7 @@ use tokio::net::TcpListener;
 pub use error::{ApiError, Dialect};
 pub use llmscope_sdk::http::CLIENT_ERROR_HEADER;
 use request::Body;
+pub use stream::{ResponseBody, SseBody};
 
 use crate::gateway::Gateway;
 
@@ -150,6 +154,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 const ENDPOINTS: [&str; 12] = [
     "POST /infer",
     "POST /v1/chat/completions",
+    "GET /v1/models",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
@@ -162,7 +167,17 @@ const ENDPOINTS: [&str; 12] = [
     "POST /v1/edge/report",
 ];
 
-async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<ResponseBody> {
+    if req.method() == Method::POST && req.uri().path() == "/v1/chat/completions" {
+        return openai::chat(gw, req)
+            .await
+            .unwrap_or_else(|e| e.render(Dialect::OpenAi).map(ResponseBody::Left));
+    }
+    route_whole(gw, req).await.map(ResponseBody::Left)
+}
+
+/// Every endpoint answering in one piece.
+async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
@@ -171,7 +186,7 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/readyz") => (Dialect::Reference, Ok(admin::readyz(gw))),
         (&Method::GET, "/metrics") => (Dialect::Reference, Ok(admin::metrics(gw))),
         (&Method::POST, "/infer") => (Dialect::Reference, infer::infer(gw, req).await),
-        (&Method::POST, "/v1/chat/completions") => (Dialect::OpenAi, openai::chat(gw, req).await),
+        (&Method::GET, "/v1/models") => (Dialect::OpenAi, models::models(gw, req.headers())),
         (&Method::GET, "/v1/policies") => (Dialect::Reference, admin::policies(gw, req.headers())),
         (&Method::POST, "/v1/admin/reload") => {
             (Dialect::Reference, admin::reload(gw, req.headers()).await)
@@ -194,6 +209,7 @@ async fn route(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
             | "/metrics"
             | "/infer"
             | "/v1/chat/completions"
+            | "/v1/models"
             | "/v1/policies"
             | "/v1/admin/reload"
             | "/v1/budgets"

@@ -1,4 +1,5 @@
-//! `POST /v1/chat/completions`: the OpenAI-compatible API. Errors render in OpenAI's shape
+//! `POST /v1/chat/completions`: the OpenAI-compatible API, in one piece or streamed
+//! ([`super::stream`]). Errors render in OpenAI's shape
 //! ([`Dialect::OpenAi`](super::error::Dialect::OpenAi)).
 
 use std::sync::Arc;
@@ -7,27 +8,35 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use llmscope_sdk::http::{COST_HEADER, POLICY_DECISION_HEADER, REQUEST_ID_HEADER, TIER_HEADER};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::error::ApiError;
 use super::request::{authenticate, check_prompt, header, json_response, read_json, Body, Scope};
+use super::stream::{chat_stream, ResponseBody};
 use crate::gateway::{Gateway, Outcome, Served};
-use crate::requests::parse_chat;
+use crate::requests::{chat_stream as stream_options, check_chat_params, parse_chat};
 
-/// Authenticate (from the headers, before reading the body), parse, bind the payer to the
-/// key, serve; a denial is a 402 [`ApiError::Denied`].
-pub async fn chat(gw: &Arc<Gateway>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// Authenticate (from the headers, before reading the body), refuse any parameter the gateway
+/// would not honour (422 naming it), parse, bind the payer to the key, serve (streamed when
+/// the body says `stream: true`); a denial is a 402
+/// [`ApiError::Denied`].
+pub async fn chat(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
     let caller = authenticate(gw, req.headers())?;
     let (headers, obj) = read_json(gw, req).await?;
-    if obj.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err(ApiError::UnsupportedStream);
-    }
+    check_chat_params(&obj).map_err(ApiError::InvalidChat)?;
+    let stream = stream_options(&obj).map_err(ApiError::InvalidChat)?;
     let mut inf =
         parse_chat(&obj, &|h| header(&headers, h), gw.config()).map_err(ApiError::InvalidChat)?;
     check_prompt(gw, &inf)?;
     caller.bind(gw, Scope::of(&mut inf))?;
+    if let Some(options) = stream {
+        return chat_stream(gw, &caller, inf, options).await;
+    }
     match gw.handle(inf).await? {
-        Outcome::Served(s) => Ok(completion(&s)),
+        Outcome::Served(s) => Ok(completion(&s).map(ResponseBody::Left)),
         Outcome::Denied {
             request_id,
             evaluation,

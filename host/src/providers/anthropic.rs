@@ -30,10 +30,8 @@ struct AnthropicUsage {
 /// Anthropic's API version header value.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 
-pub(super) async fn call(
-    http: &HttpProvider,
-    req: &CompletionRequest,
-) -> Result<Completion, ProviderError> {
+/// The Messages body for `req` (not streamed): system messages joined into `system`.
+pub(super) fn body(req: &CompletionRequest) -> serde_json::Value {
     let system: Vec<&str> = req
         .messages
         .iter()
@@ -53,6 +51,14 @@ pub(super) async fn call(
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
     }
+    body
+}
+
+/// The headers of a call for `req`; an error when no API key is configured.
+pub(super) fn headers(
+    http: &HttpProvider,
+    req: &CompletionRequest,
+) -> Result<Vec<(&'static str, String)>, ProviderError> {
     let mut headers = vec![
         ("anthropic-version", ANTHROPIC_VERSION.to_owned()),
         (super::CLIENT_REQUEST_ID_HEADER, req.request_id.clone()),
@@ -65,8 +71,20 @@ pub(super) async fn call(
             ))
         }
     }
+    Ok(headers)
+}
+
+pub(super) async fn call(
+    http: &HttpProvider,
+    req: &CompletionRequest,
+) -> Result<Completion, ProviderError> {
+    let headers = headers(http, req)?;
     let value = http
-        .post(&format!("{}/v1/messages", http.base_url), &headers, body)
+        .post(
+            &format!("{}/v1/messages", http.base_url),
+            &headers,
+            body(req),
+        )
         .await?;
     let parsed: AnthropicResponse =
         serde_json::from_value(value).map_err(|e| ProviderError::decode(&e))?;
@@ -77,11 +95,7 @@ pub(super) async fn call(
         .filter_map(|b| b.text)
         .collect::<Vec<_>>()
         .join("");
-    let finish_reason = match parsed.stop_reason.as_deref() {
-        Some("end_turn") | Some("stop_sequence") | None => "stop".to_owned(),
-        Some("max_tokens") => "length".to_owned(),
-        Some(other) => other.to_owned(),
-    };
+    let finish_reason = super::sse::anthropic_finish(parsed.stop_reason.as_deref());
     Ok(Completion {
         text,
         tokens_in: Some(parsed.usage.input_tokens),

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Completion, ProviderError};
+use super::ProviderError;
 
 /// Diagnostics keep the target they had before this file was split out of `providers`.
 const TARGET: &str = "llmscope::providers";
@@ -18,14 +18,14 @@ pub struct HttpProvider {
 }
 
 impl HttpProvider {
-    pub(super) async fn with_retries<F, Fut>(
+    pub(super) async fn with_retries<T, F, Fut>(
         &self,
         timed_out: &mut u32,
         mut call: F,
-    ) -> Result<(Completion, u32), ProviderError>
+    ) -> Result<(T, u32), ProviderError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<Completion, ProviderError>>,
+        Fut: std::future::Future<Output = Result<T, ProviderError>>,
     {
         let mut attempt = 0;
         loop {
@@ -57,12 +57,14 @@ impl HttpProvider {
         }
     }
 
-    pub(super) async fn post(
+    /// POST `body` as JSON to `url`; the response once its status is a success (its body not
+    /// read yet), else the status error with the provider's error code.
+    pub(super) async fn send(
         &self,
         url: &str,
         headers: &[(&str, String)],
         body: serde_json::Value,
-    ) -> Result<serde_json::Value, ProviderError> {
+    ) -> Result<reqwest::Response, ProviderError> {
         let mut req = self.client.post(url).json(&body);
         for (name, value) in headers {
             req = req.header(*name, value);
@@ -75,13 +77,25 @@ impl HttpProvider {
             }
         })?;
         let status = resp.status().as_u16();
-        let text = resp
+        if !(200..300).contains(&status) {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(ProviderError::status(status, &text));
+        }
+        Ok(resp)
+    }
+
+    pub(super) async fn post(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, ProviderError> {
+        let text = self
+            .send(url, headers, body)
+            .await?
             .text()
             .await
             .map_err(|e| ProviderError::Connect(e.to_string()))?;
-        if !(200..300).contains(&status) {
-            return Err(ProviderError::status(status, &text));
-        }
         serde_json::from_str(&text).map_err(|e| ProviderError::decode(&e))
     }
 }

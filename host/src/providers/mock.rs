@@ -2,19 +2,57 @@
 
 use std::time::Duration;
 
+use super::stream::CompletionStream;
 use super::{Completion, CompletionRequest, ProviderError};
 
-/// Answer `req` after `latency`, or fail it (503) when its model is one of `fail_models`.
+/// The mock's settings.
+#[derive(Debug, Clone)]
+pub struct MockSettings {
+    /// Simulated latency (before the answer, or before the first chunk of a stream).
+    pub latency: Duration,
+    /// Output tokens to report (capped by the request's max tokens).
+    pub output_tokens: u32,
+    /// Models that fail.
+    pub fail_models: Vec<String>,
+    /// Chunks a streamed answer is cut into.
+    pub stream_chunks: u32,
+    /// Delay between two chunks of a stream.
+    pub chunk_delay: Duration,
+}
+
+/// Answer `req` after the latency, or fail it (503) when its model is one of `fail_models`.
 pub(super) async fn complete(
     req: &CompletionRequest,
-    latency: Duration,
-    output_tokens: u32,
-    fail_models: &[String],
+    m: &MockSettings,
 ) -> Result<(Completion, u32), ProviderError> {
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+    fail_or_wait(req, m).await?;
+    Ok((mock_completion(req, m.output_tokens), 1))
+}
+
+/// Stream the answer [`complete`] would give in `stream_chunks` chunks, `chunk_delay` apart.
+pub(super) async fn stream(
+    req: &CompletionRequest,
+    m: &MockSettings,
+) -> Result<(CompletionStream, u32), ProviderError> {
+    fail_or_wait(req, m).await?;
+    let c = mock_completion(req, m.output_tokens);
+    let tokens_out = c.tokens_out.unwrap_or_default();
+    let s = CompletionStream::mock(
+        &c.text,
+        m.stream_chunks,
+        m.chunk_delay,
+        tokens_out,
+        c.finish_reason,
+    )
+    .await?;
+    Ok((s, 1))
+}
+
+async fn fail_or_wait(req: &CompletionRequest, m: &MockSettings) -> Result<(), ProviderError> {
+    if !m.latency.is_zero() {
+        tokio::time::sleep(m.latency).await;
     }
-    if fail_models.contains(&req.model) {
+    if m.fail_models.contains(&req.model) {
         return Err(ProviderError::status(
             503,
             &format!(
@@ -23,7 +61,7 @@ pub(super) async fn complete(
             ),
         ));
     }
-    Ok((mock_completion(req, output_tokens), 1))
+    Ok(())
 }
 
 fn mock_completion(req: &CompletionRequest, output_tokens: u32) -> Completion {
@@ -52,14 +90,17 @@ mod tests {
     use std::time::Duration;
 
     use super::super::{CompletionRequest, Message, Provider};
+    use super::MockSettings;
 
     #[tokio::test]
     async fn mock_is_deterministic_and_caps_output() {
-        let p = Provider::Mock {
+        let p = Provider::Mock(MockSettings {
             latency: Duration::ZERO,
             output_tokens: 120,
             fail_models: vec!["bad".into()],
-        };
+            stream_chunks: 4,
+            chunk_delay: Duration::ZERO,
+        });
         let req = CompletionRequest {
             request_id: "req-1".into(),
             model: "gpt-4o".into(),

@@ -2,7 +2,9 @@
 //! API, and Anthropic's Messages API. Each attempt has a timeout; retryable failures (timeouts,
 //! connection errors, 429, 5xx) are retried with exponential backoff; the gateway then falls back
 //! along the model's fallback chain. One file each: `mock.rs`, `openai.rs`, `anthropic.rs`, and
-//! `http.rs` for what the two HTTP providers share (the client, retries, the POST).
+//! `http.rs` for what the two HTTP providers share (the client, retries, the POST). Streamed
+//! answers: `stream.rs` (opening a stream, reading its events) and `sse.rs` (server-sent
+//! events and each dialect's translation into [`StreamEvent`]s).
 
 use std::time::Duration;
 
@@ -12,9 +14,13 @@ mod anthropic;
 mod http;
 mod mock;
 mod openai;
+mod sse;
+mod stream;
 
 pub use http::HttpProvider;
 pub use llmscope_wire::requests::Message;
+pub use mock::MockSettings;
+pub use stream::{CompletionStream, StreamEvent};
 
 /// What the gateway asks a provider for.
 #[derive(Debug, Clone)]
@@ -135,14 +141,7 @@ impl ProviderError {
 #[derive(Debug, Clone)]
 pub enum Provider {
     /// Deterministic, local.
-    Mock {
-        /// Simulated latency.
-        latency: Duration,
-        /// Output tokens to report.
-        output_tokens: u32,
-        /// Models that fail.
-        fail_models: Vec<String>,
-    },
+    Mock(MockSettings),
     /// OpenAI-compatible.
     OpenAi(HttpProvider),
     /// Anthropic Messages.
@@ -174,11 +173,15 @@ impl Provider {
                 latency_ms,
                 output_tokens,
                 fail_models,
-            } => Self::Mock {
+                stream_chunks,
+                stream_chunk_delay_ms,
+            } => Self::Mock(MockSettings {
                 latency: Duration::from_millis(*latency_ms),
                 output_tokens: *output_tokens,
                 fail_models: fail_models.clone(),
-            },
+                stream_chunks: *stream_chunks,
+                chunk_delay: Duration::from_millis(*stream_chunk_delay_ms),
+            }),
             ProviderConfig::Openai {
                 base_url,
                 api_key_env,
@@ -204,17 +207,34 @@ impl Provider {
         timed_out: &mut u32,
     ) -> Result<(Completion, u32), ProviderError> {
         match self {
-            Self::Mock {
-                latency,
-                output_tokens,
-                fail_models,
-            } => mock::complete(req, *latency, *output_tokens, fail_models).await,
+            Self::Mock(m) => mock::complete(req, m).await,
             Self::OpenAi(http) => {
                 http.with_retries(timed_out, || openai::call(http, req))
                     .await
             }
             Self::Anthropic(http) => {
                 http.with_retries(timed_out, || anthropic::call(http, req))
+                    .await
+            }
+        }
+    }
+
+    /// Open a stream for `req` and wait for its first event, retrying retryable failures
+    /// (each attempt bounded by the provider's timeout, counted in `timed_out` when it ran
+    /// out) as [`Self::complete`] does. Returns the stream and how many attempts it took.
+    pub async fn open_stream(
+        &self,
+        req: &CompletionRequest,
+        timed_out: &mut u32,
+    ) -> Result<(CompletionStream, u32), ProviderError> {
+        match self {
+            Self::Mock(m) => mock::stream(req, m).await,
+            Self::OpenAi(http) => {
+                http.with_retries(timed_out, || stream::openai(http, req))
+                    .await
+            }
+            Self::Anthropic(http) => {
+                http.with_retries(timed_out, || stream::anthropic(http, req))
                     .await
             }
         }

@@ -31,10 +31,8 @@ struct OpenAiUsage {
     completion_tokens: u32,
 }
 
-pub(super) async fn call(
-    http: &HttpProvider,
-    req: &CompletionRequest,
-) -> Result<Completion, ProviderError> {
+/// The chat-completions body for `req` (not streamed).
+pub(super) fn body(req: &CompletionRequest) -> serde_json::Value {
     let messages: Vec<_> = req
         .messages
         .iter()
@@ -44,17 +42,30 @@ pub(super) async fn call(
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
     }
+    body
+}
+
+/// The headers of a call for `req`: the key, when configured, and the request id.
+pub(super) fn headers(http: &HttpProvider, req: &CompletionRequest) -> Vec<(&'static str, String)> {
     let mut headers: Vec<(&str, String)> = http
         .api_key
         .iter()
         .map(|k| ("authorization", format!("Bearer {k}")))
         .collect();
     headers.push((super::CLIENT_REQUEST_ID_HEADER, req.request_id.clone()));
+    headers
+}
+
+pub(super) async fn call(
+    http: &HttpProvider,
+    req: &CompletionRequest,
+) -> Result<Completion, ProviderError> {
+    let headers = headers(http, req);
     let value = http
         .post(
             &format!("{}/chat/completions", http.base_url),
             &headers,
-            body,
+            body(req),
         )
         .await?;
     let parsed: OpenAiResponse =

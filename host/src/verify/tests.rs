@@ -43,6 +43,8 @@ fn tel(id: &str, status: &str, cost: f64) -> String {
         policy_decision: if denied { "deny" } else { "allow" }.into(),
         policy_id: denied.then(|| "tight-cap".into()),
         timed_out_cost_usd: 0.0,
+        streamed: false,
+        stream_cut_at_tokens: None,
     };
     format!("{}\n", serde_json::to_string(&rec).unwrap())
 }

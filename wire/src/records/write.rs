@@ -92,10 +92,22 @@ pub struct TelemetryRecord {
     /// (the provider usually bills a call it was still answering).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub timed_out_cost_usd: f64,
+    /// Whether the answer was streamed to the client (absent: it was not).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub streamed: bool,
+    /// The output tokens a stream was cut at because the provider streamed past the output
+    /// its reservation covers (the final chunk then says `finish_reason: "length"`); absent
+    /// when the stream was not cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_cut_at_tokens: Option<u64>,
 }
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 impl TelemetryRecord {

@@ -51,7 +51,6 @@ impl ApiError {
                 json!(format!("this API key may not act for tenant `{tenant}`")),
             ),
             Self::InvalidChat(c) => (c.code, json!(c.message)),
-            Self::UnsupportedStream => ("unsupported_stream", json!(STREAM_MESSAGE)),
             Self::Denied {
                 reason,
                 policy_id,
@@ -134,12 +133,6 @@ impl ApiError {
                 Some("budget_namespace"),
             ),
             Self::InvalidChat(c) => (c.message.clone(), request, c.code, c.param.as_deref()),
-            Self::UnsupportedStream => (
-                STREAM_MESSAGE.to_owned(),
-                request,
-                "unsupported_stream",
-                Some("stream"),
-            ),
             Self::Denied {
                 reason,
                 policy_id,
@@ -228,8 +221,6 @@ impl ApiError {
         }
     }
 }
-
-const STREAM_MESSAGE: &str = "streaming is not supported by this gateway yet; send stream: false";
 
 fn gateway_reference(g: &GatewayError) -> (&'static str, Value) {
     match g {

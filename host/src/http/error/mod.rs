@@ -105,8 +105,6 @@ pub enum ApiError {
     },
     /// The chat-completions body is invalid.
     InvalidChat(ChatError),
-    /// `stream: true` was asked for.
-    UnsupportedStream,
     /// A policy denied the request (402).
     Denied {
         /// The deciding rule's reason.
@@ -192,10 +190,9 @@ impl ApiError {
             }
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnknownNamespace { .. } => StatusCode::BAD_REQUEST,
-            Self::UnreadableBody(_)
-            | Self::InvalidJson(_)
-            | Self::UnsupportedStream
-            | Self::BadEdgeCall(_) => StatusCode::BAD_REQUEST,
+            Self::UnreadableBody(_) | Self::InvalidJson(_) | Self::BadEdgeCall(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::InvalidFields(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. }

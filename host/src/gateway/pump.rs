@@ -1,0 +1,166 @@
+//! Forwarding a provider's stream to the client: each text delta counted with the model's BPE
+//! as it arrives and cut at the output tokens the reservation covers; usage and finish reason
+//! kept for settlement; the provider's stream dropped (its connection closed, so it stops
+//! generating) as soon as the client is gone, the stream is cut, or it breaks.
+
+use tokio::sync::mpsc;
+
+use crate::pricing::Tokenizer;
+use crate::providers::{CompletionStream, ProviderError, StreamEvent};
+
+/// What the gateway forwards to the HTTP layer of a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    /// Generated text.
+    Delta(String),
+    /// The stream ended and was settled: the finish reason and what the request was billed.
+    End {
+        /// `stop`, `length` (also when the gateway cut the stream), ...
+        finish_reason: String,
+        /// Input tokens billed.
+        tokens_in: u32,
+        /// Output tokens billed.
+        tokens_out: u32,
+        /// What the request cost, USD.
+        cost_usd: f64,
+    },
+    /// The provider's stream broke after it started; the request was settled at what it had
+    /// generated. The text names the error's class and status, never the provider's body.
+    Error(String),
+}
+
+/// How a forwarded stream went, for settlement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct StreamSettlement {
+    /// Output tokens counted (BPE) in what was received.
+    pub(super) counted_out: u32,
+    /// The reserved output tokens the stream was cut at, when it was.
+    pub(super) cut_at: Option<u32>,
+    /// Error class, when the provider's stream broke after it started.
+    pub(super) broken: Option<&'static str>,
+}
+
+/// What pumping a stream gathered.
+#[derive(Debug, Default)]
+pub(super) struct Pumped {
+    /// The text received (and forwarded, up to the cut).
+    pub(super) text: String,
+    /// The provider's finish reason (`length` when cut).
+    pub(super) finish_reason: Option<String>,
+    /// Input tokens the provider reported.
+    pub(super) tokens_in: Option<u32>,
+    /// Output tokens the provider reported.
+    pub(super) tokens_out: Option<u32>,
+    /// Set when the stream was cut at the reserved output.
+    pub(super) cut: bool,
+    /// Set when the provider's stream broke.
+    pub(super) broken: Option<ProviderError>,
+    /// Set when the client went away.
+    pub(super) client_gone: bool,
+}
+
+/// Forward `stream`'s text to `tx` until the provider ends it, it breaks, the client is gone
+/// (`tx` closed) or `cap` output tokens (counted with `tokenizer`, delta by delta) have been
+/// forwarded: the delta that crosses the cap is trimmed to fit and the stream is cut there.
+pub(super) async fn pump(
+    mut stream: CompletionStream,
+    tx: &mpsc::Sender<StreamItem>,
+    tokenizer: Tokenizer,
+    cap: u32,
+) -> Pumped {
+    let mut p = Pumped::default();
+    let mut used = 0u32;
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = tx.closed() => {
+                p.client_gone = true;
+                break;
+            }
+            e = stream.next() => e,
+        };
+        let text = match event {
+            Ok(None | Some(StreamEvent::Done)) => break,
+            Err(e) => {
+                p.broken = Some(e);
+                break;
+            }
+            Ok(Some(StreamEvent::Finish(reason))) => {
+                p.finish_reason = Some(reason);
+                continue;
+            }
+            Ok(Some(StreamEvent::Usage {
+                tokens_in,
+                tokens_out,
+            })) => {
+                p.tokens_in = tokens_in.or(p.tokens_in);
+                p.tokens_out = tokens_out.or(p.tokens_out);
+                continue;
+            }
+            Ok(Some(StreamEvent::Delta(text))) => text,
+        };
+        let n = tokenizer.count(&text);
+        let (text, n, cut) = if used.saturating_add(n) > cap {
+            let fitted = fit(tokenizer, &text, cap - used).to_owned();
+            let m = tokenizer.count(&fitted);
+            (fitted, m, true)
+        } else {
+            (text, n, false)
+        };
+        used += n;
+        p.text.push_str(&text);
+        if !text.is_empty() && tx.send(StreamItem::Delta(text)).await.is_err() {
+            p.client_gone = true;
+            break;
+        }
+        if cut {
+            p.cut = true;
+            p.finish_reason = Some("length".into());
+            break;
+        }
+    }
+    // Dropping the stream here closes the provider's connection.
+    p
+}
+
+/// The longest prefix of `text` (cut at a char boundary) that `tokenizer` counts as at most
+/// `budget` tokens.
+fn fit(tokenizer: Tokenizer, text: &str, budget: u32) -> &str {
+    let bounds: Vec<usize> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .skip(1)
+        .chain([text.len()])
+        .collect();
+    let (mut lo, mut hi) = (0usize, bounds.len());
+    // Invariant: prefixes ending at bounds[..lo] fit; those at bounds[hi..] do not.
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if tokenizer.count(&text[..bounds[mid]]) <= budget {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == 0 {
+        ""
+    } else {
+        &text[..bounds[lo - 1]]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_keeps_the_longest_prefix_within_the_budget() {
+        let t = Tokenizer::Cl100kBase;
+        let text = " one two three four five";
+        assert_eq!(t.count(text), 5);
+        assert_eq!(fit(t, text, 2), " one two");
+        assert_eq!(fit(t, text, 0), "");
+        assert_eq!(fit(t, text, 9), text);
+        assert_eq!(fit(t, "héllo wörld", 100), "héllo wörld");
+    }
+}
