@@ -248,13 +248,12 @@ async fn a_provider_streaming_past_max_tokens_is_cut_at_the_reservation() {
     let t = &telemetry(&gw, 1).await[0];
     assert_eq!(t["stream_cut_at_tokens"], 5, "{t}");
     assert_eq!(t["finish_reason"], "length");
-    assert!(t["tokens_out"].as_u64().unwrap() <= 5, "{t}");
+    // Billed at what the upstream generated, not only what was forwarded: at least the cap
+    // (it went on past it), and the whole delta that crossed it (a word or two more).
+    let billed = t["tokens_out"].as_u64().unwrap();
+    assert!((5..=8).contains(&billed), "{t}");
     let d = &read_jsonl(&gw.decisions)[0];
     assert_eq!(d["reservation"]["tokens_out"], 5);
-    assert!(
-        t["cost_usd"].as_f64().unwrap() <= d["reservation"]["cost_usd"].as_f64().unwrap(),
-        "costs more than reserved: {t} {d}"
-    );
     // The gateway closed the upstream's stream at the cut.
     assert_eq!(
         upstream

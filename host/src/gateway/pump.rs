@@ -57,6 +57,9 @@ pub(super) struct Pumped {
     pub(super) broken: Option<ProviderError>,
     /// Set when the client went away.
     pub(super) client_gone: bool,
+    /// Output tokens (BPE, delta by delta) of everything the provider sent, the part of a
+    /// delta trimmed at the cut included: what it generated, forwarded or not.
+    pub(super) received_out: u32,
 }
 
 /// Forward `stream`'s text to `tx` until the provider ends it, it breaks, the client is gone
@@ -100,6 +103,7 @@ pub(super) async fn pump(
             Ok(Some(StreamEvent::Delta(text))) => text,
         };
         let n = tokenizer.count(&text);
+        p.received_out = p.received_out.saturating_add(n);
         let (text, n, cut) = if used.saturating_add(n) > cap {
             let fitted = fit(tokenizer, &text, cap - used).to_owned();
             let m = tokenizer.count(&fitted);

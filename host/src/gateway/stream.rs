@@ -208,7 +208,14 @@ fn streamed(
     broken: Option<&ProviderError>,
 ) {
     d.stream = Some(StreamSettlement {
-        counted_out: tokenizer.count(&pumped.text).min(cap),
+        // Without the provider's usage, bill what it generated as the larger of the two
+        // counts (per delta, as the provider's tokens arrive, and the text as a whole), and
+        // a cut stream at least at the cap: the provider may generate on until it notices
+        // the closed connection. Never less than what was received.
+        counted_out: pumped
+            .received_out
+            .max(tokenizer.count(&pumped.text))
+            .max(if pumped.cut { cap } else { 0 }),
         cut_at: pumped.cut.then_some(cap),
         broken: broken.map(ProviderError::kind),
     });

@@ -151,7 +151,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Every endpoint, as listed in a 404's body.
-const ENDPOINTS: [&str; 12] = [
+const ENDPOINTS: [&str; 13] = [
     "POST /infer",
     "POST /v1/chat/completions",
     "GET /v1/models",

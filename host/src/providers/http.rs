@@ -35,7 +35,7 @@ impl HttpProvider {
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::Timeout(self.timeout)),
             };
-            if matches!(result, Err(ProviderError::Timeout(_))) {
+            if result.as_ref().is_err_and(ProviderError::may_have_billed) {
                 *timed_out += 1;
             }
             match result {

@@ -81,6 +81,11 @@ pub enum ProviderError {
     /// Configuration problem (e.g. missing API key).
     #[error("{0}")]
     Config(String),
+    /// The provider accepted the call (a 2xx) and its answer broke off before it started (a
+    /// stream that failed before its first event): like a timed-out attempt it may be billed,
+    /// so it is not retried on the same model, and it is charged as one.
+    #[error("answer broke off after the call was accepted: {0}")]
+    Interrupted(String),
 }
 
 impl ProviderError {
@@ -119,8 +124,14 @@ impl ProviderError {
         match self {
             Self::Timeout(_) | Self::Connect(_) => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
-            Self::Decode(_) | Self::Config(_) => false,
+            Self::Decode(_) | Self::Config(_) | Self::Interrupted(_) => false,
         }
+    }
+
+    /// Whether the provider may bill the failed attempt: it timed out, or broke off after
+    /// accepting the call.
+    pub fn may_have_billed(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::Interrupted(_))
     }
 
     /// Short class for telemetry's `error_type`.
@@ -133,6 +144,7 @@ impl ProviderError {
             Self::Status { .. } => "provider_4xx",
             Self::Decode(_) => "decode",
             Self::Config(_) => "config",
+            Self::Interrupted(_) => "interrupted",
         }
     }
 }

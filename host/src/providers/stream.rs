@@ -208,7 +208,12 @@ async fn open(
         pending: VecDeque::new(),
         done: false,
     };
-    stream.started().await
+    // The provider accepted the call: a failure before the first event may still be billed
+    // (never retried on the same model, charged like a timed-out attempt).
+    stream.started().await.map_err(|e| match e {
+        ProviderError::Timeout(_) | ProviderError::Interrupted(_) => e,
+        other => ProviderError::Interrupted(other.to_string()),
+    })
 }
 
 #[cfg(test)]
