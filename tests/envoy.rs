@@ -914,7 +914,9 @@ async fn headers_only_attribution_ignores_tenants_named_in_the_body() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_through_envoy_is_forwarded_as_it_comes_and_settled_on_its_streamed_usage() {
     let seed = std::fs::read_to_string(llmscope_tests::seed_config()).unwrap();
-    let gw = Gateway::start(&Options::new(&seed));
+    let mut opts = Options::new(&seed);
+    opts.extra_yaml = edge_auth();
+    let gw = Gateway::start(&opts);
     let upstream = MockUpstream::start(&["--stream-chunks", "6", "--chunk-delay-ms", "100"]);
     let filters = vec![Filter::builtin(
         "budget_threshold",

@@ -123,6 +123,24 @@ pub(super) async fn pump(
             break;
         }
     }
+    // What arrived but was not taken (the client left, the stream was cut or broke) was
+    // generated all the same: its text counts, its usage settles.
+    for event in stream.take_buffered() {
+        match event {
+            StreamEvent::Delta(text) => {
+                p.received_out = p.received_out.saturating_add(tokenizer.count(&text));
+            }
+            StreamEvent::Usage {
+                tokens_in,
+                tokens_out,
+            } => {
+                p.tokens_in = tokens_in.or(p.tokens_in);
+                p.tokens_out = tokens_out.or(p.tokens_out);
+            }
+            StreamEvent::Finish(reason) if !p.cut => p.finish_reason = Some(reason),
+            StreamEvent::Finish(_) | StreamEvent::Done => {}
+        }
+    }
     // Dropping the stream here closes the provider's connection.
     p
 }

@@ -73,6 +73,12 @@ impl CompletionStream {
         }
     }
 
+    /// The events already received and not yet taken, without reading further: what a
+    /// stream that stops early (the client left, it was cut) still has to be counted.
+    pub fn take_buffered(&mut self) -> Vec<StreamEvent> {
+        self.pending.drain(..).collect()
+    }
+
     /// Read from the source until at least one event is pending.
     async fn fill(&mut self) -> Result<(), ProviderError> {
         match &mut self.source {
