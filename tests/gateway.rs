@@ -1043,6 +1043,9 @@ namespaces:
     rules:
       - {id: per-tenant, primitive: budget_threshold, period: hourly, window: calendar, limit_usd: 1.0, action: deny, scope: [budget_namespace, tenant]}
       - {id: shared, primitive: budget_threshold, period: daily, limit_usd: 5.0, action: deny}
+  other:
+    rules:
+      - {id: other-cap, primitive: budget_threshold, period: daily, limit_usd: 2.0, action: deny}
 "#;
     let mut opts = Options::new(policy);
     opts.extra_yaml = "auth:\n  api_keys:\n    - {key: acme-key-0123456789, tenants: [acme]}\n    - {key: admin-key-0123456789, tenants: [\"*\"]}\n".into();
@@ -1080,6 +1083,8 @@ namespaces:
             .find(|r| r["rule_id"] == rule && tenant.is_none_or(|t| r["scope"]["tenant"] == t))
             .unwrap_or_else(|| panic!("no {rule} {tenant:?} row: {all}"))
     };
+    // `other`'s cap has the same shape as `shared` (one aggregate for both), but governs
+    // namespace `other`, where nothing was spent: no row.
     assert_eq!(rows.len(), 3, "{all}");
     for (tenant, n) in [("acme", 2.0), ("globex", 1.0)] {
         let r = row("per-tenant", Some(tenant));

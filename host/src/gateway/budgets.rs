@@ -95,7 +95,12 @@ impl Gateway {
                 for (values, (spent, in_flight)) in rows {
                     let pairs: Vec<(Scope, Option<String>)> =
                         scope.iter().copied().zip(values).collect();
-                    if !keep(&pairs) || spent + in_flight <= 0.0 {
+                    // A rule kept per namespace governs its own namespace only (the aggregate
+                    // is shared by every namespace's rule of the same shape).
+                    let other_namespace = pairs.iter().any(|(s, v)| {
+                        *s == Scope::BudgetNamespace && v.as_deref() != Some(ns.name())
+                    });
+                    if other_namespace || !keep(&pairs) || spent + in_flight <= 0.0 {
                         continue;
                     }
                     out.push(status(
