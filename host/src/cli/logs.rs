@@ -36,6 +36,11 @@ pub(super) enum VerifyFormat {
     Json,
 }
 
+/// The telemetry log when none is named (the example config's).
+const DEFAULT_TELEMETRY: &str = "artifacts/logs/telemetry.jsonl";
+/// The decisions log when none is named.
+const DEFAULT_DECISIONS: &str = "artifacts/logs/policy_decisions.jsonl";
+
 /// Where the two logs are: shared by `query`, `report` and `logs verify`.
 #[derive(Debug, Args)]
 pub(super) struct LogPaths {
@@ -43,14 +48,14 @@ pub(super) struct LogPaths {
     #[arg(
         long,
         env = "TELEMETRY_PATH",
-        default_value = "artifacts/logs/telemetry.jsonl"
+        default_value = DEFAULT_TELEMETRY
     )]
     telemetry: PathBuf,
     /// Decisions log.
     #[arg(
         long,
         env = "DECISIONS_PATH",
-        default_value = "artifacts/logs/policy_decisions.jsonl"
+        default_value = DEFAULT_DECISIONS
     )]
     decisions: PathBuf,
 }
@@ -63,7 +68,7 @@ pub(super) struct LogArgs {
     #[arg(
         long,
         env = "TELEMETRY_PATH",
-        default_value = "artifacts/logs/telemetry.jsonl",
+        default_value = DEFAULT_TELEMETRY,
         action = clap::ArgAction::Append
     )]
     telemetry: Vec<String>,
@@ -71,7 +76,7 @@ pub(super) struct LogArgs {
     #[arg(
         long,
         env = "DECISIONS_PATH",
-        default_value = "artifacts/logs/policy_decisions.jsonl",
+        default_value = DEFAULT_DECISIONS,
         action = clap::ArgAction::Append
     )]
     decisions: Vec<String>,
@@ -101,8 +106,8 @@ impl LogArgs {
         // The engine's own pair is the first of each; the others are appended whole.
         let engine = crate::engine::SpendEngine::open(
             None,
-            &first(&telemetry, "artifacts/logs/telemetry.jsonl"),
-            &first(&decisions, "artifacts/logs/policy_decisions.jsonl"),
+            &first(&telemetry, DEFAULT_TELEMETRY),
+            &first(&decisions, DEFAULT_DECISIONS),
         )?;
         let report = engine.ingest()?;
         let rest = |files: &[PathBuf]| files.get(1..).unwrap_or_default().to_vec();

@@ -74,6 +74,13 @@ async fn read_edge<T: serde::de::DeserializeOwned>(
 /// The API error of an edge error. `chat`: the client's request is a chat-completions one
 /// (route and tier errors then take OpenAI's shape); `relay`: mark client errors for relaying.
 fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
+    let dialect = |chat: bool| {
+        if chat {
+            Dialect::OpenAi
+        } else {
+            Dialect::Reference
+        }
+    };
     let client = |error: ApiError, dialect| ApiError::ClientRequest {
         error: Box::new(error),
         dialect,
@@ -84,34 +91,17 @@ fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
             client(ApiError::InvalidFields(fields), Dialect::Reference)
         }
         EdgeError::InvalidChat(c) => client(ApiError::InvalidChat(c), Dialect::OpenAi),
-        EdgeError::Gateway(g) => client(
-            ApiError::Gateway(g),
-            if chat {
-                Dialect::OpenAi
-            } else {
-                Dialect::Reference
-            },
-        ),
+        EdgeError::Gateway(g) => client(ApiError::Gateway(g), dialect(chat)),
         EdgeError::BadCall { .. } => ApiError::BadEdgeCall(e.to_string()),
         EdgeError::Unlogged(_) => ApiError::EdgeReportUnlogged,
         // The client's request names a tenant the edge key may not act for: the filter
         // answers the client 403 (never fails open on it).
-        EdgeError::TenantForbidden { tenant } => client(
-            ApiError::Forbidden { tenant },
-            if chat {
-                Dialect::OpenAi
-            } else {
-                Dialect::Reference
-            },
-        ),
-        EdgeError::PromptTooLarge { size, limit, chat } => client(
-            ApiError::PromptTooLarge { size, limit },
-            if chat {
-                Dialect::OpenAi
-            } else {
-                Dialect::Reference
-            },
-        ),
+        EdgeError::TenantForbidden { tenant } => {
+            client(ApiError::Forbidden { tenant }, dialect(chat))
+        }
+        EdgeError::PromptTooLarge { size, limit, chat } => {
+            client(ApiError::PromptTooLarge { size, limit }, dialect(chat))
+        }
         EdgeError::Overloaded(_) | EdgeError::TenantOverloaded { .. } => {
             ApiError::EdgeOverloaded(e.to_string())
         }

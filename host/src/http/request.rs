@@ -42,17 +42,7 @@ pub fn authenticate<'a>(gw: &'a Gateway, headers: &HeaderMap) -> Result<Caller<'
     if gw.config().api_keys.is_empty() {
         return Ok(Caller { key: None });
     }
-    let Some(presented) = presented_key(headers) else {
-        return Err(ApiError::MissingApiKey);
-    };
-    match gw.api_key(presented) {
-        Some(key) if key.kind == KeyKind::Edge => Err(ApiError::WrongKeyKind {
-            key: key.label.clone(),
-            kind: KeyKind::Edge,
-        }),
-        Some(key) => Ok(Caller { key: Some(key) }),
-        None => Err(ApiError::InvalidApiKey),
-    }
+    key_of_kind(gw, headers, KeyKind::Client)
 }
 
 /// Identify an edge proxy (`/v1/edge/*`): an API key of `kind: edge`, from its headers alone.
@@ -67,12 +57,22 @@ pub fn authenticate_edge<'a>(gw: &'a Gateway, headers: &HeaderMap) -> Result<Cal
             Err(ApiError::EdgeClosed)
         };
     }
+    key_of_kind(gw, headers, KeyKind::Edge)
+}
+
+/// The configured key the headers present, which must be of kind `kind`: 401 when none or an
+/// unknown one is sent, 403 when it is of the other kind.
+fn key_of_kind<'a>(
+    gw: &'a Gateway,
+    headers: &HeaderMap,
+    kind: KeyKind,
+) -> Result<Caller<'a>, ApiError> {
     let presented = presented_key(headers).ok_or(ApiError::MissingApiKey)?;
     match gw.api_key(presented) {
-        Some(key) if key.kind == KeyKind::Edge => Ok(Caller { key: Some(key) }),
+        Some(key) if key.kind == kind => Ok(Caller { key: Some(key) }),
         Some(key) => Err(ApiError::WrongKeyKind {
             key: key.label.clone(),
-            kind: KeyKind::Client,
+            kind: key.kind,
         }),
         None => Err(ApiError::InvalidApiKey),
     }
