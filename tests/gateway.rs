@@ -1148,25 +1148,20 @@ async fn chat_parameters_the_gateway_does_not_honour_are_refused_by_name() {
     let gw = Gateway::start(&Options::new(&policy_yaml()));
     let user = json!({"role": "user", "content": "hi"});
     for (extra, param) in [
+        (json!({"service_tier": "priority"}), "service_tier"),
+        (json!({"audio": {"voice": "alloy"}}), "audio"),
+        (json!({"functions": []}), "functions"),
+        (json!({"web_search_options": {}}), "web_search_options"),
+        (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
+        (json!({"n": 2, "stream": true}), "n"),
+        (json!({"logprobs": true, "stream": true}), "logprobs"),
         (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
-        ),
-        (json!({"tool_choice": "auto"}), "tool_choice"),
-        (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
-        ),
-        (json!({"stop": ["\n"]}), "stop"),
-        (json!({"seed": 7}), "seed"),
-        (json!({"n": 2}), "n"),
-        (
-            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}),
+            json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]}),
             "messages[0].content[0]",
         ),
         (
-            json!({"messages": [user.clone(), {"role": "assistant", "content": "x", "tool_calls": []}]}),
-            "messages[1].tool_calls",
+            json!({"messages": [user.clone(), {"role": "assistant", "content": "x", "audio": {"id": "a"}}]}),
+            "messages[1].audio",
         ),
     ] {
         let mut body = json!({"model": "cheap", "messages": [user.clone()]});

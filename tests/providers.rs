@@ -183,12 +183,22 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
     );
     assert_eq!(stdout.trim(), "OK");
     let t = read_jsonl(&gw.telemetry);
-    assert_eq!(t.len(), 5, "two served, one denied, two streamed");
+    assert_eq!(
+        t.len(),
+        9,
+        "two served, one denied, three with tools or JSON mode, three streamed"
+    );
     assert_eq!(t[0]["feature_id"], "chat");
     assert_eq!(t[2]["status"], "denied");
     assert_eq!(
-        (t[3]["streamed"].as_bool(), t[4]["streamed"].as_bool()),
-        (Some(true), Some(true))
+        (t[3]["tokens_out"].as_u64(), t[3]["finish_reason"].as_str()),
+        (Some(60), Some("tool_calls")),
+        "two choices of 30 tokens"
     );
-    assert_eq!(t[4]["tokens_out"], 40);
+    let streamed: Vec<bool> = t[6..]
+        .iter()
+        .map(|l| l["streamed"].as_bool() == Some(true))
+        .collect();
+    assert_eq!(streamed, [true, true, true]);
+    assert_eq!(t[7]["tokens_out"], 40);
 }

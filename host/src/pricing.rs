@@ -142,8 +142,12 @@ pub fn cost_usd(model: &ModelConfig, tokens_in: u32, tokens_out: u32) -> f64 {
 /// A request priced at every tier of its route.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Priced {
-    /// Expected output tokens.
+    /// Output tokens reserved: the output cap times the choices asked for.
     pub tokens_out: u32,
+    /// The output cap of one choice, what the provider is sent as `max_tokens`.
+    pub max_tokens: u32,
+    /// Input tokens besides the text, whatever the tokenizer (image parts).
+    pub extra_in: u32,
     /// Every tier, cheapest first.
     pub tiers: Vec<TierEstimate>,
     /// Input-token counts per tokenizer already computed for this conversation.
@@ -171,6 +175,7 @@ impl Priced {
             Tokenizer::for_model(model_name, model),
             messages,
         )
+        .saturating_add(self.extra_in)
     }
 }
 
@@ -192,18 +197,20 @@ fn count_once(
 fn price_with(
     config: &GatewayConfig,
     route: &str,
-    max_output: Option<u32>,
+    output: Output,
     mut count: impl FnMut(&mut Vec<(Tokenizer, u32)>, Tokenizer) -> u32,
 ) -> Option<Priced> {
     let route_cfg = config.routes.get(route)?;
-    let tokens_out = max_output.map_or(route_cfg.max_output_tokens, |m| {
+    let max_tokens = output.max_tokens.map_or(route_cfg.max_output_tokens, |m| {
         m.min(route_cfg.max_output_tokens)
     });
+    let tokens_out = max_tokens.saturating_mul(output.choices.max(1));
     let mut counts: Vec<(Tokenizer, u32)> = Vec::with_capacity(2);
     let mut tiers = Vec::with_capacity(route_cfg.tiers.len());
     for (tier, model_name) in &route_cfg.tiers {
         let model = config.models.get(model_name)?;
-        let tokens_in = count(&mut counts, Tokenizer::for_model(model_name, model));
+        let tokens_in = count(&mut counts, Tokenizer::for_model(model_name, model))
+            .saturating_add(output.extra_in);
         tiers.push(TierEstimate {
             tier: tier.clone(),
             model: model_name.clone(),
@@ -213,9 +220,33 @@ fn price_with(
     tiers.sort_by(|a, b| a.estimated_cost_usd.total_cmp(&b.estimated_cost_usd));
     Some(Priced {
         tokens_out,
+        max_tokens,
+        extra_in: output.extra_in,
         tiers,
         counts,
     })
+}
+
+/// What a request asks to generate, and the input it adds beyond its text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Output {
+    /// The client's output cap per choice (bounded by the route's).
+    pub max_tokens: Option<u32>,
+    /// Choices asked for (`n`; 0 counts as 1).
+    pub choices: u32,
+    /// Input tokens besides the text, whatever the tokenizer (image parts).
+    pub extra_in: u32,
+}
+
+impl Output {
+    /// One choice of at most `max_tokens`, no extra input.
+    pub fn capped(max_tokens: Option<u32>) -> Self {
+        Self {
+            max_tokens,
+            choices: 1,
+            extra_in: 0,
+        }
+    }
 }
 
 /// Price a conversation on `route` for every tier. Tokens are counted once per distinct
@@ -224,9 +255,9 @@ pub fn price(
     config: &GatewayConfig,
     route: &str,
     messages: &[(String, String)],
-    max_output: Option<u32>,
+    output: Output,
 ) -> Option<Priced> {
-    price_with(config, route, max_output, |counts, tokenizer| {
+    price_with(config, route, output, |counts, tokenizer| {
         count_once(counts, tokenizer, messages)
     })
 }
@@ -239,12 +270,17 @@ pub fn price_tokens(
     tokens_in: u32,
     max_output: Option<u32>,
 ) -> Option<Priced> {
-    price_with(config, route, max_output, |counts, tokenizer| {
-        if !counts.iter().any(|(t, _)| *t == tokenizer) {
-            counts.push((tokenizer, tokens_in));
-        }
-        tokens_in
-    })
+    price_with(
+        config,
+        route,
+        Output::capped(max_output),
+        |counts, tokenizer| {
+            if !counts.iter().any(|(t, _)| *t == tokenizer) {
+                counts.push((tokenizer, tokens_in));
+            }
+            tokens_in
+        },
+    )
 }
 
 /// Per-model correction of input-token estimates, learned from what providers bill.

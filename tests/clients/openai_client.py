@@ -3,6 +3,7 @@
 Usage: python3 openai_client.py BASE_URL   (BASE_URL like http://127.0.0.1:PORT/v1)
 Exits non-zero with a message on any mismatch; prints OK on success.
 """
+import json
 import sys
 
 try:
@@ -55,16 +56,40 @@ except openai.APIStatusError as e:
     assert e.status_code == 422, e.status_code
     assert e.response.json()["error"]["param"] == "model"
 
-# A parameter the gateway would not honour (tools): a 422 naming it, never silently dropped.
+# Tools: the answer calls one; n=2: two choices, billed for both.
+tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+resp = client.chat.completions.create(
+    model="cheap", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, n=2, max_tokens=30,
+)
+assert len(resp.choices) == 2, resp
+call = resp.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather" and resp.choices[0].finish_reason == "tool_calls", resp
+assert resp.usage.completion_tokens == 60, resp.usage
+# The tool's result sent back, with the call that asked for it.
+resp = client.chat.completions.create(
+    model="cheap", tools=tools, tool_choice="none", messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ],
+)
+assert resp.choices[0].message.content.startswith("[mock gpt-4o-mini]"), resp
+
+# JSON mode: the answer is a JSON object.
+resp = client.chat.completions.create(
+    model="cheap", messages=[{"role": "user", "content": "Answer in JSON"}], response_format={"type": "json_object"},
+)
+assert isinstance(json.loads(resp.choices[0].message.content), dict), resp
+
+# A parameter the gateway would neither price nor send: a 422 naming it, never dropped.
 try:
     client.chat.completions.create(
-        model="cheap", messages=[{"role": "user", "content": "x"}],
-        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        model="cheap", messages=[{"role": "user", "content": "x"}], service_tier="priority",
     )
     sys.exit("expected a 422")
 except openai.APIStatusError as e:
     assert e.status_code == 422, e.status_code
-    assert e.response.json()["error"]["param"] == "tools"
+    assert e.response.json()["error"]["param"] == "service_tier"
 
 # The models a body may name: the route's tiers and models.
 ids = [m.id for m in client.models.list()]
@@ -83,5 +108,14 @@ chunks = list(client.chat.completions.create(
     stream_options={"include_usage": True}, max_tokens=40,
 ))
 assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40, chunks[-1]
+
+# Streamed tool call: the call's name, then its arguments, in delta.tool_calls.
+chunks = list(client.chat.completions.create(
+    model="cheap", messages=[{"role": "user", "content": "Weather?"}], tools=tools, stream=True,
+))
+calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+assert calls and calls[0].function.name == "get_weather", chunks
+assert "".join(t.function.arguments or "" for t in calls) == "{}", calls
+assert chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-1]
 
 print("OK")

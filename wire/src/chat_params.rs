@@ -1,17 +1,18 @@
 //! Which chat-completions parameters the gateway honours. A chat body's keys are each either
-//! read by the gateway — priced, and sent to the provider as they were priced — or refused
-//! with 422 naming the parameter: nothing a client asks for is dropped without a word (a
-//! dropped `tools` or `response_format` would give the client another answer than it asked
-//! for, and bill it).
+//! read by the gateway, forwarded to the provider as they were sent and priced ([`Forwarded`]),
+//! or refused with 422 naming the parameter: nothing a client asks for is dropped without a
+//! word (a dropped `tools` or `response_format` would give the client another answer than it
+//! asked for, and bill it).
 
 use serde_json::{Map, Value};
 
+use crate::images;
 use crate::requests::ChatError;
 
-/// The body keys the gateway reads (and `user`, OpenAI's end-user id for abuse monitoring,
-/// accepted and not forwarded: it changes neither the answer nor the bill; most client
-/// libraries send it). Everything else is refused.
-pub const HONOURED: [&str; 10] = [
+/// The body keys the gateway reads itself (and `user`, OpenAI's end-user id for abuse
+/// monitoring, accepted and not forwarded: it changes neither the answer nor the bill; most
+/// client libraries send it).
+pub const HONOURED: [&str; 9] = [
     "model",
     "messages",
     "max_tokens",
@@ -20,12 +21,114 @@ pub const HONOURED: [&str; 10] = [
     "stream",
     "stream_options",
     "metadata",
-    "n",
     "user",
 ];
 
-/// The message keys the gateway reads.
-const MESSAGE_KEYS: [&str; 2] = ["role", "content"];
+/// The body keys forwarded to the provider as the client sent them. Each is priced where it
+/// changes the bill: `n` multiplies the output reservation, `tools` and `response_format`
+/// count as input tokens (their JSON, BPE-counted); the others change what is generated, not
+/// how many tokens at most, which `max_tokens` bounds.
+pub const FORWARDED: [&str; 17] = [
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "n",
+    "parallel_tool_calls",
+    "presence_penalty",
+    "prompt_cache_key",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "stop",
+    "store",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+];
+
+/// Parameters of OpenAI's API the gateway refuses, and why (the rest of the unknown keys are
+/// refused with a generic reason).
+const REFUSED: [(&str, &str); 7] = [
+    (
+        "audio",
+        "audio output is billed per audio token, which the gateway does not price",
+    ),
+    (
+        "modalities",
+        "audio output is billed per audio token, which the gateway does not price",
+    ),
+    (
+        "prediction",
+        "predicted outputs bill rejected prediction tokens beyond max_tokens",
+    ),
+    (
+        "service_tier",
+        "a service tier changes the provider's price per token",
+    ),
+    (
+        "web_search_options",
+        "web search is billed per search, not per token",
+    ),
+    ("functions", "`functions` is deprecated; send `tools`"),
+    (
+        "function_call",
+        "`function_call` is deprecated; send `tool_choice`",
+    ),
+];
+
+/// The message keys the gateway reads (and forwards).
+const MESSAGE_KEYS: [&str; 6] = [
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "refusal",
+];
+
+/// Most choices (`n`) one request may ask for (OpenAI's own limit).
+pub const MAX_CHOICES: u32 = 128;
+
+/// What a chat body asks of the provider beyond the conversation's text: the parameters it
+/// forwards, the messages as the client wrote them, and what they add to the bill.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Forwarded {
+    /// The [`FORWARDED`] keys present in the body, verbatim (`n` only when above 1).
+    pub params: Map<String, Value>,
+    /// The messages as sent (tool calls, tool results, names, image parts), what a provider
+    /// is sent; empty for an `/infer` body, whose prompt is one user message.
+    pub messages: Vec<Value>,
+    /// Text a provider counts as input besides the messages: the tool definitions and the
+    /// `response_format` schema, as JSON.
+    pub priced_text: String,
+    /// Input tokens of the image parts, by OpenAI's image-token rule.
+    pub image_tokens: u32,
+    /// The output cap goes by OpenAI's newer name, `max_completion_tokens` (reasoning models
+    /// accept no other), because the client used it.
+    pub completion_tokens_cap: bool,
+}
+
+impl Forwarded {
+    /// Choices asked for (`n`, 1 when absent).
+    pub fn choices(&self) -> u32 {
+        self.params
+            .get("n")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Whether the body asked for tools to be offered.
+    pub fn has_tools(&self) -> bool {
+        self.params
+            .get("tools")
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty())
+    }
+}
 
 fn refused(param: &str, what: &str) -> ChatError {
     ChatError::unprocessable(
@@ -35,22 +138,61 @@ fn refused(param: &str, what: &str) -> ChatError {
     )
 }
 
+fn invalid(param: &str, what: &str) -> ChatError {
+    ChatError::unprocessable(format!("{param} {what}"), "invalid_parameter", param)
+}
+
 /// Refuse (422, naming it) the first parameter of `obj` the gateway does not honour: a key
-/// outside [`HONOURED`], `n` other than 1, a `stream_options` key other than
-/// `include_usage`, a message key other than `role` and `content`, a content part other than
-/// text.
+/// neither in [`HONOURED`] nor in [`FORWARDED`], `n` out of 1..=[`MAX_CHOICES`] or above 1
+/// in a stream, `logprobs` in a stream, a `stream_options` key other than `include_usage`, a
+/// message key outside role, content, name, tool_calls, tool_call_id and refusal, a content
+/// part other than text and image_url, a malformed tool.
 pub fn check_chat_params(obj: &Map<String, Value>) -> Result<(), ChatError> {
-    if let Some(key) = obj.keys().find(|k| !HONOURED.contains(&k.as_str())) {
-        return Err(refused(key, "this parameter"));
+    for key in obj.keys() {
+        if HONOURED.contains(&key.as_str()) || FORWARDED.contains(&key.as_str()) {
+            continue;
+        }
+        let why = REFUSED
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("this parameter", |(_, why)| *why);
+        return Err(refused(key, why));
     }
+    let streamed = obj.get("stream").and_then(Value::as_bool) == Some(true);
     match obj.get("n") {
         None | Some(Value::Null) => {}
-        Some(n) if n.as_u64() == Some(1) => {}
-        Some(_) => return Err(refused("n", "more than one choice")),
+        Some(n) => match n
+            .as_u64()
+            .filter(|n| (1..=u64::from(MAX_CHOICES)).contains(n))
+        {
+            None => {
+                return Err(invalid(
+                    "n",
+                    &format!("must be an integer from 1 to {MAX_CHOICES}"),
+                ))
+            }
+            Some(n) if n > 1 && streamed => {
+                return Err(refused("n", "more than one choice in a stream"))
+            }
+            Some(_) => {}
+        },
+    }
+    if streamed && obj.get("logprobs").and_then(Value::as_bool) == Some(true) {
+        return Err(refused("logprobs", "log probabilities in a stream"));
     }
     if let Some(Value::Object(o)) = obj.get("stream_options") {
         if let Some(key) = o.keys().find(|k| k.as_str() != "include_usage") {
             return Err(refused(&format!("stream_options.{key}"), "this option"));
+        }
+    }
+    check_tools(obj)?;
+    if let Some(rf) = obj.get("response_format") {
+        let kind = rf.get("type").and_then(Value::as_str);
+        if !matches!(kind, Some("text" | "json_object" | "json_schema")) {
+            return Err(invalid(
+                "response_format.type",
+                "must be `text`, `json_object` or `json_schema`",
+            ));
         }
     }
     let messages = obj.get("messages").and_then(Value::as_array);
@@ -64,15 +206,95 @@ pub fn check_chat_params(obj: &Map<String, Value>) -> Result<(), ChatError> {
         }
         let parts = m.get("content").and_then(Value::as_array);
         for (j, part) in parts.into_iter().flatten().enumerate() {
-            if part.get("type").and_then(Value::as_str) != Some("text") {
-                return Err(refused(
-                    &format!("messages[{i}].content[{j}]"),
-                    "a content part other than text",
-                ));
+            match part.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some("image_url") => {
+                    images::check_part(part).map_err(|what| {
+                        invalid(&format!("messages[{i}].content[{j}].image_url"), what)
+                    })?;
+                }
+                _ => {
+                    return Err(refused(
+                        &format!("messages[{i}].content[{j}]"),
+                        "a content part other than text and image_url",
+                    ))
+                }
             }
         }
     }
     Ok(())
+}
+
+/// `tools` must be a list of `{"type": "function", "function": {"name": ..}}`.
+fn check_tools(obj: &Map<String, Value>) -> Result<(), ChatError> {
+    let Some(tools) = obj.get("tools") else {
+        return Ok(());
+    };
+    let Some(tools) = tools.as_array() else {
+        return Err(invalid("tools", "must be an array of function tools"));
+    };
+    for (i, t) in tools.iter().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(refused(
+                &format!("tools[{i}].type"),
+                "a tool other than `function`",
+            ));
+        }
+        let named = t["function"]["name"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty());
+        if !named {
+            return Err(invalid(
+                &format!("tools[{i}].function.name"),
+                "must be a non-empty string",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The forwarded part of a checked chat body (see [`check_chat_params`]).
+pub fn forwarded(obj: &Map<String, Value>) -> Forwarded {
+    let mut params: Map<String, Value> = obj
+        .iter()
+        .filter(|(k, v)| FORWARDED.contains(&k.as_str()) && !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if params.get("n").and_then(Value::as_u64) == Some(1) {
+        params.remove("n");
+    }
+    let mut priced_text = String::new();
+    for key in ["tools", "tool_choice"] {
+        if let Some(v) = params.get(key).filter(|v| !v.is_string()) {
+            priced_text.push_str(&v.to_string());
+        }
+    }
+    if let Some(schema) = params
+        .get("response_format")
+        .and_then(|r| r.get("json_schema"))
+    {
+        priced_text.push_str(&schema.to_string());
+    }
+    let messages: Vec<Value> = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let image_tokens = messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
+        .map(images::tokens)
+        .fold(0u32, u32::saturating_add);
+    Forwarded {
+        params,
+        messages,
+        priced_text,
+        image_tokens,
+        completion_tokens_cap: obj.contains_key("max_completion_tokens")
+            && !obj.contains_key("max_tokens"),
+    }
 }
 
 #[cfg(test)]
@@ -86,37 +308,95 @@ mod tests {
     }
 
     #[test]
-    fn every_parameter_is_honoured_or_refused_by_name() {
-        let ok = serde_json::json!({"model": "cheap", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+    fn every_parameter_is_honoured_forwarded_or_refused_by_name() {
+        let ok = serde_json::json!({"model": "cheap", "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}],
             "max_tokens": 5, "temperature": 0.2, "stream": true, "stream_options": {"include_usage": true},
-            "metadata": {"tenant_id": "acme"}, "n": 1});
+            "metadata": {"tenant_id": "acme"}, "n": 1, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "auto", "response_format": {"type": "json_object"}, "top_p": 0.5, "seed": 7, "stop": ["\n"]});
         assert_eq!(param(ok), None);
         let msg =
             |m: Value| serde_json::json!({"messages": [{"role": "user", "content": "hi"}, m]});
         for (body, name) in [
-            (serde_json::json!({"tools": []}), "tools"),
+            (serde_json::json!({"audio": {}}), "audio"),
+            (serde_json::json!({"functions": []}), "functions"),
+            (serde_json::json!({"n": 0}), "n"),
+            (serde_json::json!({"n": 2, "stream": true}), "n"),
             (
-                serde_json::json!({"response_format": {"type": "json_object"}}),
-                "response_format",
+                serde_json::json!({"logprobs": true, "stream": true}),
+                "logprobs",
             ),
-            (serde_json::json!({"top_p": 0.5}), "top_p"),
-            (serde_json::json!({"n": 2}), "n"),
+            (
+                serde_json::json!({"tools": [{"type": "web_search"}]}),
+                "tools[0].type",
+            ),
+            (
+                serde_json::json!({"tools": [{"type": "function", "function": {}}]}),
+                "tools[0].function.name",
+            ),
+            (
+                serde_json::json!({"response_format": {"type": "yaml"}}),
+                "response_format.type",
+            ),
             (
                 serde_json::json!({"stream_options": {"include_obfuscation": true}}),
                 "stream_options.include_obfuscation",
             ),
             (
-                msg(serde_json::json!({"role": "assistant", "content": null, "tool_calls": []})),
-                "messages[1].tool_calls",
+                msg(serde_json::json!({"role": "user", "content": "x", "audio": {}})),
+                "messages[1].audio",
             ),
             (
                 msg(
-                    serde_json::json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}),
+                    serde_json::json!({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}),
                 ),
                 "messages[1].content[0]",
             ),
+            (
+                msg(
+                    serde_json::json!({"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}}]}),
+                ),
+                "messages[1].content[0].image_url",
+            ),
         ] {
-            assert_eq!(param(body).as_deref(), Some(name));
+            assert_eq!(param(body.clone()).as_deref(), Some(name), "{body}");
         }
+        let e = check_chat_params(
+            serde_json::json!({"service_tier": "priority"})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("price per token"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_forwarded_part_is_what_the_body_sent_and_what_it_adds_to_the_bill() {
+        let body = serde_json::json!({"model": "m", "n": 2, "seed": 1, "stop": null, "max_completion_tokens": 9,
+            "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x", "detail": "low"}}]}]});
+        let f = forwarded(body.as_object().unwrap());
+        assert_eq!(f.choices(), 2);
+        assert!(f.has_tools() && f.completion_tokens_cap);
+        assert_eq!(
+            f.params.keys().collect::<Vec<_>>(),
+            ["n", "response_format", "seed", "tools"]
+        );
+        assert!(f.priced_text.contains("lookup") && f.priced_text.contains("\"schema\""));
+        assert_eq!(f.image_tokens, images::LOW_DETAIL_TOKENS);
+        assert_eq!(f.messages.len(), 1);
+        let one = forwarded(
+            serde_json::json!({"n": 1, "max_tokens": 3})
+                .as_object()
+                .unwrap(),
+        );
+        assert_eq!(
+            (one.choices(), one.params.len(), one.completion_tokens_cap),
+            (1, 0, false)
+        );
     }
 }

@@ -38,6 +38,9 @@ pub struct Inference {
     pub max_tokens: Option<u32>,
     /// Sampling temperature.
     pub temperature: Option<f64>,
+    /// What a chat body forwards to the provider beyond the conversation's text (empty for
+    /// `/infer`).
+    pub forwarded: Forwarded,
 }
 
 /// One chat message.
@@ -177,6 +180,7 @@ pub fn parse_infer(
             content: prompt,
         }],
         tenant_id,
+        forwarded: Forwarded::default(),
     };
     if errs.0.is_empty() {
         Ok(inf)
@@ -185,7 +189,7 @@ pub fn parse_infer(
     }
 }
 
-pub use crate::chat_params::check_chat_params;
+pub use crate::chat_params::{check_chat_params, forwarded, Forwarded};
 pub use crate::chat_stream::{chat_stream, StreamOptions};
 
 /// Why a chat-completions body was refused, in OpenAI's error vocabulary.
@@ -312,32 +316,7 @@ pub fn parse_chat(
     match obj.get("messages").and_then(Value::as_array) {
         Some(list) if !list.is_empty() => {
             for (i, m) in list.iter().enumerate() {
-                let role = m.get("role").and_then(Value::as_str);
-                let content = match m.get("content") {
-                    Some(Value::String(s)) => Some(s.clone()),
-                    Some(Value::Array(parts)) => Some(
-                        parts
-                            .iter()
-                            .filter_map(|p| p.get("text").and_then(Value::as_str))
-                            .collect::<Vec<_>>()
-                            .join(""),
-                    ),
-                    _ => None,
-                };
-                match (role, content) {
-                    (Some(role), Some(content)) => messages.push(Message {
-                        role: role.to_owned(),
-                        content,
-                    }),
-                    _ => {
-                        let param = format!("messages[{i}]");
-                        return Err(ChatError::unprocessable(
-                            format!("{param} needs a string `role` and `content`"),
-                            "invalid_message",
-                            &param,
-                        ));
-                    }
-                }
+                messages.push(message(i, m)?);
             }
         }
         _ => {
@@ -375,7 +354,53 @@ pub fn parse_chat(
         messages,
         max_tokens,
         temperature,
+        forwarded: forwarded(obj),
     })
+}
+
+/// Message `i` of a chat body, its text as the provider counts it: the text parts of its
+/// content, and the name and arguments of each tool call it makes. A message needs a string
+/// `role`, and a `content` (a string or a list of parts) unless it is an assistant message
+/// making tool calls.
+fn message(i: usize, m: &Value) -> Result<Message, ChatError> {
+    let role = m.get("role").and_then(Value::as_str);
+    let mut content = match m.get("content") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(parts)) => Some(
+            parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+        ),
+        None | Some(Value::Null) if m.get("tool_calls").is_some_and(Value::is_array) => {
+            Some(String::new())
+        }
+        _ => None,
+    };
+    let calls = m.get("tool_calls").and_then(Value::as_array);
+    for call in calls.into_iter().flatten() {
+        let f = &call["function"];
+        if let Some(text) = content.as_mut() {
+            for part in [&f["name"], &f["arguments"]] {
+                text.push_str(part.as_str().unwrap_or_default());
+            }
+        }
+    }
+    match (role, content) {
+        (Some(role), Some(content)) => Ok(Message {
+            role: role.to_owned(),
+            content,
+        }),
+        _ => {
+            let param = format!("messages[{i}]");
+            Err(ChatError::unprocessable(
+                format!("{param} needs a string `role` and `content`"),
+                "invalid_message",
+                &param,
+            ))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -97,6 +97,15 @@ impl Gateway {
             let Some(provider) = self.providers.get(&model_cfg.provider) else {
                 continue;
             };
+            if let Some((param, why)) = provider.refuses(&req.forwarded) {
+                out.failures.push((
+                    model.clone(),
+                    model_cfg.provider.clone(),
+                    format!("cannot honour `{param}`: {why}"),
+                ));
+                out.last_error = Some("unsupported_parameter");
+                continue;
+            }
             let candidate = Candidate {
                 index,
                 model,
@@ -174,8 +183,9 @@ impl Gateway {
                 .clone()
                 .unwrap_or_else(|| candidate.model.clone()),
             messages: inf.messages.clone(),
-            max_tokens: req.priced.tokens_out,
+            max_tokens: req.priced.max_tokens,
             temperature: inf.temperature,
+            forwarded: std::sync::Arc::clone(&req.forwarded),
         };
         let mut timed_out = 0u32;
         let provider = candidate.provider;

@@ -20,6 +20,8 @@ pub(crate) struct PricedRequest<'a> {
     pub priced: pricing::Priced,
     /// The conversation as (role, content) pairs.
     pub pairs: Vec<(String, String)>,
+    /// What the body forwards to the provider, shared by every attempt.
+    pub forwarded: std::sync::Arc<crate::providers::Forwarded>,
 }
 
 /// Who a request is for and what it asks for, borrowed from an [`Inference`] or a
@@ -113,6 +115,24 @@ impl Gateway {
         Ok((r, model))
     }
 
+    /// The 422 for a chat body forwarding a parameter the provider of the model its tier
+    /// maps to cannot honour (e.g. `n` on Anthropic), naming the parameter and the provider;
+    /// `None` when it honours them all or the route or tier is unknown (pricing names those).
+    pub fn refused_parameter(&self, inf: &Inference) -> Option<crate::requests::ChatError> {
+        let (_, model) = self.route_model(&inf.route_name, &inf.model_tier).ok()?;
+        let provider_name = &self.config.models.get(model)?.provider;
+        let (param, why) = self.providers.get(provider_name)?.refuses(&inf.forwarded)?;
+        Some(crate::requests::ChatError {
+            status: 422,
+            message: format!(
+                "{param}: {why}; model {model} (tier {}) is served by provider {provider_name}, which cannot honour it: remove it or ask for a tier served by an OpenAI-compatible provider",
+                inf.model_tier
+            ),
+            code: "unsupported_parameter",
+            param: Some(param),
+        })
+    }
+
     /// The error for a route that is not configured.
     pub(crate) fn unknown_route(&self, route: &str) -> GatewayError {
         GatewayError::UnknownRoute {
@@ -131,12 +151,23 @@ impl Gateway {
     ) -> Result<PricedRequest<'_>, GatewayError> {
         let cfg = &self.config;
         let (route, model) = self.route_model(&inf.route_name, &inf.model_tier)?;
-        let pairs: Vec<(String, String)> = inf
+        let mut pairs: Vec<(String, String)> = inf
             .messages
             .iter()
             .map(|m| (m.role.clone(), m.content.clone()))
             .collect();
-        let mut priced = pricing::price(cfg, &inf.route_name, &pairs, inf.max_tokens)
+        let fwd = &inf.forwarded;
+        if !fwd.priced_text.is_empty() {
+            // Tool definitions and schemas are input the provider counts, priced as one more
+            // message (its overhead makes the estimate err high, never low).
+            pairs.push(("tools".to_owned(), fwd.priced_text.clone()));
+        }
+        let output = pricing::Output {
+            max_tokens: inf.max_tokens,
+            choices: fwd.choices(),
+            extra_in: fwd.image_tokens,
+        };
+        let mut priced = pricing::price(cfg, &inf.route_name, &pairs, output)
             .ok_or_else(|| self.unknown_route(&inf.route_name))?;
         self.calibrate(&mut priced, &pairs);
         let tokens_in = self.tokens_in_estimate(&mut priced, model, &pairs);
@@ -146,6 +177,7 @@ impl Gateway {
             route,
             priced,
             pairs,
+            forwarded: std::sync::Arc::new(inf.forwarded.clone()),
         })
     }
 

@@ -13,6 +13,8 @@ use crate::providers::{CompletionStream, ProviderError, StreamEvent};
 pub enum StreamItem {
     /// Generated text.
     Delta(String),
+    /// A piece of a tool call (an element of an OpenAI chunk's `delta.tool_calls`).
+    ToolCall(serde_json::Value),
     /// The stream ended and was settled: the finish reason and what the request was billed.
     End {
         /// `stop`, `length` (also when the gateway cut the stream), ...
@@ -82,7 +84,7 @@ pub(super) async fn pump(
             }
             e = stream.next() => e,
         };
-        let text = match event {
+        let piece = match event {
             Ok(None | Some(StreamEvent::Done)) => break,
             Err(e) => {
                 p.broken = Some(e);
@@ -100,22 +102,30 @@ pub(super) async fn pump(
                 p.tokens_out = tokens_out.or(p.tokens_out);
                 continue;
             }
-            Ok(Some(StreamEvent::Delta(text))) => text,
+            Ok(Some(StreamEvent::Delta(text))) => Piece::Text(text),
+            Ok(Some(StreamEvent::ToolCall(call))) => Piece::Call(call),
         };
-        let n = tokenizer.count(&text);
+        let n = tokenizer.count(&piece.text());
         p.received_out = p.received_out.saturating_add(n);
-        let (text, n, cut) = if used.saturating_add(n) > cap {
-            let fitted = fit(tokenizer, &text, cap - used).to_owned();
-            let m = tokenizer.count(&fitted);
+        let (piece, n, cut) = if used.saturating_add(n) > cap {
+            let fitted = piece.fit(tokenizer, cap - used);
+            let m = tokenizer.count(&fitted.text());
             (fitted, m, true)
         } else {
-            (text, n, false)
+            (piece, n, false)
         };
         used += n;
-        p.text.push_str(&text);
-        if !text.is_empty() && tx.send(StreamItem::Delta(text)).await.is_err() {
-            p.client_gone = true;
-            break;
+        p.text.push_str(&piece.text());
+        let item = match piece {
+            Piece::Text(t) if t.is_empty() => None,
+            Piece::Text(t) => Some(StreamItem::Delta(t)),
+            Piece::Call(c) => Some(StreamItem::ToolCall(c)),
+        };
+        if let Some(item) = item {
+            if tx.send(item).await.is_err() {
+                p.client_gone = true;
+                break;
+            }
         }
         if cut {
             p.cut = true;
@@ -128,6 +138,10 @@ pub(super) async fn pump(
     for event in stream.take_buffered() {
         match event {
             StreamEvent::Delta(text) => {
+                p.received_out = p.received_out.saturating_add(tokenizer.count(&text));
+            }
+            StreamEvent::ToolCall(call) => {
+                let text = Piece::Call(call).text();
                 p.received_out = p.received_out.saturating_add(tokenizer.count(&text));
             }
             StreamEvent::Usage {
@@ -143,6 +157,48 @@ pub(super) async fn pump(
     }
     // Dropping the stream here closes the provider's connection.
     p
+}
+
+/// One generated piece of a stream: text, or a piece of a tool call.
+enum Piece {
+    Text(String),
+    Call(serde_json::Value),
+}
+
+impl Piece {
+    /// What it generated, as output is counted: the text, or the call's name and arguments.
+    fn text(&self) -> String {
+        match self {
+            Self::Text(t) => t.clone(),
+            Self::Call(c) => {
+                let f = &c["function"];
+                [&f["name"], &f["arguments"]]
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect()
+            }
+        }
+    }
+
+    /// The piece trimmed to at most `budget` tokens: text to its longest fitting prefix; a
+    /// call's arguments to theirs, dropping its name when even the name does not fit.
+    fn fit(self, tokenizer: Tokenizer, budget: u32) -> Self {
+        match self {
+            Self::Text(t) => Self::Text(fit(tokenizer, &t, budget).to_owned()),
+            Self::Call(mut c) => {
+                let name = c["function"]["name"].as_str().unwrap_or_default();
+                let named = tokenizer.count(name);
+                if named > budget {
+                    return Self::Text(String::new());
+                }
+                if let Some(args) = c["function"]["arguments"].as_str() {
+                    let kept = fit(tokenizer, args, budget - named).to_owned();
+                    c["function"]["arguments"] = serde_json::Value::String(kept);
+                }
+                Self::Call(c)
+            }
+        }
+    }
 }
 
 /// The longest prefix of `text` (cut at a char boundary) that `tokenizer` counts as at most

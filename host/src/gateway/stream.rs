@@ -232,6 +232,7 @@ fn streamed(
             }
             .into()
         }),
+        choices: Vec::new(),
     };
     d.answered = Some((index, model, completion));
 }

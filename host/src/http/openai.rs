@@ -32,6 +32,9 @@ pub async fn chat(
         parse_chat(&obj, &|h| header(&headers, h), gw.config()).map_err(ApiError::InvalidChat)?;
     check_prompt(gw, &inf)?;
     caller.bind(gw, Scope::of(&mut inf))?;
+    if let Some(refused) = gw.refused_parameter(&inf) {
+        return Err(ApiError::InvalidChat(refused));
+    }
     if let Some(options) = stream {
         return chat_stream(gw, &caller, inf, options).await;
     }
@@ -49,12 +52,18 @@ fn completion(s: &Served) -> Response<Body> {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let c = &s.completion;
+    let choices = if c.choices.is_empty() {
+        json!([{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}])
+    } else {
+        serde_json::Value::from(c.choices.clone())
+    };
     let body = json!({
         "id": format!("chatcmpl-{}", s.request_id),
         "object": "chat.completion",
         "created": created,
         "model": s.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": s.completion.text}, "finish_reason": s.completion.finish_reason}],
+        "choices": choices,
         "usage": {"prompt_tokens": s.tokens_in, "completion_tokens": s.tokens_out, "total_tokens": s.tokens_in + s.tokens_out},
     });
     let mut resp = json_response(StatusCode::OK, &body);

@@ -111,6 +111,9 @@ impl Chunks {
     fn render(&self, item: StreamItem) -> Bytes {
         match item {
             StreamItem::Delta(text) => self.event(&self.chunk(json!({"content": text}), None)),
+            StreamItem::ToolCall(call) => {
+                self.event(&self.chunk(json!({"tool_calls": [call]}), None))
+            }
             StreamItem::End {
                 finish_reason,
                 tokens_in,
@@ -164,7 +167,7 @@ impl Body for SseBody {
         }
         match self.items.poll_recv(cx) {
             Poll::Ready(Some(item)) => {
-                self.done = !matches!(item, StreamItem::Delta(_));
+                self.done = !matches!(item, StreamItem::Delta(_) | StreamItem::ToolCall(_));
                 Poll::Ready(Some(Ok(Frame::data(self.chunks.render(item)))))
             }
             Poll::Ready(None) => {

@@ -76,6 +76,8 @@ struct Stats {
     served: AtomicU64,
     streams_completed: AtomicU64,
     streams_aborted: AtomicU64,
+    /// The body of the last call, as it arrived: what the gateway forwarded.
+    last_request: parking_lot::Mutex<Value>,
 }
 
 /// Serve on `listener` until the process ends, answering as `options` say.
@@ -128,6 +130,7 @@ async fn handle(
                 "served": stats.served.load(Ordering::Relaxed),
                 "streams_completed": stats.streams_completed.load(Ordering::Relaxed),
                 "streams_aborted": stats.streams_aborted.load(Ordering::Relaxed),
+                "last_request": *stats.last_request.lock(),
             }),
         );
     }
@@ -156,6 +159,7 @@ async fn handle(
         tokio::time::sleep(options.latency).await;
     }
     stats.served.fetch_add(1, Ordering::Relaxed);
+    *stats.last_request.lock() = v.clone();
     let model = v["model"].as_str().unwrap_or("unknown").to_owned();
     let tokens_in = (body.len() as u64).div_ceil(4);
     let tokens_out = v["max_tokens"]
@@ -171,9 +175,20 @@ async fn handle(
         .take(60)
         .collect();
     let text = format!("[mock {model}] answer to: {prompt}");
+    let params = v.as_object().cloned().unwrap_or_default();
+    let anthropic = path == "/v1/messages";
+    let tool = if anthropic {
+        anthropic_tool(&v)
+    } else {
+        crate::providers::mock_choices(&text, &params, "stop")[0]["message"]["tool_calls"][0]
+            ["function"]["name"]
+            .as_str()
+            .map(str::to_owned)
+    };
     if v["stream"].as_bool() == Some(true) {
         let answer = stream::Answer {
             model,
+            tool,
             text,
             tokens_in,
             tokens_out,
@@ -188,23 +203,47 @@ async fn handle(
         };
     }
     match path.as_str() {
-        "/v1/chat/completions" => respond(
-            StatusCode::OK,
-            &json!({
-                "id": "chatcmpl-mock", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
-            }),
-        ),
-        "/v1/messages" => respond(
-            StatusCode::OK,
-            &json!({
-                "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
-                "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out}
-            }),
-        ),
+        "/v1/chat/completions" => {
+            let choices = crate::providers::mock_choices(&text, &params, "stop");
+            let tokens_out = tokens_out * choices.len() as u64;
+            respond(
+                StatusCode::OK,
+                &json!({
+                    "id": "chatcmpl-mock", "object": "chat.completion", "model": model,
+                    "choices": choices,
+                    "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
+                }),
+            )
+        }
+        "/v1/messages" => {
+            let (content, stop) = match &tool {
+                Some(name) => (
+                    json!([{"type": "tool_use", "id": "toolu_mock", "name": name, "input": {}}]),
+                    "tool_use",
+                ),
+                None => (json!([{"type": "text", "text": text}]), "end_turn"),
+            };
+            respond(
+                StatusCode::OK,
+                &json!({
+                    "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                    "content": content, "stop_reason": stop,
+                    "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out}
+                }),
+            )
+        }
         _ => not_found(&path),
+    }
+}
+
+/// The tool a Messages body's answer calls: the one `tool_choice` names, else the first
+/// tool, unless `tool_choice` is `none`.
+fn anthropic_tool(v: &Value) -> Option<String> {
+    let choice = &v["tool_choice"];
+    match choice["type"].as_str() {
+        Some("none") => None,
+        Some("tool") => choice["name"].as_str().map(str::to_owned),
+        _ => v["tools"][0]["name"].as_str().map(str::to_owned),
     }
 }
 

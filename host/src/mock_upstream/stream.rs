@@ -28,6 +28,8 @@ pub(super) enum Dialect {
 /// What to stream.
 pub(super) struct Answer {
     pub(super) model: String,
+    /// The tool the answer calls (arguments `{}`) instead of its text.
+    pub(super) tool: Option<String>,
     pub(super) text: String,
     pub(super) tokens_in: u64,
     pub(super) tokens_out: u64,
@@ -94,8 +96,20 @@ fn events(dialect: Dialect, a: &Answer, chunks: usize, usage: bool) -> Vec<Bytes
     match dialect {
         Dialect::OpenAi => {
             out.push(chunk(json!({"role": "assistant", "content": ""}), None));
-            out.extend(words.iter().map(|w| chunk(json!({"content": w}), None)));
-            out.push(chunk(json!({}), Some("stop")));
+            match &a.tool {
+                Some(name) => {
+                    out.push(chunk(json!({"tool_calls": [{"index": 0, "id": "call_mock", "type": "function", "function": {"name": name, "arguments": ""}}]}), None));
+                    out.push(chunk(
+                        json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+                        None,
+                    ));
+                    out.push(chunk(json!({}), Some("tool_calls")));
+                }
+                None => {
+                    out.extend(words.iter().map(|w| chunk(json!({"content": w}), None)));
+                    out.push(chunk(json!({}), Some("stop")));
+                }
+            }
             if usage && a.include_usage {
                 out.push(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": m, "choices": [],
                     "usage": {"prompt_tokens": a.tokens_in, "completion_tokens": out_tokens, "total_tokens": a.tokens_in + out_tokens}}));
@@ -126,7 +140,17 @@ fn events(dialect: Dialect, a: &Answer, chunks: usize, usage: bool) -> Vec<Bytes
                 "content_block_stop",
                 json!({"type": "content_block_stop", "index": 0}),
             ));
-            let mut delta = json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}});
+            let mut stop = "end_turn";
+            if let Some(name) = &a.tool {
+                stop = "tool_use";
+                named.push(("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_mock", "name": name, "input": {}}})));
+                named.push(("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}})));
+                named.push((
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 1}),
+                ));
+            }
+            let mut delta = json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}});
             if usage {
                 delta["usage"] = json!({"output_tokens": out_tokens});
             }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serde_json::{json, Map, Value};
+
 use super::stream::CompletionStream;
 use super::{Completion, CompletionRequest, ProviderError};
 
@@ -37,8 +39,9 @@ pub(super) async fn stream(
     fail_or_wait(req, m).await?;
     let c = mock_completion(req, m.output_tokens);
     let tokens_out = c.tokens_out.unwrap_or_default();
+    let first = c.choices.first().cloned().unwrap_or_default();
     let s = CompletionStream::mock(
-        &c.text,
+        &first["message"],
         m.stream_chunks,
         m.chunk_delay,
         tokens_out,
@@ -72,17 +75,73 @@ fn mock_completion(req: &CompletionRequest, output_tokens: u32) -> Completion {
         .find(|m| m.role == "user")
         .map_or("", |m| m.content.as_str());
     let preview: String = prompt.chars().take(60).collect();
-    let tokens_out = output_tokens.min(req.max_tokens);
+    let per_choice = output_tokens.min(req.max_tokens);
+    let finish_reason = if per_choice < output_tokens {
+        "length"
+    } else {
+        "stop"
+    };
+    let text = format!("[mock {}] answer to: {preview}", req.model);
+    let choices = choices(&text, &req.forwarded.params, finish_reason);
     Completion {
-        text: format!("[mock {}] answer to: {preview}", req.model),
+        text: super::generated_text(&choices),
         tokens_in: None,
-        tokens_out: Some(tokens_out),
-        finish_reason: if tokens_out < output_tokens {
-            "length".into()
-        } else {
-            "stop".into()
-        },
+        tokens_out: Some(per_choice.saturating_mul(choices.len() as u32)),
+        finish_reason: choices[0]["finish_reason"]
+            .as_str()
+            .unwrap_or(finish_reason)
+            .to_owned(),
+        choices,
     }
+}
+
+/// The mock's answer `text` shaped by a chat body's forwarded `params`, as OpenAI `choices`
+/// entries: `n` of them (at least one); each a call of the tool `tool_choice` names (else
+/// the first tool, arguments `{}`) when tools are offered and `tool_choice` is not `none`;
+/// else the text, as the JSON object `{"answer": text}` when `response_format` asks for JSON.
+/// Shared with `llmscope mock-upstream`, so both stand-ins answer alike.
+pub fn choices(text: &str, params: &Map<String, Value>, finish_reason: &str) -> Vec<Value> {
+    let n = params
+        .get("n")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, 128);
+    let tools = params.get("tools").and_then(Value::as_array);
+    let choice = params.get("tool_choice");
+    let tool = match choice {
+        Some(Value::String(c)) if c == "none" => None,
+        Some(Value::Object(c)) => c
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str),
+        _ => tools
+            .and_then(|t| t.first())
+            .and_then(|t| t["function"]["name"].as_str()),
+    };
+    let json_answer = matches!(
+        params
+            .get("response_format")
+            .and_then(|r| r.get("type"))
+            .and_then(Value::as_str),
+        Some("json_object" | "json_schema")
+    );
+    (0..n)
+        .map(|i| match tool {
+            Some(name) => json!({"index": i, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": null,
+                "tool_calls": [{"id": format!("call_mock_{i}"), "type": "function",
+                    "function": {"name": name, "arguments": "{}"}}]}}),
+            None => {
+                let content = if json_answer {
+                    json!({ "answer": text }).to_string()
+                } else {
+                    text.to_owned()
+                };
+                json!({"index": i, "finish_reason": finish_reason,
+                    "message": {"role": "assistant", "content": content}})
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -110,6 +169,7 @@ mod tests {
             }],
             max_tokens: 50,
             temperature: None,
+            forwarded: Default::default(),
         };
         let (c, attempts) = p.complete(&req, &mut 0).await.unwrap();
         assert_eq!(
@@ -117,6 +177,27 @@ mod tests {
             (Some(50), "length", 1)
         );
         assert_eq!(c.text, "[mock gpt-4o] answer to: hello");
+        let forwarded = super::super::Forwarded {
+            params: serde_json::json!({"n": 2, "tools": [{"type": "function", "function": {"name": "lookup"}}]})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            ..Default::default()
+        };
+        let tools = CompletionRequest {
+            forwarded: forwarded.into(),
+            ..req.clone()
+        };
+        let (c, _) = p.complete(&tools, &mut 0).await.unwrap();
+        assert_eq!(
+            (c.choices.len(), c.finish_reason.as_str(), c.tokens_out),
+            (2, "tool_calls", Some(100))
+        );
+        assert_eq!(
+            c.choices[1]["message"]["tool_calls"][0]["function"]["name"],
+            "lookup"
+        );
+        assert_eq!(c.text, "lookup{}lookup{}");
         let failing = CompletionRequest {
             model: "bad".into(),
             ..req

@@ -18,8 +18,8 @@ mod sse;
 mod stream;
 
 pub use http::HttpProvider;
-pub use llmscope_wire::requests::Message;
-pub use mock::MockSettings;
+pub use llmscope_wire::requests::{Forwarded, Message};
+pub use mock::{choices as mock_choices, MockSettings};
 pub use stream::{CompletionStream, StreamEvent};
 
 /// What the gateway asks a provider for.
@@ -32,10 +32,14 @@ pub struct CompletionRequest {
     pub model: String,
     /// Conversation.
     pub messages: Vec<Message>,
-    /// Output-token cap.
+    /// Output-token cap of one choice.
     pub max_tokens: u32,
     /// Sampling temperature, if the client set one.
     pub temperature: Option<f64>,
+    /// The parameters and messages a chat body forwards (empty for `/infer`): an
+    /// OpenAI-compatible provider is sent them as they are, Anthropic their translation
+    /// ([`Provider::refuses`] names what a provider cannot honour).
+    pub forwarded: std::sync::Arc<Forwarded>,
 }
 
 /// Header carrying the gateway's request id on every provider call (OpenAI accepts it as the
@@ -51,8 +55,29 @@ pub struct Completion {
     pub tokens_in: Option<u32>,
     /// Output tokens the provider billed, if reported.
     pub tokens_out: Option<u32>,
-    /// `stop`, `length`, ...
+    /// `stop`, `length`, `tool_calls`, ...
     pub finish_reason: String,
+    /// The answer's choices as OpenAI `choices` entries (`index`, `message` with its tool
+    /// calls, `finish_reason`, `logprobs`), when it is more than one text message; `text`
+    /// then holds what all of them generated (their text, and the name and arguments of
+    /// each tool call), which is what output is counted from.
+    pub choices: Vec<serde_json::Value>,
+}
+
+/// What `choices` (OpenAI `choices` entries) generated, as output is counted: each message's
+/// text and the name and arguments of each of its tool calls.
+pub fn generated_text(choices: &[serde_json::Value]) -> String {
+    let mut text = String::new();
+    for c in choices {
+        let m = &c["message"];
+        text.push_str(m["content"].as_str().unwrap_or_default());
+        for call in m["tool_calls"].as_array().into_iter().flatten() {
+            let f = &call["function"];
+            text.push_str(f["name"].as_str().unwrap_or_default());
+            text.push_str(f["arguments"].as_str().unwrap_or_default());
+        }
+    }
+    text
 }
 
 /// A failed call.
@@ -207,6 +232,15 @@ impl Provider {
                 max_retries,
             } => Self::Anthropic(http(base_url, api_key_env, *timeout_ms, *max_retries)?),
         })
+    }
+
+    /// The first forwarded parameter this provider cannot honour, with why; `None` when it
+    /// honours them all. (The mock and OpenAI-compatible providers honour every one.)
+    pub fn refuses(&self, f: &Forwarded) -> Option<(String, &'static str)> {
+        match self {
+            Self::Mock(_) | Self::OpenAi(_) => None,
+            Self::Anthropic(_) => anthropic::refuses(f),
+        }
     }
 
     /// Complete `req`, retrying retryable failures. Returns the completion and how many attempts

@@ -7,22 +7,9 @@ use super::{Completion, CompletionRequest, HttpProvider, ProviderError};
 
 #[derive(Deserialize)]
 struct OpenAiResponse {
-    choices: Vec<OpenAiChoice>,
+    choices: Vec<serde_json::Value>,
     #[serde(default)]
     usage: Option<OpenAiUsage>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiChoice {
-    message: OpenAiMessage,
-    #[serde(default)]
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct OpenAiMessage {
-    #[serde(default)]
-    content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -31,16 +18,30 @@ struct OpenAiUsage {
     completion_tokens: u32,
 }
 
-/// The chat-completions body for `req` (not streamed).
+/// The chat-completions body for `req` (not streamed): the client's messages and forwarded
+/// parameters as it sent them, the output cap under the name it used.
 pub(super) fn body(req: &CompletionRequest) -> serde_json::Value {
-    let messages: Vec<_> = req
-        .messages
-        .iter()
-        .map(|m| json!({"role": m.role, "content": m.content}))
-        .collect();
-    let mut body = json!({"model": req.model, "messages": messages, "max_tokens": req.max_tokens});
+    let f = &req.forwarded;
+    let messages: Vec<_> = if f.messages.is_empty() {
+        req.messages
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect()
+    } else {
+        f.messages.clone()
+    };
+    let mut body = json!({"model": req.model, "messages": messages});
+    let cap = if f.completion_tokens_cap {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    body[cap] = json!(req.max_tokens);
     if let Some(t) = req.temperature {
         body["temperature"] = json!(t);
+    }
+    for (k, v) in &f.params {
+        body[k] = v.clone();
     }
     body
 }
@@ -70,15 +71,16 @@ pub(super) async fn call(
         .await?;
     let parsed: OpenAiResponse =
         serde_json::from_value(value).map_err(|e| ProviderError::decode(&e))?;
-    let choice = parsed
+    let first = parsed
         .choices
-        .into_iter()
-        .next()
+        .first()
         .ok_or_else(|| ProviderError::Decode("no choices".into()))?;
+    let finish_reason = first["finish_reason"].as_str().unwrap_or("stop").to_owned();
     Ok(Completion {
-        text: choice.message.content.unwrap_or_default(),
+        text: super::generated_text(&parsed.choices),
         tokens_in: parsed.usage.as_ref().map(|u| u.prompt_tokens),
         tokens_out: parsed.usage.as_ref().map(|u| u.completion_tokens),
-        finish_reason: choice.finish_reason.unwrap_or_else(|| "stop".into()),
+        finish_reason,
+        choices: parsed.choices,
     })
 }

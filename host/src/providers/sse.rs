@@ -13,6 +13,10 @@ use super::ProviderError;
 pub enum StreamEvent {
     /// Generated text.
     Delta(String),
+    /// A piece of a tool call, as an element of an OpenAI chunk's `delta.tool_calls`
+    /// (`index`; `id`, `type` and `function.name` in its first piece; `function.arguments`
+    /// in pieces).
+    ToolCall(Value),
     /// The provider's finish reason, in OpenAI's vocabulary (`stop`, `length`, ...).
     Finish(String),
     /// Usage the provider reported; a field it did not report in this event is `None`.
@@ -123,6 +127,13 @@ pub fn openai_events(e: &SseEvent) -> Result<Vec<StreamEvent>, ProviderError> {
         if let Some(text) = choice["delta"]["content"].as_str() {
             out.push(StreamEvent::Delta(text.to_owned()));
         }
+        for call in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            out.push(StreamEvent::ToolCall(call.clone()));
+        }
         if let Some(reason) = choice["finish_reason"].as_str() {
             out.push(StreamEvent::Finish(reason.to_owned()));
         }
@@ -141,25 +152,58 @@ pub fn anthropic_finish(reason: Option<&str>) -> String {
     match reason {
         Some("end_turn" | "stop_sequence") | None => "stop".to_owned(),
         Some("max_tokens") => "length".to_owned(),
+        Some("tool_use") => "tool_calls".to_owned(),
         Some(other) => other.to_owned(),
     }
 }
 
-/// An Anthropic Messages stream event as [`StreamEvent`]s.
-pub fn anthropic_events(e: &SseEvent) -> Result<Vec<StreamEvent>, ProviderError> {
+/// What translating an Anthropic stream remembers between events: the content blocks that
+/// are tool calls, in order (a block's position there is its OpenAI tool-call `index`).
+#[derive(Debug, Default)]
+pub struct AnthropicState {
+    tool_blocks: Vec<u64>,
+}
+
+/// An Anthropic Messages stream event as [`StreamEvent`]s: text deltas as text, `tool_use`
+/// blocks (their start, then their `input_json_delta`s) as tool-call pieces.
+pub fn anthropic_events(
+    e: &SseEvent,
+    state: &mut AnthropicState,
+) -> Result<Vec<StreamEvent>, ProviderError> {
     let v: Value = serde_json::from_str(&e.data).map_err(|e| ProviderError::decode(&e))?;
     let kind = e.event.as_deref().or_else(|| v["type"].as_str());
+    let block = v["index"].as_u64().unwrap_or_default();
     Ok(match kind {
         Some("message_start") => vec![StreamEvent::Usage {
             tokens_in: as_u32(&v["message"]["usage"]["input_tokens"]),
             // The start's output count is a placeholder; message_delta has the real one.
             tokens_out: None,
         }],
-        Some("content_block_delta") => v["delta"]["text"]
-            .as_str()
-            .map(|t| StreamEvent::Delta(t.to_owned()))
-            .into_iter()
-            .collect(),
+        Some("content_block_start") if v["content_block"]["type"] == "tool_use" => {
+            let index = state.tool_blocks.len();
+            state.tool_blocks.push(block);
+            let b = &v["content_block"];
+            vec![StreamEvent::ToolCall(serde_json::json!({
+                "index": index, "id": b["id"], "type": "function",
+                "function": {"name": b["name"], "arguments": ""}}))]
+        }
+        Some("content_block_delta") => {
+            let d = &v["delta"];
+            match (d["text"].as_str(), d["partial_json"].as_str()) {
+                (Some(t), _) => vec![StreamEvent::Delta(t.to_owned())],
+                (None, Some(json)) => state
+                    .tool_blocks
+                    .iter()
+                    .position(|b| *b == block)
+                    .map(|index| {
+                        StreamEvent::ToolCall(serde_json::json!({
+                            "index": index, "function": {"arguments": json}}))
+                    })
+                    .into_iter()
+                    .collect(),
+                _ => Vec::new(),
+            }
+        }
         Some("message_delta") => {
             let mut out = Vec::new();
             if let Some(reason) = v["delta"]["stop_reason"].as_str() {
@@ -252,6 +296,8 @@ mod tests {
 
     #[test]
     fn anthropic_events_translate_to_openai_vocabulary() {
+        let mut state = AnthropicState::default();
+        let mut anthropic_events = |e: &SseEvent| anthropic_events(e, &mut state);
         let ev = |kind: &str, d: &str| SseEvent {
             event: Some(kind.into()),
             data: d.into(),
@@ -292,6 +338,23 @@ mod tests {
         assert_eq!(
             anthropic_events(&ev("message_stop", r#"{"type":"message_stop"}"#)).unwrap(),
             vec![StreamEvent::Done]
+        );
+        // A tool_use block: its start names the call, its JSON deltas are the arguments.
+        assert_eq!(
+            anthropic_events(&ev(
+                "content_block_start",
+                r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"lookup","input":{}}}"#
+            ))
+            .unwrap(),
+            vec![StreamEvent::ToolCall(serde_json::json!({"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "lookup", "arguments": ""}}))]
+        );
+        assert_eq!(
+            anthropic_events(&ev(
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"q\": 1}"}}"#
+            ))
+            .unwrap(),
+            vec![StreamEvent::ToolCall(serde_json::json!({"index": 0, "function": {"arguments": "{\"q\": 1}"}}))]
         );
         assert!(anthropic_events(&ev("ping", r#"{"type":"ping"}"#))
             .unwrap()

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::sse::{self, SseParser};
+use super::sse::{self, AnthropicState, SseParser};
 use super::{CompletionRequest, HttpProvider, ProviderError};
 pub use sse::StreamEvent;
 
 /// The wire dialect of an HTTP stream.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 enum Dialect {
     OpenAi,
-    Anthropic,
+    Anthropic(AnthropicState),
 }
 
 /// Where a stream's events come from.
@@ -29,9 +29,9 @@ enum Source {
         dialect: Dialect,
         idle: Duration,
     },
-    /// The mock: its text in chunks, one every `delay`.
+    /// The mock: its text (or tool call) in chunks, one every `delay`.
     Mock {
-        chunks: VecDeque<String>,
+        chunks: VecDeque<StreamEvent>,
         delay: Duration,
         tokens_out: u32,
         finish_reason: String,
@@ -100,7 +100,7 @@ impl CompletionStream {
                 for event in parser.feed(&bytes)? {
                     let events = match dialect {
                         Dialect::OpenAi => sse::openai_events(&event)?,
-                        Dialect::Anthropic => sse::anthropic_events(&event)?,
+                        Dialect::Anthropic(state) => sse::anthropic_events(&event, state)?,
                     };
                     self.pending.extend(events);
                 }
@@ -111,11 +111,11 @@ impl CompletionStream {
                 tokens_out,
                 finish_reason,
             } => match chunks.pop_front() {
-                Some(text) => {
+                Some(event) => {
                     if !delay.is_zero() {
                         tokio::time::sleep(*delay).await;
                     }
-                    self.pending.push_back(StreamEvent::Delta(text));
+                    self.pending.push_back(event);
                 }
                 None => self.pending.extend([
                     StreamEvent::Finish(std::mem::take(finish_reason)),
@@ -142,24 +142,50 @@ impl CompletionStream {
         }
     }
 
-    /// The mock's answer `text` in `chunks` pieces (at least one), one every `delay`, then its
-    /// finish reason and output usage.
+    /// The mock's answer `message` (an OpenAI message) in `chunks` pieces (at least one), one
+    /// every `delay`, then its finish reason and output usage: its text, or the name of its
+    /// first tool call and then its arguments.
     pub(super) async fn mock(
-        text: &str,
+        message: &serde_json::Value,
         chunks: u32,
         delay: Duration,
         tokens_out: u32,
         finish_reason: String,
     ) -> Result<Self, ProviderError> {
-        let chars: Vec<char> = text.chars().collect();
-        let n = chunks.max(1) as usize;
-        let per = chars.len().div_ceil(n).max(1);
-        let pieces = (0..n)
-            .map(|i| chars.iter().skip(i * per).take(per).collect::<String>())
-            .collect();
+        let pieces = |text: &str| -> Vec<String> {
+            let chars: Vec<char> = text.chars().collect();
+            let n = chunks.max(1) as usize;
+            let per = chars.len().div_ceil(n).max(1);
+            (0..n)
+                .map(|i| chars.iter().skip(i * per).take(per).collect::<String>())
+                .filter(|p| !p.is_empty())
+                .collect()
+        };
+        let call = &message["tool_calls"][0];
+        let events: VecDeque<StreamEvent> = if call.is_object() {
+            let f = &call["function"];
+            std::iter::once(StreamEvent::ToolCall(json!({"index": 0, "id": call["id"],
+                "type": "function", "function": {"name": f["name"], "arguments": ""}})))
+            .chain(
+                pieces(f["arguments"].as_str().unwrap_or_default())
+                    .into_iter()
+                    .map(|a| {
+                        StreamEvent::ToolCall(json!({"index": 0, "function": {"arguments": a}}))
+                    }),
+            )
+            .collect()
+        } else {
+            let text = message["content"].as_str().unwrap_or_default();
+            let mut p: VecDeque<StreamEvent> =
+                pieces(text).into_iter().map(StreamEvent::Delta).collect();
+            if p.is_empty() {
+                p.push_back(StreamEvent::Delta(String::new()));
+            }
+            p
+        };
         let stream = Self {
             source: Source::Mock {
-                chunks: pieces,
+                chunks: events,
                 delay,
                 tokens_out,
                 finish_reason,
@@ -193,7 +219,14 @@ pub(super) async fn anthropic(
     body["stream"] = json!(true);
     let headers = super::anthropic::headers(http, req)?;
     let url = format!("{}/v1/messages", http.base_url);
-    open(http, &url, &headers, body, Dialect::Anthropic).await
+    open(
+        http,
+        &url,
+        &headers,
+        body,
+        Dialect::Anthropic(AnthropicState::default()),
+    )
+    .await
 }
 
 async fn open(
@@ -228,7 +261,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_mock_streams_its_text_in_chunks_then_usage() {
-        let mut s = CompletionStream::mock("abcdefg", 3, Duration::ZERO, 9, "stop".into())
+        let message = json!({"role": "assistant", "content": "abcdefg"});
+        let mut s = CompletionStream::mock(&message, 3, Duration::ZERO, 9, "stop".into())
             .await
             .unwrap();
         let mut events = Vec::new();
