@@ -183,7 +183,11 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
     );
     assert_eq!(stdout.trim(), "OK");
     let t = read_jsonl(&gw.telemetry);
-    assert_eq!(t.len(), 5, "two served, one denied, two streamed");
+    assert_eq!(
+        t.len(),
+        7,
+        "two served, one denied, two streamed, two embeddings"
+    );
     assert_eq!(t[0]["feature_id"], "chat");
     assert_eq!(t[2]["status"], "denied");
     assert_eq!(
@@ -191,4 +195,8 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
         (Some(true), Some(true))
     );
     assert_eq!(t[4]["tokens_out"], 40);
+    assert_eq!(
+        (t[5]["embeddings"].as_bool(), t[5]["tokens_out"].as_u64()),
+        (Some(true), Some(0))
+    );
 }

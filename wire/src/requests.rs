@@ -38,6 +38,31 @@ pub struct Inference {
     pub max_tokens: Option<u32>,
     /// Sampling temperature.
     pub temperature: Option<f64>,
+    /// What kind of call: a completion of `messages`, or embeddings.
+    pub call: Call,
+}
+
+/// What a request asks the provider for: it decides how it is priced (a completion's input
+/// and expected output; embeddings' input only) and which provider API is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// A completion of the conversation (`/infer`, chat completions).
+    Completion,
+    /// Vectors for the inputs (`/v1/embeddings`); no output tokens.
+    Embeddings(EmbeddingCall),
+}
+
+impl Inference {
+    /// Bytes of text sent for pricing: every message's content, and every embedding input
+    /// text (checked against `server.max_prompt_bytes`).
+    pub fn prompt_bytes(&self) -> usize {
+        let messages: usize = self.messages.iter().map(|m| m.content.len()).sum();
+        let inputs: usize = match &self.call {
+            Call::Completion => 0,
+            Call::Embeddings(e) => e.input.texts().iter().map(|t| t.len()).sum(),
+        };
+        messages + inputs
+    }
 }
 
 /// One chat message.
@@ -177,6 +202,7 @@ pub fn parse_infer(
             content: prompt,
         }],
         tenant_id,
+        call: Call::Completion,
     };
     if errs.0.is_empty() {
         Ok(inf)
@@ -187,6 +213,7 @@ pub fn parse_infer(
 
 pub use crate::chat_params::check_chat_params;
 pub use crate::chat_stream::{chat_stream, StreamOptions};
+pub use crate::embeddings::{parse_embeddings, EmbeddingCall, EmbeddingInput, EncodingFormat};
 
 /// Why a chat-completions body was refused, in OpenAI's error vocabulary.
 #[derive(Debug, Clone, PartialEq)]
@@ -221,7 +248,7 @@ impl ChatError {
 /// header only picks the tier of a body that names no model; one that contradicts the body's
 /// model is refused (400 `model_tier_conflict`), so a request can never be priced at one model
 /// while it is sent to another.
-fn chat_tier(
+pub(crate) fn chat_tier(
     model_field: &str,
     header_tier: Option<String>,
     route_name: &str,
@@ -291,23 +318,7 @@ pub fn parse_chat(
     header: &dyn Fn(&str) -> Option<String>,
     config: &GatewayConfig,
 ) -> Result<Inference, ChatError> {
-    let meta = obj.get("metadata").and_then(Value::as_object);
-    let attr = |h: &str, m: &str| {
-        header(h).or_else(|| {
-            meta?
-                .get(m)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .filter(|s| !s.is_empty())
-        })
-    };
-    let Some(tenant_id) = attr(H_TENANT, "tenant_id") else {
-        return Err(ChatError::unprocessable(
-            "missing tenant: send the x-llmscope-tenant-id header or metadata.tenant_id",
-            "missing_tenant",
-            H_TENANT,
-        ));
-    };
+    let who = attribution(obj, header)?;
     let mut messages = Vec::new();
     match obj.get("messages").and_then(Value::as_array) {
         Some(list) if !list.is_empty() => {
@@ -348,7 +359,9 @@ pub fn parse_chat(
             ))
         }
     }
-    let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| config.default_route.clone());
+    let route_name = who
+        .route_name
+        .unwrap_or_else(|| config.default_route.clone());
     let model_field = obj.get("model").and_then(Value::as_str).unwrap_or_default();
     let model_tier = chat_tier(model_field, header(H_TIER), &route_name, config)?;
     let mut errs = FieldErrors::default();
@@ -365,16 +378,67 @@ pub fn parse_chat(
         ));
     }
     Ok(Inference {
-        tenant_id,
-        caller_id: attr(H_CALLER, "caller_id"),
-        feature_id: attr(H_FEATURE, "feature_id"),
-        experiment_id: attr(H_EXPERIMENT, "experiment_id"),
-        budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
+        tenant_id: who.tenant_id,
+        caller_id: who.caller_id,
+        feature_id: who.feature_id,
+        experiment_id: who.experiment_id,
+        budget_namespace: who.budget_namespace,
         route_name,
         model_tier,
         messages,
         max_tokens,
         temperature,
+        call: Call::Completion,
+    })
+}
+
+/// Who pays for an OpenAI-shaped request and the route it names, as sent.
+pub(crate) struct Attribution {
+    /// Tenant (required).
+    pub(crate) tenant_id: String,
+    /// Caller.
+    pub(crate) caller_id: Option<String>,
+    /// Feature.
+    pub(crate) feature_id: Option<String>,
+    /// Experiment.
+    pub(crate) experiment_id: Option<String>,
+    /// Budget namespace.
+    pub(crate) budget_namespace: Option<String>,
+    /// Route (`None`: the default route).
+    pub(crate) route_name: Option<String>,
+}
+
+/// The attribution of an OpenAI-shaped body (chat completions, embeddings): each field from
+/// its `x-llmscope-*` header, else from `metadata.<field>` (`metadata.route` for the route);
+/// 422 `missing_tenant` when neither names a tenant.
+pub(crate) fn attribution(
+    obj: &Map<String, Value>,
+    header: &dyn Fn(&str) -> Option<String>,
+) -> Result<Attribution, ChatError> {
+    let meta = obj.get("metadata").and_then(Value::as_object);
+    let attr = |h: &str, m: &str| {
+        header(h).or_else(|| {
+            meta?
+                .get(m)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .filter(|s| !s.is_empty())
+        })
+    };
+    let Some(tenant_id) = attr(H_TENANT, "tenant_id") else {
+        return Err(ChatError::unprocessable(
+            "missing tenant: send the x-llmscope-tenant-id header or metadata.tenant_id",
+            "missing_tenant",
+            H_TENANT,
+        ));
+    };
+    Ok(Attribution {
+        tenant_id,
+        caller_id: attr(H_CALLER, "caller_id"),
+        feature_id: attr(H_FEATURE, "feature_id"),
+        experiment_id: attr(H_EXPERIMENT, "experiment_id"),
+        budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
+        route_name: attr(H_ROUTE, "route"),
     })
 }
 
