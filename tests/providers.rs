@@ -185,8 +185,8 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
     let t = read_jsonl(&gw.telemetry);
     assert_eq!(
         t.len(),
-        9,
-        "two served, one denied, three with tools or JSON mode, three streamed"
+        11,
+        "two served, one denied, three with tools or JSON mode, three streamed, two embeddings"
     );
     assert_eq!(t[0]["feature_id"], "chat");
     assert_eq!(t[2]["status"], "denied");
@@ -195,10 +195,14 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
         (Some(60), Some("tool_calls")),
         "two choices of 30 tokens"
     );
-    let streamed: Vec<bool> = t[6..]
+    let streamed: Vec<bool> = t[6..9]
         .iter()
         .map(|l| l["streamed"].as_bool() == Some(true))
         .collect();
     assert_eq!(streamed, [true, true, true]);
     assert_eq!(t[7]["tokens_out"], 40);
+    assert_eq!(
+        (t[9]["embeddings"].as_bool(), t[9]["tokens_out"].as_u64()),
+        (Some(true), Some(0))
+    );
 }

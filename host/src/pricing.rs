@@ -28,9 +28,16 @@ impl Tokenizer {
     /// The tokenizer for a model: configured, else by name (GPT-4o family and o-series use
     /// o200k; everything else, including Claude models whose tokenizer is not public, cl100k).
     pub fn for_model(name: &str, model: &ModelConfig) -> Self {
-        if let Some(t) = model.tokenizer.as_deref().and_then(Self::from_name) {
-            return t;
-        }
+        model
+            .tokenizer
+            .as_deref()
+            .and_then(Self::from_name)
+            .unwrap_or_else(|| Self::by_model_name(name))
+    }
+
+    /// The tokenizer a model's name implies (see [`Self::for_model`]), for a model without a
+    /// configuration (e.g. what an upstream is asked for).
+    pub fn by_model_name(name: &str) -> Self {
         let n = name.to_ascii_lowercase();
         if n.starts_with("gpt-4o")
             || n.starts_with("gpt-4.1")
@@ -134,6 +141,42 @@ pub fn chat_tokens(tokenizer: Tokenizer, messages: &[(String, String)]) -> u32 {
         + REPLY_PRIMER_TOKENS
 }
 
+/// What a request's input tokens are counted from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// A conversation as (role, content) pairs: counted with OpenAI's chat accounting
+    /// ([`chat_tokens`]); an answer is expected.
+    Chat(Vec<(String, String)>),
+    /// Embedding inputs: each text's BPE count plus the tokens sent already tokenized, with no
+    /// per-input overhead (OpenAI bills embeddings so); no output.
+    Embedding {
+        /// Texts to embed.
+        texts: Vec<String>,
+        /// Tokens of the inputs sent as token ids.
+        pretokenized: u32,
+    },
+}
+
+impl Prompt {
+    /// Input tokens for `tokenizer`.
+    pub fn count(&self, tokenizer: Tokenizer) -> u32 {
+        match self {
+            Self::Chat(messages) => chat_tokens(tokenizer, messages),
+            Self::Embedding {
+                texts,
+                pretokenized,
+            } => texts
+                .iter()
+                .fold(*pretokenized, |n, t| n.saturating_add(tokenizer.count(t))),
+        }
+    }
+
+    /// Whether the provider generates output for it (embeddings: none).
+    pub fn generates(&self) -> bool {
+        matches!(self, Self::Chat(_))
+    }
+}
+
 /// Cost in USD of `tokens_in` + `tokens_out` at `model`'s prices.
 pub fn cost_usd(model: &ModelConfig, tokens_in: u32, tokens_out: u32) -> f64 {
     (f64::from(tokens_in) * model.input_per_1m + f64::from(tokens_out) * model.output_per_1m) / 1e6
@@ -160,34 +203,25 @@ impl Priced {
         self.tiers.iter().find(|t| t.tier == tier)
     }
 
-    /// Input tokens of the conversation for `model_name` (counted at most once per tokenizer).
-    pub fn tokens_in(
-        &mut self,
-        config: &GatewayConfig,
-        model_name: &str,
-        messages: &[(String, String)],
-    ) -> u32 {
+    /// Input tokens of the prompt for `model_name` (counted at most once per tokenizer).
+    pub fn tokens_in(&mut self, config: &GatewayConfig, model_name: &str, prompt: &Prompt) -> u32 {
         let Some(model) = config.models.get(model_name) else {
             return 0;
         };
         count_once(
             &mut self.counts,
             Tokenizer::for_model(model_name, model),
-            messages,
+            prompt,
         )
         .saturating_add(self.extra_in)
     }
 }
 
-fn count_once(
-    counts: &mut Vec<(Tokenizer, u32)>,
-    tokenizer: Tokenizer,
-    messages: &[(String, String)],
-) -> u32 {
+fn count_once(counts: &mut Vec<(Tokenizer, u32)>, tokenizer: Tokenizer, prompt: &Prompt) -> u32 {
     if let Some((_, n)) = counts.iter().find(|(t, _)| *t == tokenizer) {
         return *n;
     }
-    let n = chat_tokens(tokenizer, messages);
+    let n = prompt.count(tokenizer);
     counts.push((tokenizer, n));
     n
 }
@@ -249,16 +283,21 @@ impl Output {
     }
 }
 
-/// Price a conversation on `route` for every tier. Tokens are counted once per distinct
-/// tokenizer. Returns `None` when the route is unknown.
+/// Price a prompt on `route` for every tier: its input tokens, counted once per distinct
+/// tokenizer, and the expected `output` (none for embeddings). Returns `None` when the route is
+/// unknown.
 pub fn price(
     config: &GatewayConfig,
     route: &str,
-    messages: &[(String, String)],
-    output: Output,
+    prompt: &Prompt,
+    mut output: Output,
 ) -> Option<Priced> {
+    if !prompt.generates() {
+        output.max_tokens = Some(0);
+        output.choices = 1;
+    }
     price_with(config, route, output, |counts, tokenizer| {
-        count_once(counts, tokenizer, messages)
+        count_once(counts, tokenizer, prompt)
     })
 }
 
@@ -466,6 +505,46 @@ mod tests {
         }
         assert_eq!(c.factor("m"), 1.0, "never below the count");
         assert_eq!(c.scale("unknown", 7), 7);
+    }
+
+    #[test]
+    fn embeddings_are_priced_at_their_input_tokens_only() {
+        let yaml = r#"
+policy: {file: policy.yaml, policies_dir: .}
+defaults: {route: /embed}
+models:
+  embed-small: {provider: mock, input_per_1m: 0.02, output_per_1m: 0.0}
+  chat: {provider: mock, input_per_1m: 1.0, output_per_1m: 4.0}
+routes:
+  /embed: {max_output_tokens: 500, tiers: {cheap: embed-small, expensive: chat}}
+providers:
+  mock: {kind: mock}
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmscope.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let config = GatewayConfig::load(&path, &|_| None).unwrap();
+        let prompt = Prompt::Embedding {
+            texts: vec!["hello world".into(), "tokenization".into()],
+            pretokenized: 5,
+        };
+        let t = Tokenizer::Cl100kBase;
+        let expected = t.count("hello world") + t.count("tokenization") + 5;
+        assert_eq!(prompt.count(t), expected);
+        let mut priced = price(&config, "/embed", &prompt, Output::capped(Some(100))).unwrap();
+        assert_eq!(priced.tokens_out, 0, "embeddings generate no output");
+        let cheap = priced.tier("cheap").unwrap().estimated_cost_usd;
+        assert!(
+            (cheap - f64::from(expected) * 0.02 / 1e6).abs() < 1e-15,
+            "{cheap}"
+        );
+        assert_eq!(priced.tokens_in(&config, "embed-small", &prompt), expected);
+        // A chat prompt on the same route expects the route's output.
+        let chat = Prompt::Chat(vec![("user".into(), "hello world".into())]);
+        assert_eq!(
+            price(&config, "/embed", &chat, Output::capped(None)).unwrap().tokens_out,
+            500
+        );
     }
 
     #[test]

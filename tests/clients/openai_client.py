@@ -1,4 +1,4 @@
-"""Drive the gateway's /v1/chat/completions with the official `openai` Python package.
+"""Drive the gateway's /v1/chat/completions and /v1/embeddings with the official `openai` package.
 
 Usage: python3 openai_client.py BASE_URL   (BASE_URL like http://127.0.0.1:PORT/v1)
 Exits non-zero with a message on any mismatch; prints OK on success.
@@ -117,5 +117,21 @@ calls = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls 
 assert calls and calls[0].function.name == "get_weather", chunks
 assert "".join(t.function.arguments or "" for t in calls) == "{}", calls
 assert chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-1]
+# Embeddings: the client asks for base64 by default and decodes it; priced at the input tokens.
+emb = client.embeddings.create(model="cheap", input=["Embed this", "and this"])
+assert [len(d.embedding) for d in emb.data] == [8, 8], emb
+assert [d.index for d in emb.data] == [0, 1], emb
+assert emb.model == "gpt-4o-mini", emb.model
+assert emb.usage.prompt_tokens == emb.usage.total_tokens > 0, emb.usage
+floats = client.embeddings.create(model="cheap", input="Embed this", encoding_format="float")
+# The same vector either way (JSON prints the f32 shortest, base64 carries its exact bits).
+pairs = list(zip(floats.data[0].embedding, emb.data[0].embedding))
+assert len(pairs) == 8 and all(abs(a - b) < 1e-6 for a, b in pairs), pairs
+try:
+    client.embeddings.create(model="cheap", input="x", extra_body={"tools": []})
+    sys.exit("expected a 422")
+except openai.APIStatusError as e:
+    assert e.status_code == 422, e.status_code
+    assert e.response.json()["error"]["param"] == "tools"
 
 print("OK")

@@ -130,7 +130,8 @@ impl Forwarded {
     }
 }
 
-fn refused(param: &str, what: &str) -> ChatError {
+/// 422 `unsupported_parameter` naming `param`: `what` is neither priced nor sent.
+pub(crate) fn refused(param: &str, what: &str) -> ChatError {
     ChatError::unprocessable(
         format!("{param}: {what} is not supported by this gateway (it would be neither priced nor sent to the provider); remove it"),
         "unsupported_parameter",

@@ -9,6 +9,7 @@
 pub mod chat_params;
 pub mod chat_stream;
 pub mod config;
+pub mod embeddings;
 pub mod images;
 pub mod records;
 pub mod requests;

@@ -41,6 +41,31 @@ pub struct Inference {
     /// What a chat body forwards to the provider beyond the conversation's text (empty for
     /// `/infer`).
     pub forwarded: Forwarded,
+    /// What kind of call: a completion of `messages`, or embeddings.
+    pub call: Call,
+}
+
+/// What a request asks the provider for: it decides how it is priced (a completion's input
+/// and expected output; embeddings' input only) and which provider API is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// A completion of the conversation (`/infer`, chat completions).
+    Completion,
+    /// Vectors for the inputs (`/v1/embeddings`); no output tokens.
+    Embeddings(EmbeddingCall),
+}
+
+impl Inference {
+    /// Bytes of text sent for pricing: every message's content, and every embedding input
+    /// text (checked against `server.max_prompt_bytes`).
+    pub fn prompt_bytes(&self) -> usize {
+        let messages: usize = self.messages.iter().map(|m| m.content.len()).sum();
+        let inputs: usize = match &self.call {
+            Call::Completion => 0,
+            Call::Embeddings(e) => e.input.texts().iter().map(|t| t.len()).sum(),
+        };
+        messages + inputs
+    }
 }
 
 /// One chat message.
@@ -181,6 +206,7 @@ pub fn parse_infer(
         }],
         tenant_id,
         forwarded: Forwarded::default(),
+        call: Call::Completion,
     };
     if errs.0.is_empty() {
         Ok(inf)
@@ -191,6 +217,7 @@ pub fn parse_infer(
 
 pub use crate::chat_params::{check_chat_params, forwarded, Forwarded};
 pub use crate::chat_stream::{chat_stream, StreamOptions};
+pub use crate::embeddings::{parse_embeddings, EmbeddingCall, EmbeddingInput, EncodingFormat};
 
 /// Why a chat-completions body was refused, in OpenAI's error vocabulary.
 #[derive(Debug, Clone, PartialEq)]
@@ -225,7 +252,7 @@ impl ChatError {
 /// header only picks the tier of a body that names no model; one that contradicts the body's
 /// model is refused (400 `model_tier_conflict`), so a request can never be priced at one model
 /// while it is sent to another.
-fn chat_tier(
+pub(crate) fn chat_tier(
     model_field: &str,
     header_tier: Option<String>,
     route_name: &str,
@@ -295,6 +322,79 @@ pub fn parse_chat(
     header: &dyn Fn(&str) -> Option<String>,
     config: &GatewayConfig,
 ) -> Result<Inference, ChatError> {
+    let who = attribution(obj, header)?;
+    let mut messages = Vec::new();
+    match obj.get("messages").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => {
+            for (i, m) in list.iter().enumerate() {
+                messages.push(message(i, m)?);
+            }
+        }
+        _ => {
+            return Err(ChatError::unprocessable(
+                "`messages` must be a non-empty array",
+                "invalid_messages",
+                "messages",
+            ))
+        }
+    }
+    let route_name = who
+        .route_name
+        .unwrap_or_else(|| config.default_route.clone());
+    let model_field = obj.get("model").and_then(Value::as_str).unwrap_or_default();
+    let model_tier = chat_tier(model_field, header(H_TIER), &route_name, config)?;
+    let mut errs = FieldErrors::default();
+    let max_tokens = errs
+        .optional_u32(obj, "max_tokens")
+        .or_else(|| errs.optional_u32(obj, "max_completion_tokens"));
+    let temperature = errs.optional_f64(obj, "temperature");
+    if let Some(first) = errs.0.first() {
+        let field = first["field"].as_str().unwrap_or_default().to_owned();
+        return Err(ChatError::unprocessable(
+            format!("{field} {}", first["message"].as_str().unwrap_or_default()),
+            "invalid_parameter",
+            &field,
+        ));
+    }
+    Ok(Inference {
+        tenant_id: who.tenant_id,
+        caller_id: who.caller_id,
+        feature_id: who.feature_id,
+        experiment_id: who.experiment_id,
+        budget_namespace: who.budget_namespace,
+        route_name,
+        model_tier,
+        messages,
+        max_tokens,
+        temperature,
+        forwarded: forwarded(obj),
+        call: Call::Completion,
+    })
+}
+
+/// Who pays for an OpenAI-shaped request and the route it names, as sent.
+pub(crate) struct Attribution {
+    /// Tenant (required).
+    pub(crate) tenant_id: String,
+    /// Caller.
+    pub(crate) caller_id: Option<String>,
+    /// Feature.
+    pub(crate) feature_id: Option<String>,
+    /// Experiment.
+    pub(crate) experiment_id: Option<String>,
+    /// Budget namespace.
+    pub(crate) budget_namespace: Option<String>,
+    /// Route (`None`: the default route).
+    pub(crate) route_name: Option<String>,
+}
+
+/// The attribution of an OpenAI-shaped body (chat completions, embeddings): each field from
+/// its `x-llmscope-*` header, else from `metadata.<field>` (`metadata.route` for the route);
+/// 422 `missing_tenant` when neither names a tenant.
+pub(crate) fn attribution(
+    obj: &Map<String, Value>,
+    header: &dyn Fn(&str) -> Option<String>,
+) -> Result<Attribution, ChatError> {
     let meta = obj.get("metadata").and_then(Value::as_object);
     let attr = |h: &str, m: &str| {
         header(h).or_else(|| {
@@ -312,49 +412,13 @@ pub fn parse_chat(
             H_TENANT,
         ));
     };
-    let mut messages = Vec::new();
-    match obj.get("messages").and_then(Value::as_array) {
-        Some(list) if !list.is_empty() => {
-            for (i, m) in list.iter().enumerate() {
-                messages.push(message(i, m)?);
-            }
-        }
-        _ => {
-            return Err(ChatError::unprocessable(
-                "`messages` must be a non-empty array",
-                "invalid_messages",
-                "messages",
-            ))
-        }
-    }
-    let route_name = attr(H_ROUTE, "route").unwrap_or_else(|| config.default_route.clone());
-    let model_field = obj.get("model").and_then(Value::as_str).unwrap_or_default();
-    let model_tier = chat_tier(model_field, header(H_TIER), &route_name, config)?;
-    let mut errs = FieldErrors::default();
-    let max_tokens = errs
-        .optional_u32(obj, "max_tokens")
-        .or_else(|| errs.optional_u32(obj, "max_completion_tokens"));
-    let temperature = errs.optional_f64(obj, "temperature");
-    if let Some(first) = errs.0.first() {
-        let field = first["field"].as_str().unwrap_or_default().to_owned();
-        return Err(ChatError::unprocessable(
-            format!("{field} {}", first["message"].as_str().unwrap_or_default()),
-            "invalid_parameter",
-            &field,
-        ));
-    }
-    Ok(Inference {
+    Ok(Attribution {
         tenant_id,
         caller_id: attr(H_CALLER, "caller_id"),
         feature_id: attr(H_FEATURE, "feature_id"),
         experiment_id: attr(H_EXPERIMENT, "experiment_id"),
         budget_namespace: attr(H_NAMESPACE, "budget_namespace"),
-        route_name,
-        model_tier,
-        messages,
-        max_tokens,
-        temperature,
-        forwarded: forwarded(obj),
+        route_name: attr(H_ROUTE, "route"),
     })
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// Policy used for the load test: the seed's demo rules, with a budget no test run can reach.
-const BENCH_POLICY: &str = r#"version: "bench"
+pub(crate) const BENCH_POLICY: &str = r#"version: "bench"
 namespaces:
   default:
     rules:
@@ -45,7 +45,8 @@ pub struct Stats {
     pub p99_ms: f64,
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
+/// The `q` quantile of `sorted` (NaN when empty).
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -7,6 +7,7 @@
 //! - `demo`: `build-policies`, then the main job from the README.
 //! - `bench`: every benchmark, then one markdown table of metric, goal, measured, command.
 //! - `envoy-demo`, `bench-envoy`: the policies as proxy-wasm filters in a real Envoy.
+//! - `bench-streams`: streamed chat through the gateway vs straight to the mock upstream.
 //! - `root`: print the workspace xtask works on, found at run time (see [`workspace_root`]).
 
 use std::ffi::OsString;
@@ -19,6 +20,7 @@ use clap::{Parser, Subcommand};
 mod envoy;
 mod gen;
 mod load;
+mod streams;
 mod suite;
 
 #[derive(Parser)]
@@ -51,6 +53,9 @@ enum Task {
         /// Request rate of the Envoy comparison.
         #[arg(long, default_value_t = 500.0)]
         envoy_rate: f64,
+        /// New streams per second of the streaming first-byte measurement.
+        #[arg(long, default_value_t = 1000.0)]
+        stream_rate: f64,
     },
     /// Write synthetic telemetry and decision logs.
     GenTelemetry {
@@ -78,6 +83,19 @@ enum Task {
         /// Requests per second (open loop).
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
+    },
+    /// Streamed chat through the gateway vs straight to `llmscope mock-upstream`: time to first
+    /// byte (p50/p99, open loop) and chunks per second through one connection.
+    BenchStreams {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// New streams per second (open loop).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Benchmark this `llmscope` binary instead of building the tree's (no build).
+        #[arg(long)]
+        bin: Option<PathBuf>,
     },
     /// Load-test the gateway (`/infer`, mock provider, 3 rules): max rps and latency at 1k/5k rps.
     BenchGateway {
@@ -164,6 +182,7 @@ fn main() -> Result<()> {
             rows,
             seconds,
             envoy_rate,
+            stream_rate,
         } => {
             build_all(&root)?;
             suite::run(
@@ -173,6 +192,7 @@ fn main() -> Result<()> {
                     rows,
                     seconds,
                     envoy_rate,
+                    stream_rate,
                 },
             )
         }
@@ -220,6 +240,19 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
                 seconds,
                 rate,
             )
+        }
+        Task::BenchStreams { seconds, rate, bin } => {
+            let bin = match bin {
+                Some(bin) => {
+                    build_policies(&root)?;
+                    bin
+                }
+                None => {
+                    build_all(&root)?;
+                    target_dir(&root).join("release/llmscope")
+                }
+            };
+            streams::bench_streams(&root, &bin, seconds, rate)
         }
         Task::BenchGateway {
             seconds,

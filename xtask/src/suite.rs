@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, envoy, gen, load};
+use crate::{cargo, envoy, gen, load, streams};
 
 /// Suite parameters.
 pub struct Options {
@@ -17,6 +17,8 @@ pub struct Options {
     pub seconds: u64,
     /// Request rate of the Envoy comparison.
     pub envoy_rate: f64,
+    /// New streams per second of the streaming first-byte rows.
+    pub stream_rate: f64,
 }
 
 /// `key=value` pairs of a benchmark's `bench-result` line.
@@ -125,6 +127,41 @@ fn verdict(met: bool) -> &'static str {
     }
 }
 
+/// The streaming rows: first byte added by the gateway (goal ≤ 1 ms at p99) and chunks per
+/// second through one connection.
+fn stream_rows(s: &streams::StreamResults) -> [Row; 2] {
+    let added = (
+        s.gateway.p50_ms - s.direct.p50_ms,
+        s.gateway.p99_ms - s.direct.p99_ms,
+    );
+    let errors = s.gateway.errors + s.direct.errors;
+    [
+        Row {
+            metric: format!(
+                "streamed chat, time to first byte added at {:.0} streams/s, p50 / p99",
+                s.rate
+            ),
+            goal: "p99 ≤ 1 ms added".into(),
+            measured: format!(
+                "{:.2} / {:.2} ms (gateway {:.2} / {:.2}, mock upstream alone {:.2} / {:.2}; {errors} errors)",
+                added.0, added.1, s.gateway.p50_ms, s.gateway.p99_ms, s.direct.p50_ms, s.direct.p99_ms
+            ),
+            verdict: verdict(added.1 <= 1.0 && errors == 0),
+            command: "cargo xtask bench-streams",
+        },
+        Row {
+            metric: "streamed chat, chunks through one connection".into(),
+            goal: "—".into(),
+            measured: format!(
+                "{:.0} chunks/s (mock upstream alone {:.0})",
+                s.gateway_chunks_per_s, s.direct_chunks_per_s
+            ),
+            verdict: "",
+            command: "cargo xtask bench-streams",
+        },
+    ]
+}
+
 /// Run everything and print the table.
 pub fn run(root: &Path, bin: &Path, opts: &Options) -> Result<()> {
     let mut rows = Vec::new();
@@ -231,6 +268,12 @@ pub fn run(root: &Path, bin: &Path, opts: &Options) -> Result<()> {
         verdict: verdict(g.peak_rss_mib * 1.048_576 <= 100.0),
         command: "cargo xtask bench-gateway",
     });
+    rows.extend(stream_rows(&streams::run(
+        root,
+        bin,
+        opts.seconds,
+        opts.stream_rate,
+    )?));
     let (first, cached) = cold_start(root, bin)?;
     rows.push(Row {
         metric: "cold start to first served request (3 components)".into(),

@@ -63,9 +63,10 @@ mod tests {
     const DERIVED: [(&str, &str); 1] = [("ts_us", "timestamp")];
     /// Keys of a telemetry line that no column holds (`route` is read into `route_name` when
     /// that is absent).
-    const TELEMETRY_NOT_INGESTED: [&str; 11] = [
+    const TELEMETRY_NOT_INGESTED: [&str; 12] = [
         "audit_tags",
         "cost_source",
+        "embeddings",
         "error_type",
         "fallback_reason",
         "route",
@@ -125,6 +126,7 @@ mod tests {
             timed_out_cost_usd: 0.125,
             streamed: true,
             stream_cut_at_tokens: Some(13),
+            embeddings: true,
         };
         serde_json::to_string(&record).unwrap()
     }

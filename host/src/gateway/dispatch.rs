@@ -8,7 +8,10 @@ use crate::config::ModelConfig;
 use crate::ledger::Reservation;
 use crate::policy::{DecisionKind, Evaluation};
 use crate::pricing;
-use crate::providers::{Completion, CompletionRequest, CompletionStream, Provider};
+use crate::providers::{
+    Completion, CompletionRequest, CompletionStream, EmbeddingRequest, Provider, Vector,
+};
+use crate::requests::Call;
 
 use super::lifecycle::{ClientGone, Target};
 use super::{Gateway, Inference, PricedRequest};
@@ -19,9 +22,10 @@ const TARGET: &str = "llmscope::gateway::lifecycle";
 /// How the provider is asked to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mode {
-    /// One completion.
+    /// One answer: a completion, or the embeddings of an embeddings call.
     Complete,
-    /// A stream; an attempt answers once the provider's first event arrived.
+    /// A stream; an attempt answers once the provider's first event arrived (completions only:
+    /// an embeddings call is always answered in one piece).
     Stream,
 }
 
@@ -35,6 +39,8 @@ pub(super) struct Dispatched {
     pub(super) streamed: Option<(usize, String, CompletionStream)>,
     /// How a forwarded stream went (how much was counted, a cut, a break).
     pub(super) stream: Option<super::pump::StreamSettlement>,
+    /// The vectors of an embeddings call that answered (its usage is in `answered`).
+    pub(super) embeddings: Option<Vec<Vector>>,
     /// Failed candidates: model, provider, error.
     pub(super) failures: Vec<(String, String, String)>,
     /// Last provider error class.
@@ -140,7 +146,7 @@ impl Gateway {
         if candidate.index == 0 {
             return Some(target.estimate);
         }
-        let tokens_in = self.tokens_in_estimate(&mut req.priced, candidate.model, &req.pairs);
+        let tokens_in = self.tokens_in_estimate(&mut req.priced, candidate.model, &req.prompt);
         let estimate = pricing::cost_usd(candidate.cfg, tokens_in, req.priced.tokens_out);
         let Some(evaluation) = self.recheck(
             req,
@@ -176,28 +182,52 @@ impl Gateway {
         out: &mut Dispatched,
     ) -> bool {
         let model_cfg = candidate.cfg;
-        let creq = CompletionRequest {
-            request_id: req.ctx.request_id.clone(),
-            model: model_cfg
-                .provider_model
-                .clone()
-                .unwrap_or_else(|| candidate.model.clone()),
-            messages: inf.messages.clone(),
-            max_tokens: req.priced.max_tokens,
-            temperature: inf.temperature,
-            forwarded: std::sync::Arc::clone(&req.forwarded),
-        };
+        let request_id = req.ctx.request_id.clone();
+        let model = model_cfg
+            .provider_model
+            .clone()
+            .unwrap_or_else(|| candidate.model.clone());
         let mut timed_out = 0u32;
         let provider = candidate.provider;
-        let result = match mode {
-            Mode::Complete => provider
-                .complete(&creq, &mut timed_out)
-                .await
-                .map(|(c, _)| out.answered = Some((candidate.index, candidate.model.clone(), c))),
-            Mode::Stream => provider
-                .open_stream(&creq, &mut timed_out)
-                .await
-                .map(|(s, _)| out.streamed = Some((candidate.index, candidate.model.clone(), s))),
+        let answered = |c| Some((candidate.index, candidate.model.clone(), c));
+        let result = match (&inf.call, mode) {
+            (Call::Embeddings(e), _) => {
+                let ereq = EmbeddingRequest {
+                    request_id,
+                    model,
+                    input: e.input.clone(),
+                    encoding_format: e.encoding_format,
+                    dimensions: e.dimensions,
+                };
+                provider.embed(&ereq, &mut timed_out).await.map(|(e, _)| {
+                    out.answered = answered(e.as_completion());
+                    out.embeddings = Some(e.vectors);
+                })
+            }
+            (Call::Completion, _) => {
+                let creq = CompletionRequest {
+                    request_id,
+                    model,
+                    messages: inf.messages.clone(),
+                    max_tokens: req.priced.max_tokens,
+                    temperature: inf.temperature,
+                    forwarded: std::sync::Arc::clone(&req.forwarded),
+                };
+                match mode {
+                    Mode::Complete => provider
+                        .complete(&creq, &mut timed_out)
+                        .await
+                        .map(|(c, _)| out.answered = answered(c)),
+                    Mode::Stream => {
+                        provider
+                            .open_stream(&creq, &mut timed_out)
+                            .await
+                            .map(|(s, _)| {
+                                out.streamed = Some((candidate.index, candidate.model.clone(), s));
+                            })
+                    }
+                }
+            }
         };
         if self.config.charge_timed_out_attempts {
             out.timed_out_usd += f64::from(timed_out) * estimate;

@@ -31,6 +31,16 @@ pub enum GatewayError {
         /// Offered tiers.
         known: String,
     },
+    /// Embeddings were asked of a model whose provider has no embeddings API.
+    #[error("model {model} is served by provider {provider} ({kind}), which has no embeddings API; route embeddings to an `openai` or `mock` provider's model")]
+    EmbeddingsUnsupported {
+        /// The model the request's tier maps to.
+        model: String,
+        /// Its provider's name.
+        provider: String,
+        /// The provider's kind (`anthropic`).
+        kind: &'static str,
+    },
     /// Every model in the fallback chain failed.
     #[error("all providers failed: {0}")]
     ProvidersFailed(String),

@@ -313,7 +313,7 @@ impl Gateway {
             _ => req.ctx.requested_tier.clone(),
         };
         let model = req.route.tiers.get(&tier).unwrap_or(&req.ctx.model).clone();
-        let tokens_in = self.tokens_in_estimate(&mut req.priced, &model, &req.pairs);
+        let tokens_in = self.tokens_in_estimate(&mut req.priced, &model, &req.prompt);
         let estimate = req
             .priced
             .tier(&tier)

@@ -72,6 +72,8 @@ pub struct Served {
     pub is_fallback: bool,
     /// The policy evaluation.
     pub evaluation: Evaluation,
+    /// The vectors, in input order, when it was an embeddings call.
+    pub embeddings: Option<Vec<crate::providers::Vector>>,
 }
 
 /// The result of a request that was processed.

@@ -7,6 +7,7 @@ use llmscope_sdk::types::RequestContext;
 use crate::config::RouteConfig;
 use crate::policy::PolicySet;
 use crate::pricing;
+use crate::requests::Call;
 
 use super::{now_ms, Gateway, GatewayError, Inference, SnapshotQuery};
 
@@ -18,10 +19,10 @@ pub(crate) struct PricedRequest<'a> {
     pub route: &'a RouteConfig,
     /// The pricing, kept to re-price a downgrade.
     pub priced: pricing::Priced,
-    /// The conversation as (role, content) pairs.
-    pub pairs: Vec<(String, String)>,
     /// What the body forwards to the provider, shared by every attempt.
     pub forwarded: std::sync::Arc<crate::providers::Forwarded>,
+    /// What its input tokens are counted from.
+    pub prompt: pricing::Prompt,
 }
 
 /// Who a request is for and what it asks for, borrowed from an [`Inference`] or a
@@ -142,7 +143,9 @@ impl Gateway {
     }
 
     /// Price `inf` for evaluation: its route, every tier priced (input tokens counted with the
-    /// requested model's tokenizer), the namespace it resolves to in `policies`, stamped now.
+    /// requested model's tokenizer; embeddings at their input tokens alone), the namespace it
+    /// resolves to in `policies`, stamped now. Embeddings for a model whose provider has no
+    /// embeddings API are refused here, before anything is reserved.
     pub(crate) fn price_request(
         &self,
         inf: &Inference,
@@ -151,34 +154,59 @@ impl Gateway {
     ) -> Result<PricedRequest<'_>, GatewayError> {
         let cfg = &self.config;
         let (route, model) = self.route_model(&inf.route_name, &inf.model_tier)?;
-        let mut pairs: Vec<(String, String)> = inf
-            .messages
-            .iter()
-            .map(|m| (m.role.clone(), m.content.clone()))
-            .collect();
         let fwd = &inf.forwarded;
-        if !fwd.priced_text.is_empty() {
-            // Tool definitions and schemas are input the provider counts, priced as one more
-            // message (its overhead makes the estimate err high, never low).
-            pairs.push(("tools".to_owned(), fwd.priced_text.clone()));
-        }
+        let prompt = match &inf.call {
+            Call::Completion => {
+                let mut pairs: Vec<(String, String)> = inf
+                    .messages
+                    .iter()
+                    .map(|m| (m.role.clone(), m.content.clone()))
+                    .collect();
+                if !fwd.priced_text.is_empty() {
+                    // Tool definitions and schemas are input the provider counts, priced as
+                    // one more message (its overhead makes the estimate err high, never low).
+                    pairs.push(("tools".to_owned(), fwd.priced_text.clone()));
+                }
+                pricing::Prompt::Chat(pairs)
+            }
+            Call::Embeddings(e) => {
+                self.check_embeds(model)?;
+                pricing::Prompt::Embedding {
+                    texts: e.input.texts().into_iter().map(str::to_owned).collect(),
+                    pretokenized: e.input.pretokenized(),
+                }
+            }
+        };
         let output = pricing::Output {
             max_tokens: inf.max_tokens,
             choices: fwd.choices(),
             extra_in: fwd.image_tokens,
         };
-        let mut priced = pricing::price(cfg, &inf.route_name, &pairs, output)
+        let mut priced = pricing::price(cfg, &inf.route_name, &prompt, output)
             .ok_or_else(|| self.unknown_route(&inf.route_name))?;
-        self.calibrate(&mut priced, &pairs);
-        let tokens_in = self.tokens_in_estimate(&mut priced, model, &pairs);
+        self.calibrate(&mut priced, &prompt);
+        let tokens_in = self.tokens_in_estimate(&mut priced, model, &prompt);
         let ctx = context(inf.into(), policies, request_id, model, tokens_in, &priced);
         Ok(PricedRequest {
             ctx,
             route,
             priced,
-            pairs,
             forwarded: std::sync::Arc::new(inf.forwarded.clone()),
+            prompt,
         })
+    }
+
+    /// 422 unless `model`'s provider has an embeddings API.
+    fn check_embeds(&self, model: &str) -> Result<(), GatewayError> {
+        let provider = super::records::provider_of(&self.config, model);
+        match self.providers.get(&provider) {
+            Some(p) if !p.embeds() => Err(GatewayError::EmbeddingsUnsupported {
+                model: model.to_owned(),
+                provider,
+                kind: p.kind(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The context of a `/v1/snapshot` query: priced at the caller's own input-token count
@@ -202,27 +230,27 @@ impl Gateway {
         ))
     }
 
-    /// Input tokens `model` is expected to bill for `pairs`: the BPE count, corrected by what
+    /// Input tokens `model` is expected to bill for `prompt`: the BPE count, corrected by what
     /// its provider billed before ([`pricing::Calibration`]).
     pub(crate) fn tokens_in_estimate(
         &self,
         priced: &mut pricing::Priced,
         model: &str,
-        pairs: &[(String, String)],
+        prompt: &pricing::Prompt,
     ) -> u32 {
-        let counted = priced.tokens_in(&self.config, model, pairs);
+        let counted = priced.tokens_in(&self.config, model, prompt);
         self.calibration.scale(model, counted)
     }
 
     /// Re-price every tier at its corrected input tokens (a no-op while no provider has
     /// billed more than was counted).
-    fn calibrate(&self, priced: &mut pricing::Priced, pairs: &[(String, String)]) {
+    fn calibrate(&self, priced: &mut pricing::Priced, prompt: &pricing::Prompt) {
         let models: Vec<String> = priced.tiers.iter().map(|t| t.model.clone()).collect();
         if models.iter().all(|m| self.calibration.factor(m) <= 1.0) {
             return;
         }
         for (i, model) in models.iter().enumerate() {
-            let tokens_in = self.tokens_in_estimate(priced, model, pairs);
+            let tokens_in = self.tokens_in_estimate(priced, model, prompt);
             if let (Some(cfg), Some(t)) = (self.config.models.get(model), priced.tiers.get_mut(i)) {
                 t.estimated_cost_usd = pricing::cost_usd(cfg, tokens_in, priced.tokens_out);
             }

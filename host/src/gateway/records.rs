@@ -334,6 +334,11 @@ impl Records {
         }
     }
 
+    /// The call was for embeddings (priced at its input alone).
+    pub fn embedded(&mut self) {
+        self.telemetry.embeddings = true;
+    }
+
     /// An edge request's upstream answered: `tokens_in` and `tokens_out` from its usage report
     /// (`source`: provider usage) or our counts (tokenizer), at `cost`. Provider, model and
     /// finish reason are the report's, as [`Self::reported`] set them.

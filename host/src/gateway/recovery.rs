@@ -256,5 +256,6 @@ fn unanswered(d: Decision) -> TelemetryRecord {
         timed_out_cost_usd: 0.0,
         streamed: false,
         stream_cut_at_tokens: None,
+        embeddings: false,
     }
 }

@@ -5,7 +5,7 @@ use crate::artifacts::{TelemetryRecord, WriteError, Written};
 use crate::ledger::{Reservation, Sums};
 use crate::policy::Evaluation;
 use crate::pricing;
-use crate::providers::Completion;
+use crate::providers::{Completion, Vector};
 
 use super::dispatch::Dispatched;
 use super::lifecycle::{ClientGone, Target};
@@ -23,6 +23,7 @@ struct Settled {
     timed_out_usd: f64,
     cancelled: bool,
     stream: Option<StreamSettlement>,
+    embeddings: Option<Vec<Vector>>,
 }
 
 impl Gateway {
@@ -62,6 +63,7 @@ impl Gateway {
             timed_out_usd: d.timed_out_usd,
             cancelled,
             stream: d.stream,
+            embeddings: d.embeddings,
         };
         self.settle_answered(&mut req, target, records, evaluation, settled, reservation)
             .await
@@ -132,12 +134,13 @@ impl Gateway {
             timed_out_usd,
             cancelled,
             stream,
+            embeddings,
         } = settled;
         let Some(model_cfg) = cfg.models.get(&model) else {
             return Err(GatewayError::Internal(format!("model {model} vanished")));
         };
         // Settle at the provider's usage when reported, else at our counts.
-        let counted = req.priced.tokens_in(cfg, &model, &req.pairs);
+        let counted = req.priced.tokens_in(cfg, &model, &req.prompt);
         let tokens_in = completion.tokens_in.unwrap_or(counted);
         if completion.tokens_in.is_some() {
             self.observe_usage(&model, tokens_in, counted);
@@ -173,6 +176,9 @@ impl Gateway {
         if let Some(s) = stream {
             records.streamed(s.cut_at, broken);
         }
+        if embeddings.is_some() {
+            records.embedded();
+        }
         if index > 0 {
             self.metrics.fallback(route);
         }
@@ -195,6 +201,7 @@ impl Gateway {
             tokens_out,
             is_fallback: index > 0,
             evaluation,
+            embeddings,
         })))
     }
 

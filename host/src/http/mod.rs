@@ -1,12 +1,13 @@
 //! The HTTP surface (hyper 1): [`serve`] and the route table. Each endpoint's handler lives
 //! with its API: [`infer`] (`/infer`, the reference API), [`openai`] (`/v1/chat/completions`,
-//! streamed by [`stream`]), [`models`] (`/v1/models`),
+//! streamed by [`stream`]), [`embeddings`] (`/v1/embeddings`), [`models`] (`/v1/models`),
 //! [`edge`] (the Envoy filters' control plane, `/v1/edge/*`) and [`admin`] (health, readiness,
 //! metrics, policies, reload, queries, snapshots); [`request`] reads bodies and API keys. Handlers
 //! return [`ApiError`]s, which the route table renders in the endpoint's [`Dialect`].
 
 mod admin;
 mod edge;
+mod embeddings;
 mod error;
 mod infer;
 mod models;
@@ -151,9 +152,10 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Every endpoint, as listed in a 404's body.
-const ENDPOINTS: [&str; 13] = [
+const ENDPOINTS: [&str; 14] = [
     "POST /infer",
     "POST /v1/chat/completions",
+    "POST /v1/embeddings",
     "GET /v1/models",
     "GET /healthz",
     "GET /readyz",
@@ -186,6 +188,9 @@ async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body
         (&Method::GET, "/readyz") => (Dialect::Reference, Ok(admin::readyz(gw))),
         (&Method::GET, "/metrics") => (Dialect::Reference, Ok(admin::metrics(gw))),
         (&Method::POST, "/infer") => (Dialect::Reference, infer::infer(gw, req).await),
+        (&Method::POST, "/v1/embeddings") => {
+            (Dialect::OpenAi, embeddings::embeddings(gw, req).await)
+        }
         (&Method::GET, "/v1/models") => (Dialect::OpenAi, models::models(gw, req.headers())),
         (&Method::GET, "/v1/policies") => (Dialect::Reference, admin::policies(gw, req.headers())),
         (&Method::POST, "/v1/admin/reload") => {
@@ -209,6 +214,7 @@ async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body
             | "/metrics"
             | "/infer"
             | "/v1/chat/completions"
+            | "/v1/embeddings"
             | "/v1/models"
             | "/v1/policies"
             | "/v1/admin/reload"

@@ -191,10 +191,10 @@ pub fn authorize(gw: &Gateway, headers: &HeaderMap, tenant: Option<&str>) -> Res
     }
 }
 
-/// 413 when the conversation's text exceeds `server.max_prompt_bytes`.
+/// 413 when the conversation's text (or the texts to embed) exceeds `server.max_prompt_bytes`.
 pub fn check_prompt(gw: &Gateway, inf: &Inference) -> Result<(), ApiError> {
     let limit = gw.config().max_prompt_bytes;
-    let size: usize = inf.messages.iter().map(|m| m.content.len()).sum();
+    let size = inf.prompt_bytes();
     if size > limit {
         return Err(ApiError::PromptTooLarge { size, limit });
     }

@@ -4,7 +4,11 @@
 //! input tokens are estimated at 4 bytes per token, output tokens are `min(max_tokens, 120)`.
 //! A body with `stream: true` is answered as server-sent events in the API's own format
 //! ([`stream`]), so the gateway's providers and the Envoy filters meet a real streaming
-//! upstream. `GET /stats` counts calls served and streams completed or aborted by the client.
+//! upstream. `POST /v1/embeddings` answers with deterministic unit vectors
+//! ([`crate::providers::mock_vector`], 8 dimensions unless `dimensions` says otherwise, floats or
+//! base64 as `encoding_format` asks) and `usage.prompt_tokens` counted with the BPE vocabulary
+//! the model's name implies. `GET /stats` counts calls served and streams completed or aborted
+//! by the client.
 
 mod stream;
 
@@ -137,7 +141,7 @@ async fn handle(
     if req.method() != Method::POST {
         return respond(
             StatusCode::METHOD_NOT_ALLOWED,
-            &json!({"error": {"message": "POST /v1/chat/completions or /v1/messages"}}),
+            &json!({"error": {"message": "POST /v1/chat/completions, /v1/messages or /v1/embeddings"}}),
         );
     }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -161,6 +165,9 @@ async fn handle(
     stats.served.fetch_add(1, Ordering::Relaxed);
     *stats.last_request.lock() = v.clone();
     let model = v["model"].as_str().unwrap_or("unknown").to_owned();
+    if path == "/v1/embeddings" {
+        return embeddings(&model, &v);
+    }
     let tokens_in = (body.len() as u64).div_ceil(4);
     let tokens_out = v["max_tokens"]
         .as_u64()
@@ -247,9 +254,47 @@ fn anthropic_tool(v: &Value) -> Option<String> {
     }
 }
 
+/// An embeddings `list` for body `v`: one vector per input, usage counted with the vocabulary
+/// `model`'s name implies; 400 in OpenAI's error shape for an input it cannot read.
+fn embeddings(model: &str, v: &Value) -> Reply {
+    use crate::providers::{encode_vector, mock_vector, EncodingFormat, MOCK_DIMENSIONS};
+    let input = match llmscope_wire::embeddings::parse_input(v.get("input")) {
+        Ok(i) => i,
+        Err(e) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": {"message": e.message, "type": "invalid_request_error", "param": e.param, "code": null}}),
+            )
+        }
+    };
+    let format =
+        (v["encoding_format"].as_str() == Some("base64")).then_some(EncodingFormat::Base64);
+    let dimensions = v["dimensions"]
+        .as_u64()
+        .and_then(|d| u32::try_from(d).ok())
+        .filter(|d| (1..=llmscope_wire::embeddings::MAX_DIMENSIONS).contains(d))
+        .unwrap_or(MOCK_DIMENSIONS);
+    let prompt = crate::pricing::Prompt::Embedding {
+        texts: input.texts().into_iter().map(str::to_owned).collect(),
+        pretokenized: input.pretokenized(),
+    };
+    let tokens = prompt.count(crate::pricing::Tokenizer::by_model_name(model));
+    let data: Vec<Value> = (0..input.len())
+        .map(|i| {
+            let vector = encode_vector(mock_vector(&input.bytes_of(i), dimensions), format);
+            json!({"object": "embedding", "index": i, "embedding": vector})
+        })
+        .collect();
+    respond(
+        StatusCode::OK,
+        &json!({"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+    )
+}
+
 fn not_found(path: &str) -> Reply {
     respond(
         StatusCode::NOT_FOUND,
-        &json!({"error": {"message": format!("no endpoint {path}; POST /v1/chat/completions or /v1/messages")}}),
+        &json!({"error": {"message": format!("no endpoint {path}; POST /v1/chat/completions, /v1/messages or /v1/embeddings")}}),
     )
 }

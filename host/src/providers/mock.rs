@@ -2,10 +2,18 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::{json, Map, Value};
+use sha2::Digest as _;
 
 use super::stream::CompletionStream;
-use super::{Completion, CompletionRequest, ProviderError};
+use super::{
+    Completion, CompletionRequest, EmbeddingRequest, Embeddings, EncodingFormat, ProviderError,
+    Vector,
+};
+
+/// Dimensions of the mock's vectors unless a request asks for others.
+pub const MOCK_DIMENSIONS: u32 = 8;
 
 /// The mock's settings.
 #[derive(Debug, Clone)]
@@ -27,7 +35,7 @@ pub(super) async fn complete(
     req: &CompletionRequest,
     m: &MockSettings,
 ) -> Result<(Completion, u32), ProviderError> {
-    fail_or_wait(req, m).await?;
+    fail_or_wait(&req.model, m).await?;
     Ok((mock_completion(req, m.output_tokens), 1))
 }
 
@@ -36,7 +44,7 @@ pub(super) async fn stream(
     req: &CompletionRequest,
     m: &MockSettings,
 ) -> Result<(CompletionStream, u32), ProviderError> {
-    fail_or_wait(req, m).await?;
+    fail_or_wait(&req.model, m).await?;
     let c = mock_completion(req, m.output_tokens);
     let tokens_out = c.tokens_out.unwrap_or_default();
     let first = c.choices.first().cloned().unwrap_or_default();
@@ -51,16 +59,77 @@ pub(super) async fn stream(
     Ok((s, 1))
 }
 
-async fn fail_or_wait(req: &CompletionRequest, m: &MockSettings) -> Result<(), ProviderError> {
+/// Embed `req`'s inputs after the latency (or fail as [`complete`] does): each input's
+/// [`mock_vector`], encoded as asked. No usage is reported: the gateway settles at its count.
+pub(super) async fn embed(
+    req: &EmbeddingRequest,
+    m: &MockSettings,
+) -> Result<(Embeddings, u32), ProviderError> {
+    fail_or_wait(&req.model, m).await?;
+    let dimensions = req.dimensions.unwrap_or(MOCK_DIMENSIONS);
+    let vectors = (0..req.input.len())
+        .map(|i| {
+            let v = mock_vector(&req.input.bytes_of(i), dimensions);
+            encode_vector(v, req.encoding_format)
+        })
+        .collect();
+    Ok((
+        Embeddings {
+            vectors,
+            tokens_in: None,
+        },
+        1,
+    ))
+}
+
+/// A vector in the encoding asked for (`None`: floats).
+pub fn encode_vector(v: Vec<f32>, format: Option<EncodingFormat>) -> Vector {
+    match format {
+        None | Some(EncodingFormat::Float) => Vector::Floats(v),
+        Some(EncodingFormat::Base64) => {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+    }
+}
+
+/// A deterministic unit vector of `dimensions` floats for `input`: SHA-256 of the input and
+/// the block number, four bytes a component mapped to [-1, 1], then normalised (as real
+/// embeddings are). The mock provider and `llmscope mock-upstream` answer with it.
+pub fn mock_vector(input: &[u8], dimensions: u32) -> Vec<f32> {
+    let mut v = Vec::with_capacity(dimensions as usize);
+    let mut block = 0u32;
+    while v.len() < dimensions as usize {
+        let digest = sha2::Sha256::new()
+            .chain_update(input)
+            .chain_update(block.to_le_bytes())
+            .finalize();
+        for word in digest.chunks_exact(4) {
+            if v.len() == dimensions as usize {
+                break;
+            }
+            let n = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            v.push((f64::from(n) / f64::from(u32::MAX) * 2.0 - 1.0) as f32);
+        }
+        block += 1;
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+async fn fail_or_wait(model: &str, m: &MockSettings) -> Result<(), ProviderError> {
     if !m.latency.is_zero() {
         tokio::time::sleep(m.latency).await;
     }
-    if m.fail_models.contains(&req.model) {
+    if m.fail_models.iter().any(|f| f == model) {
         return Err(ProviderError::status(
             503,
             &format!(
                 r#"{{"error": {{"message": "mock provider configured to fail {}", "type": "server_error"}}}}"#,
-                req.model
+                model
             ),
         ));
     }
@@ -148,8 +217,70 @@ pub fn choices(text: &str, params: &Map<String, Value>, finish_reason: &str) -> 
 mod tests {
     use std::time::Duration;
 
-    use super::super::{CompletionRequest, Message, Provider};
-    use super::MockSettings;
+    use super::super::{
+        CompletionRequest, EmbeddingInput, EmbeddingRequest, EncodingFormat, Message, Provider,
+        Vector,
+    };
+    use super::{mock_vector, MockSettings};
+    use base64::Engine as _;
+
+    fn mock() -> Provider {
+        Provider::Mock(MockSettings {
+            latency: Duration::ZERO,
+            output_tokens: 120,
+            fail_models: vec!["bad".into()],
+            stream_chunks: 4,
+            chunk_delay: Duration::ZERO,
+        })
+    }
+
+    #[tokio::test]
+    async fn mock_embeds_deterministically_in_the_encoding_asked_for() {
+        let req = EmbeddingRequest {
+            request_id: "req-1".into(),
+            model: "embed".into(),
+            input: EmbeddingInput::Texts(vec!["a".into(), "b".into(), "a".into()]),
+            encoding_format: None,
+            dimensions: None,
+        };
+        let (e, _) = mock().embed(&req, &mut 0).await.unwrap();
+        assert_eq!(e.tokens_in, None, "the gateway settles at its own count");
+        let Vector::Floats(a) = &e.vectors[0] else {
+            panic!("floats by default")
+        };
+        assert_eq!(a.len(), 8);
+        assert_eq!(e.vectors[0], e.vectors[2], "same input, same vector");
+        assert_ne!(e.vectors[0], e.vectors[1]);
+        let norm: f32 = a.iter().map(|x| x * x).sum();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        let b64 = EmbeddingRequest {
+            encoding_format: Some(EncodingFormat::Base64),
+            dimensions: Some(20),
+            input: EmbeddingInput::Tokens(vec![1, 2, 3]),
+            ..req.clone()
+        };
+        let (e, _) = mock().embed(&b64, &mut 0).await.unwrap();
+        let Vector::Base64(text) = &e.vectors[0] else {
+            panic!("base64 when asked")
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap();
+        let floats: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let tokens: Vec<u8> = [1u32, 2, 3].iter().flat_map(|t| t.to_le_bytes()).collect();
+        assert_eq!(floats, mock_vector(&tokens, 20));
+        let failing = EmbeddingRequest {
+            model: "bad".into(),
+            ..req
+        };
+        assert_eq!(
+            mock().embed(&failing, &mut 0).await.unwrap_err().kind(),
+            "provider_5xx"
+        );
+    }
 
     #[tokio::test]
     async fn mock_is_deterministic_and_caps_output() {

@@ -1,5 +1,5 @@
 //! Model providers: the built-in deterministic `mock`, any OpenAI-compatible chat-completions
-//! API, and Anthropic's Messages API. Each attempt has a timeout; retryable failures (timeouts,
+//! (and embeddings) API, and Anthropic's Messages API (which has no embeddings). Each attempt has a timeout; retryable failures (timeouts,
 //! connection errors, 429, 5xx) are retried with exponential backoff; the gateway then falls back
 //! along the model's fallback chain. One file each: `mock.rs`, `openai.rs`, `anthropic.rs`, and
 //! `http.rs` for what the two HTTP providers share (the client, retries, the POST). Streamed
@@ -18,8 +18,9 @@ mod sse;
 mod stream;
 
 pub use http::HttpProvider;
-pub use llmscope_wire::requests::{Forwarded, Message};
+pub use llmscope_wire::requests::{EmbeddingInput, EncodingFormat, Forwarded, Message};
 pub use mock::{choices as mock_choices, MockSettings};
+pub use mock::{encode_vector, mock_vector, MOCK_DIMENSIONS};
 pub use stream::{CompletionStream, StreamEvent};
 
 /// What the gateway asks a provider for.
@@ -40,6 +41,53 @@ pub struct CompletionRequest {
     /// OpenAI-compatible provider is sent them as they are, Anthropic their translation
     /// ([`Provider::refuses`] names what a provider cannot honour).
     pub forwarded: std::sync::Arc<Forwarded>,
+}
+
+/// What the gateway asks a provider to embed.
+#[derive(Debug, Clone)]
+pub struct EmbeddingRequest {
+    /// The gateway's request id (sent as [`CLIENT_REQUEST_ID_HEADER`]).
+    pub request_id: String,
+    /// Model name as the provider knows it.
+    pub model: String,
+    /// The inputs, in the shape the client sent them.
+    pub input: EmbeddingInput,
+    /// How the vectors are asked for (`None`: the provider's default, floats).
+    pub encoding_format: Option<EncodingFormat>,
+    /// Dimensions asked for (`None`: the model's).
+    pub dimensions: Option<u32>,
+}
+
+/// One embedding vector, as the provider encoded it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Vector {
+    /// Numbers (`encoding_format: float`).
+    Floats(Vec<f32>),
+    /// Base64 of the little-endian `f32`s (`encoding_format: base64`).
+    Base64(String),
+}
+
+/// A provider's embeddings: one vector per input, in input order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// The vectors.
+    pub vectors: Vec<Vector>,
+    /// Input tokens the provider billed (`usage.prompt_tokens`), if reported.
+    pub tokens_in: Option<u32>,
+}
+
+impl Embeddings {
+    /// The answer as the lifecycle settles it: the billed input, no output, finished.
+    pub fn as_completion(&self) -> Completion {
+        Completion {
+            text: String::new(),
+            tokens_in: self.tokens_in,
+            tokens_out: Some(0),
+            finish_reason: "stop".into(),
+            choices: Vec::new(),
+        }
+    }
 }
 
 /// Header carrying the gateway's request id on every provider call (OpenAI accepts it as the
@@ -262,6 +310,40 @@ impl Provider {
                 http.with_retries(timed_out, || anthropic::call(http, req))
                     .await
             }
+        }
+    }
+
+    /// Whether the provider has an embeddings API (Anthropic's has none).
+    pub fn embeds(&self) -> bool {
+        !matches!(self, Self::Anthropic(_))
+    }
+
+    /// The provider's kind, as configured (`mock`, `openai`, `anthropic`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Mock(_) => "mock",
+            Self::OpenAi(_) => "openai",
+            Self::Anthropic(_) => "anthropic",
+        }
+    }
+
+    /// Embed `req`'s inputs, retrying retryable failures as [`Self::complete`] does (timed-out
+    /// attempts counted in `timed_out`). Returns the embeddings and how many attempts it took;
+    /// a provider without an embeddings API fails at once, before any call.
+    pub async fn embed(
+        &self,
+        req: &EmbeddingRequest,
+        timed_out: &mut u32,
+    ) -> Result<(Embeddings, u32), ProviderError> {
+        match self {
+            Self::Mock(m) => mock::embed(req, m).await,
+            Self::OpenAi(http) => {
+                http.with_retries(timed_out, || openai::embed(http, req))
+                    .await
+            }
+            Self::Anthropic(_) => Err(ProviderError::Config(
+                "the anthropic provider has no embeddings API".into(),
+            )),
         }
     }
 

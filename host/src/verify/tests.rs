@@ -45,6 +45,7 @@ fn tel(id: &str, status: &str, cost: f64) -> String {
         timed_out_cost_usd: 0.0,
         streamed: false,
         stream_cut_at_tokens: None,
+        embeddings: false,
     };
     format!("{}\n", serde_json::to_string(&rec).unwrap())
 }

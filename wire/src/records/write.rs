@@ -100,6 +100,10 @@ pub struct TelemetryRecord {
     /// when the stream was not cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_cut_at_tokens: Option<u64>,
+    /// Whether the call was for embeddings (`/v1/embeddings`: priced at its input tokens,
+    /// no output; absent: it was not).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub embeddings: bool,
 }
 
 fn is_zero(v: &f64) -> bool {

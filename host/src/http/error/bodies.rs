@@ -232,6 +232,9 @@ fn gateway_reference(g: &GatewayError) -> (&'static str, Value) {
             "invalid_request",
             json!([{"field": "model_tier", "message": format!("route {route} has no tier `{tier}`; tiers: {known}")}]),
         ),
+        GatewayError::EmbeddingsUnsupported { .. } => {
+            ("embeddings_unsupported", json!(g.to_string()))
+        }
         GatewayError::ProvidersFailed(_) => (
             "provider_error",
             json!("every model in the fallback chain failed; see telemetry for details"),
@@ -255,6 +258,11 @@ fn gateway_openai(g: &GatewayError) -> (String, &'static str, &'static str, Opti
         GatewayError::UnknownTier { .. } => {
             (g.to_string(), "invalid_request_error", "unknown_tier")
         }
+        GatewayError::EmbeddingsUnsupported { .. } => (
+            g.to_string(),
+            "invalid_request_error",
+            "embeddings_unsupported",
+        ),
         GatewayError::ProvidersFailed(_) => (
             "every model in the fallback chain failed".to_owned(),
             "api_error",
@@ -271,5 +279,6 @@ fn gateway_openai(g: &GatewayError) -> (String, &'static str, &'static str, Opti
             "internal_error",
         ),
     };
-    (message, kind, code, None)
+    let param = matches!(g, GatewayError::EmbeddingsUnsupported { .. }).then_some("model");
+    (message, kind, code, param)
 }

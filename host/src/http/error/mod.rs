@@ -205,7 +205,9 @@ impl ApiError {
             Self::Denied { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::Gateway(g) => match g {
                 GatewayError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
-                GatewayError::UnknownTier { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                GatewayError::UnknownTier { .. } | GatewayError::EmbeddingsUnsupported { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
                 GatewayError::ProvidersFailed(_) => StatusCode::BAD_GATEWAY,
                 GatewayError::Unlogged(_) => StatusCode::SERVICE_UNAVAILABLE,
                 GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
