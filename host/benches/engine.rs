@@ -115,6 +115,7 @@ fn main() {
             store: &published,
             ledger: &ledger,
             own: None,
+            shared: None,
         };
         black_box(set.evaluate(black_box(&req), &source));
         if i >= 20_000 {

@@ -23,6 +23,7 @@ pub mod providers;
 pub mod queries;
 pub mod reload;
 pub mod report;
+pub mod shared;
 pub mod snapshots;
 pub mod verify;
 pub mod windows;

@@ -542,7 +542,9 @@ providers:
         // A chat prompt on the same route expects the route's output.
         let chat = Prompt::Chat(vec![("user".into(), "hello world".into())]);
         assert_eq!(
-            price(&config, "/embed", &chat, Output::capped(None)).unwrap().tokens_out,
+            price(&config, "/embed", &chat, Output::capped(None))
+                .unwrap()
+                .tokens_out,
             500
         );
     }

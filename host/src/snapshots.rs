@@ -8,7 +8,8 @@ use llmscope_sdk::types::{
 };
 
 use crate::ledger::{Dims, Ledger, Sums};
-use crate::policy::{Rule, SnapshotSource};
+use crate::policy::{FailureMode, Rule, SnapshotSource};
+use crate::shared::{SharedBudgets, SharedRead, Spec};
 
 /// Published aggregate values (computed off the request path, e.g. by DuckDB).
 pub trait AggregateStore: Send + Sync {
@@ -47,11 +48,23 @@ pub struct LiveSnapshots<'a> {
     pub ledger: &'a Ledger,
     /// The request's own reservation (excluded from its snapshot).
     pub own: Option<(&'a Dims, Sums)>,
+    /// The replicas' shared sums read for this request (`budgets: {backend: redis}`): they
+    /// replace the local sums and counts; `Err` when Redis did not answer, so rules with
+    /// `failure_mode: closed` that need them fail and the others see the local sums.
+    pub shared: Option<(&'a SharedBudgets, &'a SharedRead)>,
 }
 
 impl SnapshotSource for LiveSnapshots<'_> {
     fn snapshot(&self, rule: &Rule, request: &RequestContext) -> Snapshot {
         self.values(rule.aggregates(), request)
+    }
+
+    fn unavailable(&self, rule: &Rule) -> Option<String> {
+        let (_, Err(why)) = self.shared? else {
+            return None;
+        };
+        let needs = rule.aggregates().iter().any(|a| Spec::of(a).is_some());
+        (needs && rule.failure_mode() == FailureMode::Closed).then(|| why.clone())
     }
 }
 
@@ -62,6 +75,18 @@ impl LiveSnapshots<'_> {
         let values = aggregates
             .iter()
             .map(|a| {
+                if let Some((store, Ok(read))) = self.shared {
+                    let keys = store.keys_for(a, request);
+                    if let Some((value, samples)) =
+                        crate::shared::value_of(a, request, &keys, read, self.own)
+                    {
+                        return AggregateValue {
+                            key: a.key.clone(),
+                            value: Some(value),
+                            samples: samples.round() as u64,
+                        };
+                    }
+                }
                 let base = self.store.lookup(a, request);
                 let summable = matches!(a.aggregation, Aggregation::Sum | Aggregation::Count)
                     && a.metric != Metric::LatencyMs;

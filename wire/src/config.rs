@@ -73,6 +73,8 @@ pub struct GatewayConfig {
     pub duckdb_path: Option<PathBuf>,
     /// How often logs are ingested and aggregates recomputed.
     pub refresh_interval: Duration,
+    /// Where budget sums live: this process, or Redis shared by the replicas.
+    pub budgets: crate::budgets::BudgetsConfig,
 }
 
 /// A priced model.
@@ -250,6 +252,8 @@ struct RawConfig {
     defaults: RawDefaults,
     #[serde(default)]
     analytics: RawAnalytics,
+    #[serde(default)]
+    budgets: crate::budgets::BudgetsConfig,
 }
 
 #[derive(Deserialize)]
@@ -517,6 +521,9 @@ impl GatewayConfig {
         }
         let max_prompt_bytes = check_server_limits(&raw, &mut problems);
         check_intervals(&raw, &mut problems);
+        for (at, message) in crate::budgets::problems(&raw.budgets) {
+            problems.add(at, message);
+        }
         if !problems.0.is_empty() {
             return Err(GatewayConfigError {
                 path: path.into(),
@@ -582,6 +589,7 @@ impl GatewayConfig {
             default_tier: raw.defaults.tier,
             duckdb_path: raw.analytics.duckdb_path.as_deref().map(resolve),
             refresh_interval: Duration::from_millis(raw.analytics.refresh_interval_ms),
+            budgets: raw.budgets,
         }
     }
 }

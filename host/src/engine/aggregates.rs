@@ -94,7 +94,7 @@ fn aggregate_sql(a: &Aggregate, cols: &[&str]) -> String {
 }
 
 /// The `telemetry` column holding scope `s`.
-fn scope_column(s: Scope) -> &'static str {
+pub(super) fn scope_column(s: Scope) -> &'static str {
     match s {
         Scope::Tenant => "tenant_id",
         Scope::Feature => "feature_id",

@@ -66,6 +66,7 @@ mod ingest;
 mod read;
 mod rotation;
 mod schema;
+mod shared_seed;
 #[cfg(test)]
 mod tests;
 

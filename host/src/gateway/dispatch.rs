@@ -272,7 +272,8 @@ impl Gateway {
         ctx.estimated_cost_usd = spent + estimate;
         ctx.estimated_tokens_in = tokens_in;
         let policies = self.policies();
-        let (evaluation, _) = self.evaluate(&policies, &ctx, reservation);
+        // A fallback is re-checked against this replica's view (no second round trip).
+        let (evaluation, _) = self.evaluate(&policies, &ctx, reservation, None);
         if evaluation.decision == DecisionKind::Deny {
             let (dims, amount) = previous;
             reservation.update(

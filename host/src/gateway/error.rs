@@ -75,6 +75,9 @@ pub enum StartError {
     /// The analytics engine failed to open or to read the logs.
     #[error("analytics engine: {0}")]
     Engine(#[from] EngineError),
+    /// The shared budget store is misconfigured.
+    #[error("shared budgets: {0}")]
+    SharedBudgets(String),
     /// Requests dispatched before a crash could not be recorded.
     #[error("recovering unanswered requests: {0}")]
     Recovery(String),

@@ -163,7 +163,13 @@ impl Gateway {
         // Reserve first, so concurrent requests see each other; evaluate against aggregates +
         // ledger minus this request's own reservation.
         let mut reservation = self.reserve(&req);
-        let (evaluation, policy_ms) = self.evaluate(&policies, &req.ctx, &reservation);
+        // With the redis backend: the reservation written and the replicas' sums read, in one
+        // round trip, before the rules run.
+        let shared = self
+            .shared_read(&policies, &req.ctx, Some(&reservation))
+            .await;
+        let (evaluation, policy_ms) =
+            self.evaluate(&policies, &req.ctx, &reservation, shared.as_ref());
         let mut records = Records::new(&req.ctx, &evaluation, &policies, policy_ms, &self.config);
         drop(policies);
         if evaluation.decision == DecisionKind::Deny {
@@ -208,6 +214,34 @@ impl Gateway {
         )
     }
 
+    /// With the redis backend: write `own` (this request's reservation) and read the sums the
+    /// rules of `ctx`'s namespace need, in one round trip; `None` with the local backend.
+    pub(crate) async fn shared_read(
+        &self,
+        policies: &PolicySet,
+        ctx: &llmscope_sdk::types::RequestContext,
+        own: Option<&Reservation>,
+    ) -> Option<crate::shared::SharedRead> {
+        let shared = self.shared.as_ref()?;
+        let writes = own.map_or_else(Vec::new, |r| shared.keys_of(r.dims(), r.at_ms()));
+        let mut reads: Vec<String> = policies
+            .resolve(Some(ctx.budget_namespace.as_str()).filter(|n| !n.is_empty()))
+            .map(|ns| {
+                ns.rules()
+                    .iter()
+                    .flat_map(|r| r.aggregates())
+                    .flat_map(|a| shared.keys_for(a, ctx))
+                    .collect()
+            })
+            .unwrap_or_default();
+        reads.sort();
+        reads.dedup();
+        if writes.is_empty() && reads.is_empty() {
+            return Some(Ok(Default::default()));
+        }
+        Some(shared.exchange(&writes, &reads).await)
+    }
+
     /// Evaluate the namespace's rules for `ctx` with this request's own reservation left out
     /// of its snapshots; returns the evaluation and the time it took, ms.
     pub(super) fn evaluate(
@@ -215,6 +249,7 @@ impl Gateway {
         policies: &PolicySet,
         ctx: &llmscope_sdk::types::RequestContext,
         reservation: &Reservation,
+        shared: Option<&crate::shared::SharedRead>,
     ) -> (Evaluation, f64) {
         let started = Instant::now();
         let evaluation = {
@@ -224,6 +259,7 @@ impl Gateway {
                 store: store.as_ref(),
                 ledger: &self.ledger,
                 own: Some((reservation.dims(), reservation.amount())),
+                shared: self.shared.as_deref().zip(shared),
             };
             policies.evaluate(ctx, &source)
         };

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Evaluation, PolicyRuntime, PolicySet};
 use crate::pricing;
 use crate::providers::{Completion, Provider};
+use crate::shared::SharedBudgets;
 use crate::snapshots::{AggregateStore, NoHistory};
 
 pub use llmscope_wire::requests::Inference;
@@ -97,6 +98,8 @@ pub struct Gateway {
     policies: RwLock<Arc<PolicySet>>,
     providers: BTreeMap<String, Provider>,
     ledger: Ledger,
+    /// The replicas' shared budget store (`budgets: {backend: redis}`).
+    shared: Option<Arc<SharedBudgets>>,
     store: RwLock<Arc<dyn AggregateStore>>,
     writer: ArtifactWriter,
     engine: SpendEngine,
@@ -177,12 +180,22 @@ impl Gateway {
         )?;
         let key_digests = config.api_keys.iter().map(|k| key_digest(&k.key)).collect();
         let calibration = pricing::Calibration::new(config.models.keys().cloned());
+        let ledger = Ledger::default();
+        let shared = match &config.budgets {
+            llmscope_wire::budgets::BudgetsConfig::Local => None,
+            llmscope_wire::budgets::BudgetsConfig::Redis(r) => {
+                let s = SharedBudgets::new(r).map_err(StartError::SharedBudgets)?;
+                ledger.share_with(Arc::clone(&s));
+                Some(s)
+            }
+        };
         let gateway = Arc::new(Self {
             config,
             runtime,
             policies: RwLock::new(Arc::new(policies)),
             providers,
-            ledger: Ledger::default(),
+            ledger,
+            shared,
             store: RwLock::new(Arc::new(NoHistory)),
             writer,
             engine,
@@ -205,10 +218,18 @@ impl Gateway {
         gateway.recover_reported()?;
         // Budgets see history from the first request on.
         gateway.refresh()?;
+        if let Some(s) = &gateway.shared {
+            s.spawn();
+        }
         if warm.join().is_err() {
             tracing::warn!("warming the tokenizers failed; the first request will build them");
         }
         Ok(gateway)
+    }
+
+    /// The replicas' shared budget store, with the redis backend.
+    pub fn shared(&self) -> Option<&SharedBudgets> {
+        self.shared.as_deref()
     }
 
     /// Reopen both logs before the next write (SIGHUP after an external rotation).

@@ -45,6 +45,16 @@ impl Gateway {
         let aggregates = declared_aggregates(policies.rules().chain(serving.rules()), &edge);
         let now = now_ms();
         let published = self.engine.compute(&aggregates, now)?;
+        // The shared store's mirror, rebuilt from the same DuckDB state when the sums it keeps
+        // change (and at start).
+        let seed = match &self.shared {
+            Some(s) if s.needs_rebuild(&aggregates) => {
+                let specs = crate::shared::SharedBudgets::specs_of(&aggregates);
+                let rows = self.engine.shared_seed(&specs, now)?;
+                Some((Arc::clone(s), specs, rows))
+            }
+            _ => None,
+        };
         let expired = self.edge.expire(self.edge_ttl);
         if expired > 0 {
             tracing::warn!(
@@ -59,6 +69,14 @@ impl Gateway {
             self.publish_aggregates(Arc::new(published));
             let through = std::mem::take(&mut *self.ingested_elsewhere.lock());
             self.ledger.ingested_through(&through);
+            if let Some((shared, specs, rows)) = seed {
+                self.ledger.with_entries(|entries, published| {
+                    shared.rebuild(specs, rows, entries, published);
+                });
+            }
+        }
+        if let Some(s) = &self.shared {
+            s.expire(now);
         }
         self.ledger
             .expire(now.saturating_sub(longest_window_ms(&aggregates, now)));

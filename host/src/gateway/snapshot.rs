@@ -60,16 +60,21 @@ impl Gateway {
     /// The context and per-rule snapshots a request with these attributes would be evaluated
     /// with right now (no reservation is made). For edge proxies that evaluate the policies
     /// themselves (the Envoy filters) and for debugging budgets.
-    pub fn snapshot_for(&self, q: &SnapshotQuery) -> Result<SnapshotAnswer, GatewayError> {
+    ///
+    /// With the redis backend the sums are the replicas' (one read); when Redis does not
+    /// answer they are this replica's own.
+    pub async fn snapshot_for(&self, q: &SnapshotQuery) -> Result<SnapshotAnswer, GatewayError> {
         let policies = self.policies();
         let ctx = self.price_query(q, &policies)?;
         let ns = policies.resolve(q.budget_namespace.as_deref());
+        let shared = self.shared_read(&policies, &ctx, None).await;
         let _view = self.view();
         let store = self.store();
         let source = LiveSnapshots {
             store: store.as_ref(),
             ledger: &self.ledger,
             own: None,
+            shared: self.shared.as_deref().zip(shared.as_ref()),
         };
         let rules = ns
             .map(|ns| {

@@ -25,12 +25,18 @@ pub fn healthz() -> Response<Body> {
 pub fn readyz(gw: &Gateway) -> Response<Body> {
     let logs = gw.logs_healthy();
     let set = gw.policies();
-    let body = json!({
+    let mut body = json!({
         "ready": logs,
         "logs_writable": logs,
         "policy_file": set.source().display().to_string(),
         "rules": set.rules().count(),
     });
+    // Not part of readiness: without Redis each rule's failure_mode decides, and the gateway
+    // recovers by itself when it is back.
+    body["budgets"] = match gw.shared() {
+        Some(s) => json!(s.status()),
+        None => json!({"backend": "local"}),
+    };
     json_response(
         if logs {
             StatusCode::OK
@@ -44,7 +50,7 @@ pub fn readyz(gw: &Gateway) -> Response<Body> {
 /// `GET /metrics`: Prometheus text.
 pub fn metrics(gw: &Gateway) -> Response<Body> {
     let (buckets, settled) = gw.ledger().len();
-    let text = gw.metrics().render(&[
+    let mut text = gw.metrics().render(&[
         (
             "llmscope_logs_writable",
             "1 when the last log write succeeded.",
@@ -81,6 +87,21 @@ pub fn metrics(gw: &Gateway) -> Response<Body> {
             gw.uptime_s(),
         ),
     ]);
+    if let Some(s) = gw.shared().map(|s| s.status()) {
+        use std::fmt::Write as _;
+        let _ = write!(
+            text,
+            "# HELP llmscope_shared_budgets_up 1 when the last call to the shared budget store (Redis) succeeded.\n\
+             # TYPE llmscope_shared_budgets_up gauge\nllmscope_shared_budgets_up {}\n\
+             # HELP llmscope_shared_budgets_errors_total Calls to the shared budget store that failed or timed out.\n\
+             # TYPE llmscope_shared_budgets_errors_total counter\nllmscope_shared_budgets_errors_total {}\n\
+             # HELP llmscope_shared_budgets_keys Budget keys this replica holds money in.\n\
+             # TYPE llmscope_shared_budgets_keys gauge\nllmscope_shared_budgets_keys {}\n",
+            u8::from(s.reachable),
+            s.errors,
+            s.keys
+        );
+    }
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -153,7 +174,7 @@ const SNAPSHOT_PARAMS: [&str; 9] = [
 /// `GET /v1/snapshot?tenant_id=..&route_name=..&model_tier=..&tokens_in=..[&feature_id..]`: the
 /// priced context and each rule's current aggregate values for such a request. The key binds
 /// the request's scope as for `/infer`; a tenant key sees only aggregates kept per tenant.
-pub fn snapshot(
+pub async fn snapshot(
     gw: &Gateway,
     headers: &HeaderMap,
     query_string: &str,
@@ -169,7 +190,7 @@ pub fn snapshot(
             experiment: &mut q.experiment_id,
         },
     )?;
-    let answer = gw.snapshot_for(&q)?;
+    let answer = gw.snapshot_for(&q).await?;
     Ok(json_response(
         StatusCode::OK,
         &redact::snapshot(gw, &caller, &answer),

@@ -201,7 +201,7 @@ async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body
         (&Method::GET, "/v1/budgets") => (Dialect::Reference, admin::budgets(gw, req.headers())),
         (&Method::GET, "/v1/snapshot") => (
             Dialect::Reference,
-            admin::snapshot(gw, req.headers(), &query),
+            admin::snapshot(gw, req.headers(), &query).await,
         ),
         (&Method::GET, p) if p.starts_with("/v1/queries/") => (
             Dialect::Reference,

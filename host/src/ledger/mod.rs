@@ -15,6 +15,7 @@ use llmscope_sdk::types::{Metric, RequestContext, Scope};
 use parking_lot::Mutex;
 
 use crate::artifacts::LogPosition;
+use crate::shared::{LedgerEntry, SharedBudgets};
 
 /// The attribution dimensions of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -172,6 +173,8 @@ struct Inner {
     /// How far each telemetry file (by inode) is ingested and published: a request settled
     /// at or before it is already in the aggregates.
     published: HashMap<u64, u64>,
+    /// The replicas' shared store, told of every change (`budgets: {backend: redis}`).
+    shared: Option<Arc<SharedBudgets>>,
 }
 
 impl Inner {
@@ -182,6 +185,22 @@ impl Inner {
             if b.entries.is_empty() {
                 self.buckets.remove(dims);
             }
+        }
+    }
+
+    /// Tell the shared store that `dims` at `at_ms` gained `settled` and `in_flight` (times
+    /// `sign`); `line`: the telemetry line a settlement wrote.
+    fn share(
+        &self,
+        dims: &Dims,
+        at_ms: u64,
+        settled: &Sums,
+        in_flight: &Sums,
+        sign: f64,
+        line: Option<LogPosition>,
+    ) {
+        if let Some(s) = &self.shared {
+            s.change(dims, at_ms, settled, in_flight, sign, line);
         }
     }
 }
@@ -245,6 +264,7 @@ impl Ledger {
                 settled: None,
             },
         );
+        inner.share(&dims, at_ms, &Sums::default(), &amount, 1.0, None);
         Reservation {
             ledger: self.clone(),
             dims,
@@ -342,6 +362,36 @@ impl Ledger {
         out
     }
 
+    /// Tell `shared` of every change from now on (the redis budget backend).
+    pub fn share_with(&self, shared: Arc<SharedBudgets>) {
+        self.inner.lock().shared = Some(shared);
+    }
+
+    /// Run `f` with every entry (dimensions, time, sums, settled or not) and the published
+    /// positions, under the ledger's lock: no change interleaves, so what `f` builds from them
+    /// is exact as of this instant (the shared store's mirror rebuild).
+    pub fn with_entries<T>(&self, f: impl FnOnce(Vec<LedgerEntry>, Vec<LogPosition>) -> T) -> T {
+        let inner = self.inner.lock();
+        let entries = inner
+            .buckets
+            .iter()
+            .flat_map(|(dims, b)| {
+                b.entries
+                    .values()
+                    .map(|e| (dims.clone(), e.at_ms, e.sums, e.settled.is_some()))
+            })
+            .collect();
+        let published = inner
+            .published
+            .iter()
+            .map(|(file_id, offset)| LogPosition {
+                file_id: *file_id,
+                offset: *offset,
+            })
+            .collect();
+        f(entries, published)
+    }
+
     /// Dimension tuples with entries, and settled entries waiting for ingestion (diagnostics).
     pub fn len(&self) -> (usize, usize) {
         let inner = self.inner.lock();
@@ -376,6 +426,9 @@ impl Reservation {
                 settled: None,
             },
         );
+        let none = Sums::default();
+        inner.share(&self.dims, self.at_ms, &none, &self.amount, -1.0, None);
+        inner.share(&dims, self.at_ms, &none, &amount, 1.0, None);
         self.dims = dims;
         self.amount = amount;
     }
@@ -390,12 +443,33 @@ impl Reservation {
         &self.dims
     }
 
+    /// When its request arrived (ms since the epoch).
+    pub fn at_ms(&self) -> u64 {
+        self.at_ms
+    }
+
     /// Replace the reservation with the actual amounts, kept until ingestion passes
     /// `telemetry` (`None`: the line was not written, so nothing will ingest it; the amount
     /// stays until it is older than every window, so the budget still sees it).
     pub fn settle(mut self, actual: Sums, telemetry: Option<LogPosition>) {
         let mut inner = self.ledger.inner.lock();
         self.live = false;
+        inner.share(
+            &self.dims,
+            self.at_ms,
+            &Sums::default(),
+            &self.amount,
+            -1.0,
+            None,
+        );
+        inner.share(
+            &self.dims,
+            self.at_ms,
+            &actual,
+            &Sums::default(),
+            1.0,
+            telemetry,
+        );
         // Already ingested and published (a refresh ran between the write and this call):
         // the aggregates count it, so the ledger must not count it again.
         let published = telemetry.is_some_and(|at| {
@@ -424,7 +498,16 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.live {
-            self.ledger.inner.lock().release(&self.dims, self.id);
+            let mut inner = self.ledger.inner.lock();
+            inner.release(&self.dims, self.id);
+            inner.share(
+                &self.dims,
+                self.at_ms,
+                &Sums::default(),
+                &self.amount,
+                -1.0,
+                None,
+            );
         }
     }
 }

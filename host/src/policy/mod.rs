@@ -234,6 +234,25 @@ impl PolicySet {
         let mut rules = Vec::with_capacity(ns.rules.len());
         let wit_request = bindings::request_to_wit(request);
         for rule in &ns.rules {
+            if let Some(why) = snapshots.unavailable(rule) {
+                tracing::warn!(rule = %rule.id, primitive = %rule.primitive, error = %why, "policy rule has no snapshot");
+                let mut failed = RuleOutcome::of(
+                    &rule.id,
+                    &rule.primitive,
+                    rule.mode,
+                    rule.failure_mode,
+                    Err(why.clone()),
+                    0.0,
+                );
+                if failed.reason.is_some() {
+                    failed.reason = Some(format!(
+                        "policy rule {} fails closed: {why}; its budget cannot be checked",
+                        rule.id
+                    ));
+                }
+                rules.push(failed);
+                continue;
+            }
             let snapshot = snapshots.snapshot(rule, request);
             let started = Instant::now();
             let result =

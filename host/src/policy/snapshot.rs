@@ -13,6 +13,14 @@ use super::Rule;
 pub trait SnapshotSource {
     /// One entry per aggregate the rule declared, in declaration order.
     fn snapshot(&self, rule: &Rule, request: &RequestContext) -> Snapshot;
+
+    /// Why `rule` cannot be given a snapshot now (the store of its sums is unreachable and
+    /// the rule fails closed); the rule then fails with it, as if it had failed. `None` by
+    /// default.
+    fn unavailable(&self, rule: &Rule) -> Option<String> {
+        let _ = rule;
+        None
+    }
 }
 
 /// No data: every declared aggregate has no value and no samples.

@@ -166,6 +166,7 @@ impl Gateway {
                 store: store.as_ref(),
                 ledger: self.ledger(),
                 own: Some((&dims, own)),
+                shared: None,
             };
             source.values(&call.aggregates, &ctx)
         };
