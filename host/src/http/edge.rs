@@ -34,6 +34,7 @@ pub async fn context(gw: &Gateway, req: Request<Incoming>) -> Result<Response<Bo
     let chat = call.body.get("messages").is_some();
     let answer = gw
         .edge_context(&call, key)
+        .await
         .map_err(|e| edge_error(e, chat, true))?;
     Ok(json_response(StatusCode::OK, &json!(answer)))
 }

@@ -550,3 +550,146 @@ pub fn value_of(
     };
     Some((value, requests))
 }
+
+#[cfg(test)]
+mod tests {
+    use llmscope_sdk::types::{Aggregation, Metric, Scope, Window};
+
+    use super::*;
+
+    fn aggregate(include_in_flight: bool) -> Aggregate {
+        Aggregate {
+            key: "spent".into(),
+            metric: Metric::CostUsd,
+            aggregation: Aggregation::Sum,
+            window: Window::CalendarDay,
+            scope: vec![Scope::Tenant],
+            include_in_flight,
+        }
+    }
+
+    fn dims(tenant: &str) -> Dims {
+        Dims {
+            tenant: tenant.into(),
+            feature: None,
+            route: "/r".into(),
+            namespace: "default".into(),
+            experiment: None,
+            model: "m".into(),
+        }
+    }
+
+    fn usd(cost_usd: f64) -> Sums {
+        Sums {
+            cost_usd,
+            tokens_in: 1.0,
+            tokens_out: 1.0,
+            requests: 1.0,
+        }
+    }
+
+    fn store() -> Arc<SharedBudgets> {
+        SharedBudgets::new(&RedisBudgets {
+            url: "redis://127.0.0.1:1/".into(),
+            key_prefix: "t".into(),
+            replica_id: "r1".into(),
+            timeout_ms: 10,
+            lease_ms: 1000,
+        })
+        .unwrap()
+    }
+
+    fn held(s: &SharedBudgets, key: &str) -> (f64, f64) {
+        let st = s.state.lock();
+        st.mirror
+            .get(key)
+            .map_or((0.0, 0.0), |c| (c.settled.cost_usd, c.in_flight.cost_usd))
+    }
+
+    #[tokio::test]
+    async fn the_mirror_follows_the_ledger_and_never_counts_a_seeded_line_twice() {
+        let s = store();
+        let at = 1_764_643_800_000;
+        let specs = Spec::all(&[aggregate(true)]);
+        let key = specs[0].key("t", &[Some("acme".into())], specs[0].bucket(at).0);
+        // Seed: 1.0 settled from DuckDB (lines of file 7 through offset 100), plus a
+        // reservation of 0.5 in the ledger.
+        s.rebuild(
+            specs.clone(),
+            vec![(
+                specs[0].clone(),
+                vec![Some("acme".into())],
+                specs[0].bucket(at).0,
+                usd(1.0),
+            )],
+            vec![(dims("acme"), at, usd(0.5), false)],
+            vec![LogPosition {
+                file_id: 7,
+                offset: 100,
+            }],
+        );
+        assert_eq!(held(&s, &key), (1.0, 0.5));
+        assert!(s.state.lock().dirty.contains(&key), "everything rewritten");
+        // That reservation settles at 0.4 with a line the seed already counted: it leaves the
+        // in-flight sum and adds nothing settled.
+        let none = Sums::default();
+        s.change(&dims("acme"), at, &none, &usd(0.5), -1.0, None);
+        s.change(
+            &dims("acme"),
+            at,
+            &usd(0.4),
+            &none,
+            1.0,
+            Some(LogPosition {
+                file_id: 7,
+                offset: 90,
+            }),
+        );
+        assert_eq!(held(&s, &key), (1.0, 0.0));
+        // A later line is new money.
+        s.change(
+            &dims("acme"),
+            at,
+            &usd(0.25),
+            &none,
+            1.0,
+            Some(LogPosition {
+                file_id: 7,
+                offset: 150,
+            }),
+        );
+        assert_eq!(held(&s, &key), (1.25, 0.0));
+        // Taking values for a write gives each its own, increasing sequence number.
+        let (first, _) = s.take(std::slice::from_ref(&key));
+        let (second, values) = s.take(std::slice::from_ref(&key));
+        assert!(second > first);
+        assert_eq!(values[0].1.settled.cost_usd, 1.25);
+        s.expire(u64::MAX);
+        assert_eq!(s.status().keys, 0);
+    }
+
+    #[test]
+    fn a_shared_sum_adds_the_live_in_flight_money_less_the_requests_own() {
+        let a = aggregate(true);
+        let request = RequestContext {
+            tenant_id: "acme".into(),
+            ..llmscope_sdk::testing::request()
+        };
+        let keys = vec!["k".to_owned()];
+        let read: Read = [("k".to_owned(), (usd(2.0), usd(0.75)))].into();
+        let own = dims("acme");
+        let (value, samples) =
+            value_of(&a, &request, &keys, &read, Some((&own, usd(0.25)))).unwrap();
+        assert!((value - 2.5).abs() < 1e-12, "{value}");
+        assert!((samples - 1.0).abs() < 1e-12, "{samples}");
+        let (settled_only, _) = value_of(
+            &aggregate(false),
+            &request,
+            &keys,
+            &read,
+            Some((&own, usd(0.25))),
+        )
+        .unwrap();
+        assert!((settled_only - 2.0).abs() < 1e-12);
+    }
+}

@@ -138,7 +138,11 @@ impl Gateway {
     /// with [`EdgeState::register`] and refresh first when any is new.
     /// `key`: the edge key the call came with (`None`: authentication is off); the request's
     /// tenant must be one of its tenants.
-    pub fn edge_context(
+    ///
+    /// With the redis backend the reservation is written and the replicas' sums read in one
+    /// round trip; when Redis does not answer, the snapshot holds this replica's own sums (the
+    /// filter cannot be told a rule failed).
+    pub async fn edge_context(
         &self,
         call: &ContextRequest,
         key: Option<&ApiKey>,
@@ -159,6 +163,20 @@ impl Gateway {
         may_act_for(key, &ctx.tenant_id)?;
         let dims = Dims::of(&ctx);
         let own = self.edge.hold(self.ledger(), &ctx, &dims)?;
+        let shared = match self.shared() {
+            Some(s) => {
+                let writes = s.keys_of(&dims, ctx.unix_time_ms);
+                let mut reads: Vec<String> = call
+                    .aggregates
+                    .iter()
+                    .flat_map(|a| s.keys_for(a, &ctx))
+                    .collect();
+                reads.sort();
+                reads.dedup();
+                Some(s.exchange(&writes, &reads).await)
+            }
+            None => None,
+        };
         let snapshot = {
             let _view = self.view();
             let store = self.store();
@@ -166,7 +184,7 @@ impl Gateway {
                 store: store.as_ref(),
                 ledger: self.ledger(),
                 own: Some((&dims, own)),
-                shared: None,
+                shared: self.shared().zip(shared.as_ref()),
             };
             source.values(&call.aggregates, &ctx)
         };
