@@ -9,6 +9,7 @@
 //! command-line tool ([`cli`]). The vocabulary shared with the Envoy filters (header names,
 //! error bodies, edge wire bodies, rule outcomes) is defined once in `llmscope-sdk`.
 
+pub mod alerts;
 pub mod artifacts;
 pub mod cli;
 pub mod engine;

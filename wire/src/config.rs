@@ -75,6 +75,10 @@ pub struct GatewayConfig {
     pub refresh_interval: Duration,
     /// Where budget sums live: this process, or Redis shared by the replicas.
     pub budgets: crate::budgets::BudgetsConfig,
+    /// The alerts log (resolved: `alerts.jsonl` beside the telemetry log unless configured).
+    pub alerts_path: PathBuf,
+    /// Webhooks every alert is delivered to.
+    pub webhooks: Vec<crate::alerts::WebhookConfig>,
 }
 
 /// A priced model.
@@ -254,6 +258,8 @@ struct RawConfig {
     analytics: RawAnalytics,
     #[serde(default)]
     budgets: crate::budgets::BudgetsConfig,
+    #[serde(default)]
+    alerts: crate::alerts::AlertsConfig,
 }
 
 #[derive(Deserialize)]
@@ -521,7 +527,10 @@ impl GatewayConfig {
         }
         let max_prompt_bytes = check_server_limits(&raw, &mut problems);
         check_intervals(&raw, &mut problems);
-        for (at, message) in crate::budgets::problems(&raw.budgets) {
+        for (at, message) in crate::budgets::problems(&raw.budgets)
+            .into_iter()
+            .chain(crate::alerts::problems(&raw.alerts))
+        {
             problems.add(at, message);
         }
         if !problems.0.is_empty() {
@@ -590,6 +599,15 @@ impl GatewayConfig {
             duckdb_path: raw.analytics.duckdb_path.as_deref().map(resolve),
             refresh_interval: Duration::from_millis(raw.analytics.refresh_interval_ms),
             budgets: raw.budgets,
+            alerts_path: raw.alerts.path.as_deref().map_or_else(
+                || {
+                    let telemetry = env("TELEMETRY_PATH")
+                        .map_or_else(|| resolve(&raw.artifacts.telemetry_path), PathBuf::from);
+                    telemetry.with_file_name("alerts.jsonl")
+                },
+                resolve,
+            ),
+            webhooks: raw.alerts.webhooks,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! them and the analytics engine reads them back ([`records`]) and the YAML reader the gateway
 //! and policy configs share ([`yaml`]).
 
+pub mod alerts;
 pub mod budgets;
 pub mod chat_params;
 pub mod chat_stream;

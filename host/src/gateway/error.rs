@@ -75,6 +75,9 @@ pub enum StartError {
     /// The analytics engine failed to open or to read the logs.
     #[error("analytics engine: {0}")]
     Engine(#[from] EngineError),
+    /// The alerts log cannot be opened or read.
+    #[error("alerts log {0}")]
+    Alerts(String),
     /// The shared budget store is misconfigured.
     #[error("shared budgets: {0}")]
     SharedBudgets(String),

@@ -170,6 +170,7 @@ impl Gateway {
             .await;
         let (evaluation, policy_ms) =
             self.evaluate(&policies, &req.ctx, &reservation, shared.as_ref());
+        self.alerts.raise(&policies, &req.ctx, &evaluation);
         let mut records = Records::new(&req.ctx, &evaluation, &policies, policy_ms, &self.config);
         drop(policies);
         if evaluation.decision == DecisionKind::Deny {

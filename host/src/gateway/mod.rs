@@ -100,6 +100,8 @@ pub struct Gateway {
     ledger: Ledger,
     /// The replicas' shared budget store (`budgets: {backend: redis}`).
     shared: Option<Arc<SharedBudgets>>,
+    /// Alerts raised once per rule, scope and period, and their webhooks.
+    alerts: crate::alerts::Alerts,
     store: RwLock<Arc<dyn AggregateStore>>,
     writer: ArtifactWriter,
     engine: SpendEngine,
@@ -189,6 +191,10 @@ impl Gateway {
                 Some(s)
             }
         };
+        let alerts = crate::alerts::Alerts::open(&config.alerts_path, &config.webhooks, now_ms())
+            .map_err(|e| {
+            StartError::Alerts(format!("{}: {e}", config.alerts_path.display()))
+        })?;
         let gateway = Arc::new(Self {
             config,
             runtime,
@@ -196,6 +202,7 @@ impl Gateway {
             providers,
             ledger,
             shared,
+            alerts,
             store: RwLock::new(Arc::new(NoHistory)),
             writer,
             engine,
@@ -221,10 +228,16 @@ impl Gateway {
         if let Some(s) = &gateway.shared {
             s.spawn();
         }
+        gateway.alerts.spawn();
         if warm.join().is_err() {
             tracing::warn!("warming the tokenizers failed; the first request will build them");
         }
         Ok(gateway)
+    }
+
+    /// Alerts.
+    pub fn alerts(&self) -> &crate::alerts::Alerts {
+        &self.alerts
     }
 
     /// The replicas' shared budget store, with the redis backend.

@@ -102,6 +102,7 @@ pub fn metrics(gw: &Gateway) -> Response<Body> {
             s.keys
         );
     }
+    text.push_str(&gw.alerts().metrics());
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut().insert(
         CONTENT_TYPE,

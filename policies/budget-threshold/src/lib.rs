@@ -16,7 +16,14 @@
 //!   action: deny              # deny (default) | downgrade
 //!   deny_reason: "Hourly budget exceeded for demo namespace"
 //!   scope: [budget_namespace] # default; e.g. [budget_namespace, tenant] for per-tenant caps
+//!   alert_at: [0.5, 0.8, 1.0] # optional: alert when spend reaches these fractions of the limit
 //! ```
+//!
+//! With `alert_at`, a request that brings the window's spend (what it holds, plus this request
+//! when it is let through) to or past a level carries the alert `<period> budget <pct>% used
+//! (limit $<limit>)` for the highest level reached; a request refused for the budget reaches
+//! 100%. The text is the same for every request past a level, so the host delivers it once per
+//! rule, scope and window period.
 
 use llmscope_sdk::prelude::*;
 use serde::Deserialize;
@@ -81,6 +88,9 @@ pub struct Settings {
     /// Dimensions the budget is kept per (default: the budget namespace).
     #[serde(default = "default_scope")]
     pub scope: Vec<Scope>,
+    /// Fractions of the limit to alert at (e.g. `[0.5, 0.8, 1.0]`), ascending.
+    #[serde(default)]
+    pub alert_at: Vec<f64>,
 }
 
 fn default_scope() -> Vec<Scope> {
@@ -108,6 +118,21 @@ impl Settings {
             Period::Daily => "daily",
             Period::Monthly => "monthly",
         }
+    }
+
+    /// The alert for the highest `alert_at` level `spend` reaches, if any.
+    fn level_reached(&self, spend: f64) -> Option<String> {
+        let level = self
+            .alert_at
+            .iter()
+            .rev()
+            .find(|l| spend >= **l * self.limit_usd && self.limit_usd > 0.0)?;
+        Some(format!(
+            "{} budget {}% used (limit ${:.4})",
+            self.period_name(),
+            (level * 100.0).round(),
+            self.limit_usd
+        ))
     }
 
     fn downgrade_tier(&self) -> &str {
@@ -157,6 +182,19 @@ impl Policy for BudgetThreshold {
                 return Err(format!("scope[{i}]: {scope:?} is listed twice"));
             }
         }
+        for (i, level) in s.alert_at.iter().enumerate() {
+            if !level.is_finite() || *level <= 0.0 || *level > 10.0 {
+                return Err(format!(
+                    "alert_at[{i}]: must be a fraction of the limit above 0 (1.0 = 100%), got {level}"
+                ));
+            }
+            if i > 0 && *level <= s.alert_at[i - 1] {
+                return Err(format!(
+                    "alert_at[{i}]: levels must ascend, {level} follows {}",
+                    s.alert_at[i - 1]
+                ));
+            }
+        }
         Ok(vec![Aggregate {
             key: WINDOW_COST.into(),
             metric: Metric::CostUsd,
@@ -176,8 +214,15 @@ impl Policy for BudgetThreshold {
                 .with_fact("projected_cost_usd", projected)
         };
         if projected <= s.limit_usd {
-            return Ok(facts(Verdict::allow()));
+            let verdict = facts(Verdict::allow());
+            return Ok(match s.level_reached(projected) {
+                Some(alert) => verdict.with_alert(alert),
+                None => verdict,
+            });
         }
+        // Over budget: the request is refused or moved, so the window holds `spent`; the
+        // budget itself is used up.
+        let used = s.level_reached(spent.max(s.limit_usd));
         let over = format!(
             "{} budget ${:.4} exceeded: ${:.6} spent + ${:.6} this request",
             s.period_name(),
@@ -185,7 +230,7 @@ impl Policy for BudgetThreshold {
             spent,
             req.estimated_cost_usd
         );
-        Ok(facts(match s.action {
+        let verdict = match s.action {
             Action::Deny => Verdict::deny(s.deny_reason.clone().unwrap_or(over)),
             Action::Downgrade => {
                 let tier = s.downgrade_tier();
@@ -202,6 +247,11 @@ impl Policy for BudgetThreshold {
                     Verdict::downgrade(tier, over)
                 }
             }
+        };
+        // A verdict that already alerts (no tier to move to) keeps its own alert.
+        Ok(facts(match used {
+            Some(alert) if verdict.alert.is_none() => verdict.with_alert(alert),
+            _ => verdict,
         }))
     }
 }
@@ -242,6 +292,48 @@ mod tests {
         .unwrap();
         assert_eq!(cal.aggregates()[0].window, Window::CalendarMonth);
         assert_eq!(cal.aggregates()[0].scope, vec![Scope::Tenant]);
+    }
+
+    #[test]
+    fn alerts_name_the_highest_level_reached_in_the_same_words_every_time() {
+        let h = Harness::<BudgetThreshold>::new(
+            json!({"period": "hourly", "limit_usd": 1.0, "alert_at": [0.5, 0.8, 1.0]}),
+        )
+        .unwrap();
+        let mut req = request();
+        req.estimated_cost_usd = 0.1;
+        let alert = |spent: f64| {
+            h.evaluate(&req, &snapshot(&[(WINDOW_COST, Some(spent), 1)]))
+                .unwrap()
+                .alert
+        };
+        assert_eq!(alert(0.3), None);
+        assert_eq!(
+            alert(0.4).as_deref(),
+            Some("hourly budget 50% used (limit $1.0000)")
+        );
+        assert_eq!(alert(0.45), alert(0.4), "the same text past a level");
+        assert_eq!(
+            alert(0.75).as_deref(),
+            Some("hourly budget 80% used (limit $1.0000)")
+        );
+        // Refused: the budget is used up, whatever this request would have added.
+        let refused = h
+            .evaluate(&req, &snapshot(&[(WINDOW_COST, Some(0.95), 1)]))
+            .unwrap();
+        assert_eq!(refused.decision, Decision::Deny);
+        assert_eq!(
+            refused.alert.as_deref(),
+            Some("hourly budget 100% used (limit $1.0000)")
+        );
+        for bad in [json!([0.8, 0.5]), json!([0]), json!([11])] {
+            let e = Harness::<BudgetThreshold>::new(
+                json!({"period": "hourly", "limit_usd": 1.0, "alert_at": bad}),
+            )
+            .err()
+            .unwrap();
+            assert!(e.contains("alert_at["), "{e}");
+        }
     }
 
     #[test]

@@ -111,12 +111,13 @@ impl Policy for CostAnomaly {
             } else {
                 f64::INFINITY
             };
-            verdict = verdict.with_alert(format!(
-                "cost anomaly: estimate ${:.6} is {ratio:.1}x the {}h baseline ${baseline:.6} for feature {} (threshold {}x)",
-                req.estimated_cost_usd,
+            // The same words for every anomalous request of the feature (the numbers are
+            // facts), so the host delivers the alert once per feature and period.
+            verdict = verdict.with_fact("ratio", ratio).with_alert(format!(
+                "cost anomaly: estimates above {}x the {}h average cost of feature {}",
+                s.threshold_multiplier,
                 s.baseline_window_hours,
                 req.feature_id.as_deref().unwrap_or("<none>"),
-                s.threshold_multiplier,
             ));
         }
         Ok(verdict)
@@ -161,8 +162,15 @@ mod tests {
             .alert
             .as_deref()
             .unwrap()
-            .contains("3.1x the 24h baseline"));
+            .contains("above 3x the 24h average"));
+        assert!((v.fact("ratio").unwrap() - 3.1).abs() < 1e-9);
         assert_eq!(v.fact("threshold_cost_usd"), Some(0.03));
+        // Another anomalous estimate of the feature: the same words.
+        req.estimated_cost_usd = 0.5;
+        let again = seed_rule()
+            .evaluate(&req, &snapshot(&[(BASELINE, Some(0.01), 50)]))
+            .unwrap();
+        assert_eq!(again.alert, v.alert);
     }
 
     #[test]
