@@ -243,6 +243,16 @@ impl Gateway {
         Some(shared.exchange(&writes, &reads).await)
     }
 
+    /// With the redis backend: write this replica's current values of the keys money of
+    /// `dims` at `at_ms` lands in (a settlement), now rather than by the flusher. A failure
+    /// leaves them to the flusher.
+    pub(crate) async fn share_now(&self, dims: &Dims, at_ms: u64) {
+        if let Some(shared) = &self.shared {
+            let keys = shared.keys_of(dims, at_ms);
+            let _ = shared.exchange(&keys, &[]).await;
+        }
+    }
+
     /// Evaluate the namespace's rules for `ctx` with this request's own reservation left out
     /// of its snapshots; returns the evaluation and the time it took, ms.
     pub(super) fn evaluate(

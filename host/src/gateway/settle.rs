@@ -99,7 +99,8 @@ impl Gateway {
             d.timed_out_usd,
         );
         let written = self.writer.append(&records.telemetry, None).await;
-        self.settle_ledger(reservation, d.timed_out_usd, 0, 0, written);
+        self.settle_ledger(reservation, d.timed_out_usd, 0, 0, written)
+            .await;
         if let (Some(evaluation), false) = (d.over_budget, d.abandoned) {
             return Ok(Outcome::Denied {
                 request_id: req.ctx.request_id.clone(),
@@ -188,7 +189,8 @@ impl Gateway {
         };
         self.metrics.request(route, decision, target.estimate, cost);
         let written = self.writer.append(&records.telemetry, None).await;
-        self.settle_ledger(reservation, cost, tokens_in, tokens_out, written);
+        self.settle_ledger(reservation, cost, tokens_in, tokens_out, written)
+            .await;
         Ok(Outcome::Served(Box::new(Served {
             request_id: req.ctx.request_id.clone(),
             completion,
@@ -209,7 +211,7 @@ impl Gateway {
     /// telemetry line (or, unwritten, until it ages out: the decision line is on disk, so a
     /// restart counts it at its estimate). A request that cost nothing gives its reservation
     /// back.
-    fn settle_ledger(
+    async fn settle_ledger(
         &self,
         reservation: Reservation,
         cost: f64,
@@ -224,6 +226,7 @@ impl Gateway {
                 None
             }
         };
+        let (dims, at_ms) = (reservation.dims().clone(), reservation.at_ms());
         if cost <= 0.0 && tokens_in == 0 && tokens_out == 0 {
             drop(reservation);
             return;
@@ -237,5 +240,8 @@ impl Gateway {
             },
             position,
         );
+        // With the redis backend the settled spend is in Redis before the client is answered:
+        // a replica killed after answering leaves its spend counted.
+        self.share_now(&dims, at_ms).await;
     }
 }

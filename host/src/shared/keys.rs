@@ -1,8 +1,9 @@
 //! Which Redis keys hold a budget sum: one hash per (aggregate scope and window, the scope's
 //! values, time bucket). A calendar window has one bucket per period (hour, day, month, UTC);
-//! a rolling window of W seconds is cut into buckets of W/60 seconds (at least one), and a
+//! a rolling window of W seconds is cut into buckets of W/20 seconds (at least one), and a
 //! read sums the buckets overlapping the window — the oldest one whole, so a rolling sum errs
-//! high by at most one bucket (1/60 of the window), never low.
+//! high by at most one bucket (1/20 of the window), never low. (Finer buckets cost Redis one
+//! more hash read each per request.)
 
 use llmscope_sdk::types::{Aggregate, Aggregation, Metric, RequestContext, Scope, Window};
 
@@ -10,7 +11,7 @@ use crate::ledger::Dims;
 use crate::windows::calendar_start_us;
 
 /// Buckets a rolling window is cut into.
-const ROLLING_BUCKETS: u64 = 60;
+const ROLLING_BUCKETS: u64 = 20;
 /// How long a bucket key outlives the last window that reads it.
 const KEEP_MS: u64 = 3_600_000;
 
@@ -163,14 +164,14 @@ mod tests {
     #[test]
     fn rolling_windows_read_the_buckets_overlapping_them() {
         let s = spec(Window::RollingSeconds(3600));
-        // 60-s buckets: an hour ending mid-bucket reads 61 of them, the oldest partly outside.
+        // 3-min buckets: an hour ending mid-bucket reads 21 of them, the oldest partly outside.
         let now = 1_764_640_000_123;
         let b = s.buckets(now);
-        assert_eq!(b.len(), 61);
-        assert!(b[0] <= now - 3_600_000 && b[0] + 60_000 > now - 3_600_000);
+        assert_eq!(b.len(), 21);
+        assert!(b[0] <= now - 3_600_000 && b[0] + 180_000 > now - 3_600_000);
         assert_eq!(*b.last().unwrap(), s.bucket(now).0);
-        assert_eq!(s.bucket(now).0 % 60_000, 0);
-        assert_eq!(spec(Window::RollingSeconds(30)).buckets(now).len(), 31);
+        assert_eq!(s.bucket(now).0 % 180_000, 0);
+        assert_eq!(spec(Window::RollingSeconds(30)).buckets(now).len(), 16);
     }
 
     #[test]

@@ -37,6 +37,11 @@ const TARGET: &str = "llmscope::shared";
 
 /// How often the flusher writes what changed when nothing wakes it.
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// The most time between two heartbeats (a replica notices Redis lost its data within it).
+const HEARTBEAT_AT_MOST: Duration = Duration::from_millis(250);
+/// After Redis lost its data, how long every replica is given to rewrite its contribution
+/// (several heartbeats) before sums are answered again.
+const RECOVERY_GRACE_MS: u64 = 1_000;
 
 /// A replica's contribution to one key.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -60,6 +65,8 @@ struct State {
     seeded_through: HashMap<u64, u64>,
     /// Sequence number of the last values taken for writing.
     seq: u64,
+    /// When everything was last marked for rewriting (ms since the epoch).
+    rewritten_at_ms: u64,
 }
 
 /// The sums one read returned per key: settled by every replica, and in flight at the live
@@ -149,7 +156,7 @@ impl SharedBudgets {
     pub fn spawn(self: &Arc<Self>) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let every = Duration::from_millis((me.cfg.lease_ms / 3).max(30));
+            let every = Duration::from_millis((me.cfg.lease_ms / 3).max(30)).min(HEARTBEAT_AT_MOST);
             loop {
                 me.heartbeat().await;
                 tokio::time::sleep(every).await;
@@ -324,7 +331,10 @@ impl SharedBudgets {
         reads: &[String],
     ) -> SharedRead {
         let mut inv = self.exchange.prepare_invoke();
-        inv.key(format!("{}:alive", self.cfg.key_prefix));
+        let prefix = &self.cfg.key_prefix;
+        inv.key(format!("{prefix}:alive"))
+            .key(format!("{prefix}:epoch"))
+            .key(format!("{prefix}:recovering"));
         for (k, _) in writes {
             inv.key(k);
         }
@@ -334,7 +344,8 @@ impl SharedBudgets {
         inv.arg(writes.len())
             .arg(&self.cfg.replica_id)
             .arg(&self.boot)
-            .arg(seq);
+            .arg(seq)
+            .arg(RECOVERY_GRACE_MS);
         for (_, c) in writes {
             for s in [&c.settled, &c.in_flight] {
                 inv.arg(s.cost_usd.to_string())
@@ -356,10 +367,19 @@ impl SharedBudgets {
                 )),
             };
         let out = self.note(result)?;
+        if out.first().map(String::as_str) != Some("ok") {
+            // Redis lost its data: rewrite everything this replica holds, and let the rules
+            // fail as if it were unreachable until every replica had the time to.
+            self.rewrite_all();
+            return Err(
+                "shared budget store (Redis) lost its data and is being rewritten by the replicas"
+                    .into(),
+            );
+        }
         let mut read = Read::with_capacity(reads.len());
         for (i, k) in reads.iter().enumerate() {
             let n = |j: usize| {
-                out.get(i * 8 + j)
+                out.get(1 + i * 8 + j)
                     .and_then(|s| s.parse::<f64>().ok())
                     .unwrap_or(0.0)
             };
@@ -453,15 +473,25 @@ impl SharedBudgets {
             changed
         };
         if seeded == 0 || restarted {
-            let mut st = self.state.lock();
-            let keys: Vec<String> = st.mirror.keys().cloned().collect();
-            if !keys.is_empty() {
-                tracing::warn!(target: TARGET, keys = keys.len(), "shared budget store lost this replica's sums (Redis restarted or flushed): rewriting them");
-            }
-            st.dirty.extend(keys);
-            drop(st);
-            self.wake.notify_one();
+            self.rewrite_all();
         }
+    }
+
+    /// Mark every key this replica holds for rewriting, at most once a second.
+    fn rewrite_all(&self) {
+        let now = now_ms();
+        let mut st = self.state.lock();
+        if now < st.rewritten_at_ms + 1_000 {
+            return;
+        }
+        st.rewritten_at_ms = now;
+        let keys: Vec<String> = st.mirror.keys().cloned().collect();
+        if !keys.is_empty() {
+            tracing::warn!(target: TARGET, keys = keys.len(), "shared budget store lost this replica's sums (Redis restarted or flushed): rewriting them");
+        }
+        st.dirty.extend(keys);
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// Drop keys whose buckets no window reads any more (as of `now_ms`).
@@ -471,6 +501,12 @@ impl SharedBudgets {
             .mirror
             .retain(|_, c| c.expires_at_ms > now_ms);
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn add(into: &mut Sums, s: &Sums, sign: f64) {

@@ -97,6 +97,10 @@ impl Gateway {
         // Spend at another model than reserved is kept under that model (as ingestion will).
         let held = held.filter(|_| model == tier_model);
         self.settle_reported(ctx, model, held, actual, written);
+        // With the redis backend the settlement is in Redis before the filter is answered.
+        let mut settled_at = Dims::of(ctx);
+        settled_at.model = model.to_owned();
+        self.share_now(&settled_at, ctx.unix_time_ms).await;
         Ok(true)
     }
 
