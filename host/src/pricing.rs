@@ -189,8 +189,8 @@ pub struct Priced {
     pub tokens_out: u32,
     /// The output cap of one choice, what the provider is sent as `max_tokens`.
     pub max_tokens: u32,
-    /// Input tokens besides the text, whatever the tokenizer (image parts).
-    pub extra_in: u32,
+    /// Input besides the text, priced per model (image parts, a provider's tool prompt).
+    pub extra: ExtraInput,
     /// Every tier, cheapest first.
     pub tiers: Vec<TierEstimate>,
     /// Input-token counts per tokenizer already computed for this conversation.
@@ -213,7 +213,50 @@ impl Priced {
             Tokenizer::for_model(model_name, model),
             prompt,
         )
-        .saturating_add(self.extra_in)
+        .saturating_add(self.extra.tokens(config, model_name))
+    }
+}
+
+/// Tokens Anthropic adds to a request that offers tools (its tool-use system prompt; 313–346
+/// by its documentation, the larger taken).
+pub const ANTHROPIC_TOOL_PROMPT_TOKENS: u32 = 346;
+
+/// Input a request sends besides its text, whose tokens depend on the model it goes to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExtraInput {
+    /// Its image parts.
+    pub images: Vec<llmscope_wire::images::Image>,
+    /// It offers tools.
+    pub tools: bool,
+}
+
+impl ExtraInput {
+    /// Input tokens of this for `model_name`: each image by the model's rule (Anthropic's when
+    /// its provider is one), and Anthropic's tool prompt when tools are offered.
+    pub fn tokens(&self, config: &GatewayConfig, model_name: &str) -> u32 {
+        if self.images.is_empty() && !self.tools {
+            return 0;
+        }
+        let Some(model) = config.models.get(model_name) else {
+            return 0;
+        };
+        let anthropic = matches!(
+            config.providers.get(&model.provider),
+            Some(crate::config::ProviderConfig::Anthropic { .. })
+        );
+        let sent_as = model.provider_model.as_deref().unwrap_or(model_name);
+        let rule = llmscope_wire::images::ImageRule::for_model(sent_as, anthropic);
+        let images = self
+            .images
+            .iter()
+            .map(|i| rule.tokens(i))
+            .fold(0u32, u32::saturating_add);
+        let tools = if self.tools && anthropic {
+            ANTHROPIC_TOOL_PROMPT_TOKENS
+        } else {
+            0
+        };
+        images.saturating_add(tools)
     }
 }
 
@@ -232,6 +275,7 @@ fn price_with(
     config: &GatewayConfig,
     route: &str,
     output: Output,
+    extra: ExtraInput,
     mut count: impl FnMut(&mut Vec<(Tokenizer, u32)>, Tokenizer) -> u32,
 ) -> Option<Priced> {
     let route_cfg = config.routes.get(route)?;
@@ -244,7 +288,7 @@ fn price_with(
     for (tier, model_name) in &route_cfg.tiers {
         let model = config.models.get(model_name)?;
         let tokens_in = count(&mut counts, Tokenizer::for_model(model_name, model))
-            .saturating_add(output.extra_in);
+            .saturating_add(extra.tokens(config, model_name));
         tiers.push(TierEstimate {
             tier: tier.clone(),
             model: model_name.clone(),
@@ -255,30 +299,27 @@ fn price_with(
     Some(Priced {
         tokens_out,
         max_tokens,
-        extra_in: output.extra_in,
+        extra,
         tiers,
         counts,
     })
 }
 
-/// What a request asks to generate, and the input it adds beyond its text.
+/// What a request asks to generate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Output {
     /// The client's output cap per choice (bounded by the route's).
     pub max_tokens: Option<u32>,
     /// Choices asked for (`n`; 0 counts as 1).
     pub choices: u32,
-    /// Input tokens besides the text, whatever the tokenizer (image parts).
-    pub extra_in: u32,
 }
 
 impl Output {
-    /// One choice of at most `max_tokens`, no extra input.
+    /// One choice of at most `max_tokens`.
     pub fn capped(max_tokens: Option<u32>) -> Self {
         Self {
             max_tokens,
             choices: 1,
-            extra_in: 0,
         }
     }
 }
@@ -291,12 +332,13 @@ pub fn price(
     route: &str,
     prompt: &Prompt,
     mut output: Output,
+    extra: ExtraInput,
 ) -> Option<Priced> {
     if !prompt.generates() {
         output.max_tokens = Some(0);
         output.choices = 1;
     }
-    price_with(config, route, output, |counts, tokenizer| {
+    price_with(config, route, output, extra, |counts, tokenizer| {
         count_once(counts, tokenizer, prompt)
     })
 }
@@ -313,6 +355,7 @@ pub fn price_tokens(
         config,
         route,
         Output::capped(max_output),
+        ExtraInput::default(),
         |counts, tokenizer| {
             if !counts.iter().any(|(t, _)| *t == tokenizer) {
                 counts.push((tokenizer, tokens_in));
@@ -531,7 +574,14 @@ providers:
         let t = Tokenizer::Cl100kBase;
         let expected = t.count("hello world") + t.count("tokenization") + 5;
         assert_eq!(prompt.count(t), expected);
-        let mut priced = price(&config, "/embed", &prompt, Output::capped(Some(100))).unwrap();
+        let mut priced = price(
+            &config,
+            "/embed",
+            &prompt,
+            Output::capped(Some(100)),
+            ExtraInput::default(),
+        )
+        .unwrap();
         assert_eq!(priced.tokens_out, 0, "embeddings generate no output");
         let cheap = priced.tier("cheap").unwrap().estimated_cost_usd;
         assert!(
@@ -542,9 +592,15 @@ providers:
         // A chat prompt on the same route expects the route's output.
         let chat = Prompt::Chat(vec![("user".into(), "hello world".into())]);
         assert_eq!(
-            price(&config, "/embed", &chat, Output::capped(None))
-                .unwrap()
-                .tokens_out,
+            price(
+                &config,
+                "/embed",
+                &chat,
+                Output::capped(None),
+                ExtraInput::default()
+            )
+            .unwrap()
+            .tokens_out,
             500
         );
     }

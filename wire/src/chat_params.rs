@@ -103,8 +103,8 @@ pub struct Forwarded {
     /// Text a provider counts as input besides the messages: the tool definitions and the
     /// `response_format` schema, as JSON.
     pub priced_text: String,
-    /// Input tokens of the image parts, by OpenAI's image-token rule.
-    pub image_tokens: u32,
+    /// The image parts, priced per model ([`images::ImageRule`]).
+    pub images: Vec<images::Image>,
     /// The output cap goes by OpenAI's newer name, `max_completion_tokens` (reasoning models
     /// accept no other), because the client used it.
     pub completion_tokens_cap: bool,
@@ -178,6 +178,15 @@ pub fn check_chat_params(obj: &Map<String, Value>) -> Result<(), ChatError> {
             Some(_) => {}
         },
     }
+    let set = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    if let (Some(a), Some(b)) = (set("max_tokens"), set("max_completion_tokens")) {
+        if a != b {
+            return Err(invalid(
+                "max_completion_tokens",
+                "and max_tokens disagree; send one output cap (max_completion_tokens is OpenAI's current name)",
+            ));
+        }
+    }
     if streamed && obj.get("logprobs").and_then(Value::as_bool) == Some(true) {
         return Err(refused("logprobs", "log probabilities in a stream"));
     }
@@ -187,6 +196,19 @@ pub fn check_chat_params(obj: &Map<String, Value>) -> Result<(), ChatError> {
         }
     }
     check_tools(obj)?;
+    match obj.get("tool_choice") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(c)) if matches!(c.as_str(), "none" | "auto" | "required") => {}
+        Some(Value::Object(c))
+            if c.get("type").and_then(Value::as_str) == Some("function")
+                && c.get("function").and_then(|f| f.get("name")).is_some_and(Value::is_string) => {}
+        Some(_) => {
+            return Err(invalid(
+                "tool_choice",
+                "must be `none`, `auto`, `required` or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            ))
+        }
+    }
     if let Some(rf) = obj.get("response_format") {
         let kind = rf.get("type").and_then(Value::as_str);
         if !matches!(kind, Some("text" | "json_object" | "json_schema")) {
@@ -205,9 +227,37 @@ pub fn check_chat_params(obj: &Map<String, Value>) -> Result<(), ChatError> {
                 "this message field",
             ));
         }
+        for key in ["name", "tool_call_id", "refusal"] {
+            if m.get(key).is_some_and(|v| !v.is_string() && !v.is_null()) {
+                return Err(invalid(&format!("messages[{i}].{key}"), "must be a string"));
+            }
+        }
+        check_tool_calls(i, m)?;
         let parts = m.get("content").and_then(Value::as_array);
         for (j, part) in parts.into_iter().flatten().enumerate() {
-            match part.get("type").and_then(Value::as_str) {
+            let kind = part.get("type").and_then(Value::as_str);
+            let allowed: &[&str] = match kind {
+                Some("text") => &["type", "text"],
+                Some("image_url") => &["type", "image_url"],
+                _ => &[],
+            };
+            if let Some(key) = part
+                .as_object()
+                .and_then(|p| p.keys().find(|k| !allowed.contains(&k.as_str())))
+                .filter(|_| !allowed.is_empty())
+            {
+                return Err(refused(
+                    &format!("messages[{i}].content[{j}].{key}"),
+                    "this content-part field",
+                ));
+            }
+            match kind {
+                Some("text") if !part["text"].is_string() => {
+                    return Err(invalid(
+                        &format!("messages[{i}].content[{j}].text"),
+                        "must be a string",
+                    ))
+                }
                 Some("text") => {}
                 Some("image_url") => {
                     images::check_part(part).map_err(|what| {
@@ -221,6 +271,45 @@ pub fn check_chat_params(obj: &Map<String, Value>) -> Result<(), ChatError> {
                     ))
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// A message's `tool_calls`: function calls whose name and arguments are strings (what is
+/// priced is what is sent).
+fn check_tool_calls(i: usize, m: &Map<String, Value>) -> Result<(), ChatError> {
+    let Some(calls) = m.get("tool_calls").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let Some(calls) = calls.as_array() else {
+        return Err(invalid(
+            &format!("messages[{i}].tool_calls"),
+            "must be an array",
+        ));
+    };
+    for (j, c) in calls.iter().enumerate() {
+        let at = format!("messages[{i}].tool_calls[{j}]");
+        let Some(c) = c.as_object() else {
+            return Err(invalid(&at, "must be an object"));
+        };
+        if let Some(key) = c
+            .keys()
+            .find(|k| !["id", "type", "function"].contains(&k.as_str()))
+        {
+            return Err(refused(&format!("{at}.{key}"), "this tool-call field"));
+        }
+        let f = &c.get("function").cloned().unwrap_or_default();
+        for key in ["name", "arguments"] {
+            if !f[key].is_string() {
+                return Err(invalid(&format!("{at}.function.{key}"), "must be a string"));
+            }
+        }
+        if let Some(key) = f.as_object().and_then(|f| {
+            f.keys()
+                .find(|k| !["name", "arguments"].contains(&k.as_str()))
+        }) {
+            return Err(refused(&format!("{at}.function.{key}"), "this field"));
         }
     }
     Ok(())
@@ -240,6 +329,18 @@ fn check_tools(obj: &Map<String, Value>) -> Result<(), ChatError> {
                 &format!("tools[{i}].type"),
                 "a tool other than `function`",
             ));
+        }
+        if let Some(key) = t.as_object().and_then(|t| {
+            t.keys()
+                .find(|k| !["type", "function"].contains(&k.as_str()))
+        }) {
+            return Err(refused(&format!("tools[{i}].{key}"), "this tool field"));
+        }
+        if let Some(key) = t["function"].as_object().and_then(|f| {
+            f.keys()
+                .find(|k| !["name", "description", "parameters", "strict"].contains(&k.as_str()))
+        }) {
+            return Err(refused(&format!("tools[{i}].function.{key}"), "this field"));
         }
         let named = t["function"]["name"]
             .as_str()
@@ -281,20 +382,22 @@ pub fn forwarded(obj: &Map<String, Value>) -> Forwarded {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let image_tokens = messages
+    let images = messages
         .iter()
         .filter_map(|m| m.get("content").and_then(Value::as_array))
         .flatten()
         .filter(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
-        .map(images::tokens)
-        .fold(0u32, u32::saturating_add);
+        .map(images::image_of)
+        .collect();
     Forwarded {
         params,
         messages,
         priced_text,
-        image_tokens,
-        completion_tokens_cap: obj.contains_key("max_completion_tokens")
-            && !obj.contains_key("max_tokens"),
+        images,
+        completion_tokens_cap: obj
+            .get("max_completion_tokens")
+            .is_some_and(|v| !v.is_null())
+            && obj.get("max_tokens").is_none_or(Value::is_null),
     }
 }
 
@@ -343,6 +446,30 @@ mod tests {
                 "response_format.type",
             ),
             (
+                serde_json::json!({"max_tokens": 10, "max_completion_tokens": 99}),
+                "max_completion_tokens",
+            ),
+            (
+                serde_json::json!({"tool_choice": "sometimes"}),
+                "tool_choice",
+            ),
+            (
+                serde_json::json!({"tools": [{"type": "function", "function": {"name": "f", "cache_control": {}}}]}),
+                "tools[0].function.cache_control",
+            ),
+            (
+                msg(
+                    serde_json::json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}),
+                ),
+                "messages[1].tool_calls[0].function.arguments",
+            ),
+            (
+                msg(
+                    serde_json::json!({"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}),
+                ),
+                "messages[1].content[0].cache_control",
+            ),
+            (
                 serde_json::json!({"stream_options": {"include_obfuscation": true}}),
                 "stream_options.include_obfuscation",
             ),
@@ -388,7 +515,13 @@ mod tests {
             ["n", "response_format", "seed", "tools"]
         );
         assert!(f.priced_text.contains("lookup") && f.priced_text.contains("\"schema\""));
-        assert_eq!(f.image_tokens, images::LOW_DETAIL_TOKENS);
+        assert_eq!(
+            f.images,
+            [images::Image {
+                low: true,
+                size: None
+            }]
+        );
         assert_eq!(f.messages.len(), 1);
         let one = forwarded(
             serde_json::json!({"n": 1, "max_tokens": 3})

@@ -56,15 +56,16 @@ pub enum Call {
 }
 
 impl Inference {
-    /// Bytes of text sent for pricing: every message's content, and every embedding input
-    /// text (checked against `server.max_prompt_bytes`).
+    /// Bytes of text sent for pricing: every message's text (with its tool calls), the tool
+    /// definitions and schemas, and every embedding input text (checked against
+    /// `server.max_prompt_bytes`).
     pub fn prompt_bytes(&self) -> usize {
         let messages: usize = self.messages.iter().map(|m| m.content.len()).sum();
         let inputs: usize = match &self.call {
             Call::Completion => 0,
             Call::Embeddings(e) => e.input.texts().iter().map(|t| t.len()).sum(),
         };
-        messages + inputs
+        messages + inputs + self.forwarded.priced_text.len()
     }
 }
 
@@ -442,11 +443,16 @@ fn message(i: usize, m: &Value) -> Result<Message, ChatError> {
         }
         _ => None,
     };
-    let calls = m.get("tool_calls").and_then(Value::as_array);
-    for call in calls.into_iter().flatten() {
-        let f = &call["function"];
-        if let Some(text) = content.as_mut() {
-            for part in [&f["name"], &f["arguments"]] {
+    // Every string sent is input the provider counts: the name, a refusal, each tool call's
+    // id, name and arguments, a tool result's call id.
+    if let Some(text) = content.as_mut() {
+        for key in ["name", "refusal", "tool_call_id"] {
+            text.push_str(m.get(key).and_then(Value::as_str).unwrap_or_default());
+        }
+        let calls = m.get("tool_calls").and_then(Value::as_array);
+        for call in calls.into_iter().flatten() {
+            let f = &call["function"];
+            for part in [&call["id"], &f["name"], &f["arguments"]] {
                 text.push_str(part.as_str().unwrap_or_default());
             }
         }

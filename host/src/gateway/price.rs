@@ -180,9 +180,12 @@ impl Gateway {
         let output = pricing::Output {
             max_tokens: inf.max_tokens,
             choices: fwd.choices(),
-            extra_in: fwd.image_tokens,
         };
-        let mut priced = pricing::price(cfg, &inf.route_name, &prompt, output)
+        let extra = pricing::ExtraInput {
+            images: fwd.images.clone(),
+            tools: fwd.has_tools(),
+        };
+        let mut priced = pricing::price(cfg, &inf.route_name, &prompt, output, extra)
             .ok_or_else(|| self.unknown_route(&inf.route_name))?;
         self.calibrate(&mut priced, &prompt);
         let tokens_in = self.tokens_in_estimate(&mut priced, model, &prompt);

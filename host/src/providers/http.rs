@@ -95,7 +95,8 @@ impl HttpProvider {
             .await?
             .text()
             .await
-            .map_err(|e| ProviderError::Connect(e.to_string()))?;
+            // The provider accepted the call: a body that breaks off may be billed.
+            .map_err(|e| ProviderError::Interrupted(format!("reading the answer: {e}")))?;
         serde_json::from_str(&text).map_err(|e| ProviderError::decode(&e))
     }
 }

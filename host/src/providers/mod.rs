@@ -201,10 +201,14 @@ impl ProviderError {
         }
     }
 
-    /// Whether the provider may bill the failed attempt: it timed out, or broke off after
-    /// accepting the call.
+    /// Whether the provider may bill the failed attempt: it timed out, broke off after
+    /// accepting the call, or answered (a 2xx) in a shape that does not decode — its usage
+    /// is lost with it, so the attempt is charged at its estimate.
     pub fn may_have_billed(&self) -> bool {
-        matches!(self, Self::Timeout(_) | Self::Interrupted(_))
+        matches!(
+            self,
+            Self::Timeout(_) | Self::Interrupted(_) | Self::Decode(_)
+        )
     }
 
     /// Short class for telemetry's `error_type`.
