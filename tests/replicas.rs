@@ -9,7 +9,11 @@
 //! - c: Redis restarted empty mid-run (and later flushed): each replica writes its contribution
 //!   again, so the shared value equals the telemetry of all three, nothing lost or doubled;
 //! - d: Redis down: a fail-closed rule denies naming the shared budget store, a fail-open one
-//!   serves; `/readyz` and `/metrics` say so; both recover by themselves when Redis is back.
+//!   serves; `/readyz` and `/metrics` say so; both recover by themselves when Redis is back;
+//! - e: the store emptied (FLUSHALL, then a restart) with the cap spent, and a wave sent at
+//!   once: the cap stays closed;
+//! - f: the same when the replica that spent the cap is idle, so only its heartbeat can write
+//!   its share again (fails against the first backend: README, "Running several replicas").
 //!
 //! Nothing here asserts a duration: "eventually" is polling with generous deadlines. The
 //! numbers of each run are printed (`--nocapture`).
@@ -46,8 +50,8 @@ const LEASE_MS: u64 = 1_500;
 const MOCK_LATENCY_MS: u64 = 50;
 /// Concurrent clients of the load runs.
 const CLIENTS: usize = 64;
-/// Requests per client.
-const PER_CLIENT: usize = 8;
+/// How long each load run sends: long enough to exhaust the cap many times over.
+const LOAD_FOR: Duration = Duration::from_secs(3);
 /// Agreement between the shared aggregate and the telemetry.
 const TOLERANCE_USD: f64 = 1e-9;
 /// The cap. A request is estimated at ~$0.0003 (500 output tokens reserved) and billed at
@@ -98,8 +102,25 @@ fn budgets_yaml(
     }
 }
 
-/// Start replica `replica`: own temp dir and logs, fast refresh, the mock at
+/// Options of replica `replica`: own temp dir and logs, fast refresh, the mock at
 /// [`MOCK_LATENCY_MS`].
+fn replica_options(
+    redis: Option<&RedisServer>,
+    prefix: &str,
+    replica: usize,
+    limit_usd: f64,
+    timeout_ms: u64,
+) -> Options {
+    let mut opts = Options::new(&policy_yaml(limit_usd));
+    opts.mock_latency_ms = MOCK_LATENCY_MS;
+    opts.extra_yaml = format!(
+        "analytics:\n  refresh_interval_ms: {REFRESH_MS}\n{}",
+        budgets_yaml(redis, prefix, replica, timeout_ms)
+    );
+    opts
+}
+
+/// Start replica `replica` (see [`replica_options`]).
 fn start_replica(
     redis: Option<&RedisServer>,
     prefix: &str,
@@ -107,13 +128,9 @@ fn start_replica(
     limit_usd: f64,
     timeout_ms: u64,
 ) -> Gateway {
-    let mut opts = Options::new(&policy_yaml(limit_usd));
-    opts.mock_latency_ms = MOCK_LATENCY_MS;
-    opts.extra_yaml = format!(
-        "analytics:\n  refresh_interval_ms: {REFRESH_MS}\n{}",
-        budgets_yaml(redis, prefix, replica, timeout_ms)
-    );
-    Gateway::start(&opts)
+    Gateway::start(&replica_options(
+        redis, prefix, replica, limit_usd, timeout_ms,
+    ))
 }
 
 /// `n` replicas sharing `redis` under key prefix `prefix`.
@@ -129,8 +146,8 @@ fn start_replicas(redis: Option<&RedisServer>, prefix: &str, n: usize) -> Vec<Ga
 // Load.
 // ---------------------------------------------------------------------------------------------
 
-/// `CLIENTS` clients sending `PER_CLIENT` requests each to `urls`, round-robin (client `c`'s
-/// request `i` goes to `urls[(c + i) % n]`).
+/// `CLIENTS` clients sending requests for [`LOAD_FOR`] to the replicas, round-robin (client
+/// `c`'s request `i` goes to replica `(c + i) % n`).
 struct Load {
     handles: Vec<tokio::task::JoinHandle<BTreeMap<String, u64>>>,
     /// Requests answered 200 so far.
@@ -147,9 +164,15 @@ fn body(namespace: &str, c: usize, i: usize) -> Value {
 
 impl Load {
     fn start(gateways: &[Gateway]) -> Self {
-        let urls: Arc<Vec<String>> = Arc::new(gateways.iter().map(|g| g.at("/infer")).collect());
+        Self::start_to(&gateways.iter().collect::<Vec<_>>())
+    }
+
+    /// The load on `targets` only.
+    fn start_to(targets: &[&Gateway]) -> Self {
+        let urls: Arc<Vec<String>> = Arc::new(targets.iter().map(|g| g.at("/infer")).collect());
         let served = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
+        let until = Instant::now() + LOAD_FOR;
         for c in 0..CLIENTS {
             let (urls, served) = (Arc::clone(&urls), Arc::clone(&served));
             handles.push(tokio::spawn(async move {
@@ -158,7 +181,10 @@ impl Load {
                     .build()
                     .unwrap();
                 let mut tally = BTreeMap::new();
-                for i in 0..PER_CLIENT {
+                for i in 0.. {
+                    if Instant::now() >= until {
+                        break;
+                    }
                     let url = &urls[(c + i) % urls.len()];
                     let outcome = match client.post(url).json(&body(NAMESPACE, c, i)).send().await {
                         Ok(resp) => {
@@ -175,9 +201,9 @@ impl Load {
                         }
                         Err(_) => "connection-error".to_owned(),
                     };
-                    // Refusals come back at once: pace them, so the run lasts past the cap.
+                    // Refusals come back at once: pace them.
                     if outcome != "200" {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     *tally.entry(outcome).or_insert(0) += 1;
                 }
@@ -275,8 +301,9 @@ async fn window_cost(gw: &Gateway, namespace: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("no window_cost_usd in the snapshot: {snap}"))
 }
 
-/// Poll `check` every 100 ms until it passes; panic with its last complaint after `within`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
+/// Poll `check` every 100 ms until it passes: how long it took, or its last complaint after
+/// `within`.
+async fn poll<F, Fut>(what: &str, within: Duration, mut check: F) -> Result<Duration, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), String>>,
@@ -284,19 +311,34 @@ where
     let started = Instant::now();
     loop {
         match check().await {
-            Ok(()) => return started.elapsed(),
+            Ok(()) => return Ok(started.elapsed()),
             Err(e) if started.elapsed() > within => {
-                panic!("{what}: still not so after {within:?}: {e}")
+                return Err(format!("{what}: still not so after {within:?}: {e}"))
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
 
-/// Eventually, every live replica of `live` sees, as the cap's aggregate, exactly the spend in
-/// the telemetry of all of `all`.
-async fn shared_value_matches_telemetry(what: &str, all: &[Gateway], live: &[&Gateway]) {
-    let took = eventually(what, EVENTUALLY, || async {
+/// [`poll`], panicking with the complaint.
+async fn eventually<F, Fut>(what: &str, within: Duration, check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    poll(what, within, check)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Whether, eventually, every replica of `live` sees, as the cap's aggregate, exactly the
+/// spend in the telemetry of all of `all`.
+async fn try_shared_value_matches_telemetry(
+    what: &str,
+    all: &[Gateway],
+    live: &[&Gateway],
+) -> Result<(), String> {
+    let took = poll(what, EVENTUALLY, || async {
         let (total, _, _) = spend(all, NAMESPACE);
         let mut seen = Vec::new();
         for gw in live {
@@ -312,7 +354,23 @@ async fn shared_value_matches_telemetry(what: &str, all: &[Gateway], live: &[&Ga
         }
     })
     .await;
-    println!("{what}: after {took:?}");
+    match took {
+        Ok(took) => {
+            println!("{what}: after {took:?}");
+            Ok(())
+        }
+        Err(e) => {
+            println!("{e}");
+            Err(e)
+        }
+    }
+}
+
+/// [`try_shared_value_matches_telemetry`], panicking with the complaint.
+async fn shared_value_matches_telemetry(what: &str, all: &[Gateway], live: &[&Gateway]) {
+    if let Err(e) = try_shared_value_matches_telemetry(what, all, live).await {
+        panic!("{e}");
+    }
 }
 
 /// The bound: spend ≤ limit + replicas × the largest single request.
@@ -434,27 +492,65 @@ async fn b_a_replica_killed_mid_run_leaves_its_spend_and_not_its_reservations() 
     let redis = RedisServer::start();
     let mut gateways = start_replicas(Some(&redis), "replicas-b", 3);
     let load = Load::start(&gateways);
-    // Early in the run, while every replica has requests in flight.
-    load.served_at_least(4).await;
+    // Once gw-3 has settled a few requests, while the cap is still far: it has more in flight.
+    let deadline = Instant::now() + EVENTUALLY;
+    while spend(&gateways[2..], NAMESPACE).2 < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     gateways[2].child.kill().unwrap();
     let _ = gateways[2].child.wait();
     let killed_at = Instant::now();
+    let (settled, _, _) = spend(&gateways, NAMESPACE);
+    // Informative only (no timing is asserted): right after the kill the survivors still count
+    // gw-3's reservations, its lease has not run out yet.
+    if let Ok(seen) = window_cost(&gateways[0], NAMESPACE).await {
+        println!(
+            "b: just after the kill gw-1 sees ${seen:.6}, the telemetry says ${settled:.6} settled"
+        );
+    }
     let tally = load.join().await;
     assert_budget_held("b (gw-3 killed)", &gateways, &tally);
     println!("b: load over {:?} after the kill", killed_at.elapsed());
     // The survivors keep counting what gw-3 settled, and stop counting what it had reserved
     // once its lease has run out.
     let live: Vec<&Gateway> = gateways[..2].iter().collect();
-    shared_value_matches_telemetry(
-        "b: the survivors see the settled spend of all three, no reservation of the dead one",
-        &gateways,
-        &live,
-    )
-    .await;
+    let mut failures = Vec::new();
+    failures.extend(
+        try_shared_value_matches_telemetry(
+            "b: the survivors see the settled spend of all three, no reservation of the dead one",
+            &gateways,
+            &live,
+        )
+        .await
+        .err(),
+    );
     println!(
-        "b: matched {:?} after the kill (lease {LEASE_MS} ms)",
+        "b: {:?} after the kill (lease {LEASE_MS} ms)",
         killed_at.elapsed()
     );
+
+    // gw-3 restarted on its logs, same replica_id: it records its requests that were in flight
+    // at the kill as `unanswered` (at their estimates) and writes its share again from its
+    // logs; every replica then sees exactly the telemetry of all three.
+    let mut opts = replica_options(Some(&redis), "replicas-b", 3, LIMIT_USD, 2_000);
+    opts.logs = Some((gateways[2].telemetry.clone(), gateways[2].decisions.clone()));
+    let again = Gateway::start(&opts);
+    let unanswered = read_jsonl(&again.telemetry)
+        .iter()
+        .filter(|l| l["status"] == "unanswered")
+        .count();
+    println!("b: gw-3 restarted on its logs ({unanswered} requests recorded as unanswered)");
+    let live = [&gateways[0], &gateways[1], &again];
+    failures.extend(
+        try_shared_value_matches_telemetry(
+            "b: after gw-3's restart every replica sees the telemetry of all three",
+            &gateways,
+            &live,
+        )
+        .await
+        .err(),
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,6 +594,86 @@ async fn c_redis_restarted_empty_or_flushed_loses_and_doubles_nothing() {
         total <= LIMIT_USD + 3.0 * largest + TOLERANCE_USD,
         "c: after the second wave ${total:.6} was spent against a limit of ${LIMIT_USD}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_a_store_emptied_at_the_cap_does_not_reopen_it() {
+    let _serial = serial();
+    let mut redis = RedisServer::start();
+    let gateways = start_replicas(Some(&redis), "replicas-e", 3);
+    let live: Vec<&Gateway> = gateways.iter().collect();
+    let tally = Load::start(&gateways).join().await;
+    assert_budget_held("e (the cap reached)", &gateways, &tally);
+    shared_value_matches_telemetry("e: the cap reached and settled", &gateways, &live).await;
+
+    // The cap is spent. Empty the store and send the next wave at once, before the replicas
+    // had a chance to write their shares again: it must not find the budget open.
+    for (how, empty) in [
+        (
+            "FLUSHALL",
+            &mut (|r: &mut RedisServer| r.flushall()) as &mut dyn FnMut(&mut RedisServer),
+        ),
+        (
+            "a restart",
+            &mut (|r: &mut RedisServer| r.start_again()) as &mut dyn FnMut(&mut RedisServer),
+        ),
+    ] {
+        let before = spend(&gateways, NAMESPACE).0;
+        empty(&mut redis);
+        let tally = Load::start(&gateways).join().await;
+        let (total, largest, _) = spend(&gateways, NAMESPACE);
+        println!(
+            "e: wave right after {how}: {tally:?}, spent ${:.6} more, total ${total:.6} (limit ${LIMIT_USD}; {})",
+            total - before,
+            spend_by_replica(&gateways, NAMESPACE).join(", ")
+        );
+        assert!(
+            total <= LIMIT_USD + 3.0 * largest + TOLERANCE_USD,
+            "e: a wave sent right after {how} spent ${:.6} more on a spent cap: total ${total:.6} > limit ${LIMIT_USD} + 3 × ${largest:.6}; {tally:?}",
+            total - before
+        );
+        shared_value_matches_telemetry(
+            &format!("e: after {how} and its wave every replica sees the telemetry of all three"),
+            &gateways,
+            &live,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_an_idle_replicas_share_counts_right_after_the_store_is_emptied() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let gateways = start_replicas(Some(&redis), "replicas-f", 3);
+    let live: Vec<&Gateway> = gateways.iter().collect();
+    // gw-3 alone spends the cap, then goes idle.
+    let tally = Load::start_to(&[&gateways[2]]).join().await;
+    assert_budget_held("f (the cap spent through gw-3)", &gateways, &tally);
+    shared_value_matches_telemetry("f: the cap spent and settled", &gateways, &live).await;
+
+    // The store loses everything; the next wave goes to gw-1 and gw-2 only. gw-3's share must
+    // keep the cap closed although gw-3 serves nothing that would write it again.
+    let before = spend(&gateways, NAMESPACE).0;
+    redis.flushall();
+    let tally = Load::start_to(&[&gateways[0], &gateways[1]]).join().await;
+    let (total, largest, _) = spend(&gateways, NAMESPACE);
+    println!(
+        "f: wave on gw-1 and gw-2 right after FLUSHALL: {tally:?}, spent ${:.6} more, total ${total:.6} (limit ${LIMIT_USD}; {})",
+        total - before,
+        spend_by_replica(&gateways, NAMESPACE).join(", ")
+    );
+    assert!(
+        total <= LIMIT_USD + 3.0 * largest + TOLERANCE_USD,
+        "f: right after FLUSHALL gw-1 and gw-2 spent ${:.6} more on a cap gw-3 had spent: total ${total:.6} > limit ${LIMIT_USD} + 3 × ${largest:.6}; {tally:?}",
+        total - before
+    );
+    shared_value_matches_telemetry(
+        "f: after FLUSHALL every replica sees the telemetry of all three",
+        &gateways,
+        &live,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
