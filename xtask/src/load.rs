@@ -53,7 +53,8 @@ pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
-fn body(i: usize) -> String {
+/// The `/infer` body of request `i` (16 tenants, the expensive tier).
+pub(crate) fn body(i: usize) -> String {
     format!(
         r#"{{"prompt": "Summarize this document, number {i}: quarterly revenue grew while costs held flat.", "tenant_id": "bench-{}", "feature_id": "summarize", "model_tier": "expensive"}}"#,
         i % 16

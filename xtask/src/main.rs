@@ -8,6 +8,7 @@
 //! - `bench`: every benchmark, then one markdown table of metric, goal, measured, command.
 //! - `envoy-demo`, `bench-envoy`: the policies as proxy-wasm filters in a real Envoy.
 //! - `bench-streams`: streamed chat through the gateway vs straight to the mock upstream.
+//! - `bench-replicas`: the gateway with budgets shared through Redis vs kept locally.
 //! - `root`: print the workspace xtask works on, found at run time (see [`workspace_root`]).
 
 use std::ffi::OsString;
@@ -20,6 +21,7 @@ use clap::{Parser, Subcommand};
 mod envoy;
 mod gen;
 mod load;
+mod replicas;
 mod streams;
 mod suite;
 
@@ -91,6 +93,19 @@ enum Task {
         #[arg(long, default_value_t = 8)]
         seconds: u64,
         /// New streams per second (open loop).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Benchmark this `llmscope` binary instead of building the tree's (no build).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
+    /// The gateway with `budgets.backend: redis` (a redis-server started on a free port) vs
+    /// `local`, in the same run: latency at a fixed rate (open loop) and max rps (closed loop).
+    BenchReplicas {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Requests per second of the latency measurement (open loop).
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
         /// Benchmark this `llmscope` binary instead of building the tree's (no build).
@@ -253,6 +268,19 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
                 }
             };
             streams::bench_streams(&root, &bin, seconds, rate)
+        }
+        Task::BenchReplicas { seconds, rate, bin } => {
+            let bin = match bin {
+                Some(bin) => {
+                    build_policies(&root)?;
+                    bin
+                }
+                None => {
+                    build_all(&root)?;
+                    target_dir(&root).join("release/llmscope")
+                }
+            };
+            replicas::bench_replicas(&root, &bin, seconds, rate)
         }
         Task::BenchGateway {
             seconds,

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cargo, envoy, gen, load, streams};
+use crate::load::Stats;
+use crate::{cargo, envoy, gen, load, replicas, streams};
 
 /// Suite parameters.
 pub struct Options {
@@ -162,6 +163,54 @@ fn stream_rows(s: &streams::StreamResults) -> [Row; 2] {
     ]
 }
 
+/// The shared-budget rows: what `budgets.backend: redis` adds to a request's decision at a
+/// fixed rate (goal ≤ 0.5 ms at p99) and costs in throughput, against `local` in the same run.
+fn replica_rows(r: &replicas::ReplicaResults) -> [Row; 2] {
+    let (l, s) = (&r.local, &r.redis);
+    let added = (
+        s.at_rate.p50_ms - l.at_rate.p50_ms,
+        s.at_rate.p99_ms - l.at_rate.p99_ms,
+    );
+    let errors = l.at_rate.errors + s.at_rate.errors;
+    let rps = |v: &Stats| v.requests as f64 / v.seconds;
+    [
+        Row {
+            metric: format!(
+                "decision with budgets shared through Redis, added at {:.0} rps, p50 / p99",
+                r.rate
+            ),
+            goal: "p99 ≤ 0.5 ms added".into(),
+            measured: format!(
+                "{:.2} / {:.2} ms (redis {:.2} / {:.2}, local {:.2} / {:.2}; {errors} errors)",
+                added.0,
+                added.1,
+                s.at_rate.p50_ms,
+                s.at_rate.p99_ms,
+                l.at_rate.p50_ms,
+                l.at_rate.p99_ms
+            ),
+            verdict: verdict(added.1 <= 0.5 && errors == 0),
+            command: "cargo xtask bench-replicas",
+        },
+        Row {
+            metric: format!(
+                "gateway max throughput, budgets in Redis vs local ({} conns)",
+                r.connections
+            ),
+            goal: "—".into(),
+            measured: format!(
+                "{:.0} vs {:.0} rps ({} / {} errors; redis-server on the same cores)",
+                rps(&s.max),
+                rps(&l.max),
+                s.max.errors,
+                l.max.errors
+            ),
+            verdict: "",
+            command: "cargo xtask bench-replicas",
+        },
+    ]
+}
+
 /// Run everything and print the table.
 pub fn run(root: &Path, bin: &Path, opts: &Options) -> Result<()> {
     let mut rows = Vec::new();
@@ -274,6 +323,10 @@ pub fn run(root: &Path, bin: &Path, opts: &Options) -> Result<()> {
         opts.seconds,
         opts.stream_rate,
     )?));
+    match replicas::run(root, bin, opts.seconds, 1_000.0) {
+        Ok(r) => rows.extend(replica_rows(&r)),
+        Err(e) => println!("shared-budget (Redis) rows skipped: {e:#}"),
+    }
     let (first, cached) = cold_start(root, bin)?;
     rows.push(Row {
         metric: "cold start to first served request (3 components)".into(),
