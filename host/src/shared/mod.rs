@@ -98,6 +98,8 @@ pub struct SharedBudgets {
     wake: tokio::sync::Notify,
     /// The Redis server's `run_id` last seen (a restart changes it).
     run_id: Mutex<Option<String>>,
+    /// The store's epoch last seen (`script.lua`: another one means Redis lost its data).
+    epoch: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for SharedBudgets {
@@ -149,6 +151,7 @@ impl SharedBudgets {
             errors: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             run_id: Mutex::new(None),
+            epoch: Mutex::new(None),
         }))
     }
 
@@ -345,7 +348,8 @@ impl SharedBudgets {
             .arg(&self.cfg.replica_id)
             .arg(&self.boot)
             .arg(seq)
-            .arg(RECOVERY_GRACE_MS);
+            .arg(RECOVERY_GRACE_MS)
+            .arg(self.epoch.lock().clone().unwrap_or_default());
         for (_, c) in writes {
             for s in [&c.settled, &c.in_flight] {
                 inv.arg(s.cost_usd.to_string())
@@ -367,6 +371,9 @@ impl SharedBudgets {
                 )),
             };
         let out = self.note(result)?;
+        if let Some(epoch) = out.get(1) {
+            *self.epoch.lock() = Some(epoch.clone());
+        }
         if out.first().map(String::as_str) != Some("ok") {
             // Redis lost its data: rewrite everything this replica holds, and let the rules
             // fail as if it were unreachable until every replica had the time to.
@@ -379,7 +386,7 @@ impl SharedBudgets {
         let mut read = Read::with_capacity(reads.len());
         for (i, k) in reads.iter().enumerate() {
             let n = |j: usize| {
-                out.get(1 + i * 8 + j)
+                out.get(2 + i * 8 + j)
                     .and_then(|s| s.parse::<f64>().ok())
                     .unwrap_or(0.0)
             };

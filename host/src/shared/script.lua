@@ -2,12 +2,15 @@
 -- KEYS[1]: the live-replica set (boot id -> lease end, ms); KEYS[2]: the store's epoch mark;
 -- KEYS[3]: the recovery mark; KEYS[4 .. 3+nw]: bucket hashes this replica writes; the rest:
 -- bucket hashes it reads.
--- ARGV: nw, replica, boot, seq, recovery grace (ms), then per written key: cost, tokens in,
--- tokens out, requests settled; the same four in flight; the key's expiry (ms since epoch).
--- The epoch mark missing means Redis lost its data (restarted empty, flushed): every replica
--- must rewrite its contribution, so for the grace period every call answers "recovering"
--- (the caller treats the sums as unavailable: rules that fail closed deny) instead of sums
--- that miss what the replicas have not rewritten yet.
+-- ARGV: nw, replica, boot, seq, recovery grace (ms), the epoch this replica saw last ('' if
+-- none), then per written key: cost, tokens in, tokens out, requests settled; the same four in
+-- flight; the key's expiry (ms since epoch).
+-- An epoch other than the one a replica saw last (missing, or made anew) means Redis lost its
+-- data (restarted empty, flushed): every replica must rewrite its contribution, so for the
+-- grace period every call answers "recovering" (the caller treats the sums as unavailable:
+-- rules that fail closed deny) instead of sums that miss what the replicas have not
+-- rewritten yet. A first start (no replica saw an epoch) has nothing to recover.
+-- Returns {state, epoch, sums...}.
 -- A hash holds, per replica R: R|b (the boot that wrote it), R|q (its sequence number), R|c R|i
 -- R|o R|n (settled), R|fc R|fi R|fo R|fn (in flight). Writes are absolute, never increments: a
 -- newer boot of R replaces what an older one wrote; the same boot only replaces an older
@@ -20,8 +23,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local names = {'c', 'i', 'o', 'n', 'fc', 'fi', 'fo', 'fn'}
 local state = 'ok'
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('SET', KEYS[2], now)
+local known = ARGV[6]
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = tostring(now) .. '-' .. boot
+  redis.call('SET', KEYS[2], epoch)
+end
+if known ~= '' and known ~= epoch then
   redis.call('SET', KEYS[3], now, 'PX', tonumber(ARGV[5]))
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then
@@ -29,7 +37,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 for i = 1, nw do
   local k = KEYS[3 + i]
-  local o = 5 + (i - 1) * 9
+  local o = 6 + (i - 1) * 9
   local cur = redis.call('HMGET', k, rep .. '|b', rep .. '|q')
   if cur[1] ~= boot or tonumber(cur[2] or -1) < seq then
     local args = {k, rep .. '|b', boot, rep .. '|q', seq}
@@ -52,7 +60,7 @@ local function live(b)
   end
   return v
 end
-local out = {state}
+local out = {state, epoch}
 if state ~= 'ok' then
   return out
 end
