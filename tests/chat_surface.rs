@@ -152,6 +152,26 @@ async fn json_answers_and_streamed_tool_calls_reach_the_client() {
         upstream.stats().await["last_request"]["response_format"],
         body["response_format"]
     );
+    // A schema's keys reach the provider in the client's order (structured outputs answer in
+    // the order of `properties`).
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object",
+        "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}}}}});
+    let ordered = json!({"model": "cheap", "messages": [{"role": "user", "content": "hi"}],
+        "response_format": schema});
+    let resp = reqwest::Client::new()
+        .post(gw.at("/v1/chat/completions"))
+        .header("x-llmscope-tenant-id", "acme")
+        .header("content-type", "application/json")
+        .body(ordered.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = upstream.stats().await["last_request"]["response_format"].to_string();
+    assert!(
+        sent.find("reasoning").unwrap() < sent.find("answer").unwrap(),
+        "key order kept: {sent}"
+    );
 
     let body = json!({"model": "cheap", "stream": true, "tools": tools(),
         "messages": [{"role": "user", "content": "look hello up"}],
@@ -175,7 +195,7 @@ async fn json_answers_and_streamed_tool_calls_reach_the_client() {
             .any(|e| e["choices"][0]["finish_reason"] == "tool_calls"),
         "{events:?}"
     );
-    let t = &telemetry(&gw, 2).await[1];
+    let t = &telemetry(&gw, 3).await[2];
     assert_eq!(
         (t["streamed"].as_bool(), t["finish_reason"].as_str()),
         (Some(true), Some("tool_calls"))

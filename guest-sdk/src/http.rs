@@ -132,13 +132,16 @@ mod tests {
 
     #[test]
     fn error_shapes() {
+        let parsed = |s: &str| serde_json::from_str::<Value>(s).ok();
         assert_eq!(
-            invalid_json_body(false, "bad").to_string(),
-            r#"{"detail":"bad","error":"invalid_json"}"#
+            Some(invalid_json_body(false, "bad")),
+            parsed(r#"{"detail":"bad","error":"invalid_json"}"#)
         );
         assert_eq!(
-            invalid_json_body(true, "bad").to_string(),
-            r#"{"error":{"code":"invalid_json","message":"bad","param":null,"type":"invalid_request_error"}}"#
+            Some(invalid_json_body(true, "bad")),
+            parsed(
+                r#"{"error":{"code":"invalid_json","message":"bad","param":null,"type":"invalid_request_error"}}"#
+            )
         );
     }
 }

@@ -512,7 +512,8 @@ mod tests {
         assert!(f.has_tools() && f.completion_tokens_cap);
         assert_eq!(
             f.params.keys().collect::<Vec<_>>(),
-            ["n", "response_format", "seed", "tools"]
+            ["n", "seed", "tools", "response_format"],
+            "in the body's order: a schema's key order decides the order of a structured answer"
         );
         assert!(f.priced_text.contains("lookup") && f.priced_text.contains("\"schema\""));
         assert_eq!(

@@ -21,6 +21,7 @@ use llmscope_sdk::types::{RequestContext, Window};
 use llmscope_sdk::verdict::Mode;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 use crate::ledger::Dims;
 use crate::policy::{Evaluation, PolicySet};
@@ -33,7 +34,8 @@ const TARGET: &str = "llmscope::alerts";
 pub struct AlertRecord {
     /// When it was raised (RFC 3339, UTC).
     pub timestamp: String,
-    /// Unique id (webhook receivers deduplicate on it if a delivery is repeated).
+    /// The alert's id: a digest of rule, scope values, period and text, the same on every
+    /// replica (webhook receivers deduplicate on it).
     pub alert_id: String,
     /// The rule that raised it.
     pub rule_id: String,
@@ -102,10 +104,11 @@ impl Alerts {
             std::fs::create_dir_all(dir)?;
         }
         let mut seen = HashMap::new();
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                for line in text.lines() {
-                    if let Ok(r) = serde_json::from_str::<AlertRecord>(line) {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                // Line by line: a torn line (a crash mid-write) is skipped, never fatal.
+                for line in bytes.split(|b| *b == b'\n') {
+                    if let Ok(r) = serde_json::from_slice::<AlertRecord>(line) {
                         if r.period_end_ms > now_ms {
                             seen.insert(r.dedupe_key(), r.period_end_ms);
                         }
@@ -158,7 +161,7 @@ impl Alerts {
             let (period_start_ms, period_end_ms) = period(window, ctx.unix_time_ms);
             let record = AlertRecord {
                 timestamp: llmscope_wire::records::write::rfc3339(ctx.unix_time_ms),
-                alert_id: uuid::Uuid::now_v7().simple().to_string(),
+                alert_id: String::new(),
                 rule_id: outcome.rule_id.clone(),
                 primitive: outcome.primitive.clone(),
                 mode: match outcome.mode {
@@ -169,7 +172,12 @@ impl Alerts {
                 namespace: evaluation.namespace.clone().unwrap_or_default(),
                 scope: scope
                     .iter()
-                    .map(|s| (scope_name(*s).to_owned(), dims.value(*s)))
+                    .map(|s| {
+                        (
+                            crate::gateway::budgets::scope_name(*s).to_owned(),
+                            dims.value(*s),
+                        )
+                    })
                     .collect(),
                 period_start_ms,
                 period_end_ms,
@@ -178,6 +186,10 @@ impl Alerts {
                 tenant_id: ctx.tenant_id.clone(),
             };
             let key = record.dedupe_key();
+            // The same alert gets the same id on every replica and after every restart, so a
+            // receiver can drop repeats.
+            let mut record = record;
+            record.alert_id = hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16]);
             let mut seen = self.seen.lock();
             if seen.contains_key(&key) {
                 continue;
@@ -217,8 +229,20 @@ impl Alerts {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&self.path)?;
         f.lock_exclusive()?;
+        // After a torn write the file does not end in a newline: start on a line of our own.
+        let len = f.metadata()?.len();
+        if len > 0 {
+            use std::io::{Read as _, Seek as _};
+            let mut last = [0u8; 1];
+            f.seek(std::io::SeekFrom::Start(len - 1))?;
+            f.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                text.insert(0, '\n');
+            }
+        }
         let written = f.write_all(text.as_bytes()).and_then(|()| f.flush());
         let _ = FileExt::unlock(&f);
         written
@@ -272,18 +296,6 @@ fn period(window: Option<Window>, at_ms: u64) -> (u64, u64) {
             let s = cal(Window::CalendarDay, at_ms);
             (s, s + 86_400_000)
         }
-    }
-}
-
-fn scope_name(s: llmscope_sdk::types::Scope) -> &'static str {
-    use llmscope_sdk::types::Scope;
-    match s {
-        Scope::Tenant => "tenant",
-        Scope::Feature => "feature",
-        Scope::Route => "route",
-        Scope::BudgetNamespace => "budget_namespace",
-        Scope::Experiment => "experiment",
-        Scope::Model => "model",
     }
 }
 

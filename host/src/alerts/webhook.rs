@@ -24,6 +24,7 @@ pub struct Webhook {
     delivered: AtomicU64,
     failed: AtomicU64,
     expired: AtomicU64,
+    rejected: AtomicU64,
 }
 
 impl Webhook {
@@ -42,6 +43,7 @@ impl Webhook {
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
         }
     }
 
@@ -51,11 +53,12 @@ impl Webhook {
     }
 
     /// (outcome, count) for metrics.
-    pub fn counts(&self) -> [(&'static str, u64); 3] {
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
         [
             ("delivered", self.delivered.load(Ordering::Relaxed)),
             ("failed", self.failed.load(Ordering::Relaxed)),
             ("expired", self.expired.load(Ordering::Relaxed)),
+            ("rejected", self.rejected.load(Ordering::Relaxed)),
         ]
     }
 
@@ -132,6 +135,16 @@ impl Webhook {
                     self.delivered.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
+                // Refused for good (a 4xx other than timeout and rate limit): retrying the
+                // same body cannot help; the next alerts go on.
+                Ok(r)
+                    if r.status().is_client_error()
+                        && !matches!(r.status().as_u16(), 408 | 429) =>
+                {
+                    self.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(target: TARGET, webhook = %self.cfg.name, alert_id = %record.alert_id, status = r.status().as_u16(), "webhook refused the alert: given up");
+                    return true;
+                }
                 outcome => {
                     self.failed.fetch_add(1, Ordering::Relaxed);
                     let why = match outcome {
@@ -147,18 +160,32 @@ impl Webhook {
     }
 }
 
+/// `s` safe in a Slack message: `&`, `<`, `>` escaped (no mentions or links from a client's
+/// attribution values), at most 200 characters.
+fn slack_safe(s: &str) -> String {
+    s.chars()
+        .take(200)
+        .map(|c| match c {
+            '&' => "&amp;".to_owned(),
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// The text of a Slack message for `r`.
 fn slack_text(r: &AlertRecord) -> String {
     let scope: Vec<String> = r
         .scope
         .iter()
-        .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("-")))
+        .map(|(k, v)| format!("{k}={}", slack_safe(v.as_deref().unwrap_or("-"))))
         .collect();
     format!(
         ":warning: llmscope: {} (rule `{}`, namespace `{}`{})",
-        r.message,
-        r.rule_id,
-        r.namespace,
+        slack_safe(&r.message),
+        slack_safe(&r.rule_id),
+        slack_safe(&r.namespace),
         if scope.is_empty() {
             String::new()
         } else {
@@ -180,4 +207,15 @@ fn raised_ms(r: &AlertRecord) -> u64 {
             |_| now_ms(),
             |t| (t.unix_timestamp_nanos() / 1_000_000) as u64,
         )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slack_text_cannot_mention_or_link() {
+        assert_eq!(
+            super::slack_safe("<!channel> <https://evil|x> & co"),
+            "&lt;!channel&gt; &lt;https://evil|x&gt; &amp; co"
+        );
+    }
 }

@@ -118,7 +118,9 @@ impl Gateway {
                 cfg: model_cfg,
                 provider,
             };
-            let Some(estimate) = self.estimate(&candidate, req, target, reservation, &mut out)
+            let Some(estimate) = self
+                .estimate(&candidate, req, target, reservation, &mut out)
+                .await
             else {
                 continue;
             };
@@ -135,7 +137,7 @@ impl Gateway {
 
     /// What `candidate` is tried at: the target's estimate, or a fallback's own once
     /// [`Self::recheck`] let it through (`None`: over budget, recorded in `out`).
-    fn estimate(
+    async fn estimate(
         &self,
         candidate: &Candidate<'_>,
         req: &mut PricedRequest<'_>,
@@ -148,14 +150,17 @@ impl Gateway {
         }
         let tokens_in = self.tokens_in_estimate(&mut req.priced, candidate.model, &req.prompt);
         let estimate = pricing::cost_usd(candidate.cfg, tokens_in, req.priced.tokens_out);
-        let Some(evaluation) = self.recheck(
-            req,
-            candidate.model,
-            estimate,
-            tokens_in,
-            out.timed_out_usd,
-            reservation,
-        ) else {
+        let Some(evaluation) = self
+            .recheck(
+                req,
+                candidate.model,
+                estimate,
+                tokens_in,
+                out.timed_out_usd,
+                reservation,
+            )
+            .await
+        else {
             return Some(estimate);
         };
         out.failures.push((
@@ -252,7 +257,7 @@ impl Gateway {
     /// attempts already cost) and run the namespace's rules again for that model at that
     /// estimate (a model-scoped rule may refuse even a cheaper one). Returns the evaluation
     /// when it denies.
-    fn recheck(
+    async fn recheck(
         &self,
         req: &PricedRequest<'_>,
         model: &str,
@@ -272,8 +277,11 @@ impl Gateway {
         ctx.estimated_cost_usd = spent + estimate;
         ctx.estimated_tokens_in = tokens_in;
         let policies = self.policies();
-        // A fallback is re-checked against this replica's view (no second round trip).
-        let (evaluation, _) = self.evaluate(&policies, &ctx, reservation, None);
+        // With the redis backend the moved reservation is written and the replicas' sums read
+        // again, as for the first attempt.
+        let shared = self.shared_read(&policies, &ctx, Some(reservation)).await;
+        let (evaluation, _) = self.evaluate(&policies, &ctx, reservation, shared.as_ref());
+        self.alerts.raise(&policies, &ctx, &evaluation);
         if evaluation.decision == DecisionKind::Deny {
             let (dims, amount) = previous;
             reservation.update(

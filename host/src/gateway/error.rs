@@ -128,6 +128,10 @@ pub enum EdgeError {
     /// Too many reservations wait for reports.
     #[error("{0} edge requests are waiting for their reports; refusing more until some report or expire")]
     Overloaded(usize),
+    /// The shared budget store (Redis) did not answer: the filter's rules cannot see the
+    /// replicas' sums, so it is refused (503) and the filter's own failure mode decides.
+    #[error("{0}")]
+    SharedUnavailable(String),
     /// Too many reservations of one tenant wait for reports.
     #[error("tenant {tenant} has {pending} edge requests waiting for their reports (at most {max}); refusing more for it until some report or expire", max = crate::gateway::edge::MAX_PENDING_PER_TENANT)]
     TenantOverloaded {

@@ -15,6 +15,8 @@ pub enum StreamItem {
     Delta(String),
     /// A piece of a tool call (an element of an OpenAI chunk's `delta.tool_calls`).
     ToolCall(serde_json::Value),
+    /// Generated text of another delta field (`refusal`, `reasoning_content`, `reasoning`).
+    Field(&'static str, String),
     /// The stream ended and was settled: the finish reason and what the request was billed.
     End {
         /// `stop`, `length` (also when the gateway cut the stream), ...
@@ -103,6 +105,7 @@ pub(super) async fn pump(
                 continue;
             }
             Ok(Some(StreamEvent::Delta(text))) => Piece::Text(text),
+            Ok(Some(StreamEvent::Field(field, text))) => Piece::Field(field, text),
             Ok(Some(StreamEvent::ToolCall(call))) => Piece::Call(call),
         };
         let n = tokenizer.count(&piece.text());
@@ -119,6 +122,8 @@ pub(super) async fn pump(
         let item = match piece {
             Piece::Text(t) if t.is_empty() => None,
             Piece::Text(t) => Some(StreamItem::Delta(t)),
+            Piece::Field(_, t) if t.is_empty() => None,
+            Piece::Field(f, t) => Some(StreamItem::Field(f, t)),
             Piece::Call(c) => Some(StreamItem::ToolCall(c)),
         };
         if let Some(item) = item {
@@ -138,6 +143,9 @@ pub(super) async fn pump(
     for event in stream.take_buffered() {
         match event {
             StreamEvent::Delta(text) => {
+                p.received_out = p.received_out.saturating_add(tokenizer.count(&text));
+            }
+            StreamEvent::Field(_, text) => {
                 p.received_out = p.received_out.saturating_add(tokenizer.count(&text));
             }
             StreamEvent::ToolCall(call) => {
@@ -162,6 +170,7 @@ pub(super) async fn pump(
 /// One generated piece of a stream: text, or a piece of a tool call.
 enum Piece {
     Text(String),
+    Field(&'static str, String),
     Call(serde_json::Value),
 }
 
@@ -169,7 +178,7 @@ impl Piece {
     /// What it generated, as output is counted: the text, or the call's name and arguments.
     fn text(&self) -> String {
         match self {
-            Self::Text(t) => t.clone(),
+            Self::Text(t) | Self::Field(_, t) => t.clone(),
             Self::Call(c) => {
                 let f = &c["function"];
                 [&f["name"], &f["arguments"]]
@@ -185,6 +194,7 @@ impl Piece {
     fn fit(self, tokenizer: Tokenizer, budget: u32) -> Self {
         match self {
             Self::Text(t) => Self::Text(fit(tokenizer, &t, budget).to_owned()),
+            Self::Field(f, t) => Self::Field(f, fit(tokenizer, &t, budget).to_owned()),
             Self::Call(mut c) => {
                 let name = c["function"]["name"].as_str().unwrap_or_default();
                 let named = tokenizer.count(name);

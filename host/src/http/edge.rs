@@ -103,8 +103,8 @@ fn edge_error(e: EdgeError, chat: bool, relay: bool) -> ApiError {
         EdgeError::PromptTooLarge { size, limit, chat } => {
             client(ApiError::PromptTooLarge { size, limit }, dialect(chat))
         }
-        EdgeError::Overloaded(_) | EdgeError::TenantOverloaded { .. } => {
-            ApiError::EdgeOverloaded(e.to_string())
-        }
+        EdgeError::Overloaded(_)
+        | EdgeError::TenantOverloaded { .. }
+        | EdgeError::SharedUnavailable(_) => ApiError::EdgeOverloaded(e.to_string()),
     }
 }

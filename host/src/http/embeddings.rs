@@ -5,13 +5,11 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::HeaderValue;
-use hyper::{Request, Response, StatusCode};
-use llmscope_sdk::http::{COST_HEADER, POLICY_DECISION_HEADER, REQUEST_ID_HEADER, TIER_HEADER};
+use hyper::{Request, Response};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::request::{authenticate, check_prompt, header, json_response, read_json, Body, Scope};
+use super::request::{authenticate, check_prompt, header, read_json, Body, Scope};
 use crate::gateway::{Gateway, Outcome, Served};
 use crate::requests::parse_embeddings;
 
@@ -53,20 +51,5 @@ fn list(s: &Served) -> Response<Body> {
         "model": s.model,
         "usage": {"prompt_tokens": s.tokens_in, "total_tokens": s.tokens_in},
     });
-    let mut resp = json_response(StatusCode::OK, &body);
-    let h = resp.headers_mut();
-    for (name, value) in [
-        (REQUEST_ID_HEADER, s.request_id.clone()),
-        (
-            POLICY_DECISION_HEADER,
-            s.evaluation.decision.as_str().to_owned(),
-        ),
-        (TIER_HEADER, s.effective_tier.clone()),
-        (COST_HEADER, format!("{:.8}", s.cost_usd)),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(name, v);
-        }
-    }
-    resp
+    super::openai::served_response(&body, s)
 }

@@ -66,7 +66,12 @@ fn completion(s: &Served) -> Response<Body> {
         "choices": choices,
         "usage": {"prompt_tokens": s.tokens_in, "completion_tokens": s.tokens_out, "total_tokens": s.tokens_in + s.tokens_out},
     });
-    let mut resp = json_response(StatusCode::OK, &body);
+    served_response(&body, s)
+}
+
+/// `body` as a 200 with the llmscope headers of `s` (request id, decision, tier, cost).
+pub(super) fn served_response(body: &serde_json::Value, s: &Served) -> Response<Body> {
+    let mut resp = json_response(StatusCode::OK, body);
     let h = resp.headers_mut();
     for (name, value) in [
         (REQUEST_ID_HEADER, s.request_id.clone()),

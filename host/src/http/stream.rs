@@ -111,6 +111,7 @@ impl Chunks {
     fn render(&self, item: StreamItem) -> Bytes {
         match item {
             StreamItem::Delta(text) => self.event(&self.chunk(json!({"content": text}), None)),
+            StreamItem::Field(field, text) => self.event(&self.chunk(json!({ field: text }), None)),
             StreamItem::ToolCall(call) => {
                 self.event(&self.chunk(json!({"tool_calls": [call]}), None))
             }
@@ -167,7 +168,10 @@ impl Body for SseBody {
         }
         match self.items.poll_recv(cx) {
             Poll::Ready(Some(item)) => {
-                self.done = !matches!(item, StreamItem::Delta(_) | StreamItem::ToolCall(_));
+                self.done = !matches!(
+                    item,
+                    StreamItem::Delta(_) | StreamItem::ToolCall(_) | StreamItem::Field(..)
+                );
                 Poll::Ready(Some(Ok(Frame::data(self.chunks.render(item)))))
             }
             Poll::Ready(None) => {

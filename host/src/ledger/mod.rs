@@ -15,7 +15,7 @@ use llmscope_sdk::types::{Metric, RequestContext, Scope};
 use parking_lot::Mutex;
 
 use crate::artifacts::LogPosition;
-use crate::shared::{LedgerEntry, SharedBudgets};
+use crate::shared::{Change, LedgerEntry, SharedBudgets};
 
 /// The attribution dimensions of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -188,22 +188,28 @@ impl Inner {
         }
     }
 
-    /// Tell the shared store that `dims` at `at_ms` gained `settled` and `in_flight` (times
-    /// `sign`); `line`: the telemetry line a settlement wrote.
-    fn share(
-        &self,
-        dims: &Dims,
-        at_ms: u64,
-        settled: &Sums,
-        in_flight: &Sums,
-        sign: f64,
-        line: Option<LogPosition>,
-    ) {
+    /// Tell the shared store of `changes`, all at once: (dims, time, settled, in flight,
+    /// sign, telemetry line of a settlement).
+    fn share(&self, changes: &[ShareChange<'_>]) {
         if let Some(s) = &self.shared {
-            s.change(dims, at_ms, settled, in_flight, sign, line);
+            let changes: Vec<Change<'_>> = changes
+                .iter()
+                .map(|&(dims, at_ms, settled, in_flight, sign, line)| Change {
+                    dims,
+                    at_ms,
+                    settled,
+                    in_flight,
+                    sign,
+                    line,
+                })
+                .collect();
+            s.changes(&changes);
         }
     }
 }
+
+/// A change told to the shared store: (dims, time, settled, in flight, sign, telemetry line).
+type ShareChange<'a> = (&'a Dims, u64, &'a Sums, &'a Sums, f64, Option<LogPosition>);
 
 /// The ledger. Cheap to clone (shared).
 ///
@@ -264,7 +270,7 @@ impl Ledger {
                 settled: None,
             },
         );
-        inner.share(&dims, at_ms, &Sums::default(), &amount, 1.0, None);
+        inner.share(&[(&dims, at_ms, &Sums::default(), &amount, 1.0, None)]);
         Reservation {
             ledger: self.clone(),
             dims,
@@ -427,8 +433,10 @@ impl Reservation {
             },
         );
         let none = Sums::default();
-        inner.share(&self.dims, self.at_ms, &none, &self.amount, -1.0, None);
-        inner.share(&dims, self.at_ms, &none, &amount, 1.0, None);
+        inner.share(&[
+            (&self.dims, self.at_ms, &none, &self.amount, -1.0, None),
+            (&dims, self.at_ms, &none, &amount, 1.0, None),
+        ]);
         self.dims = dims;
         self.amount = amount;
     }
@@ -454,22 +462,11 @@ impl Reservation {
     pub fn settle(mut self, actual: Sums, telemetry: Option<LogPosition>) {
         let mut inner = self.ledger.inner.lock();
         self.live = false;
-        inner.share(
-            &self.dims,
-            self.at_ms,
-            &Sums::default(),
-            &self.amount,
-            -1.0,
-            None,
-        );
-        inner.share(
-            &self.dims,
-            self.at_ms,
-            &actual,
-            &Sums::default(),
-            1.0,
-            telemetry,
-        );
+        let none = Sums::default();
+        inner.share(&[
+            (&self.dims, self.at_ms, &none, &self.amount, -1.0, None),
+            (&self.dims, self.at_ms, &actual, &none, 1.0, telemetry),
+        ]);
         // Already ingested and published (a refresh ran between the write and this call):
         // the aggregates count it, so the ledger must not count it again.
         let published = telemetry.is_some_and(|at| {
@@ -500,14 +497,8 @@ impl Drop for Reservation {
         if self.live {
             let mut inner = self.ledger.inner.lock();
             inner.release(&self.dims, self.id);
-            inner.share(
-                &self.dims,
-                self.at_ms,
-                &Sums::default(),
-                &self.amount,
-                -1.0,
-                None,
-            );
+            let none = Sums::default();
+            inner.share(&[(&self.dims, self.at_ms, &none, &self.amount, -1.0, None)]);
         }
     }
 }

@@ -31,15 +31,61 @@ const MAPPED: [&str; 5] = [
     "parallel_tool_calls",
 ];
 
-/// The first forwarded parameter the Messages API has no equivalent for, with why.
+/// The first forwarded parameter (or message field) the Messages API has no equivalent for,
+/// with why.
 pub(super) fn refuses(f: &Forwarded) -> Option<(String, &'static str)> {
-    if let Some(key) = f.params.keys().find(|k| !MAPPED.contains(&k.as_str())) {
+    let no_op_format = f
+        .params
+        .get("response_format")
+        .is_some_and(|r| r["type"] == "text");
+    if let Some(key) = f.params.keys().find(|k| {
+        !(MAPPED.contains(&k.as_str()) || k.as_str() == "response_format" && no_op_format)
+    }) {
         let why = match key.as_str() {
             "n" => "the Messages API answers with one choice",
             "response_format" => "the Messages API has no response format; describe the JSON in the prompt or use a tool",
             _ => "the Messages API has no equivalent",
         };
         return Some((key.clone(), why));
+    }
+    let tools = f.params.get("tools").and_then(Value::as_array);
+    for (i, t) in tools.into_iter().flatten().enumerate() {
+        if t["function"].get("strict").is_some() {
+            return Some((
+                format!("tools[{i}].function.strict"),
+                "the Messages API has no strict schema adherence for tools",
+            ));
+        }
+    }
+    for (i, m) in f.messages.iter().enumerate() {
+        let role = m["role"].as_str().unwrap_or_default();
+        for key in ["name", "refusal"] {
+            if m.get(key).is_some_and(|v| !v.is_null()) {
+                return Some((
+                    format!("messages[{i}].{key}"),
+                    "the Messages API has no such message field",
+                ));
+            }
+        }
+        let has_image = m["content"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["type"] == "image_url"));
+        if has_image && matches!(role, "system" | "developer") {
+            return Some((
+                format!("messages[{i}].content"),
+                "the Messages API takes no images in the system prompt",
+            ));
+        }
+        for (j, call) in m["tool_calls"].as_array().into_iter().flatten().enumerate() {
+            let args = call["function"]["arguments"].as_str().unwrap_or_default();
+            let object = serde_json::from_str::<Value>(args).is_ok_and(|v| v.is_object());
+            if !object {
+                return Some((
+                    format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                    "the Messages API takes tool inputs as JSON objects; these arguments are not one",
+                ));
+            }
+        }
     }
     None
 }
@@ -103,7 +149,7 @@ pub(super) fn body(req: &CompletionRequest) -> Value {
         Some(Value::Object(c)) => Some(json!({"type": "tool", "name": c["function"]["name"]})),
         _ => None,
     };
-    if p.get("parallel_tool_calls") == Some(&Value::Bool(false)) {
+    if p.get("parallel_tool_calls") == Some(&Value::Bool(false)) && p.contains_key("tools") {
         let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
         c["disable_parallel_tool_use"] = json!(true);
     }
@@ -122,8 +168,12 @@ fn messages(openai: &[Value]) -> Vec<Value> {
         match role {
             "system" | "developer" => {}
             "tool" => {
+                let content = match &m["content"] {
+                    Value::Array(_) => json!(content_blocks(&m["content"])),
+                    other => json!(text_of(other)),
+                };
                 let result = json!({"type": "tool_result", "tool_use_id": m["tool_call_id"],
-                    "content": text_of(&m["content"])});
+                    "content": content});
                 match out.last_mut() {
                     Some(last)
                         if last["role"] == "user"

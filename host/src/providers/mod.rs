@@ -113,12 +113,15 @@ pub struct Completion {
 }
 
 /// What `choices` (OpenAI `choices` entries) generated, as output is counted: each message's
-/// text and the name and arguments of each of its tool calls.
+/// text, refusal and reasoning text, and the name and arguments of each of its tool calls.
 pub fn generated_text(choices: &[serde_json::Value]) -> String {
     let mut text = String::new();
     for c in choices {
         let m = &c["message"];
         text.push_str(m["content"].as_str().unwrap_or_default());
+        for field in sse::DELTA_FIELDS {
+            text.push_str(m[field].as_str().unwrap_or_default());
+        }
         for call in m["tool_calls"].as_array().into_iter().flatten() {
             let f = &call["function"];
             text.push_str(f["name"].as_str().unwrap_or_default());

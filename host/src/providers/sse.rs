@@ -13,6 +13,9 @@ use super::ProviderError;
 pub enum StreamEvent {
     /// Generated text.
     Delta(String),
+    /// Generated text of another delta field: `refusal` (structured outputs), or
+    /// `reasoning_content` / `reasoning` (reasoning models behind vLLM, DeepSeek, OpenRouter).
+    Field(&'static str, String),
     /// A piece of a tool call, as an element of an OpenAI chunk's `delta.tool_calls`
     /// (`index`; `id`, `type` and `function.name` in its first piece; `function.arguments`
     /// in pieces).
@@ -113,6 +116,9 @@ fn as_u32(v: &Value) -> Option<u32> {
     v.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
+/// Delta fields besides `content` whose text is generated output, forwarded and counted.
+pub const DELTA_FIELDS: [&str; 3] = ["refusal", "reasoning_content", "reasoning"];
+
 /// An OpenAI `chat.completion.chunk` event as [`StreamEvent`]s.
 pub fn openai_events(e: &SseEvent) -> Result<Vec<StreamEvent>, ProviderError> {
     if e.data.trim() == "[DONE]" {
@@ -126,6 +132,11 @@ pub fn openai_events(e: &SseEvent) -> Result<Vec<StreamEvent>, ProviderError> {
     if let Some(choice) = v["choices"].as_array().and_then(|c| c.first()) {
         if let Some(text) = choice["delta"]["content"].as_str() {
             out.push(StreamEvent::Delta(text.to_owned()));
+        }
+        for field in DELTA_FIELDS {
+            if let Some(text) = choice["delta"][field].as_str() {
+                out.push(StreamEvent::Field(field, text.to_owned()));
+            }
         }
         for call in choice["delta"]["tool_calls"]
             .as_array()
@@ -264,6 +275,17 @@ mod tests {
             ))
             .unwrap(),
             vec![StreamEvent::Delta("Hi".into())]
+        );
+        // Refusals and reasoning text are output too: forwarded and counted, never dropped.
+        assert_eq!(
+            openai_events(&ev(
+                r#"{"choices":[{"index":0,"delta":{"reasoning_content":"think","refusal":"no"}}]}"#
+            ))
+            .unwrap(),
+            vec![
+                StreamEvent::Field("refusal", "no".into()),
+                StreamEvent::Field("reasoning_content", "think".into())
+            ]
         );
         assert_eq!(
             openai_events(&ev(

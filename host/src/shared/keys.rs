@@ -59,7 +59,11 @@ impl Spec {
     }
 
     fn tag(&self) -> String {
-        let scope: Vec<&str> = self.scope.iter().map(|s| scope_name(*s)).collect();
+        let scope: Vec<&str> = self
+            .scope
+            .iter()
+            .map(|s| crate::gateway::budgets::scope_name(*s))
+            .collect();
         let window = match self.window {
             Window::RollingSeconds(s) => format!("r{s}"),
             Window::CalendarHour => "hour".into(),
@@ -131,18 +135,6 @@ impl Spec {
 
 fn cal_start_ms(w: Window, at_ms: u64) -> u64 {
     u64::try_from(calendar_start_us(w, at_ms) / 1000).unwrap_or(0)
-}
-
-/// The name of a scope in keys (as policies spell it).
-fn scope_name(s: Scope) -> &'static str {
-    match s {
-        Scope::Tenant => "tenant",
-        Scope::Feature => "feature",
-        Scope::Route => "route",
-        Scope::BudgetNamespace => "budget_namespace",
-        Scope::Experiment => "experiment",
-        Scope::Model => "model",
-    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,8 @@ struct State {
     seq: u64,
     /// When everything was last marked for rewriting (ms since the epoch).
     rewritten_at_ms: u64,
+    /// Refreshes since the last rebuild.
+    seed_refreshes: u32,
 }
 
 /// The sums one read returned per key: settled by every replica, and in flight at the live
@@ -82,6 +84,23 @@ pub type SeedRow = (Spec, Vec<Option<String>>, u64, Sums);
 
 /// A ledger entry, for rebuilding the mirror: its dimensions, time, sums, settled or not.
 pub type LedgerEntry = (Dims, u64, Sums, bool);
+
+/// A change of this replica's money (see [`SharedBudgets::changes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// The request's dimensions.
+    pub dims: &'a Dims,
+    /// When the request arrived.
+    pub at_ms: u64,
+    /// Settled money added.
+    pub settled: &'a Sums,
+    /// In-flight money added.
+    pub in_flight: &'a Sums,
+    /// +1 or -1.
+    pub sign: f64,
+    /// Where a settlement's telemetry line ended.
+    pub line: Option<LogPosition>,
+}
 
 /// The shared budget store of one replica.
 pub struct SharedBudgets {
@@ -212,6 +231,7 @@ impl SharedBudgets {
         st.mirror.clear();
         st.specs = specs;
         st.built = true;
+        st.seed_refreshes = 0;
         st.seeded_through = seeded_through
             .into_iter()
             .map(|p| (p.file_id, p.offset))
@@ -245,9 +265,39 @@ impl SharedBudgets {
         self.wake.notify_one();
     }
 
-    /// Record a change of this replica's money for `dims` at `at_ms`: `settled` and
-    /// `in_flight` added with `sign`; `line`: where a settlement's telemetry line ended (a
-    /// line the seed already counted adds nothing). Called by the ledger under its lock.
+    /// Record changes of this replica's money, all at once (no write sees half of them):
+    /// each for `dims` at `at_ms`, `settled` and `in_flight` added with `sign`; `line`: where
+    /// a settlement's telemetry line ended (a line the seed already counted adds nothing).
+    /// Called by the ledger under its lock.
+    pub(crate) fn changes(&self, changes: &[Change<'_>]) {
+        let mut st = self.state.lock();
+        if !st.built {
+            return;
+        }
+        for c in changes {
+            let seeded = c.line.is_some_and(|p| {
+                st.seeded_through
+                    .get(&p.file_id)
+                    .is_some_and(|&through| p.offset <= through)
+            });
+            let none = Sums::default();
+            let settled = if seeded { &none } else { c.settled };
+            apply(
+                &mut st,
+                &self.cfg.key_prefix,
+                c.dims,
+                c.at_ms,
+                settled,
+                c.in_flight,
+                c.sign,
+            );
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// One change (see [`Self::changes`]).
+    #[cfg(test)]
     pub(crate) fn change(
         &self,
         dims: &Dims,
@@ -257,28 +307,14 @@ impl SharedBudgets {
         sign: f64,
         line: Option<LogPosition>,
     ) {
-        let mut st = self.state.lock();
-        if !st.built {
-            return;
-        }
-        let seeded = line.is_some_and(|p| {
-            st.seeded_through
-                .get(&p.file_id)
-                .is_some_and(|&through| p.offset <= through)
-        });
-        let none = Sums::default();
-        let settled = if seeded { &none } else { settled };
-        apply(
-            &mut st,
-            &self.cfg.key_prefix,
+        self.changes(&[Change {
             dims,
             at_ms,
             settled,
             in_flight,
             sign,
-        );
-        drop(st);
-        self.wake.notify_one();
+            line,
+        }]);
     }
 
     /// The keys money of `dims` at `at_ms` lands in.
@@ -376,8 +412,12 @@ impl SharedBudgets {
         }
         if out.first().map(String::as_str) != Some("ok") {
             // Redis lost its data: rewrite everything this replica holds, and let the rules
-            // fail as if it were unreachable until every replica had the time to.
+            // fail as if it were unreachable until every replica had the time to. (The
+            // writes of this call went through: a write-only call succeeded.)
             self.rewrite_all();
+            if reads.is_empty() {
+                return Ok(Read::new());
+            }
             return Err(
                 "shared budget store (Redis) lost its data and is being rewritten by the replicas"
                     .into(),
@@ -501,12 +541,17 @@ impl SharedBudgets {
         self.wake.notify_one();
     }
 
-    /// Drop keys whose buckets no window reads any more (as of `now_ms`).
+    /// Drop keys whose buckets no window reads any more (as of `now_ms`). Called every
+    /// refresh; the rebuild's ingestion marks are dropped at the second call after it (every
+    /// settlement whose line the seed counted has settled by then), so a log truncated or an
+    /// inode reused later cannot make a new line look seeded.
     pub fn expire(&self, now_ms: u64) {
-        self.state
-            .lock()
-            .mirror
-            .retain(|_, c| c.expires_at_ms > now_ms);
+        let mut st = self.state.lock();
+        st.mirror.retain(|_, c| c.expires_at_ms > now_ms);
+        st.seed_refreshes += 1;
+        if st.seed_refreshes > 2 {
+            st.seeded_through.clear();
+        }
     }
 }
 

@@ -173,7 +173,15 @@ impl Gateway {
                     .collect();
                 reads.sort();
                 reads.dedup();
-                Some(s.exchange(&writes, &reads).await)
+                match s.exchange(&writes, &reads).await {
+                    Ok(read) => Some(Ok(read)),
+                    Err(why) => {
+                        // Not held: the filter refuses or lets the request through by its own
+                        // failure mode, and reports nothing for this context.
+                        drop(self.edge.take(&ctx.request_id));
+                        return Err(EdgeError::SharedUnavailable(why));
+                    }
+                }
             }
             None => None,
         };
