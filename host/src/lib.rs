@@ -18,6 +18,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod mock_upstream;
+pub mod otel;
 pub mod policy;
 pub mod pricing;
 pub mod providers;

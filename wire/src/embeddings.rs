@@ -280,6 +280,7 @@ pub fn parse_embeddings(
         max_tokens: None,
         temperature: None,
         forwarded: crate::chat_params::Forwarded::default(),
+        trace_context: crate::requests::trace_context(header),
         call: Call::Embeddings(EmbeddingCall {
             input,
             encoding_format,

@@ -43,6 +43,9 @@ pub struct Inference {
     pub forwarded: Forwarded,
     /// What kind of call: a completion of `messages`, or embeddings.
     pub call: Call,
+    /// The W3C trace-context headers it came with (`traceparent`, `tracestate`), continued
+    /// by the gateway's trace.
+    pub trace_context: Vec<(String, String)>,
 }
 
 /// What a request asks the provider for: it decides how it is priced (a completion's input
@@ -208,6 +211,7 @@ pub fn parse_infer(
         tenant_id,
         forwarded: Forwarded::default(),
         call: Call::Completion,
+        trace_context: trace_context(header),
     };
     if errs.0.is_empty() {
         Ok(inf)
@@ -370,7 +374,16 @@ pub fn parse_chat(
         temperature,
         forwarded: forwarded(obj),
         call: Call::Completion,
+        trace_context: trace_context(header),
     })
+}
+
+/// The W3C trace-context headers among a request's (`traceparent`, `tracestate`).
+pub(crate) fn trace_context(header: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+    ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|h| header(h).map(|v| (h.to_owned(), v)))
+        .collect()
 }
 
 /// Who pays for an OpenAI-shaped request and the route it names, as sent.

@@ -54,6 +54,7 @@ pub(super) fn serve(config: &Path, listen: Option<SocketAddr>) -> Result<ExitCod
         // (recovery, ingesting large logs): take it over before the start.
         #[cfg(unix)]
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        crate::otel::init(&env);
         let gateway = tokio::task::block_in_place(|| crate::gateway::Gateway::start(cfg, &env))?;
         let listener = crate::server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let bound = listener.local_addr()?;
@@ -105,6 +106,7 @@ pub(super) fn serve(config: &Path, listen: Option<SocketAddr>) -> Result<ExitCod
         }
         tracing::info!(%bound, "serving");
         crate::server::serve(gateway, listener, shutdown_signal()).await?;
+        tokio::task::block_in_place(crate::otel::shutdown);
         refresher.abort();
         Ok::<_, anyhow::Error>(())
     })?;

@@ -194,46 +194,68 @@ impl Gateway {
             .unwrap_or_else(|| candidate.model.clone());
         let mut timed_out = 0u32;
         let provider = candidate.provider;
+        let span = crate::otel::child(
+            "llmscope.dispatch",
+            vec![
+                opentelemetry::KeyValue::new("gen_ai.request.model", model.clone()),
+                opentelemetry::KeyValue::new("gen_ai.provider.name", model_cfg.provider.clone()),
+                opentelemetry::KeyValue::new("llmscope.attempt", candidate.index as i64),
+            ],
+        );
         let answered = |c| Some((candidate.index, candidate.model.clone(), c));
-        let result = match (&inf.call, mode) {
-            (Call::Embeddings(e), _) => {
-                let ereq = EmbeddingRequest {
-                    request_id,
-                    model,
-                    input: e.input.clone(),
-                    encoding_format: e.encoding_format,
-                    dimensions: e.dimensions,
-                };
-                provider.embed(&ereq, &mut timed_out).await.map(|(e, _)| {
-                    out.answered = answered(e.as_completion());
-                    out.embeddings = Some(e.vectors);
-                })
-            }
-            (Call::Completion, _) => {
-                let creq = CompletionRequest {
-                    request_id,
-                    model,
-                    messages: inf.messages.clone(),
-                    max_tokens: req.priced.max_tokens,
-                    temperature: inf.temperature,
-                    forwarded: std::sync::Arc::clone(&req.forwarded),
-                };
-                match mode {
-                    Mode::Complete => provider
-                        .complete(&creq, &mut timed_out)
-                        .await
-                        .map(|(c, _)| out.answered = answered(c)),
-                    Mode::Stream => {
-                        provider
-                            .open_stream(&creq, &mut timed_out)
+        let call = async {
+            match (&inf.call, mode) {
+                (Call::Embeddings(e), _) => {
+                    let ereq = EmbeddingRequest {
+                        request_id,
+                        model,
+                        input: e.input.clone(),
+                        encoding_format: e.encoding_format,
+                        dimensions: e.dimensions,
+                    };
+                    provider.embed(&ereq, &mut timed_out).await.map(|(e, _)| {
+                        out.answered = answered(e.as_completion());
+                        out.embeddings = Some(e.vectors);
+                    })
+                }
+                (Call::Completion, _) => {
+                    let creq = CompletionRequest {
+                        request_id,
+                        model,
+                        messages: inf.messages.clone(),
+                        max_tokens: req.priced.max_tokens,
+                        temperature: inf.temperature,
+                        forwarded: std::sync::Arc::clone(&req.forwarded),
+                    };
+                    match mode {
+                        Mode::Complete => provider
+                            .complete(&creq, &mut timed_out)
                             .await
-                            .map(|(s, _)| {
-                                out.streamed = Some((candidate.index, candidate.model.clone(), s));
-                            })
+                            .map(|(c, _)| out.answered = answered(c)),
+                        Mode::Stream => {
+                            provider
+                                .open_stream(&creq, &mut timed_out)
+                                .await
+                                .map(|(s, _)| {
+                                    out.streamed =
+                                        Some((candidate.index, candidate.model.clone(), s));
+                                })
+                        }
                     }
                 }
             }
         };
+        // The attempt runs in its span, so the provider is sent its traceparent.
+        let result = match &span {
+            Some(cx) => opentelemetry::context::FutureExt::with_context(call, cx.clone()).await,
+            None => call.await,
+        };
+        if let (Some(cx), Err(e)) = (&span, &result) {
+            use opentelemetry::trace::TraceContextExt as _;
+            cx.span()
+                .set_status(opentelemetry::trace::Status::error(e.to_string()));
+        }
+        drop(span);
         if self.config.charge_timed_out_attempts {
             out.timed_out_usd += f64::from(timed_out) * estimate;
         }

@@ -114,7 +114,12 @@ impl Gateway {
         let gone = ClientGone::default();
         let watch = Watch(Some(gone.clone()));
         let gw = Arc::clone(self);
-        let task = tokio::spawn(async move { gw.run(inf, &gone).await });
+        // The request's trace (when exported) is the task's current context.
+        let cx = crate::otel::request_context(&inf.trace_context, &inf.route_name);
+        let task = tokio::spawn(opentelemetry::context::FutureExt::with_context(
+            async move { gw.run(inf, &gone).await },
+            cx,
+        ));
         let result = task.await;
         watch.answered();
         result.unwrap_or_else(|e| Err(GatewayError::Internal(e.to_string())))
@@ -142,16 +147,23 @@ impl Gateway {
                 Mode::Complete,
             )
             .await;
-        self.settle(
-            req,
-            target,
-            records,
-            evaluation,
-            dispatched,
-            reservation,
-            gone,
-        )
-        .await
+        let span = crate::otel::child("llmscope.settle", Vec::new());
+        let outcome = self
+            .settle(
+                req,
+                target,
+                records,
+                evaluation,
+                dispatched,
+                reservation,
+                gone,
+            )
+            .await;
+        drop(span);
+        if let Ok(Outcome::Served(s)) = &outcome {
+            crate::otel::annotate(served_attributes(s));
+        }
+        outcome
     }
 
     /// Price, reserve and evaluate `inf`; a denial is answered here, an allowed request gets
@@ -159,7 +171,10 @@ impl Gateway {
     pub(super) async fn admit(&self, inf: &Inference) -> Result<Admission<'_>, GatewayError> {
         let request_id = format!("req-{}", uuid::Uuid::now_v7().simple());
         let policies = self.policies();
+        let span = crate::otel::child("llmscope.price", Vec::new());
         let mut req = self.price_request(inf, &policies, request_id)?;
+        drop(span);
+        crate::otel::annotate(request_attributes(&req.ctx));
         // Reserve first, so concurrent requests see each other; evaluate against aggregates +
         // ledger minus this request's own reservation.
         let mut reservation = self.reserve(&req);
@@ -168,8 +183,10 @@ impl Gateway {
         let shared = self
             .shared_read(&policies, &req.ctx, Some(&reservation))
             .await;
+        let eval_started = std::time::SystemTime::now();
         let (evaluation, policy_ms) =
             self.evaluate(&policies, &req.ctx, &reservation, shared.as_ref());
+        trace_evaluation(eval_started, &evaluation);
         self.alerts.raise(&policies, &req.ctx, &evaluation);
         let mut records = Records::new(&req.ctx, &evaluation, &policies, policy_ms, &self.config);
         drop(policies);
@@ -412,4 +429,80 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// The GenAI and llmscope attributes of a priced request (on its trace's root span).
+fn request_attributes(ctx: &llmscope_sdk::types::RequestContext) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    if !crate::otel::enabled() {
+        return Vec::new();
+    }
+    vec![
+        KeyValue::new("llmscope.request_id", ctx.request_id.clone()),
+        KeyValue::new("llmscope.tenant_id", ctx.tenant_id.clone()),
+        KeyValue::new("llmscope.budget_namespace", ctx.budget_namespace.clone()),
+        KeyValue::new("llmscope.requested_tier", ctx.requested_tier.clone()),
+        KeyValue::new("llmscope.estimated_cost_usd", ctx.estimated_cost_usd),
+        KeyValue::new("gen_ai.operation.name", "chat"),
+        KeyValue::new("gen_ai.request.model", ctx.model.clone()),
+        KeyValue::new(
+            "gen_ai.request.max_tokens",
+            i64::from(ctx.estimated_tokens_out),
+        ),
+    ]
+}
+
+/// What a served request cost, on its trace's root span.
+fn served_attributes(s: &super::Served) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    if !crate::otel::enabled() {
+        return Vec::new();
+    }
+    vec![
+        KeyValue::new("gen_ai.response.model", s.model.clone()),
+        KeyValue::new("gen_ai.usage.input_tokens", i64::from(s.tokens_in)),
+        KeyValue::new("gen_ai.usage.output_tokens", i64::from(s.tokens_out)),
+        KeyValue::new("llmscope.cost_usd", s.cost_usd),
+        KeyValue::new("llmscope.effective_tier", s.effective_tier.clone()),
+    ]
+}
+
+/// The evaluation's span (started at `started`) and one finished child per rule, laid out in
+/// evaluation order with each rule's measured time; its decision on the root span.
+fn trace_evaluation(started: std::time::SystemTime, evaluation: &Evaluation) {
+    use opentelemetry::KeyValue;
+    if !crate::otel::enabled() {
+        return;
+    }
+    let Some(cx) = crate::otel::child("llmscope.evaluate", Vec::new()) else {
+        return;
+    };
+    let mut at = started;
+    for r in &evaluation.rules {
+        let end = at + std::time::Duration::from_secs_f64(r.eval_us.max(0.0) / 1e6);
+        crate::otel::finished(
+            &cx,
+            "llmscope.rule",
+            at,
+            end,
+            vec![
+                KeyValue::new("llmscope.rule_id", r.rule_id.clone()),
+                KeyValue::new("llmscope.primitive", r.primitive.clone()),
+                KeyValue::new("llmscope.rule_decision", r.decision.as_str().to_owned()),
+            ],
+        );
+        at = end;
+    }
+    drop(cx);
+    let mut attrs = vec![KeyValue::new(
+        "llmscope.decision",
+        evaluation.decision.as_str().to_owned(),
+    )];
+    if let Some(id) = &evaluation.policy_id {
+        attrs.push(KeyValue::new("llmscope.policy_id", id.clone()));
+    }
+    if let Some(ns) = &evaluation.namespace {
+        attrs.push(KeyValue::new("llmscope.namespace", ns.clone()));
+    }
+    crate::otel::annotate(attrs);
 }

@@ -92,7 +92,11 @@ impl Gateway {
         let watch = Watch(Some(gone.clone()));
         let (start, started) = oneshot::channel();
         let gw = Arc::clone(self);
-        tokio::spawn(async move { gw.run_stream(inf, &gone, start).await });
+        let cx = crate::otel::request_context(&inf.trace_context, &inf.route_name);
+        tokio::spawn(opentelemetry::context::FutureExt::with_context(
+            async move { gw.run_stream(inf, &gone, start).await },
+            cx,
+        ));
         let result = started.await;
         watch.answered();
         result.unwrap_or_else(|_| {

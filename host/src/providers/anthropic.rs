@@ -279,6 +279,7 @@ pub(super) fn headers(
         ("anthropic-version", ANTHROPIC_VERSION.to_owned()),
         (super::CLIENT_REQUEST_ID_HEADER, req.request_id.clone()),
     ];
+    crate::otel::inject(&mut headers);
     match &http.api_key {
         Some(k) => headers.push(("x-api-key", k.clone())),
         None => {

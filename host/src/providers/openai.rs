@@ -61,6 +61,7 @@ fn headers_for(http: &HttpProvider, request_id: &str) -> Vec<(&'static str, Stri
         .map(|k| ("authorization", format!("Bearer {k}")))
         .collect();
     headers.push((super::CLIENT_REQUEST_ID_HEADER, request_id.to_owned()));
+    crate::otel::inject(&mut headers);
     headers
 }
 

@@ -1,0 +1,317 @@
+//! OpenTelemetry traces from the real binary to an OTLP/HTTP receiver in the test, decoding the
+//! real protobuf (`opentelemetry-proto`): one trace per request with its pricing, evaluation
+//! (one span per rule), dispatch and settlement spans and the GenAI / llmscope attributes, for
+//! an allowed, a downgraded and a denied request; an incoming `traceparent` continued; a
+//! collector that is down changes no response.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "integration tests: a failed unwrap or panic is a failed test"
+)]
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use llmscope_tests::gateway::{Gateway, Options};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use serde_json::{json, Value};
+
+/// An OTLP/HTTP receiver: every span it was sent.
+struct Collector {
+    port: u16,
+    spans: Arc<Mutex<Vec<Span>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
+        let store = Arc::clone(&spans);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let store = Arc::clone(&store);
+                            async move {
+                                assert_eq!(req.uri().path(), "/v1/traces");
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let export = ExportTraceServiceRequest::decode(body).unwrap();
+                                for rs in export.resource_spans {
+                                    for ss in rs.scope_spans {
+                                        store.lock().unwrap().extend(ss.spans);
+                                    }
+                                }
+                                Ok::<_, Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { port, spans, task }
+    }
+
+    /// The spans of the trace whose root has `llmscope.request_id` = `id`, once its root and
+    /// `names` are there (at most 20 s): (root, every span of the trace).
+    async fn trace(&self, id: &str, names: &[&str]) -> (Span, Vec<Span>) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans = self.spans.lock().unwrap().clone();
+            let root = spans
+                .iter()
+                .find(|s| {
+                    s.name == "llmscope.request"
+                        && attr(s, "llmscope.request_id") == Some(json!(id))
+                })
+                .cloned();
+            if let Some(root) = root {
+                let trace: Vec<Span> = spans
+                    .iter()
+                    .filter(|s| s.trace_id == root.trace_id)
+                    .cloned()
+                    .collect();
+                if names.iter().all(|n| trace.iter().any(|s| s.name == *n)) {
+                    return (root, trace);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no trace for {id} with {names:?}: {spans:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn attr(s: &Span, key: &str) -> Option<Value> {
+    s.attributes.iter().find(|a| a.key == key).and_then(|a| {
+        match a.value.as_ref()?.value.as_ref()? {
+            AnyValue::StringValue(v) => Some(json!(v)),
+            AnyValue::IntValue(v) => Some(json!(v)),
+            AnyValue::DoubleValue(v) => Some(json!(v)),
+            AnyValue::BoolValue(v) => Some(json!(v)),
+            _ => None,
+        }
+    })
+}
+
+const POLICY: &str = r#"version: "1"
+namespaces:
+  default:
+    rules: []
+  squeeze:
+    rules:
+      - {id: squeeze-cap, primitive: budget_threshold, period: hourly, limit_usd: 0.0000001, action: downgrade, downgrade_to_tier: cheap}
+  tight:
+    rules:
+      - {id: tight-cap, primitive: budget_threshold, period: hourly, limit_usd: 0.0000001}
+"#;
+
+fn traced_gateway(endpoint: String) -> Gateway {
+    let mut opts = Options::new(POLICY);
+    opts.env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint),
+        ("OTEL_SERVICE_NAME".into(), "llmscope-test".into()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    Gateway::start(&opts)
+}
+
+async fn infer(gw: &Gateway, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(gw.at("/infer"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.json(&body).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+fn children<'a>(trace: &'a [Span], parent: &Span) -> Vec<&'a str> {
+    let mut names: Vec<&str> = trace
+        .iter()
+        .filter(|s| s.parent_span_id == parent.span_id)
+        .map(|s| s.name.as_str())
+        .collect();
+    names.sort_unstable();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_is_a_trace_with_its_pricing_rules_dispatch_and_settlement() {
+    let collector = Collector::start().await;
+    let gw = traced_gateway(format!("http://127.0.0.1:{}", collector.port));
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    // Allowed, in a trace the client started.
+    let (s, allowed) = infer(
+        &gw,
+        json!({"prompt": "hello", "tenant_id": "acme", "model_tier": "expensive"}),
+        &[("traceparent", traceparent)],
+    )
+    .await;
+    assert_eq!(s, 200, "{allowed}");
+    let id = allowed["request_id"].as_str().unwrap();
+    let (root, trace) = collector
+        .trace(
+            id,
+            &[
+                "llmscope.price",
+                "llmscope.evaluate",
+                "llmscope.dispatch",
+                "llmscope.settle",
+            ],
+        )
+        .await;
+    assert_eq!(
+        hex(&root.trace_id),
+        "0af7651916cd43dd8448eb211c80319c",
+        "the client's trace continued"
+    );
+    assert_eq!(hex(&root.parent_span_id), "b7ad6b7169203331");
+    assert_eq!(
+        children(&trace, &root),
+        [
+            "llmscope.dispatch",
+            "llmscope.evaluate",
+            "llmscope.price",
+            "llmscope.settle"
+        ]
+    );
+    assert_eq!(attr(&root, "llmscope.decision"), Some(json!("allow")));
+    assert_eq!(attr(&root, "llmscope.tenant_id"), Some(json!("acme")));
+    assert_eq!(attr(&root, "gen_ai.request.model"), Some(json!("gpt-4o")));
+    assert_eq!(
+        attr(&root, "gen_ai.usage.output_tokens"),
+        allowed.get("tokens_out").cloned()
+    );
+    let cost = attr(&root, "llmscope.cost_usd")
+        .and_then(|v| v.as_f64())
+        .unwrap();
+    assert!((cost - allowed["cost_usd"].as_f64().unwrap()).abs() < 1e-12);
+    let dispatch = trace
+        .iter()
+        .find(|s| s.name == "llmscope.dispatch")
+        .unwrap();
+    assert_eq!(attr(dispatch, "gen_ai.provider.name"), Some(json!("mock")));
+
+    // Downgraded: its rule's span under the evaluation, and the decision.
+    let (s, down) = infer(
+        &gw,
+        json!({"prompt": "hello", "tenant_id": "acme", "model_tier": "expensive", "budget_namespace": "squeeze"}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (s, down["policy_decision"].as_str()),
+        (200, Some("downgrade")),
+        "{down}"
+    );
+    let (root, trace) = collector
+        .trace(
+            down["request_id"].as_str().unwrap(),
+            &["llmscope.rule", "llmscope.dispatch"],
+        )
+        .await;
+    assert_ne!(
+        hex(&root.trace_id),
+        "0af7651916cd43dd8448eb211c80319c",
+        "a trace of its own"
+    );
+    assert_eq!(attr(&root, "llmscope.decision"), Some(json!("downgrade")));
+    assert_eq!(
+        attr(&root, "llmscope.policy_id"),
+        Some(json!("squeeze-cap"))
+    );
+    let evaluate = trace
+        .iter()
+        .find(|s| s.name == "llmscope.evaluate")
+        .unwrap();
+    let rule = trace.iter().find(|s| s.name == "llmscope.rule").unwrap();
+    assert_eq!(rule.parent_span_id, evaluate.span_id);
+    assert_eq!(attr(rule, "llmscope.rule_id"), Some(json!("squeeze-cap")));
+    assert_eq!(
+        attr(rule, "llmscope.rule_decision"),
+        Some(json!("downgrade"))
+    );
+
+    // Denied: priced and evaluated, never dispatched.
+    let (s, denied) = infer(
+        &gw,
+        json!({"prompt": "hello", "tenant_id": "acme", "budget_namespace": "tight"}),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 402, "{denied}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (root, trace) = loop {
+        let spans = collector.spans.lock().unwrap().clone();
+        let root = spans
+            .iter()
+            .find(|s| {
+                s.name == "llmscope.request" && attr(s, "llmscope.decision") == Some(json!("deny"))
+            })
+            .cloned();
+        if let Some(root) = root {
+            let trace: Vec<Span> = spans
+                .into_iter()
+                .filter(|s| s.trace_id == root.trace_id)
+                .collect();
+            break (root, trace);
+        }
+        assert!(Instant::now() < deadline, "no trace of the denied request");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(attr(&root, "llmscope.policy_id"), Some(json!("tight-cap")));
+    assert!(
+        !trace.iter().any(|s| s.name == "llmscope.dispatch"),
+        "a denial is never sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_is_down_changes_no_response() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = traced_gateway(format!("http://127.0.0.1:{port}"));
+    for _ in 0..20 {
+        let (s, b) = infer(&gw, json!({"prompt": "hello", "tenant_id": "acme"}), &[]).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (s, _) = infer(
+        &gw,
+        json!({"prompt": "hello", "tenant_id": "acme", "budget_namespace": "tight"}),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 402);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
