@@ -115,11 +115,15 @@ impl Gateway {
         let watch = Watch(Some(gone.clone()));
         let gw = Arc::clone(self);
         // The request's trace (when exported) is the task's current context.
-        let cx = crate::otel::request_context(&inf.trace_context, &inf.route_name);
-        let task = tokio::spawn(opentelemetry::context::FutureExt::with_context(
-            async move { gw.run(inf, &gone).await },
-            cx,
-        ));
+        let task = if crate::otel::enabled() {
+            let cx = crate::otel::request_context(&inf.trace_context, &inf.route_name);
+            tokio::spawn(opentelemetry::context::FutureExt::with_context(
+                async move { gw.run(inf, &gone).await },
+                cx,
+            ))
+        } else {
+            tokio::spawn(async move { gw.run(inf, &gone).await })
+        };
         let result = task.await;
         watch.answered();
         result.unwrap_or_else(|e| Err(GatewayError::Internal(e.to_string())))

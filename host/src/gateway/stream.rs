@@ -92,11 +92,15 @@ impl Gateway {
         let watch = Watch(Some(gone.clone()));
         let (start, started) = oneshot::channel();
         let gw = Arc::clone(self);
-        let cx = crate::otel::request_context(&inf.trace_context, &inf.route_name);
-        tokio::spawn(opentelemetry::context::FutureExt::with_context(
-            async move { gw.run_stream(inf, &gone, start).await },
-            cx,
-        ));
+        if crate::otel::enabled() {
+            let cx = crate::otel::request_context(&inf.trace_context, &inf.route_name);
+            tokio::spawn(opentelemetry::context::FutureExt::with_context(
+                async move { gw.run_stream(inf, &gone, start).await },
+                cx,
+            ));
+        } else {
+            tokio::spawn(async move { gw.run_stream(inf, &gone, start).await });
+        }
         let result = started.await;
         watch.answered();
         result.unwrap_or_else(|_| {
