@@ -293,6 +293,21 @@ async fn every_request_is_a_trace_with_its_pricing_rules_dispatch_and_settlement
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_collector_that_is_down_changes_no_response() {
+    // A collector that takes the connection and never answers (the slow case), then one that
+    // refuses it.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    let _accepting = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = hung.accept().await {
+            held.push(c);
+        }
+    });
+    let gw = traced_gateway(format!("http://127.0.0.1:{hung_port}"));
+    for _ in 0..20 {
+        let (s, b) = infer(&gw, json!({"prompt": "hello", "tenant_id": "acme"}), &[]).await;
+        assert_eq!(s, 200, "{b}");
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -314,4 +329,60 @@ async fn a_collector_that_is_down_changes_no_response() {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_provider_is_sent_the_dispatch_spans_traceparent_and_never_the_clients_tracestate() {
+    let collector = Collector::start().await;
+    let upstream = llmscope_tests::upstream::Upstream::start().await;
+    let mut opts = Options::new("version: \"1\"\nnamespaces:\n  default:\n    rules: []\n");
+    opts.config_template = Some(
+        r#"
+server: {listen: "127.0.0.1:0"}
+artifacts: {telemetry_path: "{telemetry}", decisions_path: "{decisions}"}
+policy: {file: "{policy_file}", policies_dir: "{policies_dir}"}
+models:
+  local-small: {provider: local-openai, provider_model: small-v1, input_per_1m: 1.0, output_per_1m: 2.0}
+routes:
+  /answer-routed: {max_output_tokens: 300, tiers: {cheap: local-small}}
+providers:
+  local-openai: {kind: openai, base_url: "http://{upstream}/v1", timeout_ms: 5000, max_retries: 0}
+"#
+        .replace("{upstream}", &upstream.addr.to_string()),
+    );
+    opts.env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            format!("http://127.0.0.1:{}", collector.port),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    let gw = Gateway::start(&opts);
+    let (s, b) = infer(
+        &gw,
+        json!({"prompt": "hello", "tenant_id": "acme"}),
+        &[
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("tracestate", "tenant=secret-value"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (_, trace) = collector
+        .trace(b["request_id"].as_str().unwrap(), &["llmscope.dispatch"])
+        .await;
+    let dispatch = trace
+        .iter()
+        .find(|s| s.name == "llmscope.dispatch")
+        .unwrap();
+    let headers = upstream.state.seen.lock().unwrap()[0].1.to_lowercase();
+    let expected = format!(
+        "traceparent: 00-0af7651916cd43dd8448eb211c80319c-{}-01",
+        hex(&dispatch.span_id)
+    );
+    assert!(headers.contains(&expected), "{expected} in\n{headers}");
+    assert!(!headers.contains("tracestate"), "{headers}");
 }

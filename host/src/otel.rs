@@ -4,7 +4,7 @@
 //! `llmscope`), `OTEL_SDK_DISABLED=true`, and the batch processor's `OTEL_BSP_*`.
 //!
 //! One trace per request: a `llmscope.request` server span (continuing an incoming W3C
-//! `traceparent`) with children `llmscope.price`, `llmscope.evaluate` (one `llmscope.rule`
+//! `traceparent`, its sampled flag included unless `OTEL_TRACES_SAMPLER=always_on`) with children `llmscope.price`, `llmscope.evaluate` (one `llmscope.rule`
 //! child per rule), one `llmscope.dispatch` per provider attempt (its `traceparent` sent to
 //! the provider) and `llmscope.settle`; attributes follow the GenAI semantic conventions
 //! (`gen_ai.request.model`, `gen_ai.usage.input_tokens`, ...) plus `llmscope.*` (tenant,
@@ -98,11 +98,10 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> bool {
     on
 }
 
-/// Flush what is queued (at shutdown).
+/// Flush what is queued (at shutdown), waiting at most two seconds for the collector.
 pub fn shutdown() {
     if let Some((provider, _)) = TRACER.get() {
-        let _ = provider.force_flush();
-        let _ = provider.shutdown();
+        let _ = provider.shutdown_with_timeout(std::time::Duration::from_secs(2));
     }
 }
 
@@ -148,10 +147,20 @@ pub fn request_context(headers: &[(String, String)], route: &str) -> Context {
 /// Start `name` as a child of the current span (nothing when traces are off), with
 /// `attributes`; ends when dropped.
 pub fn child(name: &'static str, attributes: Vec<KeyValue>) -> Option<Context> {
+    child_since(name, SystemTime::now(), attributes)
+}
+
+/// [`child`], started at `start`.
+pub fn child_since(
+    name: &'static str,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Option<Context> {
     let tracer = tracer()?;
     let cx = Context::current();
     let span = tracer
         .span_builder(name)
+        .with_start_time(start)
         .with_attributes(attributes)
         .start_with_context(tracer, &cx);
     Some(cx.with_span(span))
@@ -187,16 +196,16 @@ struct HeaderVec<'a>(&'a mut Vec<(&'static str, String)>);
 
 impl Injector for HeaderVec<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // Only `traceparent`: a client's `tracestate` is its own data, not the provider's.
         let key: &'static str = match key {
             "traceparent" => "traceparent",
-            "tracestate" => "tracestate",
             _ => return,
         };
         self.0.push((key, value));
     }
 }
 
-/// Add the current span's `traceparent` (and `tracestate`) to a provider call's headers.
+/// Add the current span's `traceparent` to a provider call's headers.
 pub fn inject(headers: &mut Vec<(&'static str, String)>) {
     if enabled() {
         TraceContextPropagator::new().inject_context(&Context::current(), &mut HeaderVec(headers));

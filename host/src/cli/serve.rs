@@ -54,7 +54,8 @@ pub(super) fn serve(config: &Path, listen: Option<SocketAddr>) -> Result<ExitCod
         // (recovery, ingesting large logs): take it over before the start.
         #[cfg(unix)]
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        crate::otel::init(&env);
+        // The exporter's blocking HTTP client must not be built on a runtime worker.
+        tokio::task::block_in_place(|| crate::otel::init(&env));
         let gateway = tokio::task::block_in_place(|| crate::gateway::Gateway::start(cfg, &env))?;
         let listener = crate::server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let bound = listener.local_addr()?;
@@ -105,8 +106,9 @@ pub(super) fn serve(config: &Path, listen: Option<SocketAddr>) -> Result<ExitCod
             out.flush()?;
         }
         tracing::info!(%bound, "serving");
-        crate::server::serve(gateway, listener, shutdown_signal()).await?;
+        let served = crate::server::serve(gateway, listener, shutdown_signal()).await;
         tokio::task::block_in_place(crate::otel::shutdown);
+        served?;
         refresher.abort();
         Ok::<_, anyhow::Error>(())
     })?;

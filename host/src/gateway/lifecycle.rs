@@ -178,7 +178,7 @@ impl Gateway {
         let span = crate::otel::child("llmscope.price", Vec::new());
         let mut req = self.price_request(inf, &policies, request_id)?;
         drop(span);
-        crate::otel::annotate(request_attributes(&req.ctx));
+        crate::otel::annotate(request_attributes(&req.ctx, inf));
         // Reserve first, so concurrent requests see each other; evaluate against aggregates +
         // ledger minus this request's own reservation.
         let mut reservation = self.reserve(&req);
@@ -436,7 +436,10 @@ impl Gateway {
 }
 
 /// The GenAI and llmscope attributes of a priced request (on its trace's root span).
-fn request_attributes(ctx: &llmscope_sdk::types::RequestContext) -> Vec<opentelemetry::KeyValue> {
+fn request_attributes(
+    ctx: &llmscope_sdk::types::RequestContext,
+    inf: &Inference,
+) -> Vec<opentelemetry::KeyValue> {
     use opentelemetry::KeyValue;
     if !crate::otel::enabled() {
         return Vec::new();
@@ -447,10 +450,16 @@ fn request_attributes(ctx: &llmscope_sdk::types::RequestContext) -> Vec<opentele
         KeyValue::new("llmscope.budget_namespace", ctx.budget_namespace.clone()),
         KeyValue::new("llmscope.requested_tier", ctx.requested_tier.clone()),
         KeyValue::new("llmscope.estimated_cost_usd", ctx.estimated_cost_usd),
-        KeyValue::new("gen_ai.operation.name", "chat"),
+        KeyValue::new(
+            "gen_ai.operation.name",
+            match inf.call {
+                crate::requests::Call::Embeddings(_) => "embeddings",
+                crate::requests::Call::Completion => "chat",
+            },
+        ),
         KeyValue::new("gen_ai.request.model", ctx.model.clone()),
         KeyValue::new(
-            "gen_ai.request.max_tokens",
+            "llmscope.reserved_tokens_out",
             i64::from(ctx.estimated_tokens_out),
         ),
     ]
@@ -478,7 +487,7 @@ fn trace_evaluation(started: std::time::SystemTime, evaluation: &Evaluation) {
     if !crate::otel::enabled() {
         return;
     }
-    let Some(cx) = crate::otel::child("llmscope.evaluate", Vec::new()) else {
+    let Some(cx) = crate::otel::child_since("llmscope.evaluate", started, Vec::new()) else {
         return;
     };
     let mut at = started;
@@ -496,6 +505,11 @@ fn trace_evaluation(started: std::time::SystemTime, evaluation: &Evaluation) {
             ],
         );
         at = end;
+    }
+    {
+        use opentelemetry::trace::TraceContextExt as _;
+        cx.span()
+            .end_with_timestamp(at.max(std::time::SystemTime::now()));
     }
     drop(cx);
     let mut attrs = vec![KeyValue::new(
