@@ -260,6 +260,10 @@ async fn a_denied_embedding_is_a_402_and_never_reaches_the_provider() {
     );
     let t = read_jsonl(&gw.telemetry);
     assert_eq!(t.len(), 1);
+    assert_eq!(
+        t[0]["embeddings"], true,
+        "a denied embeddings call says so too"
+    );
     let n = count(Tokenizer::by_model_name("embed-oa"), &["deny me"]);
     assert_eq!(
         (

@@ -193,6 +193,10 @@ impl Gateway {
         trace_evaluation(eval_started, &evaluation);
         self.alerts.raise(&policies, &req.ctx, &evaluation);
         let mut records = Records::new(&req.ctx, &evaluation, &policies, policy_ms, &self.config);
+        if matches!(inf.call, crate::requests::Call::Embeddings(_)) {
+            // Every line of an embeddings call says so: served, denied or failed.
+            records.embedded();
+        }
         drop(policies);
         if evaluation.decision == DecisionKind::Deny {
             drop(reservation);
