@@ -26,6 +26,21 @@ pub fn window_start_us(window: Window, now_ms: u64) -> (i64, Option<i64>) {
     }
 }
 
+/// The calendar period (hour, day, month, UTC) of `window` holding `at_ms`, as `[start, end)`
+/// in ms; `None` for a rolling window.
+pub fn calendar_period_ms(window: Window, at_ms: u64) -> Option<(u64, u64)> {
+    let start_of = |t: u64| u64::try_from(calendar_start_us(window, t) / 1000).unwrap_or(0);
+    let start = start_of(at_ms);
+    let end = match window {
+        Window::RollingSeconds(_) => return None,
+        Window::CalendarHour => start + 3_600_000,
+        Window::CalendarDay => start + 86_400_000,
+        // 32 days on is always in the next month; its first day ends this one.
+        Window::CalendarMonth => start_of(start + 32 * 86_400_000),
+    };
+    Some((start, end))
+}
+
 /// Start of the calendar period of `window` holding `now_ms`, in µs (UTC).
 pub fn calendar_start_us(window: Window, now_ms: u64) -> i64 {
     let now = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now_ms) * 1_000_000)

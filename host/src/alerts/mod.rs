@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use fs2::FileExt;
 use llmscope_sdk::types::{RequestContext, Window};
 use llmscope_sdk::verdict::Mode;
 use parking_lot::Mutex;
@@ -25,7 +26,7 @@ use sha2::Digest as _;
 
 use crate::ledger::Dims;
 use crate::policy::{Evaluation, PolicySet};
-use crate::windows::calendar_start_us;
+use crate::windows::calendar_period_ms;
 
 const TARGET: &str = "llmscope::alerts";
 
@@ -220,7 +221,6 @@ impl Alerts {
 
     /// Append `records` as whole lines under an exclusive lock.
     fn append(&self, records: &[AlertRecord]) -> std::io::Result<()> {
-        use fs2::FileExt as _;
         let mut text = String::new();
         for r in records {
             text.push_str(&serde_json::to_string(r).map_err(std::io::Error::other)?);
@@ -273,28 +273,17 @@ impl Alerts {
     }
 }
 
-use fs2::FileExt;
-
-/// The period of `window` holding `at_ms`: `[start, end)`.
+/// The period of `window` holding `at_ms`: `[start, end)` — a calendar window's own period,
+/// consecutive periods of a rolling window's length, a UTC day without a window.
 fn period(window: Option<Window>, at_ms: u64) -> (u64, u64) {
-    let cal = |w: Window, t: u64| u64::try_from(calendar_start_us(w, t) / 1000).unwrap_or(0);
     match window {
         Some(Window::RollingSeconds(s)) => {
             let len = s.max(1) * 1000;
             let start = at_ms - at_ms % len;
             (start, start + len)
         }
-        Some(Window::CalendarHour) => {
-            let s = cal(Window::CalendarHour, at_ms);
-            (s, s + 3_600_000)
-        }
-        Some(Window::CalendarMonth) => {
-            let s = cal(Window::CalendarMonth, at_ms);
-            (s, cal(Window::CalendarMonth, s + 32 * 86_400_000))
-        }
-        Some(Window::CalendarDay) | None => {
-            let s = cal(Window::CalendarDay, at_ms);
-            (s, s + 86_400_000)
+        cal => {
+            calendar_period_ms(cal.unwrap_or(Window::CalendarDay), at_ms).unwrap_or((at_ms, at_ms))
         }
     }
 }

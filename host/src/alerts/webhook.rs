@@ -120,7 +120,7 @@ impl Webhook {
     async fn deliver(&self, record: &AlertRecord) -> bool {
         let mut delay = Duration::from_millis(500);
         loop {
-            let age_ms = now_ms().saturating_sub(raised_ms(record));
+            let age_ms = crate::gateway::now_ms().saturating_sub(raised_ms(record));
             if age_ms > self.cfg.max_age_s * 1000 {
                 self.expired.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(target: TARGET, webhook = %self.cfg.name, alert_id = %record.alert_id, "alert not delivered within max_age_s: given up");
@@ -194,17 +194,11 @@ fn slack_text(r: &AlertRecord) -> String {
     )
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// When `r` was raised, from its timestamp (now when unreadable: never expired by mistake).
 fn raised_ms(r: &AlertRecord) -> u64 {
     time::OffsetDateTime::parse(&r.timestamp, &time::format_description::well_known::Rfc3339)
         .map_or_else(
-            |_| now_ms(),
+            |_| crate::gateway::now_ms(),
             |t| (t.unix_timestamp_nanos() / 1_000_000) as u64,
         )
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::engine::SpecKey;
 use crate::policy::Rule;
-use crate::windows::{calendar_start_us, window_start_us};
+use crate::windows::window_start_us;
 
 use super::{now_ms, Gateway};
 
@@ -197,14 +197,8 @@ fn status(
 /// Start of the calendar period after the one starting at `start_us`; `None` for rolling.
 fn next_period_us(w: Window, start_us: i64) -> Option<i64> {
     let start_ms = u64::try_from(start_us / 1000).ok()?;
-    let hour_ms = 3_600_000;
-    match w {
-        Window::RollingSeconds(_) => None,
-        Window::CalendarHour => Some(start_us + hour_ms as i64 * 1000),
-        Window::CalendarDay => Some(start_us + 24 * hour_ms as i64 * 1000),
-        // 32 days on is always in the next month; its first day is the reset.
-        Window::CalendarMonth => Some(calendar_start_us(w, start_ms + 32 * 24 * hour_ms)),
-    }
+    let (_, end_ms) = crate::windows::calendar_period_ms(w, start_ms)?;
+    i64::try_from(end_ms).ok().map(|ms| ms * 1000)
 }
 
 /// A scope's name as policies write it.

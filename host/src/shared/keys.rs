@@ -8,7 +8,7 @@
 use llmscope_sdk::types::{Aggregate, Aggregation, Metric, RequestContext, Scope, Window};
 
 use crate::ledger::Dims;
-use crate::windows::calendar_start_us;
+use crate::windows::calendar_period_ms;
 
 /// Buckets a rolling window is cut into.
 const ROLLING_BUCKETS: u64 = 20;
@@ -103,14 +103,8 @@ impl Spec {
                 (start, start + w + s * 1000 + KEEP_MS)
             }
             cal => {
-                let start = cal_start_ms(cal, at_ms);
-                let next = match cal {
-                    Window::CalendarHour => start + 3_600_000,
-                    Window::CalendarDay => start + 86_400_000,
-                    // The day after the last day of any month is in the next one.
-                    _ => cal_start_ms(cal, start + 32 * 86_400_000),
-                };
-                (start, next + KEEP_MS)
+                let (start, end) = calendar_period_ms(cal, at_ms).unwrap_or((at_ms, at_ms));
+                (start, end + KEEP_MS)
             }
         }
     }
@@ -128,13 +122,12 @@ impl Spec {
                     .take_while(|b| *b <= last)
                     .collect()
             }
-            cal => vec![cal_start_ms(cal, now_ms)],
+            cal => calendar_period_ms(cal, now_ms)
+                .map(|(start, _)| start)
+                .into_iter()
+                .collect(),
         }
     }
-}
-
-fn cal_start_ms(w: Window, at_ms: u64) -> u64 {
-    u64::try_from(calendar_start_us(w, at_ms) / 1000).unwrap_or(0)
 }
 
 #[cfg(test)]

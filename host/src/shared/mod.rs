@@ -526,7 +526,7 @@ impl SharedBudgets {
 
     /// Mark every key this replica holds for rewriting, at most once a second.
     fn rewrite_all(&self) {
-        let now = now_ms();
+        let now = crate::gateway::now_ms();
         let mut st = self.state.lock();
         if now < st.rewritten_at_ms + 1_000 {
             return;
@@ -553,12 +553,6 @@ impl SharedBudgets {
             st.seeded_through.clear();
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn add(into: &mut Sums, s: &Sums, sign: f64) {
