@@ -8,64 +8,25 @@
     reason = "integration tests: a failed unwrap or panic is a failed test"
 )]
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use llmscope_tests::gateway::{read_jsonl, Gateway, Options};
 use serde_json::{json, Value};
 
-/// A webhook receiver on `port`: every POSTed body, with its path.
-struct Receiver {
-    got: Arc<Mutex<Vec<(String, Value)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
+/// A webhook receiver on `port`: the JSON bodies POSTed to each path.
+struct Receiver(llmscope_tests::receiver::Receiver);
 
 impl Receiver {
     async fn start(port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
-        let store = Arc::clone(&got);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let store = Arc::clone(&store);
-                            async move {
-                                let path = req.uri().path().to_owned();
-                                let body = req.into_body().collect().await.unwrap().to_bytes();
-                                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                                store.lock().unwrap().push((path, v));
-                                Ok::<_, Infallible>(hyper::Response::new(
-                                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                                ))
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Self { got, task }
+        Self(llmscope_tests::receiver::Receiver::start(port).await)
     }
 
     fn bodies(&self, path: &str) -> Vec<Value> {
-        self.got
-            .lock()
-            .unwrap()
-            .iter()
+        self.0
+            .received()
+            .into_iter()
             .filter(|(p, _)| p == path)
-            .map(|(_, v)| v.clone())
+            .map(|(_, b)| serde_json::from_slice(&b).unwrap_or(Value::Null))
             .collect()
     }
 
@@ -79,12 +40,6 @@ impl Receiver {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -9,11 +9,8 @@
     reason = "integration tests: a failed unwrap or panic is a failed test"
 )]
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use llmscope_tests::gateway::{Gateway, Options};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -24,48 +21,31 @@ use serde_json::{json, Value};
 /// An OTLP/HTTP receiver: every span it was sent.
 struct Collector {
     port: u16,
-    spans: Arc<Mutex<Vec<Span>>>,
-    task: tokio::task::JoinHandle<()>,
+    receiver: llmscope_tests::receiver::Receiver,
 }
 
 impl Collector {
     async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
-        let store = Arc::clone(&spans);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let store = Arc::clone(&store);
-                            async move {
-                                assert_eq!(req.uri().path(), "/v1/traces");
-                                let body = req.into_body().collect().await.unwrap().to_bytes();
-                                let export = ExportTraceServiceRequest::decode(body).unwrap();
-                                for rs in export.resource_spans {
-                                    for ss in rs.scope_spans {
-                                        store.lock().unwrap().extend(ss.spans);
-                                    }
-                                }
-                                Ok::<_, Infallible>(hyper::Response::new(
-                                    http_body_util::Full::new(bytes::Bytes::new()),
-                                ))
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
+        let receiver = llmscope_tests::receiver::Receiver::start(0).await;
+        Self {
+            port: receiver.port,
+            receiver,
+        }
+    }
+
+    /// Every span received so far, decoded from the OTLP protobuf.
+    fn spans(&self) -> Vec<Span> {
+        let mut spans = Vec::new();
+        for (path, body) in self.receiver.received() {
+            assert_eq!(path, "/v1/traces");
+            let export = ExportTraceServiceRequest::decode(body).unwrap();
+            for rs in export.resource_spans {
+                for ss in rs.scope_spans {
+                    spans.extend(ss.spans);
+                }
             }
-        });
-        Self { port, spans, task }
+        }
+        spans
     }
 
     /// The spans of the trace whose root has `llmscope.request_id` = `id`, once its root and
@@ -73,7 +53,7 @@ impl Collector {
     async fn trace(&self, id: &str, names: &[&str]) -> (Span, Vec<Span>) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let spans = self.spans.lock().unwrap().clone();
+            let spans = self.spans();
             let root = spans
                 .iter()
                 .find(|s| {
@@ -97,12 +77,6 @@ impl Collector {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -267,7 +241,7 @@ async fn every_request_is_a_trace_with_its_pricing_rules_dispatch_and_settlement
     assert_eq!(s, 402, "{denied}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let (root, trace) = loop {
-        let spans = collector.spans.lock().unwrap().clone();
+        let spans = collector.spans();
         let root = spans
             .iter()
             .find(|s| {

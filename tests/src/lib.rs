@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub mod golden;
+pub mod receiver;
 pub mod redis_server;
 pub mod streaming;
 
