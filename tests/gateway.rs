@@ -889,6 +889,77 @@ async fn the_five_questions_over_http() {
     assert_eq!(body["detail"]["queries"].as_array().unwrap().len(), 5);
 }
 
+/// The report's body without its "Generated <time> from <logs>" line, which differs by run.
+fn report_body(html: &str) -> String {
+    let start = html.find("<p class=meta>").unwrap();
+    let end = start + html[start..].find("</p>").unwrap();
+    format!("{}{}", &html[..start], &html[end..])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_report_over_http_is_the_cli_report_and_needs_an_admin_key() {
+    let mut opts = Options::new(&policy_yaml());
+    opts.extra_yaml = "auth:\n  api_keys:\n    - {key: acme-key-0123456789, tenants: [acme-corp]}\n    - {key: admin-key-0123456789, tenants: [\"*\"]}\n".into();
+    let mut gw = Gateway::start(&opts);
+    let client = reqwest::Client::new();
+    for ns in ["demo", "tight"] {
+        let resp = client
+            .post(gw.at("/infer"))
+            .bearer_auth("admin-key-0123456789")
+            .json(&json!({"prompt": "hi", "tenant_id": "acme-corp", "feature_id": "summarize", "budget_namespace": ns}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success() || resp.status() == 402);
+    }
+    let resp = client
+        .get(gw.at("/v1/report?threshold=0.03"))
+        .bearer_auth("acme-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        403,
+        "a tenant key does not see every tenant's spend"
+    );
+    let resp = client
+        .get(gw.at("/v1/report?threshold=abc"))
+        .bearer_auth("admin-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let resp = client
+        .get(gw.at("/v1/report?threshold=0.03"))
+        .bearer_auth("admin-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/html; charset=utf-8"
+    );
+    let served = resp.text().await.unwrap();
+    gw.stop();
+
+    let out = gw.dir.path().join("report.html");
+    let status = llmscope_tests::llmscope()
+        .args(["report", "--threshold", "0.03", "--out"])
+        .arg(&out)
+        .arg("--telemetry")
+        .arg(&gw.telemetry)
+        .arg("--decisions")
+        .arg(&gw.decisions)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(served.contains("Budget pressure per namespace") && served.contains("tight"));
+    assert_eq!(report_body(&served), report_body(&written));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_endpoint_prices_the_request_and_reports_each_rules_aggregates() {
     let mut gw = Gateway::start(&Options::new(&policy_yaml()));

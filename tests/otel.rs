@@ -2,18 +2,35 @@
 //! real protobuf (`opentelemetry-proto`): one trace per request with its pricing, evaluation
 //! (one span per rule), dispatch and settlement spans and the GenAI / llmscope attributes, for
 //! an allowed, a downgraded and a denied request; an incoming `traceparent` continued; a
-//! collector that is down changes no response.
+//! collector that is down changes no response. Metrics: every `/metrics` family and the
+//! evaluation histogram over OTLP/HTTP with the same values; traces and metrics over gRPC to
+//! a tonic receiver.
 #![allow(
     clippy::unwrap_used,
     clippy::panic,
     reason = "integration tests: a failed unwrap or panic is a failed test"
 )]
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llmscope_tests::gateway::{Gateway, Options};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
+use opentelemetry_proto::tonic::metrics::v1::Metric;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::{json, Value};
@@ -37,7 +54,10 @@ impl Collector {
     fn spans(&self) -> Vec<Span> {
         let mut spans = Vec::new();
         for (path, body) in self.receiver.received() {
-            assert_eq!(path, "/v1/traces");
+            if path != "/v1/traces" {
+                assert_eq!(path, "/v1/metrics");
+                continue;
+            }
             let export = ExportTraceServiceRequest::decode(body).unwrap();
             for rs in export.resource_spans {
                 for ss in rs.scope_spans {
@@ -81,7 +101,11 @@ impl Collector {
 }
 
 fn attr(s: &Span, key: &str) -> Option<Value> {
-    s.attributes.iter().find(|a| a.key == key).and_then(|a| {
+    attr_of(&s.attributes, key)
+}
+
+fn attr_of(attributes: &[KeyValue], key: &str) -> Option<Value> {
+    attributes.iter().find(|a| a.key == key).and_then(|a| {
         match a.value.as_ref()?.value.as_ref()? {
             AnyValue::StringValue(v) => Some(json!(v)),
             AnyValue::IntValue(v) => Some(json!(v)),
@@ -359,4 +383,251 @@ providers:
     );
     assert!(headers.contains(&expected), "{expected} in\n{headers}");
     assert!(!headers.contains("tracestate"), "{headers}");
+}
+
+/// Every metric in `exports`, the newest export of each name last.
+fn metrics_of(exports: &[ExportMetricsServiceRequest]) -> Vec<Metric> {
+    exports
+        .iter()
+        .flat_map(|e| &e.resource_metrics)
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| sm.metrics.clone())
+        .collect()
+}
+
+/// The newest value of the sum or gauge `name` at the point whose attributes include `labels`.
+fn newest(metrics: &[Metric], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let points = metrics.iter().rev().find_map(|m| {
+        (m.name == name).then(|| match m.data.as_ref()? {
+            Data::Sum(s) => Some(s.data_points.clone()),
+            Data::Gauge(g) => Some(g.data_points.clone()),
+            _ => None,
+        })?
+    })?;
+    points
+        .iter()
+        .find(|p| {
+            labels
+                .iter()
+                .all(|(k, v)| attr_of(&p.attributes, k) == Some(json!(v)))
+        })
+        .and_then(|p| match p.value? {
+            Number::AsDouble(v) => Some(v),
+            Number::AsInt(v) => Some(v as f64),
+        })
+}
+
+/// The value of `name{labels}` in Prometheus text.
+fn prometheus(text: &str, name: &str, labels: &str) -> f64 {
+    let prefix = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_exported_over_otlp_http_with_the_values_of_the_metrics_endpoint() {
+    let collector = Collector::start().await;
+    let mut opts = Options::new(POLICY);
+    opts.env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT".into(),
+            format!("http://127.0.0.1:{}/v1/metrics", collector.port),
+        ),
+        ("OTEL_METRIC_EXPORT_INTERVAL".into(), "200".into()),
+    ];
+    let mut gw = Gateway::start(&opts);
+    for ns in ["default", "default", "squeeze", "tight"] {
+        let (s, b) = infer(
+            &gw,
+            json!({"prompt": "hello", "tenant_id": "acme", "budget_namespace": ns}),
+            &[],
+        )
+        .await;
+        assert!(s == 200 || s == 402, "{b}");
+    }
+    let text = reqwest::get(gw.at("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Wait for an export collected after the last request.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let exports: Vec<ExportMetricsServiceRequest> = collector
+            .receiver
+            .received()
+            .into_iter()
+            .map(|(path, body)| {
+                assert_eq!(
+                    path, "/v1/metrics",
+                    "metrics only: traces are not configured"
+                );
+                ExportMetricsServiceRequest::decode(body).unwrap()
+            })
+            .collect();
+        let metrics = metrics_of(&exports);
+        let served: f64 = ["allow", "downgrade", "deny"]
+            .iter()
+            .filter_map(|d| {
+                newest(
+                    &metrics,
+                    "llmscope_requests",
+                    &[("route", "/answer-routed"), ("decision", d)],
+                )
+            })
+            .sum();
+        if served == 4.0 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no export with all 4 requests: {served}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for decision in ["allow", "deny"] {
+        assert_eq!(
+            newest(
+                &metrics,
+                "llmscope_requests",
+                &[("route", "/answer-routed"), ("decision", decision)]
+            ),
+            Some(prometheus(
+                &text,
+                "llmscope_requests_total",
+                &format!("route=\"/answer-routed\",decision=\"{decision}\"")
+            )),
+            "{decision}"
+        );
+    }
+    let cost = newest(
+        &metrics,
+        "llmscope_cost_usd",
+        &[("route", "/answer-routed")],
+    )
+    .unwrap();
+    let expected = prometheus(&text, "llmscope_cost_usd_total", "route=\"/answer-routed\"");
+    assert!(
+        cost > 0.0 && (cost - expected).abs() < 1e-12,
+        "{cost} vs {expected}"
+    );
+    assert_eq!(newest(&metrics, "llmscope_policy_rules", &[]), Some(2.0));
+    assert_eq!(
+        newest(&metrics, "llmscope_policy_rules", &[]),
+        Some(prometheus(&text, "llmscope_policy_rules", ""))
+    );
+    let histogram = metrics
+        .iter()
+        .rev()
+        .find(|m| m.name == "llmscope_policy_evaluation_seconds")
+        .and_then(|m| match m.data.as_ref()? {
+            Data::Histogram(h) => h.data_points.first().cloned(),
+            _ => None,
+        })
+        .expect("the evaluation histogram");
+    assert_eq!(histogram.count, 4, "one evaluation per request");
+    assert_eq!(histogram.explicit_bounds.len(), 10);
+    assert_eq!(histogram.bucket_counts.iter().sum::<u64>(), 4);
+    let (status, _) = gw.stop();
+    assert!(status.success());
+}
+
+/// An OTLP/gRPC receiver (tonic): every trace and metrics export it was sent.
+#[derive(Clone, Default)]
+struct GrpcCollector {
+    spans: Arc<Mutex<Vec<Span>>>,
+    metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.metrics.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traces_and_metrics_go_over_grpc_when_the_protocol_says_so() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let collector = GrpcCollector::default();
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(collector.clone()))
+        .add_service(MetricsServiceServer::new(collector.clone()))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    let _serving = tokio::spawn(server);
+
+    let mut opts = Options::new(POLICY);
+    opts.env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ("OTEL_METRIC_EXPORT_INTERVAL".into(), "200".into()),
+    ];
+    let gw = Gateway::start(&opts);
+    let (s, b) = infer(
+        &gw,
+        json!({"prompt": "hello", "tenant_id": "acme", "budget_namespace": "tight"}),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 402, "{b}");
+    let id = b["request_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let traced = collector.spans.lock().unwrap().iter().any(|s| {
+            s.name == "llmscope.request"
+                && attr(s, "llmscope.request_id") == Some(json!(id))
+                && attr(s, "llmscope.decision") == Some(json!("deny"))
+        });
+        let metrics = metrics_of(&collector.metrics.lock().unwrap());
+        let denied = newest(
+            &metrics,
+            "llmscope_requests",
+            &[("route", "/answer-routed"), ("decision", "deny")],
+        );
+        if traced && denied == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "over gRPC: trace of {id} {traced}, denied count {denied:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

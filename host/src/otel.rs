@@ -1,7 +1,11 @@
-//! OpenTelemetry traces over OTLP (HTTP/protobuf), off unless configured with the standard
-//! variables: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the full URL) or
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` appended), `OTEL_SERVICE_NAME` (default
-//! `llmscope`), `OTEL_SDK_DISABLED=true`, and the batch processor's `OTEL_BSP_*`.
+//! OpenTelemetry over OTLP — traces and metrics, HTTP/protobuf or gRPC — off unless
+//! configured with the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (both signals; for
+//! HTTP `/v1/traces` and `/v1/metrics` are appended) or the per-signal
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` (used as given),
+//! `OTEL_EXPORTER_OTLP_PROTOCOL` (and `_TRACES_` / `_METRICS_`): `http/protobuf` (default) or
+//! `grpc`; `OTEL_TRACES_EXPORTER=none` / `OTEL_METRICS_EXPORTER=none` turn one signal off,
+//! `OTEL_SDK_DISABLED=true` both; `OTEL_SERVICE_NAME` (default `llmscope`), the batch
+//! processor's `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL` (ms, default 60 000).
 //!
 //! One trace per request: a `llmscope.request` server span (continuing an incoming W3C
 //! `traceparent`, its sampled flag included unless `OTEL_TRACES_SAMPLER=always_on`) with children `llmscope.price`, `llmscope.evaluate` (one `llmscope.rule`
@@ -11,16 +15,28 @@
 //! namespace, decision, policy id, estimated and actual cost). Spans are exported by the SDK's
 //! batch processor on its own thread: its queue is bounded and drops spans when full, so a
 //! collector that is down or slow never slows or fails a request.
+//!
+//! Metrics: every family of `/metrics` ([`crate::metrics::Family`]) as an observable counter
+//! or gauge (counters without the `_total` suffix, which Prometheus adds back), read when the
+//! SDK's periodic reader collects, and the policy-evaluation histogram with the same bounds.
+//! gRPC connections run on a one-thread runtime of their own, never on the request path's.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, Weak};
 use std::time::SystemTime;
 
+use opentelemetry::metrics::{Histogram, MeterProvider as _};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithHttpConfig as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData};
+
+use crate::gateway::Gateway;
+use crate::metrics::{Family, Kind};
 
 const TARGET: &str = "llmscope::otel";
 
@@ -50,45 +66,170 @@ impl opentelemetry_http::HttpClient for Blocking {
     }
 }
 
-/// Start exporting when `env` configures an endpoint (and does not disable the SDK); returns
-/// whether traces are on. Call once, at start; the exporter reads the `OTEL_*` variables.
-pub fn init(env: &dyn Fn(&str) -> Option<String>) -> bool {
-    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-    let configured = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+static METERS: OnceLock<Meters> = OnceLock::new();
+
+/// The metrics export: the provider (flushed at shutdown), the evaluation histogram recorded
+/// as evaluations happen, and the observable instruments (kept: dropping one unregisters it).
+struct Meters {
+    provider: SdkMeterProvider,
+    evaluation: Histogram<f64>,
+    _observed: Vec<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// Spans this process started, and spans the exporter was handed (sent or failed): started
+/// minus handed is queued or dropped by the bounded batch queue.
+static SPANS_STARTED: AtomicU64 = AtomicU64::new(0);
+static SPANS_EXPORTED: AtomicU64 = AtomicU64::new(0);
+static SPANS_FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// The wire protocol of one signal's export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    HttpProtobuf,
+    Grpc,
+}
+
+/// `OTEL_EXPORTER_OTLP_<SIGNAL>_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`, else HTTP.
+fn protocol(env: &dyn Fn(&str) -> Option<String>, signal: &str) -> Result<Protocol, String> {
+    let var = format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL");
+    let (name, value) = match env(&var) {
+        Some(v) => (var, v),
+        None => match env("OTEL_EXPORTER_OTLP_PROTOCOL") {
+            Some(v) => ("OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(), v),
+            None => return Ok(Protocol::HttpProtobuf),
+        },
+    };
+    match value.trim() {
+        "http/protobuf" => Ok(Protocol::HttpProtobuf),
+        "grpc" => Ok(Protocol::Grpc),
+        other => Err(format!(
+            "{name}={other:?} is not supported: use `http/protobuf` or `grpc`"
+        )),
+    }
+}
+
+/// Whether `signal` (`TRACES`, `METRICS`) is to be exported: an endpoint configured, the SDK
+/// not disabled, the signal's exporter not `none`.
+fn configured(env: &dyn Fn(&str) -> Option<String>, signal: &str) -> bool {
+    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let exporter_off = env(&format!("OTEL_{signal}_EXPORTER"))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
+    let endpoint = env(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
         .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
         .is_some();
-    if disabled || !configured {
-        return false;
-    }
-    let client = match reqwest::blocking::Client::builder()
+    endpoint && !disabled && !exporter_off
+}
+
+/// The runtime gRPC exports run on: one thread of its own, so a slow collector's connection
+/// work never lands on a request worker.
+fn grpc_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("llmscope-otlp-grpc")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("no runtime for gRPC exports: {e}"))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// reqwest's blocking client for HTTP exports (used on the SDK's own threads).
+fn http_client() -> Result<Blocking, String> {
+    reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(5))
         .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(target: TARGET, error = %e, "OpenTelemetry export not started: no HTTP client");
-            return false;
+        .map(Blocking)
+        .map_err(|e| format!("no HTTP client: {e}"))
+}
+
+fn resource(env: &dyn Fn(&str) -> Option<String>) -> opentelemetry_sdk::Resource {
+    let service = env("OTEL_SERVICE_NAME").unwrap_or_else(|| "llmscope".into());
+    opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build()
+}
+
+/// A span exporter that counts what it was handed.
+#[derive(Debug)]
+struct Counted(opentelemetry_otlp::SpanExporter);
+
+impl opentelemetry_sdk::trace::SpanExporter for Counted {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = self.0.export(batch).await;
+        if result.is_ok() {
+            SPANS_EXPORTED.fetch_add(n, Ordering::Relaxed);
+        } else {
+            SPANS_FAILED.fetch_add(n, Ordering::Relaxed);
+        }
+        result
+    }
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
+fn span_exporter(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    let built = match protocol(env, "TRACES")? {
+        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(http_client()?)
+            .build(),
+        Protocol::Grpc => {
+            let _rt = grpc_runtime()?.enter();
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
         }
     };
-    let exporter = match opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(Blocking(client))
-        .build()
-    {
+    built.map_err(|e| format!("{e}; check OTEL_EXPORTER_OTLP_*"))
+}
+
+fn metric_exporter(
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<opentelemetry_otlp::MetricExporter, String> {
+    let built = match protocol(env, "METRICS")? {
+        Protocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_http_client(http_client()?)
+            .build(),
+        Protocol::Grpc => {
+            let _rt = grpc_runtime()?.enter();
+            opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()
+        }
+    };
+    built.map_err(|e| format!("{e}; check OTEL_EXPORTER_OTLP_*"))
+}
+
+/// Start exporting traces when `env` configures them (see the module docs); returns whether
+/// traces are on. Call once, at start; the exporter reads the `OTEL_*` variables.
+pub fn init(env: &dyn Fn(&str) -> Option<String>) -> bool {
+    if !configured(env, "TRACES") {
+        return false;
+    }
+    let exporter = match span_exporter(env) {
         Ok(e) => e,
         Err(e) => {
-            tracing::error!(target: TARGET, error = %e, "OpenTelemetry export not started: check OTEL_EXPORTER_OTLP_*");
+            tracing::error!(target: TARGET, error = %e, "OpenTelemetry traces not exported");
             return false;
         }
     };
-    let service = env("OTEL_SERVICE_NAME").unwrap_or_else(|| "llmscope".into());
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name(service)
-                .build(),
-        )
+        .with_batch_exporter(Counted(exporter))
+        .with_resource(resource(env))
         .build();
     let tracer = provider.tracer("llmscope");
     let on = TRACER.set((provider, tracer)).is_ok();
@@ -98,10 +239,135 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> bool {
     on
 }
 
+/// Start exporting `gateway`'s metrics when `env` configures them (see the module docs);
+/// returns whether metrics are exported. Call once, at start, with the serving gateway.
+pub fn init_metrics(env: &dyn Fn(&str) -> Option<String>, gateway: Weak<Gateway>) -> bool {
+    if !configured(env, "METRICS") {
+        return false;
+    }
+    let exporter = match metric_exporter(env) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(target: TARGET, error = %e, "OpenTelemetry metrics not exported");
+            return false;
+        }
+    };
+    let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(resource(env))
+        .build();
+    let meter = provider.meter("llmscope");
+    let Some(gw) = gateway.upgrade() else {
+        return false;
+    };
+    let families = every_family(&gw);
+    drop(gw);
+    let mut observed: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+    for f in families {
+        let name = f.name;
+        let weak = gateway.clone();
+        // Each collection reads the family afresh.
+        let observe = move |observer: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
+            let Some(gw) = weak.upgrade() else { return };
+            for family in every_family(&gw).into_iter().filter(|f| f.name == name) {
+                for (labels, value) in family.samples {
+                    let attrs: Vec<KeyValue> = labels
+                        .into_iter()
+                        .map(|(k, v)| KeyValue::new(k, v))
+                        .collect();
+                    observer.observe(value, &attrs);
+                }
+            }
+        };
+        match f.kind {
+            Kind::Counter => observed.push(Box::new(
+                meter
+                    .f64_observable_counter(name.strip_suffix("_total").unwrap_or(name))
+                    .with_description(f.help)
+                    .with_callback(move |o| observe(o))
+                    .build(),
+            )),
+            Kind::Gauge => observed.push(Box::new(
+                meter
+                    .f64_observable_gauge(name)
+                    .with_description(f.help)
+                    .with_callback(move |o| observe(o))
+                    .build(),
+            )),
+        }
+    }
+    let evaluation = meter
+        .f64_histogram(crate::metrics::EVALUATION)
+        .with_description("Time to evaluate a namespace's rules.")
+        .with_unit("s")
+        .with_boundaries(crate::metrics::evaluation_bounds().to_vec())
+        .build();
+    let on = METERS
+        .set(Meters {
+            provider,
+            evaluation,
+            _observed: observed,
+        })
+        .is_ok();
+    if on {
+        tracing::info!(target: TARGET, "OpenTelemetry metrics exported over OTLP");
+    }
+    on
+}
+
+/// Every family `/metrics` shows (the histogram aside).
+fn every_family(gw: &Gateway) -> Vec<Family> {
+    let mut all = gw.metrics().families();
+    all.extend(gw.status_families());
+    all
+}
+
+/// Record one namespace evaluation in the exported histogram (nothing when metrics are off).
+pub fn record_evaluation(seconds: f64) {
+    if let Some(m) = METERS.get() {
+        m.evaluation.record(seconds, &[]);
+    }
+}
+
+/// The export's own families for `/metrics` (none when traces are off).
+pub fn families() -> Vec<Family> {
+    if !enabled() {
+        return Vec::new();
+    }
+    let mut exported = Family::new(
+        "llmscope_otel_spans_exported_total",
+        Kind::Counter,
+        "Spans handed to the OTLP exporter, by result (started minus these: queued or dropped).",
+    );
+    exported.push(
+        vec![("result", "ok".to_owned())],
+        SPANS_EXPORTED.load(Ordering::Relaxed) as f64,
+    );
+    exported.push(
+        vec![("result", "failed".to_owned())],
+        SPANS_FAILED.load(Ordering::Relaxed) as f64,
+    );
+    vec![
+        Family::one(
+            "llmscope_otel_spans_started_total",
+            Kind::Counter,
+            "Spans started for export.",
+            SPANS_STARTED.load(Ordering::Relaxed) as f64,
+        ),
+        exported,
+    ]
+}
+
 /// Flush what is queued (at shutdown), waiting at most two seconds for the collector.
 pub fn shutdown() {
     if let Some((provider, _)) = TRACER.get() {
         let _ = provider.shutdown_with_timeout(std::time::Duration::from_secs(2));
+    }
+    if let Some(m) = METERS.get() {
+        let _ = m
+            .provider
+            .shutdown_with_timeout(std::time::Duration::from_secs(2));
     }
 }
 
@@ -141,6 +407,7 @@ pub fn request_context(headers: &[(String, String)], route: &str) -> Context {
         .with_kind(SpanKind::Server)
         .with_attributes([KeyValue::new("llmscope.route", route.to_owned())])
         .start_with_context(tracer, &parent);
+    SPANS_STARTED.fetch_add(1, Ordering::Relaxed);
     parent.with_span(span)
 }
 
@@ -163,6 +430,7 @@ pub fn child_since(
         .with_start_time(start)
         .with_attributes(attributes)
         .start_with_context(tracer, &cx);
+    SPANS_STARTED.fetch_add(1, Ordering::Relaxed);
     Some(cx.with_span(span))
 }
 
@@ -181,6 +449,7 @@ pub fn finished(
             .with_start_time(start)
             .with_attributes(attributes)
             .start_with_context(tracer, parent);
+        SPANS_STARTED.fetch_add(1, Ordering::Relaxed);
         opentelemetry::trace::Span::end_with_timestamp(&mut { span }, end);
     }
 }

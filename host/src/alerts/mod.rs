@@ -248,26 +248,34 @@ impl Alerts {
         written
     }
 
-    /// Prometheus lines: alerts raised, and each webhook's deliveries.
-    pub fn metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP llmscope_alerts_raised_total Alerts raised (once per rule, scope and window period).\n# TYPE llmscope_alerts_raised_total counter\nllmscope_alerts_raised_total {}",
-            self.raised.load(Ordering::Relaxed)
-        );
+    /// `llmscope_alerts_raised_total`, and per webhook and outcome
+    /// `llmscope_alert_deliveries_total` (when webhooks are configured).
+    pub fn families(&self) -> Vec<crate::metrics::Family> {
+        use crate::metrics::{Family, Kind};
+        let mut out = vec![Family::one(
+            "llmscope_alerts_raised_total",
+            Kind::Counter,
+            "Alerts raised (once per rule, scope and window period).",
+            self.raised.load(Ordering::Relaxed) as f64,
+        )];
         if !self.webhooks.is_empty() {
-            let _ = writeln!(out, "# HELP llmscope_alert_deliveries_total Alert deliveries by webhook and outcome (delivered, failed attempt, expired undelivered).\n# TYPE llmscope_alert_deliveries_total counter");
+            let mut f = Family::new(
+                "llmscope_alert_deliveries_total",
+                Kind::Counter,
+                "Alert deliveries by webhook and outcome (delivered, failed attempt, expired undelivered).",
+            );
             for w in &self.webhooks {
                 for (outcome, n) in w.counts() {
-                    let _ = writeln!(
-                        out,
-                        "llmscope_alert_deliveries_total{{webhook=\"{}\",outcome=\"{outcome}\"}} {n}",
-                        w.name()
+                    f.push(
+                        vec![
+                            ("webhook", w.name().to_owned()),
+                            ("outcome", outcome.to_owned()),
+                        ],
+                        n as f64,
                     );
                 }
             }
+            out.push(f);
         }
         out
     }

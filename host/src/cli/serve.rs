@@ -57,6 +57,7 @@ pub(super) fn serve(config: &Path, listen: Option<SocketAddr>) -> Result<ExitCod
         // The exporter's blocking HTTP client must not be built on a runtime worker.
         tokio::task::block_in_place(|| crate::otel::init(&env));
         let gateway = tokio::task::block_in_place(|| crate::gateway::Gateway::start(cfg, &env))?;
+        tokio::task::block_in_place(|| crate::otel::init_metrics(&env, Arc::downgrade(&gateway)));
         let listener = crate::server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let bound = listener.local_addr()?;
         let refresher = {

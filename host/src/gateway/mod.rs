@@ -18,7 +18,7 @@ use crate::artifacts::ArtifactWriter;
 use crate::config::GatewayConfig;
 use crate::engine::SpendEngine;
 use crate::ledger::Ledger;
-use crate::metrics::Metrics;
+use crate::metrics::{Family, Kind, Metrics};
 use crate::policy::{Evaluation, PolicyRuntime, PolicySet};
 use crate::pricing;
 use crate::providers::{Completion, Provider};
@@ -301,6 +301,72 @@ impl Gateway {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The gateway's state as metric families beside [`Metrics`]' counters: gauges (logs
+    /// writable, requests in flight, ledger, rules, pending edge reservations, uptime), the
+    /// shared budget store's (when configured) and the alerts'.
+    pub fn status_families(&self) -> Vec<Family> {
+        let (buckets, settled) = self.ledger().len();
+        let gauge = |name, help, value| Family::one(name, Kind::Gauge, help, value);
+        let mut out = vec![
+            gauge(
+                "llmscope_logs_writable",
+                "1 when the last log write succeeded.",
+                if self.logs_healthy() { 1.0 } else { 0.0 },
+            ),
+            gauge(
+                "llmscope_requests_in_flight",
+                "Requests being handled (policy, provider call, logging).",
+                self.in_flight() as f64,
+            ),
+            gauge(
+                "llmscope_ledger_buckets",
+                "Dimension tuples with in-flight or unsettled money.",
+                buckets as f64,
+            ),
+            gauge(
+                "llmscope_ledger_settled_pending",
+                "Settled requests not yet ingested.",
+                settled as f64,
+            ),
+            gauge(
+                "llmscope_policy_rules",
+                "Rules loaded.",
+                self.policies().rules().count() as f64,
+            ),
+            gauge(
+                "llmscope_edge_reservations_pending",
+                "Envoy-filter requests reserved and waiting for their report.",
+                self.edge().pending() as f64,
+            ),
+            gauge(
+                "llmscope_uptime_seconds",
+                "Seconds since start.",
+                self.uptime_s(),
+            ),
+        ];
+        if let Some(s) = self.shared().map(|s| s.status()) {
+            out.push(gauge(
+                "llmscope_shared_budgets_up",
+                "1 when the last call to the shared budget store (Redis) succeeded.",
+                f64::from(u8::from(s.reachable)),
+            ));
+            out.push(Family::one(
+                "llmscope_shared_budgets_errors_total",
+                Kind::Counter,
+                "Calls to the shared budget store that failed or timed out.",
+                s.errors as f64,
+            ));
+            out.push(gauge(
+                "llmscope_shared_budgets_keys",
+                "Budget keys this replica holds money in.",
+                s.keys as f64,
+            ));
+        }
+        out.extend(self.alerts().families());
+        out.extend(crate::otel::families());
+        out
     }
 
     /// The in-flight ledger.

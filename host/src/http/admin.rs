@@ -49,60 +49,7 @@ pub fn readyz(gw: &Gateway) -> Response<Body> {
 
 /// `GET /metrics`: Prometheus text.
 pub fn metrics(gw: &Gateway) -> Response<Body> {
-    let (buckets, settled) = gw.ledger().len();
-    let mut text = gw.metrics().render(&[
-        (
-            "llmscope_logs_writable",
-            "1 when the last log write succeeded.",
-            if gw.logs_healthy() { 1.0 } else { 0.0 },
-        ),
-        (
-            "llmscope_requests_in_flight",
-            "Requests being handled (policy, provider call, logging).",
-            gw.in_flight() as f64,
-        ),
-        (
-            "llmscope_ledger_buckets",
-            "Dimension tuples with in-flight or unsettled money.",
-            buckets as f64,
-        ),
-        (
-            "llmscope_ledger_settled_pending",
-            "Settled requests not yet ingested.",
-            settled as f64,
-        ),
-        (
-            "llmscope_policy_rules",
-            "Rules loaded.",
-            gw.policies().rules().count() as f64,
-        ),
-        (
-            "llmscope_edge_reservations_pending",
-            "Envoy-filter requests reserved and waiting for their report.",
-            gw.edge().pending() as f64,
-        ),
-        (
-            "llmscope_uptime_seconds",
-            "Seconds since start.",
-            gw.uptime_s(),
-        ),
-    ]);
-    if let Some(s) = gw.shared().map(|s| s.status()) {
-        use std::fmt::Write as _;
-        let _ = write!(
-            text,
-            "# HELP llmscope_shared_budgets_up 1 when the last call to the shared budget store (Redis) succeeded.\n\
-             # TYPE llmscope_shared_budgets_up gauge\nllmscope_shared_budgets_up {}\n\
-             # HELP llmscope_shared_budgets_errors_total Calls to the shared budget store that failed or timed out.\n\
-             # TYPE llmscope_shared_budgets_errors_total counter\nllmscope_shared_budgets_errors_total {}\n\
-             # HELP llmscope_shared_budgets_keys Budget keys this replica holds money in.\n\
-             # TYPE llmscope_shared_budgets_keys gauge\nllmscope_shared_budgets_keys {}\n",
-            u8::from(s.reachable),
-            s.errors,
-            s.keys
-        );
-    }
-    text.push_str(&gw.alerts().metrics());
+    let text = gw.metrics().render(&gw.status_families());
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -268,6 +215,22 @@ pub fn query(
             name: name.to_owned(),
         });
     };
+    let params = query_params(query_string)?;
+    let answer = tokio::task::block_in_place(|| {
+        gw.ingest()?;
+        crate::queries::run(gw.engine(), question, &params)
+    });
+    match answer {
+        Ok(a) => Ok(json_response(StatusCode::OK, &json!(a))),
+        Err(e) => {
+            tracing::error!(error = %e, query = name, "query failed");
+            Err(ApiError::QueryFailed)
+        }
+    }
+}
+
+/// The five questions' parameters from a query string: `threshold`, `since`, `until`.
+fn query_params(query_string: &str) -> Result<QueryParams, ApiError> {
     let mut params = QueryParams::default();
     let mut errs = Vec::new();
     for (key, value) in form_urlencoded::parse(query_string.as_bytes()) {
@@ -284,17 +247,38 @@ pub fn query(
             other => errs.push(json!({"field": other, "message": "unknown parameter; use threshold, since, until"})),
         }
     }
-    if !errs.is_empty() {
-        return Err(ApiError::InvalidFields(errs));
+    if errs.is_empty() {
+        Ok(params)
+    } else {
+        Err(ApiError::InvalidFields(errs))
     }
-    let answer = tokio::task::block_in_place(|| {
+}
+
+/// `GET /v1/report`: the HTML cost report (`llmscope report`'s content) over the logs as
+/// ingested now; a `*` key; the same `threshold`, `since`, `until` parameters as the queries.
+pub fn report(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    query_string: &str,
+) -> Result<Response<Body>, ApiError> {
+    authorize(gw, headers, Some("*"))?;
+    let params = query_params(query_string)?;
+    let generated_at = llmscope_wire::records::rfc3339(crate::gateway::now_ms());
+    let html = tokio::task::block_in_place(|| {
         gw.ingest()?;
-        crate::queries::run(gw.engine(), question, &params)
+        crate::report::render(gw.engine(), &params, &generated_at)
     });
-    match answer {
-        Ok(a) => Ok(json_response(StatusCode::OK, &json!(a))),
+    match html {
+        Ok(html) => {
+            let mut resp = Response::new(Full::new(Bytes::from(html)));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            Ok(resp)
+        }
         Err(e) => {
-            tracing::error!(error = %e, query = name, "query failed");
+            tracing::error!(error = %e, "report failed");
             Err(ApiError::QueryFailed)
         }
     }

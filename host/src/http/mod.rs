@@ -152,7 +152,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Every endpoint, as listed in a 404's body.
-const ENDPOINTS: [&str; 14] = [
+const ENDPOINTS: [&str; 15] = [
     "POST /infer",
     "POST /v1/chat/completions",
     "POST /v1/embeddings",
@@ -165,6 +165,7 @@ const ENDPOINTS: [&str; 14] = [
     "GET /v1/queries/<name>",
     "GET /v1/snapshot",
     "GET /v1/budgets",
+    "GET /v1/report",
     "POST /v1/edge/context",
     "POST /v1/edge/report",
 ];
@@ -199,6 +200,9 @@ async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body
         (&Method::POST, "/v1/edge/context") => (Dialect::Reference, edge::context(gw, req).await),
         (&Method::POST, "/v1/edge/report") => (Dialect::Reference, edge::report(gw, req).await),
         (&Method::GET, "/v1/budgets") => (Dialect::Reference, admin::budgets(gw, req.headers())),
+        (&Method::GET, "/v1/report") => {
+            (Dialect::Reference, admin::report(gw, req.headers(), &query))
+        }
         (&Method::GET, "/v1/snapshot") => (
             Dialect::Reference,
             admin::snapshot(gw, req.headers(), &query).await,
@@ -219,6 +223,7 @@ async fn route_whole(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Body
             | "/v1/policies"
             | "/v1/admin/reload"
             | "/v1/budgets"
+            | "/v1/report"
             | "/v1/edge/context"
             | "/v1/edge/report",
         ) => (
