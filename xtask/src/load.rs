@@ -282,12 +282,23 @@ pub fn spawn_gateway(
     config_path: &Path,
     dir: &Path,
 ) -> Result<(std::process::Child, String)> {
+    spawn_gateway_with(bin, config_path, dir, &[])
+}
+
+/// [`spawn_gateway`] with extra environment variables (e.g. `OTEL_*`).
+pub fn spawn_gateway_with(
+    bin: &Path,
+    config_path: &Path,
+    dir: &Path,
+    env: &[(&str, String)],
+) -> Result<(std::process::Child, String)> {
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config_path)
         .env("TELEMETRY_PATH", dir.join("telemetry.jsonl"))
         .env("DECISIONS_PATH", dir.join("policy_decisions.jsonl"))
         .env("LLMSCOPE_LOG", "error")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .spawn()
         .context("starting llmscope serve")?;

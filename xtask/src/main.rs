@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 mod envoy;
 mod gen;
 mod load;
+mod otel;
 mod replicas;
 mod streams;
 mod suite;
@@ -108,6 +109,19 @@ enum Task {
         /// Requests per second of the latency measurement (open loop).
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
+        /// Benchmark this `llmscope` binary instead of building the tree's (no build).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
+    /// The gateway's throughput with OpenTelemetry traces and metrics exported over OTLP/HTTP
+    /// (to a local sink) vs off, in the same run.
+    BenchOtel {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
         /// Benchmark this `llmscope` binary instead of building the tree's (no build).
         #[arg(long)]
         bin: Option<PathBuf>,
@@ -281,6 +295,23 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
                 }
             };
             replicas::bench_replicas(&root, &bin, seconds, rate)
+        }
+        Task::BenchOtel {
+            seconds,
+            connections,
+            bin,
+        } => {
+            let bin = match bin {
+                Some(bin) => {
+                    build_policies(&root)?;
+                    bin
+                }
+                None => {
+                    build_all(&root)?;
+                    target_dir(&root).join("release/llmscope")
+                }
+            };
+            otel::bench_otel(&root, &bin, seconds, connections)
         }
         Task::BenchGateway {
             seconds,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::load::Stats;
-use crate::{cargo, envoy, gen, load, replicas, streams};
+use crate::{cargo, envoy, gen, load, otel, replicas, streams};
 
 /// Suite parameters.
 pub struct Options {
@@ -317,6 +317,27 @@ pub fn run(root: &Path, bin: &Path, opts: &Options) -> Result<()> {
         verdict: verdict(g.peak_rss_mib * 1.048_576 <= 100.0),
         command: "cargo xtask bench-gateway",
     });
+    match otel::run(root, bin, opts.seconds, 32) {
+        Ok(o) => {
+            let rps = |v: &Stats| v.requests as f64 / v.seconds;
+            let lower = 100.0 * (1.0 - rps(&o.on) / rps(&o.off));
+            rows.push(Row {
+                metric: "gateway throughput, OTLP traces + metrics exported vs off (32 conns)"
+                    .into(),
+                goal: "≤ 10% lower".into(),
+                measured: format!(
+                    "{lower:.1}% lower ({:.0} vs {:.0} rps; {} / {} errors)",
+                    rps(&o.on),
+                    rps(&o.off),
+                    o.on.errors,
+                    o.off.errors
+                ),
+                verdict: verdict(lower <= 10.0),
+                command: "cargo xtask bench-otel",
+            });
+        }
+        Err(e) => println!("OpenTelemetry rows skipped: {e:#}"),
+    }
     rows.extend(stream_rows(&streams::run(
         root,
         bin,
