@@ -1180,6 +1180,32 @@ namespaces:
     assert!(shared["resets_at"].is_null(), "rolling: {shared}");
     assert!(shared["percent_used"].as_f64().unwrap() > 0.0);
 
+    // The same figures as the five questions over the same logs.
+    let answer: Value = client
+        .get(gw.at("/v1/queries/cost_by_tenant_and_feature"))
+        .bearer_auth("admin-key-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let by_query = |tenant: &str| -> f64 {
+        answer["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| tenant.is_empty() || r[0] == tenant)
+            .map(|r| r[2].as_f64().unwrap())
+            .sum()
+    };
+    for tenant in ["acme", "globex"] {
+        let r = row("per-tenant", Some(tenant));
+        let spent = r["spent_usd"].as_f64().unwrap() + r["in_flight_usd"].as_f64().unwrap();
+        assert!((spent - by_query(tenant)).abs() < 1e-9, "{tenant}: {r} vs {answer}");
+    }
+    assert!((shared["spent_usd"].as_f64().unwrap() - by_query("")).abs() < 1e-9);
+
     // A tenant key: its own tenant's rows of budgets kept per tenant, nothing else.
     let own = get("acme-key-0123456789").await;
     let own = own["budgets"].as_array().unwrap();
