@@ -1202,7 +1202,10 @@ namespaces:
     for tenant in ["acme", "globex"] {
         let r = row("per-tenant", Some(tenant));
         let spent = r["spent_usd"].as_f64().unwrap() + r["in_flight_usd"].as_f64().unwrap();
-        assert!((spent - by_query(tenant)).abs() < 1e-9, "{tenant}: {r} vs {answer}");
+        assert!(
+            (spent - by_query(tenant)).abs() < 1e-9,
+            "{tenant}: {r} vs {answer}"
+        );
     }
     assert!((shared["spent_usd"].as_f64().unwrap() - by_query("")).abs() < 1e-9);
 

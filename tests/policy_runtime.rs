@@ -436,6 +436,19 @@ fn hostile_components_are_contained_and_the_host_keeps_serving() {
 }
 
 #[test]
+fn a_looping_policy_meets_its_deadline_after_the_ticker_went_idle() {
+    // The epoch ticker sleeps once no policy code has run for 100 ms; a call must wake it,
+    // or a looping policy would never be stopped (the test would hang).
+    let set = hostile_set(&with_healthy_rule("behaviour: loop"));
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        let eval = set.evaluate(&request(), &NoSnapshots);
+        let error = eval.rules[0].error.as_deref().unwrap_or_default();
+        assert!(error.contains("deadline of 1s exceeded"), "{error}");
+    }
+}
+
+#[test]
 fn huge_reasons_are_truncated() {
     let set = hostile_set("      - {id: flood, primitive: hostile, behaviour: huge_reason}\n");
     let eval = set.evaluate(&request(), &NoSnapshots);

@@ -58,7 +58,7 @@ impl IngestState {
     pub(super) fn load(conn: &Connection) -> Result<Self, duckdb::Error> {
         let mut state = Self::default();
         let mut stmt =
-            conn.prepare("SELECT file, offset_bytes, head, malformed FROM llmscope_ingest")?;
+            conn.prepare_cached("SELECT file, offset_bytes, head, malformed FROM llmscope_ingest")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,

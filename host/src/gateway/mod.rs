@@ -119,6 +119,9 @@ pub struct Gateway {
     /// Held from ingestion to the ledger drop of a refresh (and across a reload's swap), so
     /// what the ledger drops is exactly what the published aggregates gained.
     refresh_lock: parking_lot::Mutex<()>,
+    /// When the aggregates were last computed: an idle gateway (nothing new in the logs, nothing
+    /// in the ledger) recomputes them every [`refresh::IDLE_COMPUTE`] instead of every pass.
+    last_compute: parking_lot::Mutex<Option<Instant>>,
     /// Positions ingested by passes outside a refresh (a question's ingest), which the next
     /// refresh's ledger drop must include: a rotated file drained there is not reported again.
     ingested_elsewhere: parking_lot::Mutex<Vec<crate::artifacts::LogPosition>>,
@@ -211,6 +214,7 @@ impl Gateway {
             key_digests,
             in_flight: std::sync::atomic::AtomicU64::new(0),
             refresh_lock: parking_lot::Mutex::new(()),
+            last_compute: parking_lot::Mutex::new(None),
             ingested_elsewhere: parking_lot::Mutex::new(Vec::new()),
             calibration,
             view: RwLock::new(()),

@@ -14,6 +14,9 @@ use super::{now_ms, Gateway};
 /// Diagnostics keep the target they had before this file was split out of `gateway`.
 const TARGET: &str = "llmscope::gateway";
 
+/// How long an idle gateway keeps its computed aggregates before computing them again.
+pub(crate) const IDLE_COMPUTE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Gateway {
     /// Ingest new log lines, recompute every declared aggregate and publish them; settled
     /// ledger entries now covered by the aggregates are dropped. Blocking: call it off the
@@ -21,7 +24,7 @@ impl Gateway {
     pub fn refresh(&self) -> Result<IngestReport, EngineError> {
         let _serial = self.refresh_lock.lock();
         let policies = self.policies();
-        self.refresh_locked(&policies, || {})
+        self.refresh_locked(&policies, true, || {})
     }
 
     /// The refresh, with `refresh_lock` held: ingest → compute the aggregates of `policies`
@@ -32,10 +35,30 @@ impl Gateway {
     fn refresh_locked(
         &self,
         policies: &PolicySet,
+        may_idle: bool,
         swap: impl FnOnce(),
     ) -> Result<IngestReport, EngineError> {
         let started = Instant::now();
         let report = self.engine.ingest()?;
+        // Idle: nothing new was logged, no money is in flight or unpublished, and the aggregates
+        // are recent. Then they can only have fallen since (rows leaving rolling windows, a
+        // calendar period starting afresh), so keeping them a few seconds longer is
+        // conservative for sums; the next request's settlement makes the next pass compute.
+        if may_idle
+            && report.telemetry_rows + report.decision_rows == 0
+            && report.rotated.is_empty()
+            && self.ledger.len() == (0, 0)
+            && self.edge.pending() == 0
+            && self
+                .last_compute
+                .lock()
+                .is_some_and(|at| at.elapsed() < IDLE_COMPUTE)
+        {
+            self.ingested_elsewhere
+                .lock()
+                .extend_from_slice(&report.telemetry_through);
+            return Ok(report);
+        }
         // Kept until published: a failed compute must not lose a drained file's position.
         self.ingested_elsewhere
             .lock()
@@ -45,6 +68,7 @@ impl Gateway {
         let aggregates = declared_aggregates(policies.rules().chain(serving.rules()), &edge);
         let now = now_ms();
         let published = self.engine.compute(&aggregates, now)?;
+        *self.last_compute.lock() = Some(Instant::now());
         // The shared store's mirror, rebuilt from the same DuckDB state when the sums it keeps
         // change (and at start).
         let seed = match &self.shared {
@@ -125,7 +149,7 @@ impl Gateway {
                 {
                     let _serial = self.refresh_lock.lock();
                     let swap = || *self.policies.write() = Arc::clone(&set);
-                    if let Err(e) = self.refresh_locked(&set, swap) {
+                    if let Err(e) = self.refresh_locked(&set, false, swap) {
                         // Serve the new rules anyway, on the aggregates published last.
                         tracing::error!(target: TARGET, error = %e, "aggregate refresh for the reloaded policies failed");
                         *self.policies.write() = Arc::clone(&set);

@@ -5,8 +5,8 @@
 //! discarded, never reused.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use llmscope_sdk::types::Info;
@@ -87,11 +87,73 @@ pub enum LoadError {
 pub struct PolicyRuntime {
     pub(super) engine: Engine,
     pub(super) limits: Limits,
-    stop: Arc<AtomicBool>,
+    ticker: Arc<Ticker>,
 }
 
 /// Epoch tick period: deadlines are enforced with this granularity.
 const TICK: Duration = Duration::from_millis(1);
+
+/// Ticks without a policy call after which the ticker sleeps until the next call.
+const IDLE_TICKS: u32 = 100;
+
+/// The epoch ticker's state. It ticks every [`TICK`] while policy code may run and sleeps
+/// (no wake-ups at all) once no call has run for [`IDLE_TICKS`] ticks; a call that starts
+/// while it sleeps wakes it first. `running` and `parked` are sequentially consistent: either
+/// the ticker sees the call running and keeps ticking, or the call sees the ticker parked and
+/// wakes it, so no call ever runs without its deadline.
+struct Ticker {
+    running: AtomicUsize,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+impl Ticker {
+    fn run(&self, engine: &Engine) {
+        let mut idle = 0;
+        while !self.stop.load(Ordering::SeqCst) {
+            if self.running.load(Ordering::SeqCst) == 0 {
+                idle += 1;
+            } else {
+                idle = 0;
+            }
+            if idle < IDLE_TICKS {
+                std::thread::sleep(TICK);
+                engine.increment_epoch();
+                continue;
+            }
+            let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            self.parked.store(true, Ordering::SeqCst);
+            while self.parked.load(Ordering::SeqCst)
+                && self.running.load(Ordering::SeqCst) == 0
+                && !self.stop.load(Ordering::SeqCst)
+            {
+                guard = self
+                    .wake
+                    .wait(guard)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            self.parked.store(false, Ordering::SeqCst);
+            idle = 0;
+        }
+    }
+
+    fn wake(&self) {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        self.parked.store(false, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
+/// Held while policy code runs (instantiation, a call): keeps the epoch ticking.
+pub(super) struct Running<'a>(&'a Ticker);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl PolicyRuntime {
     /// Create the engine and start the epoch ticker.
@@ -101,21 +163,31 @@ impl PolicyRuntime {
         config.epoch_interruption(true);
         config.max_wasm_stack(512 << 10);
         let engine = Engine::new(&config)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ticker_engine, ticker_stop) = (engine.clone(), Arc::clone(&stop));
+        let ticker = Arc::new(Ticker {
+            running: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let (ticker_engine, state) = (engine.clone(), Arc::clone(&ticker));
         std::thread::Builder::new()
             .name("llmscope-epoch".into())
-            .spawn(move || {
-                while !ticker_stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })?;
+            .spawn(move || state.run(&ticker_engine))?;
         Ok(Self {
             engine,
             limits,
-            stop,
+            ticker,
         })
+    }
+
+    /// Mark policy code as running until the guard drops: the epoch ticks meanwhile.
+    pub(super) fn running(&self) -> Running<'_> {
+        self.ticker.running.fetch_add(1, Ordering::SeqCst);
+        if self.ticker.parked.load(Ordering::SeqCst) {
+            self.ticker.wake();
+        }
+        Running(&self.ticker)
     }
 
     /// The limits every call runs under.
@@ -274,7 +346,8 @@ impl PolicyRuntime {
 
 impl Drop for PolicyRuntime {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.ticker.stop.store(true, Ordering::SeqCst);
+        self.ticker.wake();
     }
 }
 

@@ -123,6 +123,7 @@ impl LoadedComponent {
             memory_cap: self.runtime.limits.memory_bytes,
             memory_refused: None,
         };
+        let _running = self.runtime.running();
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         store.set_epoch_deadline(self.runtime.deadline_ticks());
@@ -140,6 +141,7 @@ impl LoadedComponent {
         warm: &mut Warm,
         f: impl FnOnce(&Plugin, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
+        let _running = self.runtime.running();
         warm.store.set_epoch_deadline(self.runtime.deadline_ticks());
         warm.store.data_mut().memory_refused = None;
         f(&warm.plugin, &mut warm.store)
