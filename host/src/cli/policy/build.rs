@@ -117,7 +117,10 @@ pub(super) fn build(dir: &Path, out: Option<&Path>, rt: &Arc<PolicyRuntime>) -> 
     let file_name = format!("{primitive}.wasm");
     let dest = match out {
         None => dir.join(&file_name),
-        Some(out) if out.is_dir() => out.join(&file_name),
+        // `--out policies/` names a directory even before it exists.
+        Some(out) if out.is_dir() || out.as_os_str().to_string_lossy().ends_with('/') => {
+            out.join(&file_name)
+        }
         Some(out) => out.to_owned(),
     };
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
