@@ -46,9 +46,10 @@
 //! assert_eq!(h.evaluate(&req, &Snapshot::default()).unwrap().decision, Decision::Deny);
 //! ```
 //!
-//! Build components with `cargo xtask build-policies` from the llmscope workspace; it compiles for
-//! `wasm32-unknown-unknown`, wraps the module into a component and refuses any import beyond the
-//! contract.
+//! Build components with `cargo xtask build-policies` from the llmscope workspace, or any policy
+//! crate with `llmscope policy build <dir>` (`llmscope policy new <name>` starts one); both compile
+//! for `wasm32-unknown-unknown`, wrap the module into a component and refuse any import beyond the
+//! contract. `llmscope policy test` runs a crate's `cases.yaml` against the built component.
 
 extern crate self as llmscope_sdk;
 

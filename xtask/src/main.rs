@@ -180,10 +180,6 @@ const GUESTS: &[Guest] = &[
     },
 ];
 
-/// The only import a policy component may have: the type-only interface of the contract
-/// (defined once, in the SDK).
-use llmscope_sdk::TYPES_INTERFACE as ALLOWED_IMPORT;
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root()?;
@@ -496,18 +492,9 @@ fn build_policies(root: &Path) -> Result<()> {
         let module_path = out.join(format!("{artifact}.wasm"));
         let module = std::fs::read(&module_path)
             .with_context(|| format!("reading {}", module_path.display()))?;
-        let component = wit_component::ComponentEncoder::default()
-            .validate(true)
-            .module(&module)
-            .with_context(|| {
-                format!(
-                    "{}: no component metadata; does the crate call export_policy!?",
-                    guest.package
-                )
-            })?
-            .encode()
-            .with_context(|| format!("{}: componentizing", guest.package))?;
-        check_imports(guest.package, &component)?;
+        // The same componentize-and-check as `llmscope policy build` (llmscope-componentize).
+        let component = llmscope_componentize::build(&module)
+            .with_context(|| format!("{}: building the component", guest.package))?;
         let dest_dir = root.join(guest.dest_dir);
         std::fs::create_dir_all(&dest_dir)?;
         let dest = dest_dir.join(format!("{}.wasm", guest.primitive));
@@ -644,31 +631,6 @@ fn cargo_build_guests_with(
             packages.join(", ")
         )
     })
-}
-
-/// Fail unless the component imports nothing but the contract's type-only interface.
-fn check_imports(package: &str, component: &[u8]) -> Result<()> {
-    let decoded = wit_parser::decoding::decode(component)
-        .with_context(|| format!("{package}: decoding the built component"))?;
-    let wit_parser::decoding::DecodedWasm::Component(resolve, world) = decoded else {
-        bail!("{package}: the build produced a WIT package, not a component");
-    };
-    let mut bad = Vec::new();
-    for key in resolve.worlds[world].imports.keys() {
-        let name = resolve.name_world_key(key);
-        if name != ALLOWED_IMPORT {
-            bad.push(name);
-        }
-    }
-    if !bad.is_empty() {
-        bail!(
-            "{package}: the component imports {}; policies may import only {ALLOWED_IMPORT} \
-             (no WASI, clock or I/O: build for wasm32-unknown-unknown and avoid std::time, \
-             std::fs, std::env)",
-            bad.join(", ")
-        );
-    }
-    Ok(())
 }
 
 /// The main job: the gateway serving the demo config with the built-in mock provider.

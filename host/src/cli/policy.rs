@@ -1,4 +1,9 @@
-//! `llmscope policy list | check | eval`: inspect, validate and try out cost policies.
+//! `llmscope policy list | check | eval`: inspect, validate and try out cost policies;
+//! `llmscope policy new | build | test`: write one (`policy/new.rs`, `build.rs`, `test.rs`).
+
+mod build;
+mod new;
+mod test;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -50,6 +55,15 @@ pub(super) enum PolicyCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Start a policy crate: Cargo.toml, src/lib.rs (a Policy with validated settings and native
+    /// tests), cases.yaml and a README; it builds and passes its tests as generated.
+    New(new::NewArgs),
+    /// Build a policy crate into its component, `<primitive>.wasm`, checked as the gateway
+    /// loads it.
+    Build(build::BuildArgs),
+    /// Run a policy's cases (cases.yaml) against its built component in the gateway's runtime;
+    /// exit 0 when all pass, 1 when one fails, 2 when the component or the cases cannot be used.
+    Test(test::TestArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -97,6 +111,9 @@ pub(super) fn run(command: PolicyCommand) -> Result<ExitCode> {
             snapshot,
             runtime,
         } => eval(&config, namespace, &request, snapshot.as_deref(), &runtime),
+        PolicyCommand::New(args) => new::run(&args),
+        PolicyCommand::Build(args) => build::run(&args),
+        PolicyCommand::Test(args) => test::run(&args),
     }
 }
 

@@ -117,7 +117,7 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 }
 
 /// Primitive names map to file names, so they are restricted to a safe alphabet.
-fn valid_primitive(name: &str) -> bool {
+pub(crate) fn valid_primitive(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

@@ -18,6 +18,7 @@ mod config;
 mod instance;
 mod policies_dir;
 mod snapshot;
+mod trial;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use llmscope_sdk::types::{Aggregate, RequestContext, Verdict};
 use serde::Serialize;
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
+pub(crate) use config::valid_primitive;
 pub use config::{ConfigError, FailureMode, Mode, Problem};
 pub use llmscope_sdk::verdict::{Combination, DecisionKind, RuleOutcome};
 pub use policies_dir::is_component_file;

@@ -1,9 +1,10 @@
 //! `max_request_cost`: an example of a policy written outside the llmscope core, using the SDK
 //! alone. It denies any single request whose estimated cost exceeds `max_usd`.
 //!
-//! Build it with `cargo xtask build-policies` (or `cargo xtask build-policies --only
-//! max-request-cost`), copy `max_request_cost.wasm` into the gateway's policies directory, and
-//! name its primitive in the policy YAML; the host needs no change:
+//! Build it with `cargo xtask build-policies` (or alone with `llmscope policy build
+//! examples/policies/max-request-cost`; `llmscope policy test` on the same directory also runs its
+//! `cases.yaml`), copy `max_request_cost.wasm` into the gateway's policies directory, and name its
+//! primitive in the policy YAML; the host needs no change:
 //!
 //! ```yaml
 //! - id: "demo-max-request"
