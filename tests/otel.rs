@@ -631,3 +631,58 @@ async fn traces_and_metrics_go_over_grpc_when_the_protocol_says_so() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_request_is_an_error_span_and_a_stream_is_settled_with_its_usage() {
+    let collector = Collector::start().await;
+    let mut opts = Options::new(POLICY);
+    opts.fail_models = vec!["gpt-4o-mini".into(), "claude-haiku-3-5-20241022".into()];
+    opts.env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(),
+            format!("http://127.0.0.1:{}/v1/traces", collector.port),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+    ];
+    let gw = Gateway::start(&opts);
+    // Every model of the cheap tier fails: 502, and the root span says so.
+    let resp = reqwest::Client::new()
+        .post(gw.at("/infer"))
+        .json(&json!({"prompt": "hello", "tenant_id": "acme", "model_tier": "cheap"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    assert!(status >= 500, "{status}");
+    // A provider failure's answer carries no request id: the decision line has it.
+    let decisions = llmscope_tests::gateway::read_jsonl(&gw.decisions);
+    let id = decisions.last().unwrap()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (root, _) = collector.trace(&id, &["llmscope.dispatch"]).await;
+    let root_status = root.status.clone().unwrap_or_default();
+    assert_eq!(root_status.code, 2, "STATUS_CODE_ERROR: {root:?}");
+    assert!(!root_status.message.is_empty());
+
+    // A streamed request on the expensive tier: settled, with what it was billed.
+    let resp = reqwest::Client::new()
+        .post(gw.at("/v1/chat/completions"))
+        .header("x-llmscope-tenant-id", "acme")
+        .json(&json!({"model": "expensive", "stream": true, "messages": [{"role": "user", "content": "hello"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let id = resp.headers()["x-llmscope-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("[DONE]"), "{body}");
+    let (root, trace) = collector.trace(&id, &["llmscope.settle"]).await;
+    assert!(children(&trace, &root).contains(&"llmscope.settle"));
+    assert_eq!(attr(&root, "gen_ai.response.model"), Some(json!("gpt-4o")));
+    assert!(attr(&root, "gen_ai.usage.output_tokens").is_some_and(|v| v.as_i64() > Some(0)));
+    assert!(attr(&root, "llmscope.cost_usd").is_some_and(|v| v.as_f64() > Some(0.0)));
+}

@@ -454,6 +454,15 @@ pub fn finished(
     }
 }
 
+/// Mark the current request's span failed with `message` (nothing when traces are off).
+pub fn fail(message: &str) {
+    if enabled() {
+        Context::current()
+            .span()
+            .set_status(opentelemetry::trace::Status::error(message.to_owned()));
+    }
+}
+
 /// Set `attributes` on the current request's span.
 pub fn annotate(attributes: Vec<KeyValue>) {
     if enabled() {

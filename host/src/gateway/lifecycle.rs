@@ -164,9 +164,7 @@ impl Gateway {
             )
             .await;
         drop(span);
-        if let Ok(Outcome::Served(s)) = &outcome {
-            crate::otel::annotate(served_attributes(s));
-        }
+        trace_outcome(&outcome);
         outcome
     }
 
@@ -470,6 +468,16 @@ fn request_attributes(
 }
 
 /// What a served request cost, on its trace's root span.
+/// On the request's root span: what a served request was billed (model, usage, cost, tier),
+/// or an error status for one that failed.
+pub(super) fn trace_outcome(outcome: &Result<Outcome, GatewayError>) {
+    match outcome {
+        Ok(Outcome::Served(s)) => crate::otel::annotate(served_attributes(s)),
+        Ok(_) => {}
+        Err(e) => crate::otel::fail(&e.to_string()),
+    }
+}
+
 fn served_attributes(s: &super::Served) -> Vec<opentelemetry::KeyValue> {
     use opentelemetry::KeyValue;
     if !crate::otel::enabled() {

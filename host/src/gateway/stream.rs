@@ -176,9 +176,15 @@ impl Gateway {
             cap,
             broken.as_ref(),
         );
+        let span = crate::otel::child("llmscope.settle", Vec::new());
         let settled = self
             .settle(req, target, records, evaluation, d, reservation, gone)
             .await;
+        drop(span);
+        super::lifecycle::trace_outcome(&settled);
+        if let Some(b) = &broken {
+            crate::otel::fail(&format!("stream broke off: {b}"));
+        }
         if gone.is_set() {
             return;
         }
