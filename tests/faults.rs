@@ -783,3 +783,43 @@ async fn an_edge_request_without_a_report_is_counted_at_its_estimate() {
         .count();
     assert_eq!(n, 1);
 }
+
+/// A filter's new aggregate is computed before its first context answer, so the first edge
+/// request already sees the spend in the logs. An idle gateway (nothing new logged, aggregates
+/// computed a moment ago) used to skip that computation and answer the new aggregate as $0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_edge_aggregate_on_an_idle_gateway_sees_the_spend_already_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let telemetry = dir.path().join("telemetry.jsonl");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    std::fs::write(
+        &telemetry,
+        format!(
+            "{{\"timestamp\":\"{}\",\"request_id\":\"req-before\",\"tenant_id\":\"acme\",\"budget_namespace\":\"default\",\"route_name\":\"/answer-routed\",\"model\":\"gpt-4o\",\"cost_usd\":0.5,\"status\":\"ok\"}}\n",
+            llmscope::artifacts::rfc3339(now_ms - 60_000)
+        ),
+    )
+    .unwrap();
+    let mut opts = Options::new(&capped_policy());
+    opts.logs = Some((telemetry, dir.path().join("policy_decisions.jsonl")));
+    opts.extra_yaml = "auth: {unauthenticated_edge: true}\n".into();
+    let gw = Gateway::start(&opts);
+    // Idle for a while: every refresh pass since start found nothing new.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let client = reqwest::Client::new();
+    let call = json!({"request_id": "req-edge-new-aggregate", "path": "/infer",
+                      "body": {"prompt": "hi", "tenant_id": "acme"},
+                      "aggregates": [{"key": "tenant_hour", "metric": "cost_usd", "aggregation": "sum",
+                                      "scope": ["tenant"], "window": {"rolling_seconds": 3600},
+                                      "include_in_flight": false}]});
+    let (status, answer) = edge_call(&client, gw.at("/v1/edge/context"), &call).await;
+    assert_eq!(status, 200, "{answer}");
+    let text = answer.to_string();
+    assert!(
+        text.contains("\"tenant_hour\"") && text.contains("0.5"),
+        "the logged $0.50 is in the new aggregate: {answer}"
+    );
+}

@@ -22,7 +22,7 @@
 //! gRPC connections run on a one-thread runtime of their own, never on the request path's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::SystemTime;
 
 use opentelemetry::metrics::{Histogram, MeterProvider as _};
@@ -136,10 +136,16 @@ fn grpc_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     .map_err(Clone::clone)
 }
 
-/// reqwest's blocking client for HTTP exports (used on the SDK's own threads).
-fn http_client() -> Result<Blocking, String> {
+/// reqwest's blocking client for HTTP exports (used on the SDK's own threads), each attempt
+/// bounded by `OTEL_EXPORTER_OTLP_<SIGNAL>_TIMEOUT` / `OTEL_EXPORTER_OTLP_TIMEOUT` (ms,
+/// default 10 000, as the specification says).
+fn http_client(env: &dyn Fn(&str) -> Option<String>, signal: &str) -> Result<Blocking, String> {
+    let timeout_ms = env(&format!("OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(10_000);
     reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_millis(timeout_ms))
         .build()
         .map(Blocking)
         .map_err(|e| format!("no HTTP client: {e}"))
@@ -184,7 +190,7 @@ fn span_exporter(
     let built = match protocol(env, "TRACES")? {
         Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
-            .with_http_client(http_client()?)
+            .with_http_client(http_client(env, "TRACES")?)
             .build(),
         Protocol::Grpc => {
             let _rt = grpc_runtime()?.enter();
@@ -202,7 +208,7 @@ fn metric_exporter(
     let built = match protocol(env, "METRICS")? {
         Protocol::HttpProtobuf => opentelemetry_otlp::MetricExporter::builder()
             .with_http()
-            .with_http_client(http_client()?)
+            .with_http_client(http_client(env, "METRICS")?)
             .build(),
         Protocol::Grpc => {
             let _rt = grpc_runtime()?.enter();
@@ -264,19 +270,19 @@ pub fn init_metrics(env: &dyn Fn(&str) -> Option<String>, gateway: Weak<Gateway>
     let families = every_family(&gw);
     drop(gw);
     let mut observed: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
-    for f in families {
+    for f in families.iter() {
         let name = f.name;
         let weak = gateway.clone();
         // Each collection reads the family afresh.
         let observe = move |observer: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
             let Some(gw) = weak.upgrade() else { return };
-            for family in every_family(&gw).into_iter().filter(|f| f.name == name) {
-                for (labels, value) in family.samples {
+            for family in every_family(&gw).iter().filter(|f| f.name == name) {
+                for (labels, value) in &family.samples {
                     let attrs: Vec<KeyValue> = labels
-                        .into_iter()
-                        .map(|(k, v)| KeyValue::new(k, v))
+                        .iter()
+                        .map(|(k, v)| KeyValue::new(*k, v.clone()))
                         .collect();
-                    observer.observe(value, &attrs);
+                    observer.observe(*value, &attrs);
                 }
             }
         };
@@ -316,10 +322,22 @@ pub fn init_metrics(env: &dyn Fn(&str) -> Option<String>, gateway: Weak<Gateway>
     on
 }
 
-/// Every family `/metrics` shows (the histogram aside).
-fn every_family(gw: &Gateway) -> Vec<Family> {
+/// Every family `/metrics` shows (the histogram aside), read once per collection: the
+/// callbacks of one collection (one per family) share a snapshot taken at most 100 ms before,
+/// so the values of one export are of one instant and the ledger is read once.
+fn every_family(gw: &Gateway) -> Arc<Vec<Family>> {
+    static TAKEN: parking_lot::Mutex<Option<(std::time::Instant, Arc<Vec<Family>>)>> =
+        parking_lot::Mutex::new(None);
+    let mut taken = TAKEN.lock();
+    if let Some((at, families)) = taken.as_ref() {
+        if at.elapsed() < std::time::Duration::from_millis(100) {
+            return Arc::clone(families);
+        }
+    }
     let mut all = gw.metrics().families();
     all.extend(gw.status_families());
+    let all = Arc::new(all);
+    *taken = Some((std::time::Instant::now(), Arc::clone(&all)));
     all
 }
 

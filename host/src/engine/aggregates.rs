@@ -22,7 +22,18 @@ impl SpendEngine {
     ) -> Result<PublishedAggregates, EngineError> {
         let mut tables = HashMap::new();
         let conn = self.conn.lock();
+        // A row stamped after now (another writer's clock ahead) enters the windows later
+        // without being logged anew: the values change then too.
+        let mut unchanged_until_ms: Option<u64> = first_entry_ms(&conn, now_ms)?;
+        let mut windows_seen = HashSet::new();
         for a in aggregates {
+            if let Window::RollingSeconds(w) = a.window {
+                if windows_seen.insert(w) {
+                    if let Some(exit) = first_exit_ms(&conn, w, now_ms)? {
+                        unchanged_until_ms = Some(unchanged_until_ms.map_or(exit, |u| u.min(exit)));
+                    }
+                }
+            }
             let key = SpecKey::of(a);
             if tables.contains_key(&key) {
                 continue;
@@ -33,8 +44,44 @@ impl SpendEngine {
         Ok(PublishedAggregates {
             taken_at_ms: now_ms,
             tables,
+            unchanged_until_ms,
         })
     }
+}
+
+/// When the oldest row inside a rolling window of `window_s` seconds (as of `now_ms`) leaves
+/// it: until then, with no new rows, every aggregate over that window keeps its value. Over
+/// every telemetry row, a superset of any aggregate's rows, so never later than the truth.
+fn first_exit_ms(
+    conn: &Connection,
+    window_s: u64,
+    now_ms: u64,
+) -> Result<Option<u64>, EngineError> {
+    let (start_us, _) = window_start_us(Window::RollingSeconds(window_s), now_ms);
+    let now_us = i64::try_from(now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    let mut stmt =
+        conn.prepare_cached("SELECT min(ts_us) FROM telemetry WHERE ts_us >= ? AND ts_us <= ?")?;
+    let oldest: Option<i64> = stmt.query_row(params![start_us, now_us], |r| r.get(0))?;
+    Ok(oldest.map(|ts| {
+        let exit_us = ts.saturating_add(
+            i64::try_from(window_s)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000),
+        );
+        u64::try_from(exit_us / 1000).unwrap_or(0)
+    }))
+}
+
+/// The earliest telemetry row stamped after `now_ms`, if any (ms).
+fn first_entry_ms(conn: &Connection, now_ms: u64) -> Result<Option<u64>, EngineError> {
+    let now_us = i64::try_from(now_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    let mut stmt = conn.prepare_cached("SELECT min(ts_us) FROM telemetry WHERE ts_us > ?")?;
+    let next: Option<i64> = stmt.query_row(params![now_us], |r| r.get(0))?;
+    Ok(next.map(|ts| u64::try_from(ts / 1000).unwrap_or(0)))
 }
 
 /// One aggregate's values as of `now_ms`, one per combination of its scope's values.
@@ -172,6 +219,11 @@ struct Table {
 pub struct PublishedAggregates {
     taken_at_ms: u64,
     tables: HashMap<SpecKey, Table>,
+    /// Until when (ms) every value stays the same if no row is added: the first moment a row
+    /// leaves one of the rolling windows; `None` when no rolling window holds a row (calendar
+    /// windows keep their values to the period's end, where lookups start the new period at
+    /// nothing).
+    unchanged_until_ms: Option<u64>,
 }
 
 impl PublishedAggregates {
@@ -183,6 +235,16 @@ impl PublishedAggregates {
     /// Whether nothing was computed.
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
+    }
+
+    /// Whether `a` was computed.
+    pub fn holds(&self, a: &Aggregate) -> bool {
+        self.tables.contains_key(&SpecKey::of(a))
+    }
+
+    /// Whether, with no row added since, every value is still exact at `now_ms`.
+    pub fn unchanged_at(&self, now_ms: u64) -> bool {
+        self.unchanged_until_ms.is_none_or(|until| now_ms < until)
     }
 }
 

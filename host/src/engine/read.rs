@@ -78,15 +78,6 @@ pub(super) fn append_from(
     label: &str,
     skipped: &mut Skipped,
 ) -> Result<(u64, ReadEnd), EngineError> {
-    if pending == 0 {
-        // Nothing was written since the last pass (the idle case): no appender, no buffer.
-        let end = ReadEnd {
-            lines_end: start,
-            eof: start,
-            fragment: None,
-        };
-        return Ok((0, end));
-    }
     let mut appender = conn.appender(kind.key())?;
     let mut rows = 0u64;
     let mut append = |parts: std::io::Result<Vec<batch::Parsed>>| -> Result<(), EngineError> {

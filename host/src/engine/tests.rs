@@ -372,3 +372,42 @@ fn a_head_taken_mid_write_of_the_first_line_is_the_same_file() {
         "another first line is a rotation"
     );
 }
+
+#[test]
+fn computed_aggregates_say_until_when_they_stay_exact_without_new_rows() {
+    use llmscope_sdk::types::{Aggregate, Aggregation, Metric, Scope, Window};
+    let (_dir, t, d) = logs();
+    // 2025-11-25T10:00:00Z and, from a writer whose clock is ahead, 10:30.
+    let at_10 = 1_764_064_800_000u64;
+    append(&t, &line(1));
+    append(
+        &t,
+        &line(2).replace("2025-11-25T10:00:00Z", "2025-11-25T10:30:00Z"),
+    );
+    let e = SpendEngine::open(None, &t, &d).unwrap();
+    e.ingest().unwrap();
+    let avg = |w| Aggregate {
+        key: "k".into(),
+        metric: Metric::CostUsd,
+        aggregation: Aggregation::Avg,
+        window: w,
+        scope: vec![Scope::Tenant],
+        include_in_flight: false,
+    };
+    // At 10:10 with a one-hour window: the 10:30 row enters at 10:30, before the 10:00 row
+    // leaves at 11:00.
+    let now = at_10 + 600_000;
+    let p = e
+        .compute(&[avg(Window::RollingSeconds(3600))], now)
+        .unwrap();
+    assert!(p.unchanged_at(now + 1_199_000));
+    assert!(!p.unchanged_at(at_10 + 1_800_000));
+    // At 10:40 with a 15-minute window: the 10:30 row leaves at 10:45.
+    let now = at_10 + 2_400_000;
+    let p = e.compute(&[avg(Window::RollingSeconds(900))], now).unwrap();
+    assert!(p.unchanged_at(at_10 + 2_699_000));
+    assert!(!p.unchanged_at(at_10 + 2_700_000));
+    // A calendar window alone: exact until rows are added.
+    let p = e.compute(&[avg(Window::CalendarDay)], now).unwrap();
+    assert!(p.unchanged_at(now + 86_400_000));
+}

@@ -16,7 +16,7 @@ use parking_lot::RwLock;
 
 use crate::artifacts::ArtifactWriter;
 use crate::config::GatewayConfig;
-use crate::engine::SpendEngine;
+use crate::engine::{PublishedAggregates, SpendEngine};
 use crate::ledger::Ledger;
 use crate::metrics::{Family, Kind, Metrics};
 use crate::policy::{Evaluation, PolicyRuntime, PolicySet};
@@ -119,9 +119,12 @@ pub struct Gateway {
     /// Held from ingestion to the ledger drop of a refresh (and across a reload's swap), so
     /// what the ledger drops is exactly what the published aggregates gained.
     refresh_lock: parking_lot::Mutex<()>,
-    /// When the aggregates were last computed: an idle gateway (nothing new in the logs, nothing
-    /// in the ledger) recomputes them every [`refresh::IDLE_COMPUTE`] instead of every pass.
-    last_compute: parking_lot::Mutex<Option<Instant>>,
+    /// When the aggregates were last computed, and which: an idle gateway (see
+    /// `Gateway::idle` in `refresh.rs`) recomputes them every [`refresh::IDLE_COMPUTE`]
+    /// instead of every pass.
+    last_compute: parking_lot::Mutex<Option<(Instant, Arc<PublishedAggregates>)>>,
+    /// Rows a question's ingestion put into DuckDB that no published aggregate counts yet.
+    unpublished_rows: std::sync::atomic::AtomicBool,
     /// Positions ingested by passes outside a refresh (a question's ingest), which the next
     /// refresh's ledger drop must include: a rotated file drained there is not reported again.
     ingested_elsewhere: parking_lot::Mutex<Vec<crate::artifacts::LogPosition>>,
@@ -215,6 +218,7 @@ impl Gateway {
             in_flight: std::sync::atomic::AtomicU64::new(0),
             refresh_lock: parking_lot::Mutex::new(()),
             last_compute: parking_lot::Mutex::new(None),
+            unpublished_rows: std::sync::atomic::AtomicBool::new(false),
             ingested_elsewhere: parking_lot::Mutex::new(Vec::new()),
             calibration,
             view: RwLock::new(()),

@@ -3,10 +3,13 @@
 //! reload, which swaps the new set in inside that same section.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::{declared_aggregates, EngineError, IngestReport};
+use llmscope_sdk::types::Aggregate;
+
+use crate::engine::{declared_aggregates, EngineError, IngestReport, PublishedAggregates};
 use crate::policy::{ConfigError, PolicySet};
 
 use super::{now_ms, Gateway};
@@ -40,25 +43,6 @@ impl Gateway {
     ) -> Result<IngestReport, EngineError> {
         let started = Instant::now();
         let report = self.engine.ingest()?;
-        // Idle: nothing new was logged, no money is in flight or unpublished, and the aggregates
-        // are recent. Then they can only have fallen since (rows leaving rolling windows, a
-        // calendar period starting afresh), so keeping them a few seconds longer is
-        // conservative for sums; the next request's settlement makes the next pass compute.
-        if may_idle
-            && report.telemetry_rows + report.decision_rows == 0
-            && report.rotated.is_empty()
-            && self.ledger.len() == (0, 0)
-            && self.edge.pending() == 0
-            && self
-                .last_compute
-                .lock()
-                .is_some_and(|at| at.elapsed() < IDLE_COMPUTE)
-        {
-            self.ingested_elsewhere
-                .lock()
-                .extend_from_slice(&report.telemetry_through);
-            return Ok(report);
-        }
         // Kept until published: a failed compute must not lose a drained file's position.
         self.ingested_elsewhere
             .lock()
@@ -67,8 +51,28 @@ impl Gateway {
         let serving = self.policies();
         let aggregates = declared_aggregates(policies.rules().chain(serving.rules()), &edge);
         let now = now_ms();
-        let published = self.engine.compute(&aggregates, now)?;
-        *self.last_compute.lock() = Some(Instant::now());
+        let kept = if may_idle {
+            self.idle(&report, &aggregates, now)
+        } else {
+            None
+        };
+        let published = match kept {
+            // Idle: nothing logged since the last computation and no row has left a rolling
+            // window since, so every value is still exact.
+            Some(_) => {
+                if let Some(s) = &self.shared {
+                    s.expire(now);
+                }
+                self.metrics.refresh(started.elapsed().as_secs_f64(), 0, 0);
+                return Ok(report);
+            }
+            None => {
+                self.unpublished_rows.store(false, Ordering::SeqCst);
+                let published = Arc::new(self.engine.compute(&aggregates, now)?);
+                *self.last_compute.lock() = Some((Instant::now(), Arc::clone(&published)));
+                published
+            }
+        };
         // The shared store's mirror, rebuilt from the same DuckDB state when the sums it keeps
         // change (and at start).
         let seed = match &self.shared {
@@ -90,7 +94,7 @@ impl Gateway {
         {
             let _view = self.view.write();
             swap();
-            self.publish_aggregates(Arc::new(published));
+            self.publish_aggregates(published);
             let through = std::mem::take(&mut *self.ingested_elsewhere.lock());
             self.ledger.ingested_through(&through);
             if let Some((shared, specs, rows)) = seed {
@@ -112,6 +116,35 @@ impl Gateway {
         Ok(report)
     }
 
+    /// The last computation, when this pass may keep it instead of computing: nothing was
+    /// ingested (by this pass or a question's since), nothing is malformed or rotated, no money
+    /// is in flight or unpublished (ledger, edge reservations), it holds every aggregate
+    /// declared now (a new edge aggregate or rule is computed at once), it is less than
+    /// [`IDLE_COMPUTE`] old, and no row has left one of its rolling windows since — so every
+    /// value, sums and averages alike, is what a computation now would give.
+    fn idle(
+        &self,
+        report: &IngestReport,
+        aggregates: &[Aggregate],
+        now_ms: u64,
+    ) -> Option<Arc<PublishedAggregates>> {
+        let quiet = report.telemetry_rows + report.decision_rows == 0
+            && report.rotated.is_empty()
+            && report.malformed.is_empty()
+            && !self.unpublished_rows.load(Ordering::SeqCst)
+            && self.ledger.len() == (0, 0)
+            && self.edge.pending() == 0;
+        if !quiet {
+            return None;
+        }
+        let last = self.last_compute.lock();
+        let (at, published) = last.as_ref()?;
+        (at.elapsed() < IDLE_COMPUTE
+            && published.unchanged_at(now_ms)
+            && aggregates.iter().all(|a| published.holds(a)))
+        .then(|| Arc::clone(published))
+    }
+
     /// Held (read) while a request's snapshots are assembled from the published aggregates and
     /// the ledger, so a refresh cannot publish and drop ledger entries in between.
     pub(crate) fn view(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
@@ -123,6 +156,10 @@ impl Gateway {
     pub fn ingest(&self) -> Result<IngestReport, EngineError> {
         let _serial = self.refresh_lock.lock();
         let report = self.engine.ingest()?;
+        if report.telemetry_rows + report.decision_rows > 0 || !report.rotated.is_empty() {
+            // In DuckDB but not yet in the published aggregates: the next refresh computes.
+            self.unpublished_rows.store(true, Ordering::SeqCst);
+        }
         let mut elsewhere = self.ingested_elsewhere.lock();
         for p in &report.telemetry_through {
             // The newest position of a file replaces older ones (a truncated file restarts).
@@ -178,7 +215,7 @@ impl Gateway {
 
 /// The longest window among `aggregates`, ms (at least a day), measured at `now_ms`: ledger
 /// entries older than it count in no sum.
-fn longest_window_ms(aggregates: &[llmscope_sdk::types::Aggregate], now_ms: u64) -> u64 {
+fn longest_window_ms(aggregates: &[Aggregate], now_ms: u64) -> u64 {
     let now_us = i64::try_from(now_ms)
         .unwrap_or(i64::MAX)
         .saturating_mul(1000);

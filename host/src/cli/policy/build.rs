@@ -156,6 +156,11 @@ impl PolicyCrate {
         cmd.args(["metadata", "--format-version", "1", "--no-deps"])
             .arg("--manifest-path")
             .arg(manifest);
+        // From the crate's directory, as the build runs: a `.cargo/config.toml` there (its
+        // `build.target-dir`, say) must apply to both, or the module is looked for elsewhere.
+        if let Some(dir) = manifest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            cmd.current_dir(dir);
+        }
         let out = cmd
             .output()
             .with_context(|| format!("running {cmd:?} (is cargo installed?)"))?;

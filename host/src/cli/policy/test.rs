@@ -400,6 +400,21 @@ fn locate(path: &Path, text: &str, at: &str, message: &str) -> String {
 fn check_expect(case: &RawCase) -> Result<(), (String, String)> {
     let e = &case.expect;
     let field = |f: &str| format!("expect.{f}");
+    for (name, text) in [
+        ("reason", e.reason.as_ref().and_then(Option::as_deref)),
+        ("alert", e.alert.as_ref().and_then(Option::as_deref)),
+        ("error", e.error.as_deref()),
+        ("configure_error", e.configure_error.as_deref()),
+    ] {
+        if text.is_some_and(|t| t.trim().is_empty()) {
+            return Err((
+                field(name),
+                "an empty substring matches anything: give some of the text expected (or ~ \
+                 for none, where allowed)"
+                    .into(),
+            ));
+        }
+    }
     if e.configure_error.is_some() {
         let mut others = e.verdict_fields();
         if e.error.is_some() {
