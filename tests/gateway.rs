@@ -706,6 +706,10 @@ async fn every_model_failing_is_a_502_with_the_failure_logged() {
     gw.stop();
     let t = &read_jsonl(&gw.telemetry)[0];
     assert_eq!(
+        b["detail"]["request_id"], t["request_id"],
+        "the answer names the request whose telemetry line has each attempt: {b}"
+    );
+    assert_eq!(
         (
             t["status"].as_str(),
             t["error_type"].as_str(),

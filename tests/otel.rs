@@ -652,14 +652,9 @@ async fn a_failed_request_is_an_error_span_and_a_stream_is_settled_with_its_usag
         .send()
         .await
         .unwrap();
-    let status = resp.status().as_u16();
-    assert!(status >= 500, "{status}");
-    // A provider failure's answer carries no request id: the decision line has it.
-    let decisions = llmscope_tests::gateway::read_jsonl(&gw.decisions);
-    let id = decisions.last().unwrap()["request_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    assert_eq!(resp.status().as_u16(), 502);
+    let body: Value = resp.json().await.unwrap();
+    let id = body["detail"]["request_id"].as_str().unwrap().to_owned();
     let (root, _) = collector.trace(&id, &["llmscope.dispatch"]).await;
     let root_status = root.status.clone().unwrap_or_default();
     assert_eq!(root_status.code, 2, "STATUS_CODE_ERROR: {root:?}");

@@ -42,8 +42,13 @@ pub enum GatewayError {
         kind: &'static str,
     },
     /// Every model in the fallback chain failed.
-    #[error("all providers failed: {0}")]
-    ProvidersFailed(String),
+    #[error("all providers failed for {request_id}: {summary}")]
+    ProvidersFailed {
+        /// The request (its telemetry line has every attempt).
+        request_id: String,
+        /// What failed.
+        summary: String,
+    },
     /// The logs cannot be written and the gateway refuses to serve unlogged.
     #[error("request not served: {0}")]
     Unlogged(WriteError),

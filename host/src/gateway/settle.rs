@@ -112,7 +112,10 @@ impl Gateway {
             .fallback_reason
             .clone()
             .unwrap_or_else(|| "no provider configured for the model".into());
-        Err(GatewayError::ProvidersFailed(summary))
+        Err(GatewayError::ProvidersFailed {
+            request_id: req.ctx.request_id.clone(),
+            summary,
+        })
     }
 
     /// An attempt answered: billed at the provider's usage when reported (which also corrects

@@ -235,9 +235,9 @@ fn gateway_reference(g: &GatewayError) -> (&'static str, Value) {
         GatewayError::EmbeddingsUnsupported { .. } => {
             ("embeddings_unsupported", json!(g.to_string()))
         }
-        GatewayError::ProvidersFailed(_) => (
+        GatewayError::ProvidersFailed { request_id, .. } => (
             "provider_error",
-            json!("every model in the fallback chain failed; see telemetry for details"),
+            json!({"message": "every model in the fallback chain failed; its telemetry line has each attempt", "request_id": request_id}),
         ),
         GatewayError::Unlogged(_) => (
             "logs_unavailable",
@@ -263,8 +263,8 @@ fn gateway_openai(g: &GatewayError) -> (String, &'static str, &'static str, Opti
             "invalid_request_error",
             "embeddings_unsupported",
         ),
-        GatewayError::ProvidersFailed(_) => (
-            "every model in the fallback chain failed".to_owned(),
+        GatewayError::ProvidersFailed { request_id, .. } => (
+            format!("every model in the fallback chain failed (request {request_id}: its telemetry line has each attempt)"),
             "api_error",
             "provider_error",
         ),

@@ -208,7 +208,7 @@ impl ApiError {
                 GatewayError::UnknownTier { .. } | GatewayError::EmbeddingsUnsupported { .. } => {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
-                GatewayError::ProvidersFailed(_) => StatusCode::BAD_GATEWAY,
+                GatewayError::ProvidersFailed { .. } => StatusCode::BAD_GATEWAY,
                 GatewayError::Unlogged(_) => StatusCode::SERVICE_UNAVAILABLE,
                 GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
