@@ -1,0 +1,205 @@
+//! The policy loop end to end, on the real binary and a real gateway run: decision lines carry
+//! provenance (each rule's component digest, settings hash and aggregate values), and
+//! `llmscope policy explain` re-runs a logged request on the components and settings now in
+//! place.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "integration tests: a failed unwrap or panic is a failed test"
+)]
+
+use std::collections::BTreeMap;
+
+use llmscope_tests::gateway::{read_jsonl, Gateway, Options};
+use llmscope_tests::{llmscope, policies_dir, seed_config};
+use serde_json::{json, Value};
+
+/// The seed's policy file plus a `tight` namespace whose hourly cap is below one request.
+fn policy_yaml() -> String {
+    let seed = std::fs::read_to_string(seed_config()).unwrap();
+    format!(
+        "{seed}\n  tight:\n    rules:\n      - id: \"tight-cap\"\n        primitive: budget_threshold\n        period: hourly\n        limit_usd: 0.0001\n        action: deny\n        deny_reason: \"Tight budget exceeded\"\n"
+    )
+}
+
+async fn post(url: &str, body: Value) -> Value {
+    let resp = reqwest::Client::new()
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+/// A stopped gateway's run: two allows, a downgrade and a deny, in that order. Returns the
+/// gateway (its temp dir holds the logs) and the request ids by decision.
+async fn recorded_run() -> (Gateway, BTreeMap<&'static str, String>) {
+    let mut gw = Gateway::start(&Options::new(&policy_yaml()));
+    let allow = json!({"prompt": "Summarize this document", "tenant_id": "acme-corp",
+        "feature_id": "summarize", "budget_namespace": "demo", "route_name": "/conversation-turn"});
+    let mut ids = BTreeMap::new();
+    for (name, body) in [
+        ("allow", allow.clone()),
+        ("allow2", allow),
+        (
+            "downgrade",
+            json!({"prompt": "Summarize this document", "tenant_id": "acme-corp",
+                   "feature_id": "summarize", "budget_namespace": "demo", "model_tier": "expensive"}),
+        ),
+        (
+            "deny",
+            json!({"prompt": "Summarize this document", "tenant_id": "acme-corp", "budget_namespace": "tight"}),
+        ),
+    ] {
+        let answer = post(&gw.at("/infer"), body).await;
+        let id = answer["request_id"]
+            .as_str()
+            .or_else(|| answer["error"]["request_id"].as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{name}: no request id in {answer}"));
+        ids.insert(name, id);
+    }
+    let (status, stderr) = gw.stop();
+    assert!(status.success(), "{stderr}");
+    (gw, ids)
+}
+
+fn decision<'a>(lines: &'a [Value], id: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["request_id"] == id)
+        .unwrap_or_else(|| panic!("no decision line for {id}"))
+}
+
+fn sha256_by_primitive() -> BTreeMap<String, String> {
+    let out = llmscope()
+        .args(["policy", "list", "--format", "json", "--policies-dir"])
+        .arg(policies_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_owned(),
+                r["sha256"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decision_lines_carry_digests_settings_hashes_and_aggregate_values() {
+    let (gw, ids) = recorded_run().await;
+    let decisions = read_jsonl(&gw.decisions);
+    let telemetry = read_jsonl(&gw.telemetry);
+    let digests = sha256_by_primitive();
+    assert_eq!(decision(&decisions, &ids["allow"])["decision"], "allow");
+    assert_eq!(
+        decision(&decisions, &ids["downgrade"])["decision"],
+        "downgrade"
+    );
+    assert_eq!(decision(&decisions, &ids["deny"])["decision"], "deny");
+
+    let mut demo_spend_before = 0.0;
+    for line in &decisions {
+        let rules = line["rules"].as_array().unwrap();
+        assert!(!rules.is_empty(), "{line}");
+        for rule in rules {
+            let primitive = rule["primitive"].as_str().unwrap();
+            assert_eq!(
+                rule["component_sha256"].as_str(),
+                Some(digests[primitive].as_str()),
+                "{rule}"
+            );
+            let settings = rule["settings_sha256"].as_str().unwrap();
+            assert_eq!(settings.len(), 16, "{rule}");
+            assert!(settings.bytes().all(|b| b.is_ascii_hexdigit()), "{rule}");
+        }
+        // The request context the rules saw that the line holds nowhere else.
+        let input = &line["policy_input"];
+        assert_eq!(input["estimated_tokens_out"], 500, "{line}");
+        assert!(input["estimated_tokens_in"].as_u64().unwrap() > 0, "{line}");
+        let tiers: Vec<&str> = input["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["tier"].as_str().unwrap())
+            .collect();
+        assert_eq!(tiers, ["cheap", "expensive"], "{line}");
+        let model = if line["requested_model_tier"] == "expensive" {
+            "gpt-4o"
+        } else {
+            "gpt-4o-mini"
+        };
+        assert_eq!(input["model"], model, "{line}");
+
+        // The budget rule was given the namespace's spend so far: every earlier demo request
+        // (each one settled before the next was sent).
+        if line["budget_namespace"] == "demo" {
+            let cap = rules
+                .iter()
+                .find(|r| r["rule_id"] == "demo-hourly-cap")
+                .unwrap();
+            let given = &cap["aggregates"]["window_cost_usd"];
+            let value = given["value"].as_f64().unwrap();
+            assert!(
+                (value - demo_spend_before).abs() < 1e-12,
+                "{given} vs {demo_spend_before}"
+            );
+            let id = line["request_id"].as_str().unwrap();
+            let spent = telemetry.iter().find(|t| t["request_id"] == id).unwrap()["cost_usd"]
+                .as_f64()
+                .unwrap();
+            demo_spend_before += spent;
+            let anomaly = rules
+                .iter()
+                .find(|r| r["rule_id"] == "demo-cost-anomaly")
+                .unwrap();
+            assert!(
+                anomaly["aggregates"].get("baseline_avg_cost_usd").is_some(),
+                "{anomaly}"
+            );
+            let preference = rules
+                .iter()
+                .find(|r| r["rule_id"] == "demo-route-preference")
+                .unwrap();
+            assert!(
+                preference.get("aggregates").is_none(),
+                "declares none: {preference}"
+            );
+        }
+    }
+    let deny = decision(&decisions, &ids["deny"]);
+    assert_eq!(
+        deny["rules"][0]["aggregates"]["window_cost_usd"],
+        json!({"value": 0.0, "samples": 0}),
+        "{deny}"
+    );
+
+    // The questions still read these logs, every line ingested.
+    let out = llmscope()
+        .args([
+            "query",
+            "budget_pressure_by_namespace",
+            "--format",
+            "json",
+            "--telemetry",
+        ])
+        .arg(&gw.telemetry)
+        .arg("--decisions")
+        .arg(&gw.decisions)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("malformed"), "{stderr}");
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(answer.to_string().contains("tight"), "{answer}");
+}
