@@ -203,3 +203,137 @@ async fn decision_lines_carry_digests_settings_hashes_and_aggregate_values() {
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(answer.to_string().contains("tight"), "{answer}");
 }
+
+/// `policy explain` on the real binary: (exit code, stdout, stderr).
+fn explain(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = llmscope()
+        .args(["policy", "explain"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_says_same_for_a_run_and_names_a_settings_change() {
+    let (gw, ids) = recorded_run().await;
+    let logs = gw.decisions.parent().unwrap().to_owned();
+    let gateway_config = gw.dir.path().join("llmscope.yaml");
+    for name in ["allow", "downgrade", "deny"] {
+        // Flags naming each input.
+        let (code, stdout, stderr) = explain(&[
+            ids[name].as_ref(),
+            "--config".as_ref(),
+            gw.policy_file.as_os_str(),
+            "--logs".as_ref(),
+            logs.as_os_str(),
+            "--policies".as_ref(),
+            policies_dir().as_os_str(),
+        ]);
+        assert_eq!(code, Some(0), "{name}: {stdout}{stderr}");
+        assert!(stdout.trim_end().ends_with("same"), "{name}: {stdout}");
+        // Everything from the gateway's configuration.
+        let (code, stdout, stderr) = explain(&[
+            ids[name].as_ref(),
+            "--gateway-config".as_ref(),
+            gateway_config.as_os_str(),
+            "--format".as_ref(),
+            "json".as_ref(),
+        ]);
+        assert_eq!(code, Some(0), "{name}: {stdout}{stderr}");
+        let e: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(e["same"], true, "{e}");
+        assert_eq!(e["logged_decision"], name, "{e}");
+        assert!(e["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "same"));
+    }
+
+    // Raise the deciding rule's cap: the deny would now be an allow, and explain says why.
+    let edited = policy_yaml().replace("limit_usd: 0.0001", "limit_usd: 5.0");
+    std::fs::write(&gw.policy_file, edited).unwrap();
+    let (code, stdout, stderr) = explain(&[
+        ids["deny"].as_ref(),
+        "--gateway-config".as_ref(),
+        gateway_config.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let e: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(e["same"], false);
+    assert_eq!(e["decision_now"], "allow", "{e}");
+    let rule = &e["rules"][0];
+    assert_eq!(rule["rule_id"], "tight-cap");
+    assert_eq!(rule["status"], "differs");
+    let fields: Vec<&str> = rule["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert!(fields.contains(&"settings_sha256"), "{rule}");
+    assert!(!fields.contains(&"component_sha256"), "{rule}");
+    let decision = rule["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["field"] == "decision")
+        .unwrap();
+    assert_eq!(decision["logged"], "deny");
+    assert_eq!(decision["now"], "allow");
+    // The table names it too.
+    let (code, table, _) = explain(&[
+        ids["deny"].as_ref(),
+        "--gateway-config".as_ref(),
+        gateway_config.as_os_str(),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        table.contains("settings_sha256") && table.contains("differs"),
+        "{table}"
+    );
+
+    // A rule added since is reported as such; the untouched allow stays the same.
+    let added = format!(
+        "{}      - id: \"tight-extra\"\n        primitive: route_preference\n        prefer_tier: cheap\n",
+        policy_yaml()
+    );
+    std::fs::write(&gw.policy_file, added).unwrap();
+    let (code, stdout, _) = explain(&[
+        ids["deny"].as_ref(),
+        "--gateway-config".as_ref(),
+        gateway_config.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
+    assert_eq!(code, Some(1), "{stdout}");
+    let e: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(e["rules"][1]["rule_id"], "tight-extra", "{e}");
+    assert_eq!(e["rules"][1]["status"], "added", "{e}");
+    let (code, _, _) = explain(&[
+        ids["allow"].as_ref(),
+        "--gateway-config".as_ref(),
+        gateway_config.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0));
+
+    // Unknown request: exit 2 and a message naming the id and the log searched.
+    let (code, _, stderr) = explain(&[
+        "no-such-request".as_ref(),
+        "--gateway-config".as_ref(),
+        gateway_config.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("request no-such-request not found in")
+            && stderr.contains("policy_decisions.jsonl"),
+        "{stderr}"
+    );
+}

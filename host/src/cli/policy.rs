@@ -11,6 +11,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use llmscope_sdk::types::RequestContext;
 
 use super::eprintln_safe;
+
+mod explain;
+mod sources;
 use crate::policy::{
     Limits, NoSnapshots, PolicyRuntime, PolicySet, SnapshotSource, StaticSnapshots,
 };
@@ -50,6 +53,10 @@ pub(super) enum PolicyCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Re-run a logged request's rules on the components and settings in place now and show,
+    /// rule by rule, logged against now; exit 0 when all the same, 1 when something differs,
+    /// 2 when the request is not found or cannot be re-run.
+    Explain(explain::ExplainArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -97,6 +104,7 @@ pub(super) fn run(command: PolicyCommand) -> Result<ExitCode> {
             snapshot,
             runtime,
         } => eval(&config, namespace, &request, snapshot.as_deref(), &runtime),
+        PolicyCommand::Explain(args) => explain::run(&args),
     }
 }
 
