@@ -337,3 +337,115 @@ async fn explain_says_same_for_a_run_and_names_a_settings_change() {
         "{stderr}"
     );
 }
+
+/// The seed plus a `capped` namespace whose daily cap `limit` the run below crosses.
+fn capped_yaml(limit: &str) -> String {
+    format!(
+        "{}\n  capped:\n    rules:\n      - id: \"capped-daily\"\n        primitive: budget_threshold\n        period: daily\n        limit_usd: {limit}\n        action: deny\n",
+        std::fs::read_to_string(seed_config()).unwrap()
+    )
+}
+
+fn replay(args: &[&std::ffi::OsStr]) -> Value {
+    let out = llmscope()
+        .args(["policy", "replay", "--format", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_of_a_run_with_its_own_config_reproduces_it_and_a_stricter_cap_denies_more() {
+    let mut gw = Gateway::start(&Options::new(&capped_yaml("0.0015")));
+    for i in 0..40 {
+        let body = if i % 4 == 0 {
+            json!({"prompt": "Summarize this document", "tenant_id": "acme-corp",
+                   "feature_id": "summarize", "budget_namespace": "demo", "model_tier": "expensive"})
+        } else {
+            json!({"prompt": format!("Question {i}: what is the capital of France?"),
+                   "tenant_id": if i % 3 == 0 { "globex" } else { "acme-corp" },
+                   "feature_id": "chat", "budget_namespace": "capped", "model_tier": "cheap"})
+        };
+        post(&gw.at("/infer"), body).await;
+    }
+    let (status, stderr) = gw.stop();
+    assert!(status.success(), "{stderr}");
+    let decisions = read_jsonl(&gw.decisions);
+    let denied = decisions.iter().filter(|d| d["decision"] == "deny").count();
+    assert!(
+        denied > 0 && denied < 30,
+        "the cap is crossed mid-run: {denied} denials"
+    );
+    let gateway_config = gw.dir.path().join("llmscope.yaml");
+
+    let same = replay(&[
+        "--config".as_ref(),
+        gw.policy_file.as_os_str(),
+        "--gateway-config".as_ref(),
+        gateway_config.as_os_str(),
+    ]);
+    assert_eq!(same["replayed"], 40, "{same}");
+    let rate = same["match_rate"].as_f64().unwrap();
+    assert!(rate >= 0.99, "match rate {rate}: {}", same["mismatches"]);
+    let capped = same["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "capped")
+        .unwrap()
+        .clone();
+    assert_eq!(capped["logged"], capped["candidate"], "{capped}");
+    assert_eq!(capped["logged"]["deny"], denied as u64);
+
+    // A stricter candidate cap: more denials in that namespace, none elsewhere.
+    let candidate = gw.dir.path().join("candidate.yaml");
+    std::fs::write(&candidate, capped_yaml("0.0008")).unwrap();
+    let stricter = replay(&[
+        "--config".as_ref(),
+        candidate.as_os_str(),
+        "--logs".as_ref(),
+        gw.decisions.parent().unwrap().as_os_str(),
+        "--policies".as_ref(),
+        policies_dir().as_os_str(),
+    ]);
+    let capped = stricter["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "capped")
+        .unwrap();
+    let (was, now) = (
+        capped["logged"]["deny"].as_u64().unwrap(),
+        capped["candidate"]["deny"].as_u64().unwrap(),
+    );
+    assert!(now > was, "{capped}");
+    assert_eq!(capped["changed"].as_u64().unwrap(), now - was, "{capped}");
+    assert!(
+        capped["denied_usd_candidate"].as_f64().unwrap()
+            > capped["denied_usd_logged"].as_f64().unwrap()
+    );
+    let rule = stricter["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule_id"] == "capped-daily")
+        .unwrap();
+    assert_eq!(rule["candidate"]["deny"].as_u64().unwrap(), now, "{rule}");
+    assert_eq!(stricter["tenants"][0]["name"], "acme-corp", "{stricter}");
+    let demo = stricter["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "demo")
+        .unwrap();
+    assert_eq!(demo["changed"], 0, "{demo}");
+    assert!(demo["moved_usd_logged"].as_f64().unwrap() > 0.0, "{demo}");
+}

@@ -13,6 +13,7 @@ use llmscope_sdk::types::RequestContext;
 use super::eprintln_safe;
 
 mod explain;
+mod replay;
 mod sources;
 use crate::policy::{
     Limits, NoSnapshots, PolicyRuntime, PolicySet, SnapshotSource, StaticSnapshots,
@@ -57,6 +58,9 @@ pub(super) enum PolicyCommand {
     /// rule by rule, logged against now; exit 0 when all the same, 1 when something differs,
     /// 2 when the request is not found or cannot be re-run.
     Explain(explain::ExplainArgs),
+    /// Re-evaluate every logged request with a candidate policy file, each rule given its
+    /// aggregates as of the request's time, and report per namespace and rule what changes.
+    Replay(replay::ReplayArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -105,6 +109,7 @@ pub(super) fn run(command: PolicyCommand) -> Result<ExitCode> {
             runtime,
         } => eval(&config, namespace, &request, snapshot.as_deref(), &runtime),
         PolicyCommand::Explain(args) => explain::run(&args),
+        PolicyCommand::Replay(args) => replay::run(&args),
     }
 }
 
