@@ -155,10 +155,18 @@ pub struct ReplayReport {
     pub mismatches: Vec<Mismatch>,
 }
 
-/// One decision line to replay.
+/// One decision line to replay: the context its rules saw and what the gateway decided.
 struct Probe {
     ctx: RequestContext,
-    line: DecisionLine,
+    logged: Logged,
+}
+
+/// What a decision line says was decided.
+struct Logged {
+    decision: String,
+    effective_model_tier: Option<String>,
+    /// Each rule's id and verdict.
+    rules: Vec<(String, DecisionKind)>,
 }
 
 /// Aggregate values per distinct aggregate, indexed by probe.
@@ -217,15 +225,30 @@ pub fn replay(
     telemetry: &[PathBuf],
     options: &ReplayOptions,
 ) -> Result<ReplayReport> {
+    let started = std::time::Instant::now();
+    let phase = |name: &str| {
+        tracing::info!(
+            phase = name,
+            elapsed_s = started.elapsed().as_secs_f64(),
+            "replay"
+        )
+    };
     let mut report = ReplayReport::default();
     let (probes, order) = read_probes(decisions, options, &mut report)?;
+    phase("decisions read");
     let engine = load_telemetry(telemetry)?;
+    phase("telemetry ingested");
     engine.with_conn(|conn| create_probe_tables(conn, &order, &probes))?;
+    drop(order);
+    phase("probe tables");
     let aggregates = crate::engine::declared_aggregates(set.rules(), &[]);
     let values = compute_values(&engine, &aggregates, probes.len())?;
+    phase("aggregates as of each request");
     let evaluations = evaluate_all(set, &probes, &values);
+    phase("evaluated");
     tally(&mut report, set, &probes, &evaluations);
     bound_in_flight(&engine, &mut report)?;
+    phase("reported");
     Ok(report)
 }
 
@@ -268,7 +291,18 @@ fn read_probes(
                     report.skipped_edge += 1;
                 } else if let Some(ctx) = line.request_context() {
                     index = Some(probes.len());
-                    probes.push(Probe { ctx, line });
+                    probes.push(Probe {
+                        ctx,
+                        logged: Logged {
+                            decision: line.decision,
+                            effective_model_tier: line.effective_model_tier,
+                            rules: line
+                                .rules
+                                .into_iter()
+                                .map(|r| (r.rule_id, r.decision))
+                                .collect(),
+                        },
+                    });
                 } else {
                     report.skipped_no_provenance += 1;
                 }
@@ -374,6 +408,7 @@ fn compute_values(engine: &SpendEngine, aggregates: &[Aggregate], n: usize) -> R
             continue;
         }
         let sql = as_of_sql(a);
+        let started = std::time::Instant::now();
         let column = engine.with_conn(|conn| {
             let mut column = vec![(None, 0u64); n];
             let mut stmt = conn.prepare(&sql)?;
@@ -388,15 +423,93 @@ fn compute_values(engine: &SpendEngine, aggregates: &[Aggregate], n: usize) -> R
             }
             Ok(column)
         })?;
+        tracing::info!(aggregate = ?key, elapsed_s = started.elapsed().as_secs_f64(), "replay aggregate computed");
         index.insert(key, columns.len());
         columns.push(column);
     }
     Ok(Values { index, columns })
 }
 
-/// The window query of aggregate `a`: per probe, the value and sample count over the
-/// contributions decided before it within its window and scope.
+/// The query of aggregate `a`: per probe, the value and sample count over the contributions
+/// decided before it within its window and scope. Sums, counts and means are differences of
+/// running totals (a streaming window per scope, then two ASOF joins per probe: the last
+/// contribution before it and the last before its window's start); maxima and percentiles
+/// are a framed window over probes and contributions together ([`framed_sql`]).
 fn as_of_sql(a: &Aggregate) -> String {
+    if !matches!(
+        a.aggregation,
+        Aggregation::Sum | Aggregation::Count | Aggregation::Avg
+    ) {
+        return framed_sql(a);
+    }
+    let scope = SpecKey::scope_order(a);
+    let cols: Vec<&str> = scope.iter().map(|s| scope_column(*s)).collect();
+    // ASOF joins match on equality, which NULL never satisfies: a request with no value for a
+    // scoped dimension matches rows with none, as the engine's GROUP BY does.
+    let keys = |table: &str| -> String {
+        cols.iter()
+            .enumerate()
+            .map(|(i, c)| format!("coalesce({table}{c}, chr(1)) AS k{i}, "))
+            .collect()
+    };
+    let key_names: String = (0..cols.len()).map(|i| format!("k{i}, ")).collect();
+    let on = |l: &str, r: &str| -> String {
+        (0..cols.len())
+            .map(|i| format!("{l}.k{i} = {r}.k{i} AND "))
+            .collect()
+    };
+    let partition = if cols.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "PARTITION BY {}",
+            (0..cols.len())
+                .map(|i| format!("k{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let start = match a.window {
+        Window::RollingSeconds(s) => format!("o.ord - {}", s.saturating_mul(1_000_000)),
+        Window::CalendarHour => "epoch_us(date_trunc('hour', make_timestamp(o.ord)))".into(),
+        Window::CalendarDay => "epoch_us(date_trunc('day', make_timestamp(o.ord)))".into(),
+        Window::CalendarMonth => "epoch_us(date_trunc('month', make_timestamp(o.ord)))".into(),
+    };
+    let metric = metric_expr(a.metric);
+    let value = match a.aggregation {
+        Aggregation::Sum => "cs",
+        Aggregation::Count => "cn::DOUBLE",
+        _ => "CASE WHEN cv > 0 THEN cs / cv END",
+    };
+    let (c_on, b_on) = (on("p", "c"), on("e", "b"));
+    let p_keys = keys("p.");
+    let t_keys = keys("");
+    format!(
+        "WITH c AS (
+           SELECT {key_names}ord,
+                  sum(coalesce(v, 0)) OVER win AS cs, count(v) OVER win AS cv, count(*) OVER win AS cn
+           FROM (SELECT {t_keys}ord, ({metric})::DOUBLE AS v FROM replay_contrib WHERE {COUNTED_ROWS})
+           WINDOW win AS ({partition} ORDER BY ord ROWS UNBOUNDED PRECEDING)
+         ),
+         p AS (
+           SELECT {p_keys}o.probe, o.ord, {start} AS start
+           FROM replay_order o JOIN replay_probes p ON p.probe = o.probe
+         ),
+         e AS (
+           SELECT p.*, coalesce(c.cs, 0) AS cs, coalesce(c.cv, 0) AS cv, coalesce(c.cn, 0) AS cn
+           FROM p ASOF LEFT JOIN c ON {c_on}p.ord > c.ord
+         ),
+         d AS (
+           SELECT e.probe, e.cs - coalesce(b.cs, 0) AS cs, e.cv - coalesce(b.cv, 0) AS cv,
+                  e.cn - coalesce(b.cn, 0) AS cn
+           FROM e ASOF LEFT JOIN c b ON {b_on}e.start > b.ord
+         )
+         SELECT probe, {value}, cn FROM d"
+    )
+}
+
+/// The framed-window query of a maximum or percentile (see [`as_of_sql`]).
+fn framed_sql(a: &Aggregate) -> String {
     let scope = SpecKey::scope_order(a);
     let cols: Vec<&str> = scope.iter().map(|s| scope_column(*s)).collect();
     let metric = metric_expr(a.metric);
@@ -525,10 +638,10 @@ fn tally(report: &mut ReplayReport, set: &PolicySet, probes: &[Probe], evaluatio
         .collect();
     for (p, e) in probes.iter().zip(evaluations) {
         report.replayed += 1;
-        let logged_tier = (p.line.decision == "downgrade")
-            .then_some(p.line.effective_model_tier.as_deref())
+        let logged_tier = (p.logged.decision == "downgrade")
+            .then_some(p.logged.effective_model_tier.as_deref())
             .flatten();
-        let logged = label(&p.line.decision, logged_tier);
+        let logged = label(&p.logged.decision, logged_tier);
         let now_tier = (e.decision == DecisionKind::Downgrade)
             .then_some(e.downgrade_to.as_deref())
             .flatten();
@@ -564,10 +677,10 @@ fn tally(report: &mut ReplayReport, set: &PolicySet, probes: &[Probe], evaluatio
                 ..Tally::default()
             });
             t.requests += 1;
-            t.logged.add(kind_of(&p.line.decision));
+            t.logged.add(kind_of(&p.logged.decision));
             t.candidate.add(e.decision);
             t.changed += u64::from(changed);
-            match kind_of(&p.line.decision) {
+            match kind_of(&p.logged.decision) {
                 DecisionKind::Deny => t.denied_usd_logged += est,
                 DecisionKind::Downgrade => t.moved_usd_logged += moved_usd(&p.ctx, logged_tier),
                 DecisionKind::Allow => {}
@@ -583,9 +696,9 @@ fn tally(report: &mut ReplayReport, set: &PolicySet, probes: &[Probe], evaluatio
                 t.candidate.add(r.decision);
             }
         }
-        for r in &p.line.rules {
-            if let Some(t) = rules.get_mut(&r.rule_id) {
-                t.logged.add(r.decision);
+        for (id, decision) in &p.logged.rules {
+            if let Some(t) = rules.get_mut(id) {
+                t.logged.add(*decision);
             }
         }
     }
@@ -716,15 +829,30 @@ mod tests {
     }
 
     #[test]
-    fn rolling_windows_end_just_before_the_request() {
+    fn windows_end_just_before_the_request() {
+        // Sums: running totals, less those before the window's start.
         let sql = as_of_sql(&agg(Aggregation::Sum, Metric::CostUsd));
+        assert!(sql.contains("o.ord - 60000000 AS start"), "{sql}");
+        assert!(sql.contains("ASOF LEFT JOIN c ON p.ord > c.ord"), "{sql}");
+        let mut daily = agg(Aggregation::Sum, Metric::CostUsd);
+        daily.window = Window::CalendarDay;
+        daily.scope = vec![llmscope_sdk::types::Scope::BudgetNamespace];
+        let sql = as_of_sql(&daily);
+        assert!(
+            sql.contains("coalesce(budget_namespace, chr(1)) AS k0"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("epoch_us(date_trunc('day', make_timestamp(o.ord))) AS start"),
+            "{sql}"
+        );
+        // Maxima and percentiles: a framed window.
+        let sql = as_of_sql(&agg(Aggregation::Max, Metric::CostUsd));
         assert!(
             sql.contains("RANGE BETWEEN 60000000 PRECEDING AND 1 PRECEDING"),
             "{sql}"
         );
-        let mut daily = agg(Aggregation::Sum, Metric::CostUsd);
-        daily.window = Window::CalendarDay;
-        daily.scope = vec![llmscope_sdk::types::Scope::BudgetNamespace];
+        daily.aggregation = Aggregation::P95;
         let sql = as_of_sql(&daily);
         assert!(
             sql.contains("PARTITION BY budget_namespace, date_trunc('day', make_timestamp(ord))"),
