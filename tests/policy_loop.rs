@@ -449,3 +449,48 @@ async fn replay_of_a_run_with_its_own_config_reproduces_it_and_a_stricter_cap_de
     assert_eq!(demo["changed"], 0, "{demo}");
     assert!(demo["moved_usd_logged"].as_f64().unwrap() > 0.0, "{demo}");
 }
+
+/// Concurrent clients on a slow provider: requests decide while others are in flight. The
+/// replay's differences are the ones in-flight reservations explain: every changed decision
+/// had requests of its namespace in flight at its decision time.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_differences_under_concurrency_are_explained_by_requests_in_flight() {
+    let mut opts = Options::new(&capped_yaml("0.0015"));
+    opts.mock_latency_ms = 40;
+    let mut gw = Gateway::start(&opts);
+    let url = gw.at("/infer");
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..8 {
+                post(
+                    &url,
+                    json!({"prompt": format!("Question {worker}-{i}: what is the capital of France?"),
+                           "tenant_id": "acme-corp", "feature_id": "chat",
+                           "budget_namespace": "capped", "model_tier": "cheap"}),
+                )
+                .await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (status, stderr) = gw.stop();
+    assert!(status.success(), "{stderr}");
+    let report = replay(&[
+        "--config".as_ref(),
+        gw.policy_file.as_os_str(),
+        "--gateway-config".as_ref(),
+        gw.dir.path().join("llmscope.yaml").as_os_str(),
+    ]);
+    assert_eq!(report["replayed"], 64, "{report}");
+    eprintln!(
+        "match rate under concurrency: {} ({} of 64)",
+        report["match_rate"], report["matched"]
+    );
+    for m in report["mismatches"].as_array().unwrap() {
+        assert!(m["in_flight"].as_u64().unwrap() > 0, "unexplained: {m}");
+    }
+}

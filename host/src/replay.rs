@@ -16,15 +16,16 @@
 //! window, never itself. Metric expressions, scope columns and the counted-row filter are the
 //! engine's. One query per aggregate, not one per request.
 //!
-//! # What a replay cannot see
+//! # In-flight reservations
 //!
-//! The gateway's `include_in_flight` sums added the reservations (estimates) of requests still
-//! in flight at decision time; the logs hold those requests' final costs instead. Aggregates
-//! without `include_in_flight` saw only what the engine had ingested at its last refresh (one
-//! refresh interval behind); the replay sees every earlier request. The report bounds the
-//! first: for each request whose replayed decision differs, the requests of its namespace that
-//! were decided before it and were still in flight (telemetry `latency_ms` after it) and the sum
-//! of their |estimate − cost|, the most a sum could have been off by.
+//! The gateway's `include_in_flight` cost sums added the reservations (estimates) of requests
+//! still in flight at decision time; the logs hold those requests' final costs. The sums here
+//! re-create that: a request counts at its estimate for every later request decided before it
+//! finished (time + provider `latency_ms`), at its cost after. What that cannot see — time
+//! outside `latency_ms`, token reservations, and aggregates without `include_in_flight` (the
+//! gateway saw them as of its last refresh; the replay sees every earlier request) — is bounded
+//! in the report: for each changed decision, the requests of its namespace decided before it and
+//! still in flight, and the sum of their |estimate − cost|.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -481,28 +482,55 @@ fn as_of_sql(a: &Aggregate) -> String {
         Aggregation::Count => "cn::DOUBLE",
         _ => "CASE WHEN cv > 0 THEN cs / cv END",
     };
-    let (c_on, b_on) = (on("p", "c"), on("e", "b"));
+    let (c_on, f_on, b_on) = (on("p", "c"), on("e", "f"), on("g", "b"));
+    // In flight at a request's decision, the gateway summed a request's reservation (its
+    // estimate), not its cost: for cost sums that include in-flight spend, add, per request,
+    // Σ (estimate − cost) over the requests decided before it (running total by decision)
+    // less those finished by its time (running total by completion: time + provider latency;
+    // the logs time requests to the millisecond, so one finishing within the request's
+    // millisecond counts as finished).
+    let reserved = if a.include_in_flight
+        && a.metric == Metric::CostUsd
+        && a.aggregation == Aggregation::Sum
+    {
+        "estimated_cost_usd - cost_usd"
+    } else {
+        "0"
+    };
     let p_keys = keys("p.");
     let t_keys = keys("");
     format!(
         "WITH c AS (
            SELECT {key_names}ord,
-                  sum(coalesce(v, 0)) OVER win AS cs, count(v) OVER win AS cv, count(*) OVER win AS cn
-           FROM (SELECT {t_keys}ord, ({metric})::DOUBLE AS v FROM replay_contrib WHERE {COUNTED_ROWS})
+                  sum(coalesce(v, 0)) OVER win AS cs, count(v) OVER win AS cv, count(*) OVER win AS cn,
+                  sum(dv) OVER win AS cd
+           FROM (SELECT {t_keys}ord, ({metric})::DOUBLE AS v, ({reserved})::DOUBLE AS dv
+                 FROM replay_contrib WHERE {COUNTED_ROWS})
            WINDOW win AS ({partition} ORDER BY ord ROWS UNBOUNDED PRECEDING)
          ),
+         f AS (
+           SELECT {key_names}done, sum(dv) OVER win AS fd
+           FROM (SELECT {t_keys}ts_us + coalesce(latency_ms, 0) * 1000 AS done, ({reserved})::DOUBLE AS dv
+                 FROM replay_contrib WHERE {COUNTED_ROWS})
+           WINDOW win AS ({partition} ORDER BY done ROWS UNBOUNDED PRECEDING)
+         ),
          p AS (
-           SELECT {p_keys}o.probe, o.ord, {start} AS start
+           SELECT {p_keys}o.probe, o.ord, o.ts_us, {start} AS start
            FROM replay_order o JOIN replay_probes p ON p.probe = o.probe
          ),
          e AS (
-           SELECT p.*, coalesce(c.cs, 0) AS cs, coalesce(c.cv, 0) AS cv, coalesce(c.cn, 0) AS cn
+           SELECT p.*, coalesce(c.cs, 0) AS cs, coalesce(c.cv, 0) AS cv, coalesce(c.cn, 0) AS cn,
+                  coalesce(c.cd, 0) AS cd
            FROM p ASOF LEFT JOIN c ON {c_on}p.ord > c.ord
          ),
+         g AS (
+           SELECT e.*, coalesce(f.fd, 0) AS fd
+           FROM e ASOF LEFT JOIN f ON {f_on}e.ts_us + 999 >= f.done
+         ),
          d AS (
-           SELECT e.probe, e.cs - coalesce(b.cs, 0) AS cs, e.cv - coalesce(b.cv, 0) AS cv,
-                  e.cn - coalesce(b.cn, 0) AS cn
-           FROM e ASOF LEFT JOIN c b ON {b_on}e.start > b.ord
+           SELECT g.probe, g.cs - coalesce(b.cs, 0) + greatest(g.cd - g.fd, 0) AS cs,
+                  g.cv - coalesce(b.cv, 0) AS cv, g.cn - coalesce(b.cn, 0) AS cn
+           FROM g ASOF LEFT JOIN c b ON {b_on}g.start > b.ord
          )
          SELECT probe, {value}, cn FROM d"
     )
