@@ -179,6 +179,15 @@ async fn allow_passes_through_and_the_usage_is_reported() {
     assert_eq!(rules[0]["rule_id"], "edge-cap");
     assert_eq!(rules[0]["decision"], "allow");
     assert_eq!(rules[0]["facts"]["window_limit_usd"], 100.0);
+    // Provenance at the edge: the aggregate values the filter was answered and the request
+    // context; no digests (the host never sees a filter's bytes or its Envoy settings).
+    assert_eq!(
+        rules[0]["aggregates"]["window_cost_usd"]["value"], rules[0]["facts"]["window_cost_usd"],
+        "{}",
+        decisions[0]
+    );
+    assert!(rules[0].get("component_sha256").is_none());
+    assert_eq!(decisions[0]["policy_input"]["model"], "gpt-4o");
 }
 
 #[tokio::test(flavor = "multi_thread")]

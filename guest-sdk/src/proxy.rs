@@ -418,6 +418,10 @@ impl<P: Policy> Filter<P> {
             error: Some(format!("policy host unavailable: {detail}")),
             applied: !open,
             eval_us: 0.0,
+            component_sha256: None,
+            settings_sha256: None,
+            aggregates: BTreeMap::new(),
+            snapshot_taken_at_ms: None,
         };
         self.record(&outcome);
         self.state.host_error = Some(detail.clone());
@@ -480,7 +484,10 @@ impl<P: Policy> Filter<P> {
             .get_current_time()
             .duration_since(started)
             .map_or(0.0, |d| d.as_secs_f64() * 1e6);
-        let (outcome, action) = edge::decide(&cfg, &answer.request, result, eval_us);
+        let (mut outcome, action) = edge::decide(&cfg, &answer.request, result, eval_us);
+        // Provenance: the values the rule was given (the host logs them with the decision).
+        outcome.aggregates = crate::verdict::LoggedAggregate::of_snapshot(&answer.snapshot);
+        outcome.snapshot_taken_at_ms = Some(answer.snapshot.taken_at_unix_ms);
         self.record(&outcome);
         self.state.evaluated = true;
         if self.state.owner {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Decision, Verdict};
+use crate::types::{Decision, Snapshot, Verdict};
 
 /// Whether a rule's verdict is applied or only recorded (`mode:` of a rule).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +115,53 @@ pub struct RuleOutcome {
     /// Evaluation time, µs.
     #[serde(default)]
     pub eval_us: f64,
+    /// Provenance: SHA-256 (hex, 64 digits) of the `.wasm` component that evaluated the rule,
+    /// as `llmscope policy list` shows it. Absent on lines written before provenance was
+    /// recorded and on edge filters' reports (the host never sees a filter's bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component_sha256: Option<String>,
+    /// Provenance: hash of the rule's settings — SHA-256 of their canonical JSON (object keys
+    /// sorted at every level, no whitespace), hex, its first 16 digits. Absent as
+    /// `component_sha256` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings_sha256: Option<String>,
+    /// Provenance: the value of every aggregate the rule was given, by key (absent: the rule
+    /// declared none, or the line predates provenance).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aggregates: BTreeMap<String, LoggedAggregate>,
+    /// Provenance: the snapshot's `taken_at_unix_ms` (absent: the rule was given no snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_taken_at_ms: Option<u64>,
+}
+
+/// One aggregate value as a decision line records it: what the rule's snapshot held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggedAggregate {
+    /// The value (`null`: no samples in the window).
+    pub value: Option<f64>,
+    /// Contributing samples.
+    #[serde(default)]
+    pub samples: u64,
+}
+
+impl LoggedAggregate {
+    /// Every value of `snapshot`, by key.
+    pub fn of_snapshot(snapshot: &Snapshot) -> BTreeMap<String, Self> {
+        snapshot
+            .values
+            .iter()
+            .map(|v| {
+                (
+                    v.key.clone(),
+                    Self {
+                        value: v.value,
+                        samples: v.samples,
+                    },
+                )
+            })
+            .collect()
+    }
 }
 
 impl RuleOutcome {
@@ -143,6 +190,10 @@ impl RuleOutcome {
             error: None,
             applied: false,
             eval_us,
+            component_sha256: None,
+            settings_sha256: None,
+            aggregates: BTreeMap::new(),
+            snapshot_taken_at_ms: None,
         };
         match checked {
             Ok(verdict) => {

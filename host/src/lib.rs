@@ -24,6 +24,7 @@ pub mod pricing;
 pub mod providers;
 pub mod queries;
 pub mod reload;
+pub mod replay;
 pub mod report;
 pub mod shared;
 pub mod snapshots;

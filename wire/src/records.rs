@@ -7,8 +7,10 @@
 pub mod read;
 pub mod write;
 
-pub use read::{parse_decision, parse_telemetry, parse_ts_us, DecisionRow, TelemetryRow};
+pub use read::{
+    parse_decision, parse_telemetry, parse_ts_us, DecisionLine, DecisionRow, TelemetryRow,
+};
 pub use write::{
-    rfc3339, AuditTags, DecisionRecord, ReservationRecord, RuleRecord, TelemetryRecord,
-    TELEMETRY_SCHEMA_VERSION,
+    rfc3339, AuditTags, DecisionRecord, PolicyInput, ReservationRecord, RuleRecord,
+    TelemetryRecord, TELEMETRY_SCHEMA_VERSION,
 };

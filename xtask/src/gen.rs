@@ -128,6 +128,15 @@ pub fn generate(dir: &Path, rows: u64) -> Result<()> {
             "allow"
         };
         let status = if denied { "denied" } else { "ok" };
+        // The seed's route tiers (cheap: gpt-4o-mini, expensive: gpt-4o), priced as the host
+        // prices them: input tokens plus the 500-token output budget.
+        let tier_est = |i: f64, o: f64| (tin as f64 * i + 500.0 * o) / 1e6;
+        let (cheap_est, expensive_est) = (tier_est(0.15, 0.60), tier_est(2.50, 10.00));
+        let requested_model = if tier == "cheap" {
+            "gpt-4o-mini"
+        } else {
+            "gpt-4o"
+        };
         let ts = rfc3339(ts);
         writeln!(
             t,
@@ -136,7 +145,7 @@ pub fn generate(dir: &Path, rows: u64) -> Result<()> {
         )?;
         writeln!(
             d,
-            r#"{{"timestamp":"{ts}","request_id":"req-{i:012}","tenant_id":"{tenant}","caller_id":null,"feature_id":"{feature}","experiment_id":{exp},"budget_namespace":"{ns}","route_name":"{route}","requested_model_tier":"{tier}","effective_model_tier":"{tier}","primitive":null,"decision":"{decision}","reason":null,"policy_id":null,"estimated_cost_usd":{est},"latency_ms":0.02,"window_cost_usd":null,"window_limit_usd":null,"policy_version":"bench","alerts":[],"rules":[]}}"#
+            r#"{{"timestamp":"{ts}","request_id":"req-{i:012}","tenant_id":"{tenant}","caller_id":null,"feature_id":"{feature}","experiment_id":{exp},"budget_namespace":"{ns}","route_name":"{route}","requested_model_tier":"{tier}","effective_model_tier":"{tier}","primitive":null,"decision":"{decision}","reason":null,"policy_id":null,"estimated_cost_usd":{est},"latency_ms":0.02,"window_cost_usd":null,"window_limit_usd":null,"policy_version":"bench","alerts":[],"rules":[],"policy_input":{{"model":"{requested_model}","estimated_tokens_in":{tin},"estimated_tokens_out":500,"tiers":[{{"tier":"cheap","model":"gpt-4o-mini","estimated_cost_usd":{cheap_est}}},{{"tier":"expensive","model":"gpt-4o","estimated_cost_usd":{expensive_est}}}]}}}}"#
         )?;
     }
     t.flush()?;

@@ -22,6 +22,7 @@ mod envoy;
 mod gen;
 mod load;
 mod otel;
+mod replay_bench;
 mod replicas;
 mod streams;
 mod suite;
@@ -86,6 +87,12 @@ enum Task {
         /// Requests per second (open loop).
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
+    },
+    /// `llmscope policy replay` of `--rows` synthetic logged requests with the seed's rules.
+    BenchReplay {
+        /// Logged requests to replay.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
     },
     /// Streamed chat through the gateway vs straight to `llmscope mock-upstream`: time to first
     /// byte (p50/p99, open loop) and chunks per second through one connection.
@@ -265,6 +272,17 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
                 seconds,
                 rate,
             )
+        }
+        Task::BenchReplay { rows } => {
+            build_all(&root)?;
+            let r = replay_bench::run(&root, &target_dir(&root).join("release/llmscope"), rows)?;
+            println!(
+                "policy replay of {} logged requests (seed rules): {:.1} s (goal for 1M: <= {} s)",
+                r.replayed,
+                r.seconds,
+                replay_bench::GOAL_S
+            );
+            Ok(())
         }
         Task::BenchStreams { seconds, rate, bin } => {
             let bin = match bin {

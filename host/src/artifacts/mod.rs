@@ -18,8 +18,8 @@ mod tests;
 mod writer;
 
 pub use llmscope_wire::records::{
-    rfc3339, AuditTags, DecisionRecord, ReservationRecord, RuleRecord, TelemetryRecord,
-    TELEMETRY_SCHEMA_VERSION,
+    rfc3339, AuditTags, DecisionRecord, PolicyInput, ReservationRecord, RuleRecord,
+    TelemetryRecord, TELEMETRY_SCHEMA_VERSION,
 };
 pub use log_file::append_lines_now;
 pub use writer::ArtifactWriter;

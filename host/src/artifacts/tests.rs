@@ -109,6 +109,7 @@ async fn a_decision_is_written_ahead_alone_and_rotation_is_followed() {
         }),
         alerts: &[],
         rules: &[],
+        policy_input: None,
     };
     w.append_decision(&decision).await.unwrap();
     assert_eq!(std::fs::read_to_string(&d).unwrap().lines().count(), 1);

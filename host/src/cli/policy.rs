@@ -1,8 +1,12 @@
 //! `llmscope policy list | check | eval`: inspect, validate and try out cost policies;
-//! `llmscope policy new | build | test`: write one (`policy/new.rs`, `build.rs`, `test.rs`).
+//! `llmscope policy new | build | test`: write one (`policy/new.rs`, `build.rs`, `test.rs`);
+//! `llmscope policy explain | replay`: hold one against history (`explain.rs`, `replay.rs`).
 
 mod build;
+mod explain;
 mod new;
+mod replay;
+mod sources;
 mod test;
 
 use std::io::Write;
@@ -64,6 +68,13 @@ pub(super) enum PolicyCommand {
     /// Run a policy's cases (cases.yaml) against its built component in the gateway's runtime;
     /// exit 0 when all pass, 1 when one fails, 2 when the component or the cases cannot be used.
     Test(test::TestArgs),
+    /// Re-run a logged request's rules on the components and settings in place now and show,
+    /// rule by rule, logged against now; exit 0 when all the same, 1 when something differs,
+    /// 2 when the request is not found or cannot be re-run.
+    Explain(explain::ExplainArgs),
+    /// Re-evaluate every logged request with a candidate policy file, each rule given its
+    /// aggregates as of the request's time, and report per namespace and rule what changes.
+    Replay(replay::ReplayArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -114,6 +125,8 @@ pub(super) fn run(command: PolicyCommand) -> Result<ExitCode> {
         PolicyCommand::New(args) => new::run(&args),
         PolicyCommand::Build(args) => build::run(&args),
         PolicyCommand::Test(args) => test::run(&args),
+        PolicyCommand::Explain(args) => explain::run(&args),
+        PolicyCommand::Replay(args) => replay::run(&args),
     }
 }
 

@@ -138,12 +138,16 @@ fn aggregate_sql(a: &Aggregate, cols: &[&str]) -> String {
         format!(" GROUP BY {}", cols.join(", "))
     };
     format!(
-        "SELECT {select_cols}{agg}, count(*) FROM telemetry WHERE (status = 'ok' OR cost_usd > 0) AND ts_us >= ? AND ts_us <= ?{group}"
+        "SELECT {select_cols}{agg}, count(*) FROM telemetry WHERE {COUNTED_ROWS} AND ts_us >= ? AND ts_us <= ?{group}"
     )
 }
 
+/// The telemetry rows an aggregate counts: answered calls, and any call that cost something
+/// (denials and free failures are not spend).
+pub(crate) const COUNTED_ROWS: &str = "(status = 'ok' OR cost_usd > 0)";
+
 /// The `telemetry` column holding scope `s`.
-pub(super) fn scope_column(s: Scope) -> &'static str {
+pub(crate) fn scope_column(s: Scope) -> &'static str {
     match s {
         Scope::Tenant => "tenant_id",
         Scope::Feature => "feature_id",
@@ -155,7 +159,7 @@ pub(super) fn scope_column(s: Scope) -> &'static str {
 }
 
 /// The SQL expression of metric `m` over a `telemetry` row.
-fn metric_expr(m: Metric) -> &'static str {
+pub(crate) fn metric_expr(m: Metric) -> &'static str {
     match m {
         Metric::CostUsd => "cost_usd",
         Metric::TokensIn => "tokens_in",

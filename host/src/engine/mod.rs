@@ -55,6 +55,7 @@ use parking_lot::Mutex;
 
 pub use crate::windows::window_start_us;
 pub use aggregates::{declared_aggregates, PublishedAggregates, SpecKey};
+pub(crate) use aggregates::{metric_expr, scope_column, COUNTED_ROWS};
 use ingest::{IngestState, Progress};
 pub use llmscope_wire::records::parse_ts_us;
 use schema::SCHEMA;

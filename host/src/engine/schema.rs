@@ -78,10 +78,11 @@ mod tests {
         "use_case",
     ];
     /// Keys of a decision line that no column holds.
-    const DECISION_NOT_INGESTED: [&str; 9] = [
+    const DECISION_NOT_INGESTED: [&str; 10] = [
         "alerts",
         "caller_id",
         "latency_ms",
+        "policy_input",
         "policy_version",
         "reason",
         "reservation",
@@ -162,6 +163,12 @@ mod tests {
             }),
             alerts: &[],
             rules: &[],
+            policy_input: Some(llmscope_wire::records::PolicyInput {
+                model: "m".into(),
+                estimated_tokens_in: 3,
+                estimated_tokens_out: 4,
+                tiers: Vec::new(),
+            }),
         };
         serde_json::to_string(&record).unwrap()
     }

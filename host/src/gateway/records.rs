@@ -5,7 +5,7 @@
 
 use llmscope_sdk::types::RequestContext;
 
-use crate::artifacts::{rfc3339, DecisionRecord, ReservationRecord, TelemetryRecord};
+use crate::artifacts::{rfc3339, DecisionRecord, PolicyInput, ReservationRecord, TelemetryRecord};
 use crate::config::GatewayConfig;
 use crate::policy::{DecisionKind, Evaluation, PolicySet, RuleOutcome};
 
@@ -153,6 +153,7 @@ struct DecisionFields {
     latency_ms: f64,
     policy_version: String,
     reservation: Option<ReservationRecord>,
+    policy_input: PolicyInput,
 }
 
 /// One request's two lines.
@@ -193,6 +194,7 @@ impl Records {
                 latency_ms: round_to_us(policy_ms),
                 policy_version: policies.version().to_owned(),
                 reservation: None,
+                policy_input: PolicyInput::of(ctx),
             },
         }
     }
@@ -227,6 +229,7 @@ impl Records {
                 latency_ms: round_to_us(eval_ms),
                 policy_version: "edge".into(),
                 reservation: None,
+                policy_input: PolicyInput::of(ctx),
             },
         }
     }
@@ -258,6 +261,7 @@ impl Records {
             reservation: self.decision.reservation.clone(),
             alerts: verdict.alerts,
             rules: verdict.rules,
+            policy_input: Some(self.decision.policy_input.clone()),
         }
     }
 

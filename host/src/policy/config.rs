@@ -290,6 +290,7 @@ impl Loader<'_> {
                 primitive: raw_rule.primitive,
                 mode: raw_rule.mode,
                 failure_mode: raw_rule.failure_mode,
+                settings_sha256: super::settings_sha256(&settings_json),
                 settings_json,
                 aggregates,
                 component,

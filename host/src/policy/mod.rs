@@ -25,13 +25,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use llmscope_sdk::types::{Aggregate, RequestContext, Verdict};
+use llmscope_sdk::types::{Aggregate, RequestContext, Snapshot, Verdict};
 use serde::Serialize;
 
 pub use component::{CallError, Limits, LoadError, LoadedComponent, PolicyRuntime};
 pub(crate) use config::valid_primitive;
 pub use config::{ConfigError, FailureMode, Mode, Problem};
-pub use llmscope_sdk::verdict::{Combination, DecisionKind, RuleOutcome};
+pub use llmscope_sdk::verdict::{Combination, DecisionKind, LoggedAggregate, RuleOutcome};
 pub use policies_dir::is_component_file;
 pub use snapshot::{NoSnapshots, SnapshotSource, StaticSnapshots, StaticValue};
 
@@ -61,6 +61,8 @@ pub struct Rule {
     mode: Mode,
     failure_mode: FailureMode,
     settings_json: String,
+    /// [`settings_sha256`] of `settings_json`, computed once at load.
+    settings_sha256: String,
     aggregates: Vec<Aggregate>,
     component: Arc<LoadedComponent>,
     pool: component::InstancePool,
@@ -99,6 +101,10 @@ impl Rule {
     /// The settings JSON the rule was configured with.
     pub fn settings_json(&self) -> &str {
         &self.settings_json
+    }
+    /// Hash of the settings, as decision lines record it ([`settings_sha256`]).
+    pub fn settings_sha256(&self) -> &str {
+        &self.settings_sha256
     }
     /// Aggregates the rule declared at configure time.
     pub fn aggregates(&self) -> &[Aggregate] {
@@ -252,7 +258,7 @@ impl PolicySet {
                         rule.id
                     ));
                 }
-                rules.push(failed);
+                rules.push(with_provenance(failed, rule, None));
                 continue;
             }
             let snapshot = snapshots.snapshot(rule, request);
@@ -261,7 +267,11 @@ impl PolicySet {
                 rule.component
                     .evaluate(&rule.pool, &rule.settings_json, &wit_request, &snapshot);
             let eval_us = (started.elapsed().as_secs_f64() * 1e8).round() / 100.0;
-            rules.push(outcome(rule, request, result, eval_us));
+            rules.push(with_provenance(
+                outcome(rule, request, result, eval_us),
+                rule,
+                Some(&snapshot),
+            ));
         }
         let deciding = Combination::Evaluated.deciding(&rules);
         if let Some(i) = deciding {
@@ -285,6 +295,63 @@ impl PolicySet {
     }
 }
 
+/// `outcome` with what a decision line records to re-run it: the component's digest and the
+/// settings hash (both computed at load) and the aggregate values the rule was given.
+fn with_provenance(
+    mut outcome: RuleOutcome,
+    rule: &Rule,
+    snapshot: Option<&Snapshot>,
+) -> RuleOutcome {
+    outcome.component_sha256 = Some(rule.component.sha256().to_owned());
+    outcome.settings_sha256 = Some(rule.settings_sha256.clone());
+    if let Some(snapshot) = snapshot {
+        outcome.aggregates = LoggedAggregate::of_snapshot(snapshot);
+        outcome.snapshot_taken_at_ms = Some(snapshot.taken_at_unix_ms);
+    }
+    outcome
+}
+
+/// Length, in hex digits, of a [`settings_sha256`]: the digest's first 64 bits, ample to tell
+/// one version of a rule's settings from another.
+pub const SETTINGS_HASH_HEX: usize = 16;
+
+/// The hash decision lines record of a rule's settings: SHA-256 of their canonical JSON
+/// ([`canonical_json`]), hex, truncated to its first [`SETTINGS_HASH_HEX`] digits. The same
+/// settings written in another key order hash alike. Settings that are not JSON (never the
+/// case for a loaded rule) hash as their text.
+pub fn settings_sha256(settings_json: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::from_str::<serde_json::Value>(settings_json)
+        .map_or_else(|_| settings_json.to_owned(), |v| canonical_json(&v));
+    let mut hex = hex::encode(Sha256::digest(canonical.as_bytes()));
+    hex.truncate(SETTINGS_HASH_HEX);
+    hex
+}
+
+/// `value` as canonical JSON: object keys sorted at every level, no whitespace, numbers as
+/// `serde_json` writes them.
+pub fn canonical_json(value: &serde_json::Value) -> String {
+    fn sorted(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<(&String, &serde_json::Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                serde_json::Value::Object(
+                    entries
+                        .into_iter()
+                        .map(|(k, v)| (k.clone(), sorted(v)))
+                        .collect(),
+                )
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.iter().map(sorted).collect())
+            }
+            other => other.clone(),
+        }
+    }
+    sorted(value).to_string()
+}
+
 /// Turn a rule's raw result into its outcome: validate downgrade targets, apply the failure mode.
 fn outcome(
     rule: &Rule,
@@ -306,4 +373,29 @@ fn outcome(
         checked,
         eval_us,
     )
+}
+
+#[cfg(test)]
+mod provenance_tests {
+    use super::*;
+
+    #[test]
+    fn settings_hash_ignores_key_order_and_whitespace_but_not_values() {
+        let a = settings_sha256(r#"{"period":"daily","limit_usd":10.0,"nested":{"b":1,"a":2}}"#);
+        let b = settings_sha256(
+            r#"{ "nested": {"a":2, "b":1}, "limit_usd": 10.0, "period": "daily" }"#,
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.len(), SETTINGS_HASH_HEX);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        let c = settings_sha256(r#"{"period":"daily","limit_usd":5.0,"nested":{"b":1,"a":2}}"#);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_level() {
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"z":[{"y":1,"x":2}],"a":null}"#).unwrap();
+        assert_eq!(canonical_json(&v), r#"{"a":null,"z":[{"x":2,"y":1}]}"#);
+    }
 }

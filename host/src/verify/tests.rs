@@ -75,6 +75,7 @@ fn dec(id: &str, decision: &str, estimate: f64) -> String {
         reservation: None,
         alerts: &[],
         rules: &[],
+        policy_input: None,
     };
     format!("{}\n", serde_json::to_string(&rec).unwrap())
 }

@@ -74,6 +74,7 @@ fn main() -> ExitCode {
                         reservation: None,
                         alerts: &[],
                         rules: &[],
+                        policy_input: None,
                     };
                     if writer.append(&telemetry, Some(&decision)).await.is_err() {
                         failed += 1;

@@ -194,8 +194,42 @@ pub struct DecisionRecord<'a> {
     pub reservation: Option<ReservationRecord>,
     /// Every alert raised.
     pub alerts: &'a [String],
-    /// Every rule's outcome.
+    /// Every rule's outcome; with provenance, each carries its component's digest, its
+    /// settings hash and the aggregate values it was given.
     pub rules: &'a [RuleRecord],
+    /// Provenance: the parts of the request context the rules saw that the line's other
+    /// fields do not hold (absent on lines written before provenance was recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_input: Option<PolicyInput>,
+}
+
+/// What a decision line adds so that its rules can be re-run exactly: with the line's
+/// `request_id`, `tenant_id`, `caller_id`, `feature_id`, `experiment_id`, `budget_namespace`
+/// (as resolved), `route_name`, `requested_model_tier`, `estimated_cost_usd` and `timestamp`
+/// (the request's `unix_time_ms`, to the millisecond) it is the whole
+/// [`RequestContext`](llmscope_sdk::types::RequestContext) the rules were given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyInput {
+    /// Model of the requested tier.
+    pub model: String,
+    /// Input tokens counted by the host's tokenizer.
+    pub estimated_tokens_in: u32,
+    /// Output tokens the host expected.
+    pub estimated_tokens_out: u32,
+    /// Every tier of the route, priced for the request, cheapest first.
+    pub tiers: Vec<llmscope_sdk::types::TierEstimate>,
+}
+
+impl PolicyInput {
+    /// The parts of `request` a decision line holds nowhere else.
+    pub fn of(request: &llmscope_sdk::types::RequestContext) -> Self {
+        Self {
+            model: request.model.clone(),
+            estimated_tokens_in: request.estimated_tokens_in,
+            estimated_tokens_out: request.estimated_tokens_out,
+            tiers: request.tiers.clone(),
+        }
+    }
 }
 
 /// The reservation a dispatched request holds, in its decision line.
