@@ -182,7 +182,8 @@ async fn allow_passes_through_and_the_usage_is_reported() {
     // Provenance at the edge: the aggregate values the filter was answered and the request
     // context; no digests (the host never sees a filter's bytes or its Envoy settings).
     assert_eq!(
-        rules[0]["aggregates"]["window_cost_usd"]["value"], rules[0]["facts"]["window_cost_usd"],
+        rules[0]["aggregates"]["window_cost_usd"]["value"].as_f64(),
+        Some(rules[0]["facts"]["window_cost_usd"].as_f64().unwrap()),
         "{}",
         decisions[0]
     );

@@ -82,7 +82,8 @@ impl From<&Decision> for DecisionKind {
 /// What one rule did for one request: the `rules` entries of `policy_decisions.jsonl`, written
 /// by the host for its own evaluations and reported back in this same shape by edge filters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Unknown fields are ignored, not refused: a newer filter's report or a newer gateway's
+// decision line still reads (this record only ever gains fields).
 pub struct RuleOutcome {
     /// Rule id.
     pub rule_id: String,
@@ -136,7 +137,6 @@ pub struct RuleOutcome {
 
 /// One aggregate value as a decision line records it: what the rule's snapshot held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LoggedAggregate {
     /// The value (`null`: no samples in the window).
     pub value: Option<f64>,

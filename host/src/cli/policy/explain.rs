@@ -211,6 +211,13 @@ fn explain(args: &ExplainArgs) -> Result<Explanation> {
         line.effective_model_tier.clone(),
         Some(now_tier),
     );
+    // Rules of the same ids in another namespace are not the same rules.
+    differ(
+        &mut outcome,
+        "namespace",
+        line.budget_namespace.clone(),
+        evaluation.namespace.clone(),
+    );
     let same = outcome.is_empty() && rules.iter().all(|r| r.status == Status::Same);
     Ok(Explanation {
         request_id: args.request_id.clone(),
