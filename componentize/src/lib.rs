@@ -88,6 +88,35 @@ pub fn build(module: &[u8]) -> Result<Vec<u8>, Error> {
     Ok(component)
 }
 
+/// A command running the cargo that started us when there is one (`CARGO`), else `cargo` on
+/// the PATH, without the package variables a `cargo run` or `cargo test` parent set: build
+/// scripts (ring's, the bundled DuckDB's) declare `rerun-if-env-changed` on them, so a nested
+/// cargo inheriting them would see "changed" values and rebuild everything above them.
+pub fn cargo_command() -> std::process::Command {
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            )
+            || name.starts_with("CARGO_BIN_EXE_")
+        {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,29 +285,11 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
             Ok(())
         }
         Task::BenchStreams { seconds, rate, bin } => {
-            let bin = match bin {
-                Some(bin) => {
-                    build_policies(&root)?;
-                    bin
-                }
-                None => {
-                    build_all(&root)?;
-                    target_dir(&root).join("release/llmscope")
-                }
-            };
+            let bin = bench_binary(&root, bin)?;
             streams::bench_streams(&root, &bin, seconds, rate)
         }
         Task::BenchReplicas { seconds, rate, bin } => {
-            let bin = match bin {
-                Some(bin) => {
-                    build_policies(&root)?;
-                    bin
-                }
-                None => {
-                    build_all(&root)?;
-                    target_dir(&root).join("release/llmscope")
-                }
-            };
+            let bin = bench_binary(&root, bin)?;
             replicas::bench_replicas(&root, &bin, seconds, rate)
         }
         Task::BenchOtel {
@@ -315,16 +297,7 @@ decision p99 at {large} rows / at {small} rows: {:.2} (goal <= 1.2)",
             connections,
             bin,
         } => {
-            let bin = match bin {
-                Some(bin) => {
-                    build_policies(&root)?;
-                    bin
-                }
-                None => {
-                    build_all(&root)?;
-                    target_dir(&root).join("release/llmscope")
-                }
-            };
+            let bin = bench_binary(&root, bin)?;
             otel::bench_otel(&root, &bin, seconds, connections)
         }
         Task::BenchGateway {
@@ -399,7 +372,7 @@ fn root_from(
 
 /// The workspace around the current directory, from `cargo locate-project --workspace`.
 fn locate_workspace() -> Result<PathBuf> {
-    let mut cmd = cargo_command();
+    let mut cmd = llmscope_componentize::cargo_command();
     cmd.args(["locate-project", "--workspace", "--message-format", "plain"]);
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
@@ -424,37 +397,24 @@ fn locate_workspace() -> Result<PathBuf> {
 
 /// `cargo` in `root`, with the caller's environment (see [`cargo_command`]).
 pub(crate) fn cargo(root: &Path) -> Command {
-    let mut cmd = cargo_command();
+    let mut cmd = llmscope_componentize::cargo_command();
     cmd.current_dir(root);
     cmd
 }
 
-/// The cargo that started xtask, without the package variables `cargo run` set for xtask.
-fn cargo_command() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    // `cargo run` hands xtask the package variables of xtask itself (CARGO_PKG_NAME,
-    // CARGO_MANIFEST_DIR, ...). Build scripts such as ring's declare `rerun-if-env-changed` on
-    // them, so a nested cargo that inherits them sees "changed" values and rebuilds ring and
-    // everything above it, the bundled DuckDB included. Give nested cargo the caller's
-    // environment instead.
-    for (name, _) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("CARGO_PKG_")
-            || matches!(
-                name,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_MANIFEST_LINKS"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "OUT_DIR"
-            )
-        {
-            cmd.env_remove(name);
+/// The binary a benchmark runs: `bin` as given (the policies built for it), else the tree's
+/// own, built first.
+fn bench_binary(root: &Path, bin: Option<PathBuf>) -> Result<PathBuf> {
+    match bin {
+        Some(bin) => {
+            build_policies(root)?;
+            Ok(bin)
+        }
+        None => {
+            build_all(root)?;
+            Ok(target_dir(root).join("release/llmscope"))
         }
     }
-    cmd
 }
 
 fn run(mut cmd: Command) -> Result<()> {

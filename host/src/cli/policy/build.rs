@@ -152,7 +152,7 @@ struct PolicyCrate {
 
 impl PolicyCrate {
     fn of(manifest: &Path) -> Result<Self> {
-        let mut cmd = cargo();
+        let mut cmd = llmscope_componentize::cargo_command();
         cmd.args(["metadata", "--format-version", "1", "--no-deps"])
             .arg("--manifest-path")
             .arg(manifest);
@@ -234,7 +234,7 @@ impl PolicyCrate {
 /// `cargo build` for the wasm target in `dir`, its stderr passed through (and kept, to recognise
 /// a missing target).
 fn cargo_build(dir: &Path, manifest: &Path) -> Result<()> {
-    let mut cmd = cargo();
+    let mut cmd = llmscope_componentize::cargo_command();
     cmd.current_dir(dir)
         .args(["build", "--release", "--lib", "--target", WASM_TARGET])
         // As `cargo xtask build-policies` builds the repository's policies: no debug info in
@@ -301,33 +301,6 @@ fn missing_target_message() -> String {
 fn missing_target(output: &str) -> bool {
     output.contains(&format!("the `{WASM_TARGET}` target may not be installed"))
         || (output.contains("can't find crate for `core`") && output.contains(WASM_TARGET))
-}
-
-/// The cargo that started us when there is one (`CARGO`), else `cargo` on the PATH; without the
-/// package variables a `cargo run` or `cargo test` parent set, which would make build scripts
-/// of the policy's dependencies see "changed" values and rebuild.
-fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    for (name, _) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("CARGO_PKG_")
-            || matches!(
-                name,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_MANIFEST_LINKS"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            )
-            || name.starts_with("CARGO_BIN_EXE_")
-        {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
 }
 
 #[cfg(test)]
