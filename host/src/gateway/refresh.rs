@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use llmscope_sdk::types::Aggregate;
 
-use crate::engine::{declared_aggregates, EngineError, IngestReport, PublishedAggregates};
+use crate::engine::{declared_aggregates, EngineError, IngestReport};
 use crate::policy::{ConfigError, PolicySet};
 
 use super::{now_ms, Gateway};
@@ -51,28 +51,18 @@ impl Gateway {
         let serving = self.policies();
         let aggregates = declared_aggregates(policies.rules().chain(serving.rules()), &edge);
         let now = now_ms();
-        let kept = if may_idle {
-            self.idle(&report, &aggregates, now)
-        } else {
-            None
-        };
-        let published = match kept {
-            // Idle: nothing logged since the last computation and no row has left a rolling
-            // window since, so every value is still exact.
-            Some(_) => {
-                if let Some(s) = &self.shared {
-                    s.expire(now);
-                }
-                self.metrics.refresh(started.elapsed().as_secs_f64(), 0, 0);
-                return Ok(report);
+        // Idle: nothing logged since the last computation and no row has left or entered a
+        // rolling window since, so every published value is still exact.
+        if may_idle && self.idle(&report, &aggregates, now) {
+            if let Some(s) = &self.shared {
+                s.expire(now);
             }
-            None => {
-                self.unpublished_rows.store(false, Ordering::SeqCst);
-                let published = Arc::new(self.engine.compute(&aggregates, now)?);
-                *self.last_compute.lock() = Some((Instant::now(), Arc::clone(&published)));
-                published
-            }
-        };
+            self.metrics.refresh(started.elapsed().as_secs_f64(), 0, 0);
+            return Ok(report);
+        }
+        self.unpublished_rows.store(false, Ordering::SeqCst);
+        let published = Arc::new(self.engine.compute(&aggregates, now)?);
+        *self.last_compute.lock() = Some((Instant::now(), Arc::clone(&published)));
         // The shared store's mirror, rebuilt from the same DuckDB state when the sums it keeps
         // change (and at start).
         let seed = match &self.shared {
@@ -116,33 +106,29 @@ impl Gateway {
         Ok(report)
     }
 
-    /// The last computation, when this pass may keep it instead of computing: nothing was
+    /// Whether this pass may keep the last computation instead of computing: nothing was
     /// ingested (by this pass or a question's since), nothing is malformed or rotated, no money
     /// is in flight or unpublished (ledger, edge reservations), it holds every aggregate
     /// declared now (a new edge aggregate or rule is computed at once), it is less than
     /// [`IDLE_COMPUTE`] old, and no row has left one of its rolling windows since — so every
     /// value, sums and averages alike, is what a computation now would give.
-    fn idle(
-        &self,
-        report: &IngestReport,
-        aggregates: &[Aggregate],
-        now_ms: u64,
-    ) -> Option<Arc<PublishedAggregates>> {
+    fn idle(&self, report: &IngestReport, aggregates: &[Aggregate], now_ms: u64) -> bool {
         let quiet = report.telemetry_rows + report.decision_rows == 0
             && report.rotated.is_empty()
             && report.malformed.is_empty()
             && !self.unpublished_rows.load(Ordering::SeqCst)
             && self.ledger.len() == (0, 0)
             && self.edge.pending() == 0;
-        if !quiet {
-            return None;
-        }
-        let last = self.last_compute.lock();
-        let (at, published) = last.as_ref()?;
-        (at.elapsed() < IDLE_COMPUTE
-            && published.unchanged_at(now_ms)
-            && aggregates.iter().all(|a| published.holds(a)))
-        .then(|| Arc::clone(published))
+        quiet
+            && self
+                .last_compute
+                .lock()
+                .as_ref()
+                .is_some_and(|(at, published)| {
+                    at.elapsed() < IDLE_COMPUTE
+                        && published.unchanged_at(now_ms)
+                        && aggregates.iter().all(|a| published.holds(a))
+                })
     }
 
     /// Held (read) while a request's snapshots are assembled from the published aggregates and
