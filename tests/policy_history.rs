@@ -479,6 +479,18 @@ async fn replay_differences_under_concurrency_are_explained_by_requests_in_fligh
     }
     let (status, stderr) = gw.stop();
     assert!(status.success(), "{stderr}");
+    // Each dispatched line says how long its reservation was held: past the provider's answer
+    // (the replay takes a request as in flight until then).
+    for t in read_jsonl(&gw.telemetry) {
+        if t["status"] == "denied" {
+            assert!(t.get("held_ms").is_none(), "{t}");
+        } else {
+            let held = t["held_ms"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no held_ms: {t}"));
+            assert!(held >= t["latency_ms"].as_f64().unwrap(), "{t}");
+        }
+    }
     let report = replay(&[
         "--config".as_ref(),
         gw.policy_file.as_os_str(),

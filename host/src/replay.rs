@@ -21,11 +21,14 @@
 //! The gateway's `include_in_flight` cost sums added the reservations (estimates) of requests
 //! still in flight at decision time; the logs hold those requests' final costs. The sums here
 //! re-create that: a request counts at its estimate for every later request decided before it
-//! finished (time + provider `latency_ms`), at its cost after. What that cannot see — time
-//! outside `latency_ms`, token reservations, and aggregates without `include_in_flight` (the
-//! gateway saw them as of its last refresh; the replay sees every earlier request) — is bounded
-//! in the report: for each changed decision, the requests of its namespace decided before it and
-//! still in flight, and the sum of their |estimate − cost|.
+//! settled (time + `held_ms`, the time its reservation was held; provider `latency_ms` on lines
+//! written before that key existed), at its cost after. What that cannot see — which of two
+//! requests came first within the logs' millisecond, token reservations, and aggregates
+//! without `include_in_flight` (the gateway saw them as of its last refresh; the replay sees
+//! every earlier request) — is bounded in the report: for each changed decision, the requests
+//! of its namespace decided before it and possibly still in flight (settled less than
+//! [`IN_FLIGHT_TOLERANCE_US`] before its logged millisecond, or later), and the sum of their
+//! |estimate − cost|.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -486,9 +489,9 @@ fn as_of_sql(a: &Aggregate) -> String {
     // In flight at a request's decision, the gateway summed a request's reservation (its
     // estimate), not its cost: for cost sums that include in-flight spend, add, per request,
     // Σ (estimate − cost) over the requests decided before it (running total by decision)
-    // less those finished by its time (running total by completion: time + provider latency;
-    // the logs time requests to the millisecond, so one finishing within the request's
-    // millisecond counts as finished).
+    // less those settled by its time (running total by settlement, [`settled_at`]; the logs
+    // time a request to its millisecond, so one settling within the first half of the
+    // request's millisecond counts as settled).
     let reserved = if a.include_in_flight
         && a.metric == Metric::CostUsd
         && a.aggregation == Aggregation::Sum
@@ -499,6 +502,7 @@ fn as_of_sql(a: &Aggregate) -> String {
     };
     let p_keys = keys("p.");
     let t_keys = keys("");
+    let settled = settled_at("");
     format!(
         "WITH c AS (
            SELECT {key_names}ord,
@@ -510,7 +514,7 @@ fn as_of_sql(a: &Aggregate) -> String {
          ),
          f AS (
            SELECT {key_names}done, sum(dv) OVER win AS fd
-           FROM (SELECT {t_keys}ts_us + coalesce(latency_ms, 0) * 1000 AS done, ({reserved})::DOUBLE AS dv
+           FROM (SELECT {t_keys}{settled} AS done, ({reserved})::DOUBLE AS dv
                  FROM replay_contrib WHERE {COUNTED_ROWS})
            WINDOW win AS ({partition} ORDER BY done ROWS UNBOUNDED PRECEDING)
          ),
@@ -525,7 +529,7 @@ fn as_of_sql(a: &Aggregate) -> String {
          ),
          g AS (
            SELECT e.*, coalesce(f.fd, 0) AS fd
-           FROM e ASOF LEFT JOIN f ON {f_on}e.ts_us + 999 >= f.done
+           FROM e ASOF LEFT JOIN f ON {f_on}e.ts_us + 500 >= f.done
          ),
          d AS (
            SELECT g.probe, g.cs - coalesce(b.cs, 0) + greatest(g.cd - g.fd, 0) AS cs,
@@ -756,9 +760,23 @@ fn tally(report: &mut ReplayReport, set: &PolicySet, probes: &[Probe], evaluatio
     report.features = most_affected(features);
 }
 
-/// For the listed mismatches: the requests of the same namespace decided before and still in
-/// flight at decision time (their telemetry latency reaches past it), and their
-/// Σ |estimate − cost|.
+/// When a telemetry row (columns prefixed by `table`, such as `c.`, or not) settled, µs since
+/// the epoch: its time plus how long its reservation was held (`held_ms`), or, on lines written
+/// before that key, plus the provider's latency (which leaves out the time before dispatch and
+/// the line's write).
+fn settled_at(table: &str) -> String {
+    format!("{table}ts_us + coalesce({table}held_ms, {table}latency_ms, 0) * 1000")
+}
+
+/// How long before a changed decision's logged millisecond a request of its namespace may have
+/// settled and still been in flight when the decision's rules ran: the decision's own
+/// millisecond (logs time requests to the millisecond) and one more for the write of the
+/// settled request's line, which `held_ms` is measured just before.
+pub const IN_FLIGHT_TOLERANCE_US: i64 = 2000;
+
+/// For the listed mismatches: the requests of the same namespace decided before and possibly
+/// still in flight at decision time (settled no more than [`IN_FLIGHT_TOLERANCE_US`] before
+/// it, or after), and their Σ |estimate − cost|.
 fn bound_in_flight(engine: &SpendEngine, report: &mut ReplayReport) -> Result<()> {
     if report.mismatches.is_empty() {
         return Ok(());
@@ -777,10 +795,11 @@ fn bound_in_flight(engine: &SpendEngine, report: &mut ReplayReport) -> Result<()
              SELECT m.request_id, count(*), sum(abs(c.estimated_cost_usd - c.cost_usd))
              FROM m JOIN replay_contrib c
                ON c.budget_namespace IS NOT DISTINCT FROM m.budget_namespace
-              AND c.ord < m.ord AND c.ts_us + coalesce(c.latency_ms, 0) * 1000 > m.ts_us
+              AND c.ord < m.ord AND {settled} + {IN_FLIGHT_TOLERANCE_US} > m.ts_us
              WHERE c.status = 'ok' OR c.cost_usd > 0
              GROUP BY m.request_id",
-        ids.join(", ")
+        ids.join(", "),
+        settled = settled_at("c."),
     );
     let rows = engine.with_conn(|conn| {
         let mut stmt = conn.prepare(&sql)?;

@@ -192,6 +192,7 @@ columns!(
     is_fallback: BooleanBuilder => Boolean,
     policy_decision: StringBuilder => Utf8,
     policy_id: StringBuilder => Utf8,
+    held_ms: Float64Builder => Float64,
 });
 
 columns!(
@@ -238,6 +239,7 @@ impl TelemetryColumns {
         self.is_fallback.append_value(r.is_fallback);
         self.policy_decision.append_option(r.policy_decision);
         self.policy_id.append_option(r.policy_id);
+        self.held_ms.append_option(r.held_ms);
         Ok(())
     }
 }
@@ -318,7 +320,7 @@ mod tests {
             "malformed lines named by their offsets, in order"
         );
         assert_eq!(rows as u64 + offsets.len() as u64, i);
-        assert_eq!(parsed[0].batch.num_columns(), 22);
+        assert_eq!(parsed[0].batch.num_columns(), 23);
         assert!(parsed[0].malformed[0]
             .why
             .contains("not a telemetry record"));

@@ -17,6 +17,8 @@ CREATE TABLE IF NOT EXISTS telemetry (
     tokens_in BIGINT, tokens_out BIGINT, estimated_cost_usd DOUBLE, cost_usd DOUBLE,
     latency_ms DOUBLE, status VARCHAR, finish_reason VARCHAR, is_fallback BOOLEAN,
     policy_decision VARCHAR, policy_id VARCHAR);
+-- Added after the first release: a database written before it gains the column (NULL in its rows).
+ALTER TABLE telemetry ADD COLUMN IF NOT EXISTS held_ms DOUBLE;
 CREATE TABLE IF NOT EXISTS decisions (
     ts_us BIGINT NOT NULL, request_id VARCHAR, tenant_id VARCHAR, feature_id VARCHAR,
     experiment_id VARCHAR, budget_namespace VARCHAR, route_name VARCHAR, decision VARCHAR,
@@ -117,6 +119,7 @@ mod tests {
             cost_usd: 0.5,
             cost_source: "cost_source".into(),
             latency_ms: 7.5,
+            held_ms: Some(8.5),
             status: "status".into(),
             finish_reason: Some("finish_reason".into()),
             is_fallback: true,

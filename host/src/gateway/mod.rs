@@ -147,6 +147,16 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Milliseconds (µs precision) from `unix_time_ms` (a request's logged time) to now: how long
+/// its reservation has been held, for the telemetry line's `held_ms`.
+pub(crate) fn held_ms_since(unix_time_ms: u64) -> f64 {
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let held_us = now_us.saturating_sub(u128::from(unix_time_ms) * 1000);
+    held_us as f64 / 1e3
+}
+
 impl Gateway {
     /// Load policies, providers and logs.
     pub fn start(

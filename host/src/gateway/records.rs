@@ -265,6 +265,13 @@ impl Records {
         }
     }
 
+    /// The line is about to be written and the reservation settled at its cost: how long the
+    /// reservation was held, from the request's logged time to now (`held_ms`). Not for
+    /// refusals: nothing is held past their decision.
+    pub fn held(&mut self) {
+        self.telemetry.held_ms = Some(super::held_ms_since(self.ctx.unix_time_ms));
+    }
+
     /// Refused (by policy, or at the edge with no policy host): at the tier, model, estimate
     /// and input tokens asked for, nothing spent.
     pub fn denied(&mut self) {

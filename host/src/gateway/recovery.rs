@@ -246,6 +246,9 @@ fn unanswered(d: Decision) -> TelemetryRecord {
         cost_usd: r.cost_usd,
         cost_source: source.as_str().into(),
         latency_ms: 0.0,
+        // When the crashed process would have settled it is unknown; it costs its estimate,
+        // so a replay's in-flight correction for it is zero either way.
+        held_ms: None,
         status: status.as_str().into(),
         finish_reason: None,
         is_fallback: false,

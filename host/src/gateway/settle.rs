@@ -98,6 +98,7 @@ impl Gateway {
             target.estimate,
             d.timed_out_usd,
         );
+        records.held();
         let written = self.writer.append(&records.telemetry, None).await;
         self.settle_ledger(reservation, d.timed_out_usd, 0, 0, written)
             .await;
@@ -191,6 +192,7 @@ impl Gateway {
             _ => evaluation.decision.as_str(),
         };
         self.metrics.request(route, decision, target.estimate, cost);
+        records.held();
         let written = self.writer.append(&records.telemetry, None).await;
         self.settle_ledger(reservation, cost, tokens_in, tokens_out, written)
             .await;

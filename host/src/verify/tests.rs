@@ -35,6 +35,7 @@ fn tel(id: &str, status: &str, cost: f64) -> String {
         cost_usd: cost,
         cost_source: if denied { "none" } else { "tokenizer" }.into(),
         latency_ms: if denied { 0.0 } else { 12.5 },
+        held_ms: (!denied).then_some(13.0),
         status: status.into(),
         finish_reason: (!denied).then(|| "stop".into()),
         is_fallback: false,
@@ -212,7 +213,7 @@ fn a_missing_field_is_malformed() {
     let t = tel("r1", "ok", 0.1).replace("\"tenant_id\":\"acme-corp\",", "");
     let p = only(&strict(&t, ""), ProblemKind::Malformed);
     assert!(
-        p.ends_with("missing field `tenant_id` at column 726"),
+        p.ends_with("missing field `tenant_id` at column 741"),
         "{p}"
     );
 }

@@ -60,6 +60,9 @@ pub struct TelemetryRow {
     /// Provider latency, ms.
     #[serde(default)]
     pub latency_ms: Option<f64>,
+    /// How long the reservation was held, from the line's timestamp to its write, ms.
+    #[serde(default)]
+    pub held_ms: Option<f64>,
     /// `ok`, `denied`, `error`.
     #[serde(default = "status_ok")]
     pub status: String,

@@ -71,6 +71,13 @@ pub struct TelemetryRecord {
     pub cost_source: String,
     /// Provider latency, ms (0 when not dispatched).
     pub latency_ms: f64,
+    /// How long the request's reservation was held: from `timestamp` (its millisecond) to the
+    /// writing of this line, ms with µs precision; the reservation turns into this line's
+    /// cost right after. Absent on denials (nothing is held past the decision) and on lines
+    /// written before this key existed. `llmscope policy replay` uses it to know which
+    /// requests were still in flight when a later one was decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<f64>,
     /// `ok`; `denied` (by policy, never dispatched); `error` (every attempt failed);
     /// `cancelled` (the client left: recorded at the provider's usage if it answered);
     /// `unanswered` (written at start for a dispatched request the previous process never

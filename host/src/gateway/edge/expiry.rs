@@ -59,6 +59,7 @@ impl Gateway {
             let mut records = Records::reported(ctx, &verdict, upstream, 0.0);
             records.unanswered(Status::Unanswered, held.cost_usd, &model);
             records.telemetry.error_type = Some("edge_report_missing".into());
+            records.held();
             let written = self
                 .writer()
                 .append(&records.telemetry, Some(&records.decision(verdict)))

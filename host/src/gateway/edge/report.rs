@@ -62,7 +62,10 @@ impl Gateway {
             .collect();
         let verdict = reported_verdict(report, ctx, &alerts);
         let decision = verdict.decision;
-        let (records, actual) = self.reported_records(report, ctx, model, &verdict);
+        let (mut records, actual) = self.reported_records(report, ctx, model, &verdict);
+        if records.telemetry.status != Status::Denied.as_str() {
+            records.held();
+        }
         let written = self
             .writer()
             .append(&records.telemetry, Some(&records.decision(verdict)))
