@@ -775,8 +775,8 @@ fn settled_at(table: &str) -> String {
 pub const IN_FLIGHT_TOLERANCE_US: i64 = 2000;
 
 /// For the listed mismatches: the requests of the same namespace decided before and possibly
-/// still in flight at decision time (settled no more than [`IN_FLIGHT_TOLERANCE_US`] before
-/// it, or after), and their Σ |estimate − cost|.
+/// still in flight at decision time (settled less than [`IN_FLIGHT_TOLERANCE_US`] before it,
+/// or after), and their Σ |estimate − cost|.
 fn bound_in_flight(engine: &SpendEngine, report: &mut ReplayReport) -> Result<()> {
     if report.mismatches.is_empty() {
         return Ok(());
