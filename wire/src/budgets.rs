@@ -36,8 +36,8 @@ pub struct RedisBudgets {
     /// A Redis call slower than this counts as Redis being unreachable.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
-    /// A replica not heard from for this long has its in-flight reservations ignored by the
-    /// others (what a crashed replica's reservations expire after).
+    /// A replica not heard from for this long is taken as dead: the others count its in-flight
+    /// reservations as spent at their estimates (as its restart on its logs records them).
     #[serde(default = "default_lease")]
     pub lease_ms: u64,
 }

@@ -123,6 +123,11 @@ pub async fn serve(
             "requests still in flight at shutdown; the next start counts them at their estimate"
         );
     }
+    // With the redis backend, write what the drain released before the lease stops being
+    // renewed: a reservation left in Redis by a replica that is gone counts as spent.
+    if let Some(shared) = gateway.shared() {
+        shared.flush().await;
+    }
     let gw = Arc::clone(&gateway);
     let _ = tokio::task::spawn_blocking(move || gw.shutdown()).await;
     Ok(())

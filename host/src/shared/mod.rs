@@ -13,9 +13,12 @@
 //! A request writes its own reservation and reads the sums its rules need in one round trip
 //! ([`SharedBudgets::exchange`]) before its rules run, so its reservation is visible to every
 //! replica first; everything else (settlements, moves, releases) is written by a background
-//! flusher within milliseconds. In-flight money of a replica counts only while its lease runs
-//! (renewed every third of `lease_ms`): a replica killed mid-request stops holding money for
-//! its requests once the lease ends, its settled spend stays.
+//! flusher within milliseconds. In-flight money of a replica counts as in flight while its
+//! lease runs (renewed every third of `lease_ms`); once a replica's lease ends (killed, or cut
+//! off from Redis) what it held in flight counts as settled at the reservation, as its restart
+//! records those requests (`unanswered`, at their estimates): a crash leaves the shared books
+//! conservative, never short of what the provider may have billed. Its restart on its logs
+//! replaces those values with its logs' figures.
 
 mod keys;
 
@@ -459,8 +462,9 @@ impl SharedBudgets {
         result
     }
 
-    /// Write every changed key.
-    async fn flush(&self) {
+    /// Write every changed key (the background flusher's step; also called at shutdown, so a
+    /// drained replica leaves no reservation behind).
+    pub async fn flush(&self) {
         let keys: Vec<String> = {
             let st = self.state.lock();
             st.dirty.iter().cloned().collect()

@@ -15,8 +15,9 @@
 -- R|o R|n (settled), R|fc R|fi R|fo R|fn (in flight). Writes are absolute, never increments: a
 -- newer boot of R replaces what an older one wrote; the same boot only replaces an older
 -- sequence number, so late or repeated writes cannot double anything.
--- Returns, per read key, the eight sums over the replicas (in flight only of replicas whose
--- lease runs), as strings.
+-- Returns, per read key, the eight sums over the replicas, as strings: settled, then in
+-- flight at the replicas whose lease runs; the in-flight money of a replica whose lease ran out
+-- is counted as settled (see below).
 local nw = tonumber(ARGV[1])
 local rep, boot, seq = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local t = redis.call('TIME')
@@ -79,9 +80,19 @@ for i = 4 + nw, #KEYS do
   end
   local acc = {0, 0, 0, 0, 0, 0, 0, 0}
   for _, e in pairs(reps) do
-    for m = 1, 4 do acc[m] = acc[m] + (tonumber(e[names[m]]) or 0) end
-    if e.b and live(e.b) then
-      for m = 5, 8 do acc[m] = acc[m] + (tonumber(e[names[m]]) or 0) end
+    -- A replica whose lease ran out (killed, or cut off from Redis) cannot settle what it
+    -- holds in flight, and its provider may well have billed it: that money counts as spent,
+    -- at the reservation, as the replica's restart on its logs records it (`unanswered`).
+    -- Books a crash leaves are conservative, never optimistic.
+    local alive_rep = e.b and live(e.b)
+    for m = 1, 4 do
+      acc[m] = acc[m] + (tonumber(e[names[m]]) or 0)
+      local held = tonumber(e[names[m + 4]]) or 0
+      if alive_rep then
+        acc[m + 4] = acc[m + 4] + held
+      else
+        acc[m] = acc[m] + held
+      end
     end
   end
   for m = 1, 8 do out[#out + 1] = string.format('%.17g', acc[m]) end
