@@ -22,7 +22,9 @@
 //! still in flight at decision time; the logs hold those requests' final costs. The sums here
 //! re-create that: a request counts at its estimate for every later request decided before it
 //! settled (time + `held_ms`, the time its reservation was held; provider `latency_ms` on lines
-//! written before that key existed), at its cost after. What that cannot see — which of two
+//! written before that key existed), at its cost after — also a request that ended costing
+//! nothing (an error, a cancellation: not counted, but its reservation was held while it was
+//! dispatched). What that cannot see — which of two
 //! requests came first within the logs' millisecond, token reservations, and aggregates
 //! without `include_in_flight` (the gateway saw them as of its last refresh; the replay sees
 //! every earlier request) — is bounded in the report: for each changed decision, the requests
@@ -492,13 +494,19 @@ fn as_of_sql(a: &Aggregate) -> String {
     // less those settled by its time (running total by settlement, [`settled_at`]; the logs
     // time a request to its millisecond, so one settling within the first half of the
     // request's millisecond counts as settled).
-    let reserved = if a.include_in_flight
+    // A request that ended costing nothing (an error, a cancellation) is not counted, yet
+    // its reservation was in flight like any other: for those sums the rows that held one
+    // (`held_ms`) take part too, with no value, only for their estimate.
+    let (reserved, rows) = if a.include_in_flight
         && a.metric == Metric::CostUsd
         && a.aggregation == Aggregation::Sum
     {
-        "estimated_cost_usd - cost_usd"
+        (
+            "estimated_cost_usd - cost_usd",
+            format!("{COUNTED_ROWS} OR held_ms IS NOT NULL"),
+        )
     } else {
-        "0"
+        ("0", COUNTED_ROWS.to_owned())
     };
     let p_keys = keys("p.");
     let t_keys = keys("");
@@ -506,16 +514,17 @@ fn as_of_sql(a: &Aggregate) -> String {
     format!(
         "WITH c AS (
            SELECT {key_names}ord,
-                  sum(coalesce(v, 0)) OVER win AS cs, count(v) OVER win AS cv, count(*) OVER win AS cn,
+                  sum(coalesce(v, 0)) OVER win AS cs, count(v) OVER win AS cv, (sum(n) OVER win)::BIGINT AS cn,
                   sum(dv) OVER win AS cd
-           FROM (SELECT {t_keys}ord, ({metric})::DOUBLE AS v, ({reserved})::DOUBLE AS dv
-                 FROM replay_contrib WHERE {COUNTED_ROWS})
+           FROM (SELECT {t_keys}ord, CASE WHEN {COUNTED_ROWS} THEN ({metric})::DOUBLE END AS v,
+                        CASE WHEN {COUNTED_ROWS} THEN 1 ELSE 0 END AS n, ({reserved})::DOUBLE AS dv
+                 FROM replay_contrib WHERE {rows})
            WINDOW win AS ({partition} ORDER BY ord ROWS UNBOUNDED PRECEDING)
          ),
          f AS (
            SELECT {key_names}done, sum(dv) OVER win AS fd
            FROM (SELECT {t_keys}{settled} AS done, ({reserved})::DOUBLE AS dv
-                 FROM replay_contrib WHERE {COUNTED_ROWS})
+                 FROM replay_contrib WHERE {rows})
            WINDOW win AS ({partition} ORDER BY done ROWS UNBOUNDED PRECEDING)
          ),
          p AS (
@@ -796,7 +805,7 @@ fn bound_in_flight(engine: &SpendEngine, report: &mut ReplayReport) -> Result<()
              FROM m JOIN replay_contrib c
                ON c.budget_namespace IS NOT DISTINCT FROM m.budget_namespace
               AND c.ord < m.ord AND {settled} + {IN_FLIGHT_TOLERANCE_US} > m.ts_us
-             WHERE c.status = 'ok' OR c.cost_usd > 0
+             WHERE c.status = 'ok' OR c.cost_usd > 0 OR c.held_ms IS NOT NULL
              GROUP BY m.request_id",
         ids.join(", "),
         settled = settled_at("c."),
@@ -873,6 +882,69 @@ mod tests {
             as_gateway_value(&agg(Aggregation::Sum, Metric::LatencyMs), None, 0),
             None
         );
+    }
+
+    /// The value `as_of_sql(a)` gives the one probe of `contrib` rows (ord, ts, held ms,
+    /// status, cost, estimate), decided at `probe_ts_us`.
+    fn value_at(
+        a: &Aggregate,
+        probe_ts_us: i64,
+        contrib: &[(i64, Option<f64>, &str, f64, f64)],
+    ) -> (Option<f64>, i64) {
+        let conn = duckdb::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE replay_order (request_id VARCHAR, probe BIGINT, ts_us BIGINT, ord BIGINT);
+             CREATE TABLE replay_probes (probe BIGINT, tenant_id VARCHAR, feature_id VARCHAR,
+               route_name VARCHAR, budget_namespace VARCHAR, experiment_id VARCHAR, model VARCHAR);
+             CREATE TABLE replay_contrib (ord BIGINT, ts_us BIGINT, held_ms DOUBLE,
+               latency_ms DOUBLE, status VARCHAR, cost_usd DOUBLE, estimated_cost_usd DOUBLE);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO replay_order VALUES ('p', 0, ?, ?)",
+            params![probe_ts_us, probe_ts_us],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO replay_probes VALUES (0, 'acme', NULL, '/r', 'default', NULL, 'm')",
+            [],
+        )
+        .unwrap();
+        for (ts_us, held_ms, status, cost, estimate) in contrib {
+            conn.execute(
+                "INSERT INTO replay_contrib VALUES (?, ?, ?, 1.0, ?, ?, ?)",
+                params![ts_us, ts_us, held_ms, status, cost, estimate],
+            )
+            .unwrap();
+        }
+        conn.query_row(&as_of_sql(a), [], |r| Ok((r.get(1)?, r.get(2)?)))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_request_that_ended_at_nothing_was_in_flight_at_its_estimate() {
+        let sum = agg(Aggregation::Sum, Metric::CostUsd);
+        let at = 1_764_643_800_000_000_i64;
+        let rows = [
+            // Settled long before: its cost.
+            (at - 10_000_000, Some(5.0), "ok", 0.25, 0.5),
+            // Still in flight: its estimate.
+            (at - 100_000, Some(200.0), "ok", 0.1, 0.3),
+            // Ended in an error at $0, still in flight at the probe: its estimate, and it is
+            // no sample (only counted rows are).
+            (at - 50_000, Some(100.0), "error", 0.0, 0.3),
+            // An error that ended before the probe: nothing.
+            (at - 5_000_000, Some(10.0), "error", 0.0, 0.3),
+        ];
+        let (value, samples) = value_at(&sum, at, &rows);
+        assert!((value.unwrap() - 0.85).abs() < 1e-9, "{value:?}");
+        assert_eq!(samples, 2);
+        // Without include_in_flight: the counted rows at their cost.
+        let mut settled_only = sum.clone();
+        settled_only.include_in_flight = false;
+        let (value, samples) = value_at(&settled_only, at, &rows);
+        assert!((value.unwrap() - 0.35).abs() < 1e-9, "{value:?}");
+        assert_eq!(samples, 2);
     }
 
     #[test]
