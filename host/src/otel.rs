@@ -162,8 +162,35 @@ fn resource(env: &dyn Fn(&str) -> Option<String>) -> opentelemetry_sdk::Resource
 #[derive(Debug)]
 struct Counted(opentelemetry_otlp::SpanExporter);
 
+/// Lower the calling thread to the lowest CPU priority (nice 19), once per thread: the batch
+/// processor's thread encodes and sends spans, which must never take a core from requests.
+/// Under a load that leaves no CPU to spare the queue fills and spans are dropped (counted in
+/// `llmscope_otel_spans_*`), rather than requests slowed.
+fn yield_to_requests() {
+    thread_local! {
+        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if LOWERED.with(|l| l.replace(true)) {
+        return;
+    }
+    // On Linux the nice value is a per-thread attribute, and `who = 0` is the calling thread.
+    #[cfg(target_os = "linux")]
+    #[allow(
+        unsafe_code,
+        reason = "setpriority(2) takes plain integers and touches no memory of ours"
+    )]
+    // SAFETY: see the reason above.
+    let lowered = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) } == 0;
+    #[cfg(not(target_os = "linux"))]
+    let lowered = false;
+    if !lowered {
+        tracing::debug!(target: TARGET, "the span exporter's thread runs at normal priority");
+    }
+}
+
 impl opentelemetry_sdk::trace::SpanExporter for Counted {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        yield_to_requests();
         let n = batch.len() as u64;
         let result = self.0.export(batch).await;
         if result.is_ok() {
