@@ -14,7 +14,9 @@
 //! - e: the store emptied (FLUSHALL, then a restart) with the cap spent, and a wave sent at
 //!   once: the cap stays closed;
 //! - f: the same when the replica that spent the cap is idle, so only its heartbeat can write
-//!   its share again (fails against the first backend: README, "Running several replicas").
+//!   its share again (fails against the first backend: README, "Running several replicas");
+//! - g: a reservation a dead boot left in Redis counts as spent until a new boot of its replica
+//!   has rewritten its share, then not at all.
 //!
 //! Nothing here asserts a duration: "eventually" is polling with generous deadlines. The
 //! numbers of each run are printed (`--nocapture`).
@@ -408,12 +410,14 @@ async fn try_shared_value_at_least(
 /// reservation) and never wrote a telemetry line for: (USD, requests). A restart on its logs
 /// records each of them as `unanswered` at that reservation.
 fn unrecorded_reservations(gw: &Gateway, namespace: &str) -> (f64, usize) {
+    // Decisions first: a request that settles between the two reads is then recorded.
+    let decisions = read_jsonl(&gw.decisions);
     let recorded: std::collections::HashSet<String> = read_jsonl(&gw.telemetry)
         .iter()
         .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
         .collect();
     let (mut usd, mut n) = (0.0, 0);
-    for d in read_jsonl(&gw.decisions) {
+    for d in decisions {
         if d["tenant_id"] != TENANT || d["budget_namespace"] != namespace {
             continue;
         }
@@ -869,4 +873,63 @@ async fn d_redis_down_fails_closed_or_open_per_rule_and_recovers_by_itself() {
     )
     .await;
     println!("d: recovered {took:?} after Redis came back");
+}
+
+/// g: what a dead boot left in a key (a reservation it never released: killed before its
+/// release was written, or before its decision line) counts as spent while nothing of that
+/// replica has rewritten its share; once a new boot of that replica has written all it holds
+/// — nothing in that key — it stops counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_dead_boots_leftover_counts_until_its_replica_rebuilt_its_share() {
+    let _serial = serial();
+    let redis = RedisServer::start();
+    let gw1 = start_replica(Some(&redis), "replicas-g", 1, LIMIT_USD, 2_000);
+    let (status, text) = infer(&gw1, NAMESPACE, 0).await;
+    assert_eq!(status, 200, "{text}");
+    let gateways = [gw1];
+    let live: Vec<&Gateway> = gateways.iter().collect();
+    shared_value_matches_telemetry("g: gw-1 alone", &gateways, &live).await;
+    // A dead boot of gw-3 (never in the live set) left $0.001 in flight in the cap's key.
+    let keys = redis.cli(&["--scan", "--pattern", "replicas-g:b:*"]);
+    let capped: Vec<&str> = keys
+        .lines()
+        .filter(|k| k.contains(&format!("\"{NAMESPACE}\"")))
+        .collect();
+    assert!(!capped.is_empty(), "no key of the cap in Redis: {keys}");
+    for key in &capped {
+        let mut args: Vec<String> = ["HSET", key, "gw-3|b", "gw-3/dead", "gw-3|q", "1"]
+            .map(str::to_owned)
+            .to_vec();
+        for (field, value) in [
+            ("c", "0"),
+            ("i", "0"),
+            ("o", "0"),
+            ("n", "0"),
+            ("fc", "0.001"),
+            ("fi", "10"),
+            ("fo", "500"),
+            ("fn", "1"),
+        ] {
+            args.push(format!("gw-3|{field}"));
+            args.push(value.to_owned());
+        }
+        redis.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    let leftover = 0.001 * capped.len() as f64;
+    let (total, _, _) = spend(&gateways, NAMESPACE);
+    let seen = window_cost(&gateways[0], NAMESPACE).await.unwrap();
+    assert!(
+        (seen - (total + leftover)).abs() <= TOLERANCE_USD,
+        "g: a dead boot's reservation counts as spent: gw-1 sees ${seen:.9}, the telemetry says ${total:.9} plus ${leftover} left in flight"
+    );
+    // gw-3 starts again (its logs hold nothing of that money): once it has written its share,
+    // the leftover no longer counts.
+    let gw3 = start_replica(Some(&redis), "replicas-g", 3, LIMIT_USD, 2_000);
+    let all = [&gateways[0], &gw3];
+    shared_value_matches_telemetry(
+        "g: after gw-3's new boot rewrote its share the dead boot's leftover is gone",
+        &gateways,
+        &all,
+    )
+    .await;
 }

@@ -128,6 +128,7 @@ fn grpc_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("llmscope-otlp-grpc")
+            .on_thread_start(yield_to_requests)
             .enable_all()
             .build()
             .map_err(|e| format!("no runtime for gRPC exports: {e}"))
@@ -144,9 +145,19 @@ fn http_client(env: &dyn Fn(&str) -> Option<String>, signal: &str) -> Result<Blo
         .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(10_000);
-    reqwest::blocking::Client::builder()
-        .timeout(std::time::Duration::from_millis(timeout_ms))
-        .build()
+    // The blocking client does its I/O on a thread it starts when built; built on a thread
+    // that lowered itself first, that thread inherits the lowest priority too.
+    std::thread::Builder::new()
+        .name("llmscope-otlp-http".into())
+        .spawn(move || {
+            yield_to_requests();
+            reqwest::blocking::Client::builder()
+                .timeout(std::time::Duration::from_millis(timeout_ms))
+                .build()
+        })
+        .map_err(|e| format!("no thread for the HTTP client: {e}"))?
+        .join()
+        .map_err(|_| "the HTTP client's set-up panicked".to_owned())?
         .map(Blocking)
         .map_err(|e| format!("no HTTP client: {e}"))
 }
@@ -162,10 +173,13 @@ fn resource(env: &dyn Fn(&str) -> Option<String>) -> opentelemetry_sdk::Resource
 #[derive(Debug)]
 struct Counted(opentelemetry_otlp::SpanExporter);
 
-/// Lower the calling thread to the lowest CPU priority (nice 19), once per thread: the batch
-/// processor's thread encodes and sends spans, which must never take a core from requests.
-/// Under a load that leaves no CPU to spare the queue fills and spans are dropped (counted in
-/// `llmscope_otel_spans_*`), rather than requests slowed.
+/// Lower the calling thread to the lowest CPU priority (nice 19), once per thread (threads it
+/// starts later inherit it): the export threads — the batch processor's, which encodes spans,
+/// the HTTP client's and the gRPC runtime's, which send them — must never take a core from
+/// requests. Under a load that leaves no CPU to spare the queue fills and spans are dropped
+/// (counted in `llmscope_otel_spans_*`), rather than requests slowed. Called only from
+/// threads of the exporters' own (the batch exporter, never a simple one that would run on a
+/// request's thread).
 fn yield_to_requests() {
     thread_local! {
         static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

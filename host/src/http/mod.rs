@@ -124,9 +124,21 @@ pub async fn serve(
         );
     }
     // With the redis backend, write what the drain released before the lease stops being
-    // renewed: a reservation left in Redis by a replica that is gone counts as spent.
+    // renewed: a reservation left in Redis by a replica that is gone counts as spent. A few
+    // tries, for a Redis that is slow for a moment; what is still unwritten counts as spent
+    // until this replica starts again (conservative).
     if let Some(shared) = gateway.shared() {
-        shared.flush().await;
+        let mut written = false;
+        for _ in 0..5 {
+            written = shared.flush().await;
+            if written {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !written {
+            tracing::warn!("shared budget store: releases not written at shutdown; they count as spent until this replica starts again");
+        }
     }
     let gw = Arc::clone(&gateway);
     let _ = tokio::task::spawn_blocking(move || gw.shutdown()).await;

@@ -72,10 +72,13 @@ struct State {
     rewritten_at_ms: u64,
     /// Refreshes since the last rebuild.
     seed_refreshes: u32,
+    /// Rebuilt, and not yet all written since: once it is, this boot marks itself as the one
+    /// that rewrote this replica's share (what an older boot left elsewhere is then stale).
+    rebuilt_pending: bool,
 }
 
-/// The sums one read returned per key: settled by every replica, and in flight at the live
-/// ones (this one included).
+/// The sums one read returned per key: settled by every replica (with what a dead one held in
+/// flight), and in flight at the live ones (this one included).
 pub type Read = HashMap<String, (Sums, Sums)>;
 
 /// The outcome of a read: the sums, or why Redis could not answer (each rule's
@@ -235,6 +238,7 @@ impl SharedBudgets {
         st.specs = specs;
         st.built = true;
         st.seed_refreshes = 0;
+        st.rebuilt_pending = true;
         st.seeded_through = seeded_through
             .into_iter()
             .map(|p| (p.file_id, p.offset))
@@ -376,7 +380,8 @@ impl SharedBudgets {
         let prefix = &self.cfg.key_prefix;
         inv.key(format!("{prefix}:alive"))
             .key(format!("{prefix}:epoch"))
-            .key(format!("{prefix}:recovering"));
+            .key(format!("{prefix}:recovering"))
+            .key(format!("{prefix}:rebuilt"));
         for (k, _) in writes {
             inv.key(k);
         }
@@ -463,21 +468,54 @@ impl SharedBudgets {
     }
 
     /// Write every changed key (the background flusher's step; also called at shutdown, so a
-    /// drained replica leaves no reservation behind).
-    pub async fn flush(&self) {
+    /// drained replica leaves no reservation behind); whether everything was written.
+    pub async fn flush(&self) -> bool {
         let keys: Vec<String> = {
             let st = self.state.lock();
             st.dirty.iter().cloned().collect()
         };
-        if keys.is_empty() {
-            return;
-        }
         // Bounded batches, so one call never holds Redis long.
         for chunk in keys.chunks(256) {
             if self.exchange(chunk, &[]).await.is_err() {
-                return;
+                return false;
             }
         }
+        self.mark_rebuilt().await
+    }
+
+    /// After a rebuild, once everything it produced is written: record this boot as the one
+    /// that rewrote this replica's share, so what an older boot (killed) left in keys this one
+    /// holds nothing in stops counting (`script.lua`). Whether nothing is left to mark.
+    async fn mark_rebuilt(&self) -> bool {
+        {
+            let st = self.state.lock();
+            if !st.rebuilt_pending {
+                return true;
+            }
+            if !st.dirty.is_empty() {
+                return false;
+            }
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("{}:rebuilt", self.cfg.key_prefix))
+            .arg(&self.cfg.replica_id)
+            .arg(&self.boot);
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let done: Result<i64, String> =
+            match tokio::time::timeout(timeout, cmd.query_async(&mut conn)).await {
+                Ok(r) => r.map_err(|e| format!("shared budget store (Redis) failed: {e}")),
+                Err(_) => Err("shared budget store (Redis) did not answer in time".into()),
+            };
+        if self.note(done).is_err() {
+            return false;
+        }
+        let mut st = self.state.lock();
+        // A rebuild in between asks for its own mark.
+        if st.dirty.is_empty() {
+            st.rebuilt_pending = false;
+        }
+        !st.rebuilt_pending
     }
 
     /// Renew the lease; when Redis lost this replica's contribution (restarted, flushed),

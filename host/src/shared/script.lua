@@ -1,7 +1,8 @@
 -- One round trip of a replica with the shared budget store.
 -- KEYS[1]: the live-replica set (boot id -> lease end, ms); KEYS[2]: the store's epoch mark;
--- KEYS[3]: the recovery mark; KEYS[4 .. 3+nw]: bucket hashes this replica writes; the rest:
--- bucket hashes it reads.
+-- KEYS[3]: the recovery mark; KEYS[4]: the rebuilt marks (replica -> the boot that rewrote
+-- everything it holds after it started); KEYS[5 .. 4+nw]: bucket hashes this replica writes;
+-- the rest: bucket hashes it reads.
 -- ARGV: nw, replica, boot, seq, recovery grace (ms), the epoch this replica saw last ('' if
 -- none), then per written key: cost, tokens in, tokens out, requests settled; the same four in
 -- flight; the key's expiry (ms since epoch).
@@ -37,7 +38,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   state = 'recovering'
 end
 for i = 1, nw do
-  local k = KEYS[3 + i]
+  local k = KEYS[4 + i]
   local o = 6 + (i - 1) * 9
   local cur = redis.call('HMGET', k, rep .. '|b', rep .. '|q')
   if cur[1] ~= boot or tonumber(cur[2] or -1) < seq then
@@ -61,11 +62,23 @@ local function live(b)
   end
   return v
 end
+-- Whether a newer boot of replica r than b has rewritten all it holds (from its logs, which
+-- record b's lost requests as unanswered): then what b left in a key the newer boot did not
+-- write is stale.
+local rebuilt = {}
+local function superseded(r, b)
+  local v = rebuilt[r]
+  if v == nil then
+    v = redis.call('HGET', KEYS[4], r)
+    rebuilt[r] = v
+  end
+  return v ~= false and v ~= b
+end
 local out = {state, epoch}
 if state ~= 'ok' then
   return out
 end
-for i = 4 + nw, #KEYS do
+for i = 5 + nw, #KEYS do
   local h = redis.call('HGETALL', KEYS[i])
   local reps = {}
   for j = 1, #h, 2 do
@@ -79,18 +92,20 @@ for i = 4 + nw, #KEYS do
     end
   end
   local acc = {0, 0, 0, 0, 0, 0, 0, 0}
-  for _, e in pairs(reps) do
+  for r, e in pairs(reps) do
     -- A replica whose lease ran out (killed, or cut off from Redis) cannot settle what it
     -- holds in flight, and its provider may well have billed it: that money counts as spent,
-    -- at the reservation, as the replica's restart on its logs records it (`unanswered`).
-    -- Books a crash leaves are conservative, never optimistic.
+    -- at the reservation, as the replica's restart on its logs records it (`unanswered`),
+    -- until a newer boot of it has rewritten everything from those logs. Books a crash leaves
+    -- are conservative, never optimistic.
     local alive_rep = e.b and live(e.b)
+    local stale = (not alive_rep) and e.b and superseded(r, e.b)
     for m = 1, 4 do
       acc[m] = acc[m] + (tonumber(e[names[m]]) or 0)
       local held = tonumber(e[names[m + 4]]) or 0
       if alive_rep then
         acc[m + 4] = acc[m + 4] + held
-      else
+      elseif not stale then
         acc[m] = acc[m] + held
       end
     end
