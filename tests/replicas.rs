@@ -334,12 +334,22 @@ where
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Whether, eventually, every replica of `live` sees, as the cap's aggregate, exactly the
-/// spend in the telemetry of all of `all`.
-async fn try_shared_value_matches_telemetry(
+/// How the replicas' figure is to compare with the telemetry.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Exactly the telemetry of all replicas.
+    Telemetry,
+    /// At least the telemetry plus this much (reserved and unrecorded by a dead replica).
+    AtLeast(f64),
+}
+
+/// Whether, eventually, every replica of `live` sees, as the cap's aggregate, what `expect`
+/// says of the spend in the telemetry of all of `all`.
+async fn try_shared_value(
     what: &str,
     all: &[Gateway],
     live: &[&Gateway],
+    expect: Expect,
 ) -> Result<(), String> {
     let took = poll(what, EVENTUALLY, || async {
         let (total, _, _) = spend(all, NAMESPACE);
@@ -347,11 +357,21 @@ async fn try_shared_value_matches_telemetry(
         for gw in live {
             seen.push(window_cost(gw, NAMESPACE).await?);
         }
-        if seen.iter().all(|s| (s - total).abs() <= TOLERANCE_USD) {
+        let (holds, wanted) = match expect {
+            Expect::Telemetry => (
+                seen.iter().all(|s| (s - total).abs() <= TOLERANCE_USD),
+                "exactly".to_owned(),
+            ),
+            Expect::AtLeast(extra) => (
+                seen.iter().all(|s| *s >= total + extra - TOLERANCE_USD),
+                format!("at least ${extra:.9} (reserved and unrecorded) more than"),
+            ),
+        };
+        if holds {
             Ok(())
         } else {
             Err(format!(
-                "the replicas see {seen:?}, the telemetry of all replicas sums to ${total:.9} ({})",
+                "the replicas see {seen:?}, not {wanted} the telemetry of all replicas, ${total:.9} ({})",
                 spend_by_replica(all, NAMESPACE).join(", ")
             ))
         }
@@ -369,41 +389,13 @@ async fn try_shared_value_matches_telemetry(
     }
 }
 
-/// Poll until every replica in `live` sees at least the telemetry of `all` plus `extra_usd`
-/// (never less: the books a crash leaves are conservative).
-async fn try_shared_value_at_least(
+/// [`try_shared_value`] expecting exactly the telemetry.
+async fn try_shared_value_matches_telemetry(
     what: &str,
     all: &[Gateway],
     live: &[&Gateway],
-    extra_usd: f64,
 ) -> Result<(), String> {
-    let took = poll(what, EVENTUALLY, || async {
-        let (total, _, _) = spend(all, NAMESPACE);
-        let floor = total + extra_usd;
-        let mut seen = Vec::new();
-        for gw in live {
-            seen.push(window_cost(gw, NAMESPACE).await?);
-        }
-        if seen.iter().all(|s| *s >= floor - TOLERANCE_USD) {
-            Ok(())
-        } else {
-            Err(format!(
-                "the replicas see {seen:?}, less than the telemetry of all replicas (${total:.9}: {}) plus ${extra_usd:.9} reserved and unrecorded",
-                spend_by_replica(all, NAMESPACE).join(", ")
-            ))
-        }
-    })
-    .await;
-    match took {
-        Ok(took) => {
-            println!("{what}: after {took:?}");
-            Ok(())
-        }
-        Err(e) => {
-            println!("{e}");
-            Err(e)
-        }
-    }
+    try_shared_value(what, all, live, Expect::Telemetry).await
 }
 
 /// What `gw` reserved in `namespace` for the requests it dispatched (a decision line with a
@@ -607,12 +599,12 @@ async fn b_a_replica_killed_mid_run_leaves_its_spend_and_its_reservations_as_spe
     let live: Vec<&Gateway> = gateways[..2].iter().collect();
     let mut failures = Vec::new();
     failures.extend(
-        try_shared_value_at_least(
+        try_shared_value(
             "b: once gw-3's lease ran out the survivors still count its settled spend and what it \
              had in flight",
             &gateways,
             &live,
-            unrecorded_usd,
+            Expect::AtLeast(unrecorded_usd),
         )
         .await
         .err(),
@@ -889,38 +881,26 @@ async fn g_a_dead_boots_leftover_counts_until_its_replica_rebuilt_its_share() {
     let gateways = [gw1];
     let live: Vec<&Gateway> = gateways.iter().collect();
     shared_value_matches_telemetry("g: gw-1 alone", &gateways, &live).await;
-    // A dead boot of gw-3 (never in the live set) left $0.001 in flight in the cap's key.
+    // A dead boot of gw-3 (never in the live set; its id sorts before any real boot's) left
+    // $0.001 in flight in the cap's key.
     let keys = redis.cli(&["--scan", "--pattern", "replicas-g:b:*"]);
     let capped: Vec<&str> = keys
         .lines()
         .filter(|k| k.contains(&format!("\"{NAMESPACE}\"")))
         .collect();
     assert!(!capped.is_empty(), "no key of the cap in Redis: {keys}");
-    for key in &capped {
-        let mut args: Vec<String> = ["HSET", key, "gw-3|b", "gw-3/dead", "gw-3|q", "1"]
-            .map(str::to_owned)
-            .to_vec();
-        for (field, value) in [
-            ("c", "0"),
-            ("i", "0"),
-            ("o", "0"),
-            ("n", "0"),
-            ("fc", "0.001"),
-            ("fi", "10"),
-            ("fo", "500"),
-            ("fn", "1"),
-        ] {
-            args.push(format!("gw-3|{field}"));
-            args.push(value.to_owned());
+    let leave = |boot: &str| {
+        for key in &capped {
+            leftover(&redis, key, boot);
         }
-        redis.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-    let leftover = 0.001 * capped.len() as f64;
+    };
+    leave("gw-3/00000000000000000000000000000000");
+    let left_usd = 0.001 * capped.len() as f64;
     let (total, _, _) = spend(&gateways, NAMESPACE);
     let seen = window_cost(&gateways[0], NAMESPACE).await.unwrap();
     assert!(
-        (seen - (total + leftover)).abs() <= TOLERANCE_USD,
-        "g: a dead boot's reservation counts as spent: gw-1 sees ${seen:.9}, the telemetry says ${total:.9} plus ${leftover} left in flight"
+        (seen - (total + left_usd)).abs() <= TOLERANCE_USD,
+        "g: a dead boot's reservation counts as spent: gw-1 sees ${seen:.9}, the telemetry says ${total:.9} plus ${left_usd} left in flight"
     );
     // gw-3 starts again (its logs hold nothing of that money): once it has written its share,
     // the leftover no longer counts.
@@ -932,4 +912,33 @@ async fn g_a_dead_boots_leftover_counts_until_its_replica_rebuilt_its_share() {
         &all,
     )
     .await;
+    // What a boot after the one that marked left (killed before its own mark) still counts.
+    leave("gw-3/ffffffffffffffffffffffffffffffff");
+    let seen = window_cost(&gateways[0], NAMESPACE).await.unwrap();
+    assert!(
+        (seen - (total + left_usd)).abs() <= TOLERANCE_USD,
+        "g: a later dead boot's reservation counts as spent: gw-1 sees ${seen:.9}, the telemetry says ${total:.9} plus ${left_usd} left in flight"
+    );
+}
+
+/// Write into `key` the fields of replica gw-3 as boot `boot` left them: $0.001 (one request,
+/// 10 + 500 tokens) in flight, nothing settled.
+fn leftover(redis: &RedisServer, key: &str, boot: &str) {
+    let mut args: Vec<String> = ["HSET", key, "gw-3|b", boot, "gw-3|q", "1"]
+        .map(str::to_owned)
+        .to_vec();
+    for (field, value) in [
+        ("c", "0"),
+        ("i", "0"),
+        ("o", "0"),
+        ("n", "0"),
+        ("fc", "0.001"),
+        ("fi", "10"),
+        ("fo", "500"),
+        ("fn", "1"),
+    ] {
+        args.push(format!("gw-3|{field}"));
+        args.push(value.to_owned());
+    }
+    redis.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
 }

@@ -198,7 +198,7 @@ fn yield_to_requests() {
     #[cfg(not(target_os = "linux"))]
     let lowered = false;
     if !lowered {
-        tracing::debug!(target: TARGET, "the span exporter's thread runs at normal priority");
+        tracing::debug!(target: TARGET, "an OpenTelemetry export thread runs at normal priority");
     }
 }
 

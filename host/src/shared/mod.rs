@@ -75,6 +75,9 @@ struct State {
     /// Rebuilt, and not yet all written since: once it is, this boot marks itself as the one
     /// that rewrote this replica's share (what an older boot left elsewhere is then stale).
     rebuilt_pending: bool,
+    /// The keys of the last rebuild that no call has confirmed written yet (a key taken for a
+    /// write stays here until Redis answered that write).
+    unconfirmed: HashSet<String>,
 }
 
 /// The sums one read returned per key: settled by every replica (with what a dead one held in
@@ -267,6 +270,7 @@ impl SharedBudgets {
             );
         }
         let keys: Vec<String> = st.mirror.keys().cloned().collect();
+        st.unconfirmed = keys.iter().cloned().collect();
         st.dirty.extend(keys);
         drop(st);
         self.wake.notify_one();
@@ -349,11 +353,19 @@ impl SharedBudgets {
     /// round trip. An error says why Redis did not answer in time.
     pub async fn exchange(&self, writes: &[String], reads: &[String]) -> SharedRead {
         let (seq, values) = self.take(writes);
-        self.call(seq, &values, reads).await.inspect_err(|_| {
+        let result = self.call(seq, &values, reads).await;
+        let mut st = self.state.lock();
+        if result.is_ok() {
+            if !st.unconfirmed.is_empty() {
+                for (k, _) in &values {
+                    st.unconfirmed.remove(k);
+                }
+            }
+        } else {
             // What was not written is written by the flusher once Redis answers again.
-            let mut st = self.state.lock();
             st.dirty.extend(values.into_iter().map(|(k, _)| k));
-        })
+        }
+        result
     }
 
     /// The current values of `keys`, under a new sequence number.
@@ -488,11 +500,18 @@ impl SharedBudgets {
     /// holds nothing in stops counting (`script.lua`). Whether nothing is left to mark.
     async fn mark_rebuilt(&self) -> bool {
         {
-            let st = self.state.lock();
+            let mut st = self.state.lock();
             if !st.rebuilt_pending {
-                return true;
+                return st.dirty.is_empty();
             }
-            if !st.dirty.is_empty() {
+            // Keys that left the mirror (expired) need no write.
+            let State {
+                unconfirmed,
+                mirror,
+                ..
+            } = &mut *st;
+            unconfirmed.retain(|k| mirror.contains_key(k));
+            if !unconfirmed.is_empty() {
                 return false;
             }
         }
@@ -512,10 +531,10 @@ impl SharedBudgets {
         }
         let mut st = self.state.lock();
         // A rebuild in between asks for its own mark.
-        if st.dirty.is_empty() {
+        if st.unconfirmed.is_empty() {
             st.rebuilt_pending = false;
         }
-        !st.rebuilt_pending
+        !st.rebuilt_pending && st.dirty.is_empty()
     }
 
     /// Renew the lease; when Redis lost this replica's contribution (restarted, flushed),

@@ -64,7 +64,8 @@ local function live(b)
 end
 -- Whether a newer boot of replica r than b has rewritten all it holds (from its logs, which
 -- record b's lost requests as unanswered): then what b left in a key the newer boot did not
--- write is stale.
+-- write is stale. Boot ids are `{replica}/{uuid v7 in hex}`: of one replica, a later boot's
+-- id sorts after an earlier one's (a boot after the mark's is never taken as superseded).
 local rebuilt = {}
 local function superseded(r, b)
   local v = rebuilt[r]
@@ -72,7 +73,7 @@ local function superseded(r, b)
     v = redis.call('HGET', KEYS[4], r)
     rebuilt[r] = v
   end
-  return v ~= false and v ~= b
+  return v ~= false and v > b
 end
 local out = {state, epoch}
 if state ~= 'ok' then
