@@ -72,12 +72,11 @@ struct State {
     rewritten_at_ms: u64,
     /// Refreshes since the last rebuild.
     seed_refreshes: u32,
-    /// Rebuilt, and not yet all written since: once it is, this boot marks itself as the one
-    /// that rewrote this replica's share (what an older boot left elsewhere is then stale).
-    rebuilt_pending: bool,
-    /// The keys of the last rebuild that no call has confirmed written yet (a key taken for a
-    /// write stays here until Redis answered that write).
-    unconfirmed: HashSet<String>,
+    /// After a rebuild, until this boot has marked itself as the one that rewrote this
+    /// replica's share (what an older boot left elsewhere is then stale): the rebuild's keys
+    /// that no call has confirmed written yet (a key taken for a write stays until Redis
+    /// answered that write). The mark is written once it is empty.
+    unconfirmed: Option<HashSet<String>>,
 }
 
 /// The sums one read returned per key: settled by every replica (with what a dead one held in
@@ -241,7 +240,6 @@ impl SharedBudgets {
         st.specs = specs;
         st.built = true;
         st.seed_refreshes = 0;
-        st.rebuilt_pending = true;
         st.seeded_through = seeded_through
             .into_iter()
             .map(|p| (p.file_id, p.offset))
@@ -270,7 +268,7 @@ impl SharedBudgets {
             );
         }
         let keys: Vec<String> = st.mirror.keys().cloned().collect();
-        st.unconfirmed = keys.iter().cloned().collect();
+        st.unconfirmed = Some(keys.iter().cloned().collect());
         st.dirty.extend(keys);
         drop(st);
         self.wake.notify_one();
@@ -356,9 +354,9 @@ impl SharedBudgets {
         let result = self.call(seq, &values, reads).await;
         let mut st = self.state.lock();
         if result.is_ok() {
-            if !st.unconfirmed.is_empty() {
+            if let Some(unconfirmed) = &mut st.unconfirmed {
                 for (k, _) in &values {
-                    st.unconfirmed.remove(k);
+                    unconfirmed.remove(k);
                 }
             }
         } else {
@@ -416,16 +414,12 @@ impl SharedBudgets {
             inv.arg(c.expires_at_ms);
         }
         let mut conn = self.conn.clone();
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
-        let result: Result<Vec<String>, String> =
-            match tokio::time::timeout(timeout, inv.invoke_async(&mut conn)).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(format!("shared budget store (Redis) failed: {e}")),
-                Err(_) => Err(format!(
-                    "shared budget store (Redis) did not answer within {} ms",
-                    self.cfg.timeout_ms
-                )),
-            };
+        let result: Result<Vec<String>, String> = bounded(
+            Duration::from_millis(self.cfg.timeout_ms),
+            inv.invoke_async(&mut conn),
+            || format!("did not answer within {} ms", self.cfg.timeout_ms),
+        )
+        .await;
         let out = self.note(result)?;
         if let Some(epoch) = out.get(1) {
             *self.epoch.lock() = Some(epoch.clone());
@@ -501,15 +495,16 @@ impl SharedBudgets {
     async fn mark_rebuilt(&self) -> bool {
         {
             let mut st = self.state.lock();
-            if !st.rebuilt_pending {
-                return st.dirty.is_empty();
-            }
-            // Keys that left the mirror (expired) need no write.
             let State {
                 unconfirmed,
                 mirror,
+                dirty,
                 ..
             } = &mut *st;
+            let Some(unconfirmed) = unconfirmed else {
+                return dirty.is_empty();
+            };
+            // Keys that left the mirror (expired) need no write.
             unconfirmed.retain(|k| mirror.contains_key(k));
             if !unconfirmed.is_empty() {
                 return false;
@@ -520,21 +515,21 @@ impl SharedBudgets {
         cmd.arg(format!("{}:rebuilt", self.cfg.key_prefix))
             .arg(&self.cfg.replica_id)
             .arg(&self.boot);
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
-        let done: Result<i64, String> =
-            match tokio::time::timeout(timeout, cmd.query_async(&mut conn)).await {
-                Ok(r) => r.map_err(|e| format!("shared budget store (Redis) failed: {e}")),
-                Err(_) => Err("shared budget store (Redis) did not answer in time".into()),
-            };
+        let done: Result<i64, String> = bounded(
+            Duration::from_millis(self.cfg.timeout_ms),
+            cmd.query_async(&mut conn),
+            || "did not answer in time".into(),
+        )
+        .await;
         if self.note(done).is_err() {
             return false;
         }
         let mut st = self.state.lock();
         // A rebuild in between asks for its own mark.
-        if st.unconfirmed.is_empty() {
-            st.rebuilt_pending = false;
+        if st.unconfirmed.as_ref().is_some_and(HashSet::is_empty) {
+            st.unconfirmed = None;
         }
-        !st.rebuilt_pending && st.dirty.is_empty()
+        st.unconfirmed.is_none() && st.dirty.is_empty()
     }
 
     /// Renew the lease; when Redis lost this replica's contribution (restarted, flushed),
@@ -549,10 +544,10 @@ impl SharedBudgets {
             .arg(self.cfg.lease_ms)
             .arg(&self.cfg.replica_id);
         let lease: Result<(i64, i64), String> =
-            match tokio::time::timeout(timeout, inv.invoke_async(&mut conn)).await {
-                Ok(r) => r.map_err(|e| format!("shared budget store (Redis) failed: {e}")),
-                Err(_) => Err("shared budget store (Redis) did not answer the heartbeat".into()),
-            };
+            bounded(timeout, inv.invoke_async(&mut conn), || {
+                "did not answer the heartbeat".into()
+            })
+            .await;
         let Ok((seeded, others)) = self.note(lease) else {
             return;
         };
@@ -613,6 +608,19 @@ impl SharedBudgets {
         if st.seed_refreshes > 2 {
             st.seeded_through.clear();
         }
+    }
+}
+
+/// `call` answered within `timeout`, or why not: Redis's error, or `late()` (what it did not
+/// do in time, built only then), each as "shared budget store (Redis) ...".
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    late: impl FnOnce() -> String,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(r) => r.map_err(|e| format!("shared budget store (Redis) failed: {e}")),
+        Err(_) => Err(format!("shared budget store (Redis) {}", late())),
     }
 }
 
